@@ -1,0 +1,3 @@
+from aimkp.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,41 @@
+"""Shared test set-up.
+
+Triton kernels run on the CPU through the interpreter when no CUDA device is present: the variable
+must be set before triton is first imported, so it is set here, at collection time.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def shared_dir() -> pathlib.Path:
+    """``../shared`` beside the checkout; tests that need it skip cleanly when it is absent."""
+    if not SHARED.is_dir():
+        pytest.skip("../shared is not present beside this checkout")
+    return SHARED
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill a freshly allocated output with NaN (or the dtype's max for integers) in place."""
+    if t.dtype.is_floating_point:
+        return t.fill_(float("nan"))
+    return t.fill_(torch.iinfo(t.dtype).max)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

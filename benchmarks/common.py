@@ -1,0 +1,159 @@
+"""Shared helpers for the benchmarks: timing, memory, environment rows, result files, tables.
+
+Every row a benchmark writes carries the device name, library versions and the commit, so a
+number can always be traced back to what produced it.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _version(mod: str) -> str | None:
+    try:
+        module = __import__(mod)
+    except Exception:
+        return None
+    return getattr(module, "__version__", None)
+
+
+def env_info(device: torch.device | str) -> dict[str, Any]:
+    """Device, versions, commit and time for the rows of one benchmark run."""
+    try:
+        commit = subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=pathlib.Path(__file__).parent,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        ).strip()
+    except Exception:
+        commit = "unknown"
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "commit": commit,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(
+    fn: Callable[[], Any],
+    device: torch.device | str,
+    warmup: int = 3,
+    rep: int = 10,
+    min_time_s: float = 0.0,
+) -> dict[str, float]:
+    """Median / min / max milliseconds of ``fn`` over ``rep`` runs after ``warmup`` runs.
+
+    CUDA: events around each run. CPU: perf_counter with the call fully synchronous.
+    Keeps repeating until ``min_time_s`` seconds have been spent timing (at least ``rep`` runs).
+    """
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < rep or spent < min_time_s:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            ms = (time.perf_counter() - t0) * 1e3
+        times.append(ms)
+        spent += ms / 1e3
+    return {
+        "median_ms": statistics.median(times),
+        "min_ms": min(times),
+        "max_ms": max(times),
+        "runs": len(times),
+    }
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: torch.device | str) -> float | None:
+    """Peak device memory (MiB) allocated while ``fn`` runs, above what was live before.
+
+    On CUDA this is torch's allocator peak; on the CPU there is no allocator counter, so None.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def write_results(
+    name: str, rows: list[dict[str, Any]], out_dir: pathlib.Path | None = None
+) -> list[pathlib.Path]:
+    """Write rows as ``<name>-<device-slug>.json`` and ``.csv`` under benchmarks/results/."""
+    out_dir = pathlib.Path(out_dir or os.environ.get("AIMKP_BENCH_OUT", RESULTS))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = rows[0].get("device", "unknown") if rows else "unknown"
+    slug = "".join(c if c.isalnum() else "-" for c in dev.split(" (")[0].lower()).strip("-")
+    jpath = out_dir / f"{name}-{slug}.json"
+    cpath = out_dir / f"{name}-{slug}.csv"
+    jpath.write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with cpath.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    return [jpath, cpath]
+
+
+def print_table(rows: Iterable[dict[str, Any]], cols: list[str]) -> None:
+    rows = list(rows)
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return "" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))

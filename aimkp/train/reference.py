@@ -1,0 +1,152 @@
+"""The published AimKP algorithm, as its reference code runs it: the oracle and the benchmark
+baseline for :func:`aimkp.train.step.aimkp_step`.
+
+Per sample (batch size 1): one forward per copy (original, text copy, image copy), then one backward
+per copy with the graph retained, a clone of every trainable gradient per copy, the cosine of the
+flattened gradients of each copy with the original's, the filter (``cos < tau`` rejects), and
+``n_i * mean_{kept} grad`` (or the sum, ``reduce="sum"``) added to an accumulator that is divided
+by the batch's answer-token count ``n_total`` at the end. Cost: K forwards, K backwards and K full
+gradient copies per sample. The decision and the PMM stride update are coded here independently of
+:mod:`aimkp.train.gf` so the test compares two implementations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from aimkp.train.pmm import IMAGE, TEXT, StrideTable, build_keep
+from aimkp.train.step import StepResult, autocast_ctx
+
+
+def reference_step(
+    loaded: Any,
+    samples: Sequence[Any],
+    indices: Sequence[int],
+    strides: StrideTable,
+    n_total: float,
+    *,
+    tau_text: float = 0.1,
+    tau_image: float = 0.4,
+    reduce: str = "mean",
+    grand_threshold: float | None = None,
+    mask_mode: str = "attention",
+    device: Any = "cpu",
+    bf16: bool = False,
+    update_strides: bool = True,
+) -> tuple[StepResult, list[dict[str, Any]]]:
+    """Reference AimKP micro-step; ``.grad`` gains the same quantity as ``aimkp_step``'s.
+
+    Returns the step result and, per sample, ``{"kinds", "cosines", "kept"}`` for comparisons.
+    """
+    from aimkp.models import collate_rows, forward_rows
+
+    if n_total <= 0:
+        raise ValueError(f"total answer tokens must be > 0, got {n_total}")
+    model = loaded.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    prior = [None if p.grad is None else p.grad.detach().clone() for p in params]
+    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    contributions: list[list[torch.Tensor]] = []
+    orig_norms: list[float] = []
+    info: list[dict[str, Any]] = []
+    loss_total, n_ans_total, n_rows, n_in = 0.0, 0, 0, 0
+    for sample, idx in zip(samples, indices):
+        gt, gv = int(strides.text[idx]), int(strides.image[idx])
+        kinds: list[str | None] = [None]
+        gs = [1]
+        if (
+            abs(gt) > 1
+            and sample.text_span is not None
+            and sample.text_span[1] > sample.text_span[0]
+        ):
+            kinds.append(TEXT)
+            gs.append(abs(gt))
+        if (
+            abs(gv) > 1
+            and sample.image_span is not None
+            and sample.image_span[1] > sample.image_span[0]
+        ):
+            kinds.append(IMAGE)
+            gs.append(abs(gv))
+        n_i = int(sample.n_answer_tokens)
+        # one forward per copy (batch size 1), graphs kept alive together as in the reference
+        losses = []
+        for kind, g in zip(kinds, gs):
+            keep = build_keep(sample, kind, g)
+            n_in += int(keep.sum())
+            batch = collate_rows(loaded, [sample], [keep], [0], mode=mask_mode, device=device)
+            with autocast_ctx(device, bf16):
+                out = forward_rows(loaded, batch)
+            losses.append(out.loss_sum.float().sum() / n_i)  # the copy's mean CE
+        # one backward per copy, retained graph, cloned gradients
+        grads: list[list[torch.Tensor]] = []
+        for c, loss in enumerate(losses):
+            for p in params:
+                p.grad = None
+            loss.backward(retain_graph=c < len(losses) - 1)
+            grads.append(
+                [
+                    torch.zeros_like(p, dtype=torch.float32)
+                    if p.grad is None
+                    else p.grad.detach().float().clone()
+                    for p in params
+                ]
+            )
+        flat = [torch.cat([g.reshape(-1) for g in gl]) for gl in grads]
+        cosines = [
+            float(torch.nn.functional.cosine_similarity(flat[0], flat[c], dim=0))
+            for c in range(1, len(flat))
+        ]
+        kept = [True]
+        text_passed = image_passed = None
+        for kind, s in zip(kinds[1:], cosines):
+            ok = s >= (tau_text if kind == TEXT else tau_image)
+            kept.append(ok)
+            if kind == TEXT:
+                text_passed = ok
+            else:
+                image_passed = ok
+        chosen = [gl for gl, k in zip(grads, kept) if k]
+        scale = n_i / (len(chosen) if reduce == "mean" else 1)
+        contrib = [sum(gl[j] for gl in chosen) * scale for j in range(len(params))]
+        if grand_threshold is not None:
+            contributions.append(contrib)
+            orig_norms.append(float(flat[0].norm()))
+        else:
+            for a, c in zip(acc, contrib):
+                a += c
+        if update_strides:
+            strides.update(int(idx), text_passed, image_passed)
+        info.append({"kinds": kinds, "cosines": cosines, "kept": kept})
+        loss_total += float(losses[0].detach()) * n_i
+        n_ans_total += n_i
+        n_rows += len(kinds)
+    if grand_threshold is not None:
+        x = torch.tensor(orig_norms, dtype=torch.float64)
+        prune = torch.zeros(len(x), dtype=torch.bool)
+        if len(x) >= 3:
+            med = x.median()
+            mad = (x - med).abs().median() * 1.4826
+            if float(mad) > 0:
+                prune = (x - med) / mad > grand_threshold
+        for b, contrib in enumerate(contributions):
+            info[b]["pruned"] = bool(prune[b])
+            if not prune[b]:
+                for a, c in zip(acc, contrib):
+                    a += c
+    for p, a, pr in zip(params, acc, prior):
+        g = (a / n_total).to(p.dtype)
+        p.grad = g if pr is None else pr + g
+    return (
+        StepResult(
+            loss=loss_total / max(1, n_ans_total),
+            n_samples=len(samples),
+            n_rows=n_rows,
+            n_answer_tokens=n_ans_total,
+            n_input_tokens=n_in,
+        ),
+        info,
+    )

@@ -1,0 +1,174 @@
+"""Fine-tune a multimodal LLM for keyphrase generation with AimKP (or plain SFT).
+
+Examples:
+  aimkp train --preset tiny-llava --data default --output runs/demo --quick
+  aimkp train --model /models/llava-1.5-7b-hf --data /data/cmkp --output runs/cmkp --bf16
+  aimkp train --preset tiny-llava --data default --output runs/demo --resume runs/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from aimkp.train.config import ATTN, GF_REDUCE, MASK_MODES, METHODS, TrainConfig
+
+HELP = "train a model (AimKP: PMM + gradient-based filtering, or plain SFT)"
+
+_D = TrainConfig()
+
+
+def _opt_float(s: str) -> float | None:
+    return None if s.lower() in ("none", "off", "0") else float(s)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags map one-to-one onto :class:`aimkp.train.TrainConfig` fields."""
+    g = p.add_argument_group("model and data")
+    g.add_argument(
+        "--model",
+        "--preset",
+        dest="model",
+        default=_D.model,
+        help="preset name (tiny-llava, tiny-qwen2vl) or a local checkpoint directory",
+    )
+    g.add_argument("--data", default=_D.data, help="dataset spec (default, synthetic:SEED, path)")
+    g.add_argument("--output", default=_D.output, help="run directory")
+    g.add_argument("--max-train-samples", type=int, default=None)
+    g.add_argument("--eval-max-samples", type=int, default=None)
+    g.add_argument("--no-eval", action="store_true", help="skip the per-epoch validation")
+    g.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also score an untrained model and a majority baseline on test",
+    )
+    g = p.add_argument_group("method")
+    g.add_argument("--method", choices=METHODS, default=_D.method)
+    g.add_argument("--tau-text", type=float, default=_D.tau_text)
+    g.add_argument("--tau-image", type=float, default=_D.tau_image)
+    g.add_argument(
+        "--gf-reduce",
+        choices=GF_REDUCE,
+        default=_D.gf_reduce,
+        help="mean of kept copies (reference code) or the paper's sum",
+    )
+    g.add_argument(
+        "--grand-threshold",
+        type=float,
+        default=None,
+        help="prune originals whose gradient-norm robust z-score exceeds this",
+    )
+    g.add_argument("--mask-mode", choices=MASK_MODES, default=_D.mask_mode)
+    g.add_argument("--attn", choices=ATTN, default=_D.attn)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=_D.epochs)
+    g.add_argument("--batch-size", type=int, default=_D.batch_size, help="micro-batch size")
+    g.add_argument("--grad-accum", type=int, default=_D.grad_accum)
+    g.add_argument("--lr", type=float, default=_D.lr)
+    g.add_argument("--projector-lr", type=float, default=_D.projector_lr)
+    g.add_argument("--warmup-ratio", type=float, default=_D.warmup_ratio)
+    g.add_argument("--weight-decay", type=float, default=_D.weight_decay)
+    g.add_argument(
+        "--max-grad-norm",
+        type=_opt_float,
+        default=_D.max_grad_norm,
+        help="clip norm ('none' to disable)",
+    )
+    g.add_argument("--lora-r", type=int, default=_D.lora_r)
+    g.add_argument("--lora-alpha", type=int, default=_D.lora_alpha)
+    g.add_argument("--lora-dropout", type=float, default=_D.lora_dropout)
+    g.add_argument("--full-finetune", action="store_true")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    g.add_argument("--max-new-tokens", type=int, default=_D.max_new_tokens)
+    g.add_argument("--device", default=None)
+    g.add_argument("--seed", type=int, default=_D.seed)
+    g = p.add_argument_group("runs")
+    g.add_argument("--resume", default=None, metavar="DIR", help="run directory to continue")
+    g.add_argument(
+        "--stop-after-epochs",
+        type=int,
+        default=None,
+        help="stop (resumably) after this many epochs",
+    )
+    g.add_argument(
+        "--quick", action="store_true", help="demo-sized settings; explicitly given flags still win"
+    )
+    g.add_argument("-v", "--verbose", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace, argv_flags: set[str] | None = None) -> TrainConfig:
+    """Build the TrainConfig; with ``--quick`` the demo settings apply to flags not given."""
+    fields: dict[str, Any] = {
+        "model": args.model,
+        "data": args.data,
+        "output": args.output,
+        "method": args.method,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum,
+        "lr": args.lr,
+        "projector_lr": args.projector_lr,
+        "warmup_ratio": args.warmup_ratio,
+        "weight_decay": args.weight_decay,
+        "max_grad_norm": args.max_grad_norm,
+        "lora_r": args.lora_r,
+        "lora_alpha": args.lora_alpha,
+        "lora_dropout": args.lora_dropout,
+        "full_finetune": args.full_finetune,
+        "tau_text": args.tau_text,
+        "tau_image": args.tau_image,
+        "gf_reduce": args.gf_reduce,
+        "grand_threshold": args.grand_threshold,
+        "mask_mode": args.mask_mode,
+        "attn": args.attn,
+        "bf16": args.bf16,
+        "max_train_samples": args.max_train_samples,
+        "eval_max_samples": args.eval_max_samples,
+        "eval_every_epoch": not args.no_eval,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed,
+        "resume": args.resume,
+        "stop_after_epochs": args.stop_after_epochs,
+        "baselines": args.baselines,
+        "device": args.device,
+    }
+    if args.quick:
+        given = argv_flags or set()
+        for k, v in TrainConfig.quick_overrides().items():
+            if k not in given:
+                fields[k] = v
+    return TrainConfig(**fields).validate()
+
+
+def _given_flags(argv: list[str] | None) -> set[str]:
+    """Config field names whose flag appears on the command line (``--lr 1e-3`` -> ``lr``)."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    out = set()
+    for a in argv:
+        if a.startswith("--"):
+            name = a[2:].split("=", 1)[0].replace("-", "_")
+            out.add("model" if name == "preset" else name)
+    return out
+
+
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        cfg = config_from_args(args, _given_flags(argv))
+    except ValueError as exc:
+        raise SystemExit(f"aimkp train: {exc}") from None
+    from aimkp.train.loop import train
+
+    summary = train(cfg)
+    print(
+        f"[aimkp train] done: {summary['steps']} steps, best valid score "
+        f"{summary['best_score']} at epoch {summary['best_epoch']}; "
+        f"checkpoints in {summary['output']}/best and /last"
+    )
+    return 0

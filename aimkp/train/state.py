@@ -1,0 +1,151 @@
+"""Checkpoint and resume of the training state, exact to the bit on the same machine.
+
+``OUTPUT/last/train_state.pt`` holds: the trainable parameters (the frozen ones are rebuilt by the
+run's own model spec and seed, and checked against a stored checksum), the optimizer and scheduler
+states, the PMM stride tables, the RNG states (python, numpy, torch CPU and CUDA), the epoch and
+optimizer step reached, the best validation score and the metrics history.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from aimkp.train.pmm import StrideTable
+
+STATE_FILE = "train_state.pt"
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached CPU clones of the trainable parameters, by name."""
+    return {
+        n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved trainable parameters into ``model`` (names and shapes must match)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise ValueError(
+            f"trainable parameters differ from the checkpoint: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    with torch.no_grad():
+        for n, p in params.items():
+            if p.shape != state[n].shape:
+                raise ValueError(
+                    f"parameter {n}: shape {tuple(p.shape)} vs {tuple(state[n].shape)}"
+                )
+            p.copy_(state[n].to(p.device, p.dtype))
+
+
+def frozen_checksum(model: torch.nn.Module) -> float:
+    """A float64 checksum of the frozen parameters (position-weighted sums), to detect a resume
+    onto a different base model."""
+    total = 0.0
+    with torch.no_grad():
+        for k, (_, p) in enumerate(model.named_parameters()):
+            if not p.requires_grad:
+                total += (k + 1) * float(p.detach().double().sum()) + float(
+                    p.detach().double().abs().sum()
+                )
+    return total
+
+
+def rng_state() -> dict[str, Any]:
+    st: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_train_state(
+    directory: str | pathlib.Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    strides: StrideTable | None,
+    epoch: int,
+    step: int,
+    best_score: float | None,
+    best_epoch: int | None,
+    history: list[dict[str, Any]],
+    config: dict[str, Any],
+) -> pathlib.Path:
+    """Write ``train_state.pt`` under ``directory`` (created); returns its path."""
+    d = pathlib.Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": 1,
+        "trainable": trainable_state(model),
+        "frozen_checksum": frozen_checksum(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "strides": None if strides is None else strides.state_dict(),
+        "rng": rng_state(),
+        "epoch": epoch,
+        "step": step,
+        "best_score": best_score,
+        "best_epoch": best_epoch,
+        "history": history,
+        "config": config,
+    }
+    path = d / STATE_FILE
+    tmp = d / (STATE_FILE + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_train_state(directory: str | pathlib.Path) -> dict[str, Any]:
+    """Read ``train_state.pt`` from a run's ``last`` directory (or the run directory itself)."""
+    d = pathlib.Path(directory)
+    for cand in (d / STATE_FILE, d / "last" / STATE_FILE):
+        if cand.is_file():
+            return torch.load(cand, map_location="cpu", weights_only=False)
+    raise ValueError(f"no {STATE_FILE} under {d} or {d / 'last'}: nothing to resume from")
+
+
+def restore_train_state(
+    state: dict[str, Any],
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    strides: StrideTable | None,
+    check_frozen: bool = True,
+) -> None:
+    """Load model (trainable part), optimizer, scheduler, strides and RNG states."""
+    if check_frozen:
+        want, got = float(state["frozen_checksum"]), frozen_checksum(model)
+        if abs(want - got) > 1e-9 * max(1.0, abs(want)):
+            raise ValueError(
+                "the frozen base model differs from the one the checkpoint was trained on "
+                f"(checksum {got!r} vs {want!r}): resume with the same --model and --seed"
+            )
+    load_trainable_state(model, state["trainable"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if strides is not None and state.get("strides") is not None:
+        strides.load_state_dict(state["strides"])
+    set_rng_state(state["rng"])

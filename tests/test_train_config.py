@@ -1,0 +1,115 @@
+"""TrainConfig validation, CLI flags and --quick precedence; LR schedule; majority baseline."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from aimkp.cli import train as cli_train
+from aimkp.train.config import TrainConfig
+from aimkp.train.loop import cosine_with_warmup, majority_keyphrases
+
+
+def _parse(argv: list[str]) -> TrainConfig:
+    p = argparse.ArgumentParser()
+    cli_train.add_arguments(p)
+    args = p.parse_args(argv)
+    return cli_train.config_from_args(args, cli_train._given_flags(argv))
+
+
+def test_defaults_are_the_paper_setup() -> None:
+    c = TrainConfig().validate()
+    assert (c.lr, c.projector_lr, c.warmup_ratio, c.weight_decay) == (2e-4, 2e-5, 0.03, 0.0)
+    assert (c.lora_r, c.lora_alpha, c.lora_dropout) == (128, 256, 0.05)
+    assert (c.tau_text, c.tau_image, c.method, c.mask_mode) == (0.1, 0.4, "aimkp", "compact")
+
+
+def test_flags_map_onto_config() -> None:
+    c = _parse(
+        "--preset tiny-qwen2vl --data synthetic:3 --output /tmp/x --method sft --epochs 2 "
+        "--batch-size 3 --grad-accum 2 --lr 1e-3 --projector-lr 1e-4 --warmup-ratio 0.1 "
+        "--weight-decay 0.01 --max-grad-norm none --lora-r 8 --lora-alpha 16 --lora-dropout 0 "
+        "--full-finetune --tau-text 0.2 --tau-image 0.5 --gf-reduce sum --grand-threshold 3 "
+        "--mask-mode attention --attn eager --bf16 --max-train-samples 10 --eval-max-samples 5 "
+        "--seed 7 --resume /tmp/r --stop-after-epochs 1".split()
+    )
+    assert c.model == "tiny-qwen2vl" and c.data == "synthetic:3" and c.output == "/tmp/x"
+    assert (c.method, c.epochs, c.batch_size, c.grad_accum, c.effective_batch) == (
+        "sft",
+        2,
+        3,
+        2,
+        6,
+    )
+    assert (c.lr, c.projector_lr, c.warmup_ratio, c.weight_decay) == (1e-3, 1e-4, 0.1, 0.01)
+    assert c.max_grad_norm is None and (c.lora_r, c.lora_alpha, c.lora_dropout) == (8, 16, 0.0)
+    assert c.full_finetune and c.bf16 and (c.tau_text, c.tau_image) == (0.2, 0.5)
+    assert (c.gf_reduce, c.grand_threshold, c.mask_mode, c.attn) == (
+        "sum",
+        3.0,
+        "attention",
+        "eager",
+    )
+    assert (c.max_train_samples, c.eval_max_samples, c.seed) == (10, 5, 7)
+    assert (c.resume, c.stop_after_epochs) == ("/tmp/r", 1)
+
+
+def test_quick_fills_only_what_was_not_given() -> None:
+    q = TrainConfig.quick_overrides()
+    c = _parse(["--quick"])
+    for k, v in q.items():
+        assert getattr(c, k) == v
+    c = _parse(["--quick", "--lr", "5e-4", "--epochs=1"])
+    assert c.lr == 5e-4 and c.epochs == 1 and c.lora_r == q["lora_r"]
+
+
+@pytest.mark.parametrize(
+    "field,value,msg",
+    [
+        ("method", "dpo", "method"),
+        ("mask_mode", "x", "mask_mode"),
+        ("epochs", 0, "epochs"),
+        ("batch_size", 0, "batch_size"),
+        ("warmup_ratio", 1.5, "warmup_ratio"),
+        ("lr", -1.0, "lr"),
+        ("max_grad_norm", 0.0, "max_grad_norm"),
+        ("gf_reduce", "max", "gf_reduce"),
+        ("max_train_samples", 0, "max_train_samples"),
+    ],
+)
+def test_validation_names_the_field(field: str, value: object, msg: str) -> None:
+    with pytest.raises(ValueError, match=msg):
+        TrainConfig(**{field: value}).validate()
+
+
+def test_cli_rejects_bad_values() -> None:
+    with pytest.raises(SystemExit):
+        _parse(["--method", "dpo"])
+
+
+def test_roundtrip(tmp_path) -> None:
+    c = TrainConfig(lr=1e-3, grand_threshold=2.5)
+    c.save(tmp_path / "c.json")
+    assert TrainConfig.load(tmp_path / "c.json") == c
+    with pytest.raises(ValueError, match="unknown"):
+        TrainConfig.from_dict({"lr": 1.0, "bogus": 2})
+
+
+def test_cosine_schedule() -> None:
+    f = cosine_with_warmup(100, 10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5)
+    assert f(100) == pytest.approx(0.0, abs=1e-12)
+    assert f(30) == pytest.approx(0.5 * (1 + math.cos(math.pi * 20 / 90)))
+
+
+def test_majority_baseline() -> None:
+    recs = [
+        SimpleNamespace(keyphrases=["cat", "animal"]),
+        SimpleNamespace(keyphrases=["dog", "animal", "animal"]),
+        SimpleNamespace(keyphrases=["cat"]),
+    ]
+    assert majority_keyphrases(recs, 2) == ["cat", "animal"]

@@ -1,0 +1,3 @@
+"""Built-in rules, one file per layer type; importing this package registers them."""
+
+from aimkp.engine.rules import linear  # noqa: F401

@@ -1,0 +1,138 @@
+"""Rule for ``nn.Linear`` (and so for peft LoRA's ``lora_A`` / ``lora_B``, the linear layers of a
+multimodal projector, and any subclass).
+
+For ``y = a W^T + b`` seen by row r at its tokens t (inputs ``a_t [d_in]``, output gradients
+``g_t [d_out]``) the row's gradients are ``G_r = sum_t g_t a_t^T`` (``[d_out, d_in]``) and
+``b_r = sum_t g_t``.
+
+Tiny example (d_in = 2, d_out = 1, B = 2 rows, row 0 has tokens t0, t1, row 1 has t2)::
+
+    a = [[1, 0],      g = [[ 2],      rows = [0, 0, 1]
+         [0, 1],           [ 3],
+         [1, 1]]           [-1]]
+
+    direct form: G_0 = g_0 a_0^T + g_1 a_1^T = [[2, 0]] + [[0, 3]] = [[2, 3]]  -> ||G_0||^2 = 13
+                 G_1 = [[-1, -1]]                                               -> ||G_1||^2 = 2
+    ghost form:  row 0: A = a a^T over its tokens = [[1, 0], [0, 1]]
+                        K = g g^T               = [[4, 6], [6, 9]]
+                        ||G_0||^2 = sum(A * K) = 4 + 9 = 13 (same number, no G formed)
+    pair (0, 1): <G_0, G_1> = sum_{t in 0, s in 1} (a_t . a_s)(g_t . g_s)
+                            = (1)(2 * -1) + (1)(3 * -1) = -5 = [[2, 3]] . [[-1, -1]]
+    bias:        b_0 = 2 + 3 = 5, b_1 = -1 -> ||b_0||^2 = 25, <b_0, b_1> = -5
+
+The direct form costs ``~T d_in d_out`` per row, the ghost form ``~T^2 (d_in + d_out)``; the rule
+picks the cheaper one per layer (for LoRA factors with small ``r`` the direct form wins). On CUDA
+the direct form runs the Triton kernels of ``aimkp.kernels.grad_gram`` (one program per row or pair
+and output tile, fp32 accumulation, per-row gradients never written to memory); on CPU both forms
+are batched matmuls in fp32, tiled over ``d_out`` to bound memory.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from aimkp.engine.registry import Rule, Tokens, register_rule
+from aimkp.engine.rules._common import segment_sum, vec_gram
+
+# Bound on the fp32 elements of one batched tile of per-row gradients (CPU direct form).
+_TILE_ELEMS = 1 << 24
+
+
+def choose_form(tok: Tokens, d_in: int, d_out: int, n_pairs: int) -> str:
+    """``"direct"`` or ``"ghost"``: the one with fewer multiply-adds for this layer and batch."""
+    B, T = tok.num_rows, tok.max_len
+    direct = (B * T + n_pairs) * d_in * d_out
+    ghost = (B + n_pairs) * T * T * (d_in + d_out)
+    return "direct" if direct <= ghost else "ghost"
+
+
+def linear_weight_gram_torch(
+    a_pad: torch.Tensor, g_pad: torch.Tensor, pairs: torch.Tensor | None, form: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Norms^2 ``[B]`` and pair dots ``[P]`` of ``G_r = g_pad[r]^T a_pad[r]`` with batched fp32
+    matmuls. ``a_pad [B, T, d_in]``, ``g_pad [B, T, d_out]`` (zero rows beyond each row's end)."""
+    B, T, d_in = a_pad.shape
+    d_out = g_pad.shape[2]
+    P = 0 if pairs is None else pairs.shape[0]
+    sq = torch.zeros(B, dtype=torch.float32, device=a_pad.device)
+    dots = None if pairs is None else torch.zeros(P, dtype=torch.float32, device=a_pad.device)
+    if form == "direct":
+        chunk = max(1, min(d_out, _TILE_ELEMS // max(1, B * d_in)))
+        for o0 in range(0, d_out, chunk):
+            G = torch.bmm(g_pad[:, :, o0 : o0 + chunk].transpose(1, 2), a_pad)  # [B, c, d_in]
+            sq += G.square().sum((1, 2))
+            if P:
+                dots += (G[pairs[:, 0]] * G[pairs[:, 1]]).sum((1, 2))
+        return sq, dots
+    if form != "ghost":
+        raise ValueError(f"form must be 'direct' or 'ghost', got {form!r}")
+    rows_per = max(1, _TILE_ELEMS // max(1, T * T))
+    for r0 in range(0, B, rows_per):
+        a, g = a_pad[r0 : r0 + rows_per], g_pad[r0 : r0 + rows_per]
+        sq[r0 : r0 + rows_per] = (
+            torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))
+        ).sum((1, 2))
+    for p0 in range(0, P, rows_per):
+        pi, pj = pairs[p0 : p0 + rows_per, 0], pairs[p0 : p0 + rows_per, 1]
+        ka = torch.bmm(a_pad[pi], a_pad[pj].transpose(1, 2))
+        kg = torch.bmm(g_pad[pi], g_pad[pj].transpose(1, 2))
+        dots[p0 : p0 + rows_per] = (ka * kg).sum((1, 2))
+    return sq, dots
+
+
+@register_rule(nn.Linear)
+class LinearRule(Rule):
+    """``weight`` (direct or ghost form, see the module docstring) and ``bias`` (``sum_t g_t``)."""
+
+    def gram(
+        self,
+        module: nn.Module,
+        tok: Tokens,
+        pairs: torch.Tensor | None,
+        backend: str,
+        form: str,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+        B = tok.num_rows
+        sq = torch.zeros(B, dtype=torch.float32, device=tok.g.device)
+        dots = None
+        if pairs is not None:
+            dots = torch.zeros(pairs.shape[0], dtype=torch.float32, device=tok.g.device)
+        ran = "torch"
+        w = module.weight
+        if w is not None and w.requires_grad:
+            d_out, d_in = w.shape
+            f = (
+                form
+                if form != "auto"
+                else choose_form(tok, d_in, d_out, len(pairs) if pairs is not None else 0)
+            )
+            if backend == "triton" and f == "direct":
+                from aimkp.kernels.grad_gram import grad_gram_direct
+
+                s2, d2 = grad_gram_direct(tok.a, tok.g, tok.offsets, pairs)
+                ran = "triton"
+            else:
+                s2, d2 = linear_weight_gram_torch(tok.padded(tok.a), tok.padded(tok.g), pairs, f)
+            sq += s2
+            if dots is not None:
+                dots += d2
+        b = module.bias
+        if b is not None and b.requires_grad:
+            s2, d2 = vec_gram(segment_sum(tok.g, tok), pairs)
+            sq += s2
+            if dots is not None:
+                dots += d2
+        return sq, dots, ran
+
+    def reweight_grads(
+        self, module: nn.Module, tok: Tokens, token_scale: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        sel = token_scale != 0
+        gs = tok.g[sel].to(torch.float32) * token_scale[sel, None]
+        out: dict[str, torch.Tensor] = {}
+        if module.weight is not None and module.weight.requires_grad:
+            out["weight"] = gs.t() @ tok.a[sel].to(torch.float32)
+        if module.bias is not None and module.bias.requires_grad:
+            out["bias"] = gs.sum(0)
+        return out

@@ -1,0 +1,241 @@
+"""Per-sample gradient engine: Linear / peft LoRA stacks, padded and packed rows, pairs, reweight.
+
+References: ``aimkp.engine.reference`` (loop of one backward per row on the same graph, and
+torch.func vmap over grad). fp32 tolerance: relative error <= 1e-4 on norms, dots and cosines
+(the engine accumulates in fp32 with a different summation order than the reference's float64
+reductions of fp32 per-row gradients).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import aimkp
+from aimkp.engine.reference import gram_from_grads, loop_per_row_grads, vmap_per_row_grads
+
+RTOL = 1e-4
+
+
+def assert_close_rel(x: torch.Tensor, ref: torch.Tensor, rtol: float = RTOL) -> None:
+    """max |x - ref| <= rtol * max(|ref|) (relative to the scale of the reference vector)."""
+    x, ref = x.double().cpu(), ref.double().cpu()
+    assert x.shape == ref.shape
+    assert torch.isfinite(x).all()
+    err = (x - ref).abs().max().item() if x.numel() else 0.0
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    assert err <= rtol * max(scale, 1e-12), f"max abs err {err:.3e} vs scale {scale:.3e}"
+
+
+def flat_grads(model: nn.Module) -> torch.Tensor:
+    ps = [p for p in model.parameters() if p.requires_grad]
+    return torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).float().reshape(-1) for p in ps]
+    )
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int = 12, h: int = 20, bias: bool = True) -> None:
+        super().__init__()
+        self.up = nn.Linear(d, h, bias=bias)
+        self.down = nn.Linear(h, d, bias=not bias)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x + self.down(torch.tanh(self.up(x))))
+
+
+def lora_mlp(r: int = 4, dropout: float = 0.0, d: int = 12) -> nn.Module:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    m = MLP(d=d)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["up", "down"])
+    m = inject_adapter_in_model(cfg, m)
+    for n, p in m.named_parameters():
+        p.requires_grad_("lora_" in n)
+        if "lora_B" in n:  # peft initialises B to zero; random B makes lora_A's gradient nonzero
+            nn.init.normal_(p, std=0.3)
+    return m
+
+
+def row_loss_padded(out: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T, C] -> [B]: a per-token loss summed over each row's (unmasked) tokens."""
+    tok = (out.square() + out).sum(-1)
+    if mask is not None:
+        tok = tok * mask
+    return tok.sum(-1)
+
+
+def run_engine(model, fwd, pairs=None, **kw):
+    with aimkp.per_sample_grad_gram(model, pairs=pairs, **kw) as gram:
+        loss = fwd()
+        loss.sum().backward()
+    return gram, loss
+
+
+def check_against_loop(model, fwd, pairs, **kw):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(123)  # same dropout masks in both forwards
+    gram, _ = run_engine(model, fwd, pairs, **kw)
+    engine_grad = flat_grads(model)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(123)
+    loss = fwd()
+    G = loop_per_row_grads(model, loss)
+    norms, dots, cos = gram_from_grads(G, pairs)
+    assert_close_rel(gram.norms, norms)
+    if pairs is not None:
+        assert_close_rel(gram.dots, dots)
+        assert_close_rel(gram.cosines, cos)
+    # .grad after the engine's backward equals the plain backward's (sum of per-row grads)
+    assert_close_rel(engine_grad, G.sum(0), rtol=1e-5)
+    return gram, G
+
+
+PAIRS = torch.tensor([[0, 1], [0, 2], [3, 1], [2, 2]])
+
+
+@pytest.mark.parametrize("form", ["auto", "direct", "ghost"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_stack_3d_vs_vmap_and_loop(form: str, bias: bool) -> None:
+    m = MLP(bias=bias)
+    x = torch.randn(4, 7, 12)
+    gram, G = check_against_loop(m, lambda: row_loss_padded(m(x)), PAIRS, form=form)
+    assert gram.backend == "torch"
+    Gv = vmap_per_row_grads(m, lambda call, xr: row_loss_padded(call(xr)).sum(), x)
+    assert_close_rel(G, Gv, rtol=1e-5)
+
+
+def test_linear_2d_inputs() -> None:
+    m = MLP()
+    x = torch.randn(5, 12)
+    check_against_loop(m, lambda: (m(x).square() + m(x)).sum(-1), torch.tensor([[0, 4], [1, 2]]))
+
+
+def test_lora_padded_with_mask_and_dropout() -> None:
+    m = lora_mlp(dropout=0.25)
+    m.train()
+    x = torch.randn(4, 9, 12)
+    mask = torch.ones(4, 9)
+    mask[1, 5:] = 0  # padding: zero output gradient, nothing special needed
+    mask[3, :] = 0  # an all-masked row: norm 0, cosine 0
+    gram, _ = check_against_loop(m, lambda: row_loss_padded(m(x), mask), PAIRS)
+    assert gram.norms[3] == 0 and gram.cosines[2] == 0
+
+
+def test_lora_packed_rows() -> None:
+    torch.manual_seed(1)
+    m = lora_mlp()
+    lens = [5, 1, 8, 3]
+    cu = torch.tensor([0, 5, 6, 14, 17])
+    x = torch.randn(1, 17, 12)
+    seg = torch.repeat_interleave(torch.arange(4), torch.tensor(lens))
+
+    def fwd():
+        tok = (m(x).square() + m(x)).sum(-1)[0]  # [17]; m called twice: shared weights
+        return torch.zeros(4).index_add(0, seg, tok)
+
+    check_against_loop(m, fwd, PAIRS, cu_seqlens=cu)
+    # the same rows padded give the same numbers
+    gram_p, _ = run_engine(m, fwd, PAIRS, cu_seqlens=cu)
+    xp = torch.zeros(4, 8, 12)
+    mask = torch.zeros(4, 8)
+    for r in range(4):
+        xp[r, : lens[r]] = x[0, cu[r] : cu[r + 1]]
+        mask[r, : lens[r]] = 1
+    gram_d, _ = run_engine(
+        m,
+        lambda: ((m(xp).square() + m(xp)).sum(-1) * mask).sum(-1),
+        PAIRS,
+    )
+    assert_close_rel(gram_p.norms, gram_d.norms)
+    assert_close_rel(gram_p.dots, gram_d.dots)
+
+
+def test_set_rows_inside_context() -> None:
+    m = lora_mlp()
+    x = torch.randn(1, 10, 12)
+    seg = torch.tensor([0] * 4 + [1] * 6)
+    with aimkp.per_sample_grad_gram(m, pairs=torch.tensor([[0, 1]])) as gram:
+        tok = m(x).sum(-1)[0]
+        loss = torch.zeros(2).index_add(0, seg, tok)
+        gram.set_rows(cu_seqlens=torch.tensor([0, 4, 10]))
+        loss.sum().backward()
+    m.zero_grad()
+    loss = torch.zeros(2).index_add(0, seg, m(x).sum(-1)[0])
+    norms, dots, _ = gram_from_grads(loop_per_row_grads(m, loss), torch.tensor([[0, 1]]))
+    assert_close_rel(gram.norms, norms)
+    assert_close_rel(gram.dots, dots)
+
+
+@pytest.mark.parametrize("scale", [[1.0, 0.0, 2.5, 1.0], [0.5, 0.5, 0.5, 0.5], [1.0] * 4])
+def test_reweight_exact_with_grad_accumulation(scale: list[float]) -> None:
+    m = lora_mlp(dropout=0.1)
+    x0 = torch.randn(4, 6, 12)
+    x = torch.randn(4, 6, 12)
+    row_loss_padded(m(x0)).sum().backward()  # an earlier micro-step
+    before = flat_grads(m).clone()
+    torch.manual_seed(5)
+    with aimkp.per_sample_grad_gram(m, pairs=PAIRS, keep_for_reweight=True) as gram:
+        loss = row_loss_padded(m(x))
+        loss.sum().backward()
+    gram.reweight(torch.tensor(scale))
+    got = flat_grads(m) - before
+    m.zero_grad()
+    torch.manual_seed(5)  # same dropout masks
+    G = loop_per_row_grads(m, row_loss_padded(m(x)))
+    want = (torch.tensor(scale)[:, None] * G).sum(0)
+    assert_close_rel(got, want, rtol=1e-5)
+    with pytest.raises(ValueError, match="already"):
+        gram.reweight(torch.ones(4))
+
+
+def test_no_grad_region_and_unused_call() -> None:
+    m = MLP()
+    x = torch.randn(3, 4, 12)
+    with aimkp.per_sample_grad_gram(m) as gram:
+        with torch.no_grad():
+            m(x)  # ignored by the hooks
+        _ = m(x * 2)  # called, never reaches the loss
+        loss = row_loss_padded(m(x))
+        loss.sum().backward()
+    m.zero_grad()
+    norms, _, _ = gram_from_grads(loop_per_row_grads(m, row_loss_padded(m(x))))
+    assert_close_rel(gram.norms, norms)
+
+
+def test_unsupported_module_errors() -> None:
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.s = nn.Parameter(torch.ones(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.s
+
+    m = nn.Sequential(nn.Linear(3, 3), Scale())
+    with pytest.raises(ValueError, match=r"module '1' \(Scale\).*\['s'\]"):
+        aimkp.per_sample_grad_gram(m)
+
+
+def test_bad_arguments() -> None:
+    m = MLP()
+    with pytest.raises(ValueError, match="backend"):
+        aimkp.per_sample_grad_gram(m, backend="cuda")
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        aimkp.per_sample_grad_gram(m, cu_seqlens=torch.tensor([1, 3]))
+    with pytest.raises(ValueError, match="pairs index rows"):
+        with aimkp.per_sample_grad_gram(m, pairs=torch.tensor([[0, 5]])):
+            m(torch.randn(2, 3, 12)).sum().backward()
+    gram = aimkp.per_sample_grad_gram(m)
+    with gram:
+        pass
+    with pytest.raises(ValueError, match="no backward"):
+        _ = gram.norms
+    x = torch.randn(1, 5, 12)
+    with pytest.raises(ValueError, match="map to no rows"):
+        with aimkp.per_sample_grad_gram(m, cu_seqlens=torch.tensor([0, 2, 4])):
+            m(x).sum().backward()

@@ -38,6 +38,16 @@ def _find_nvcc() -> str | None:
 
 
 def _cuda_home(nvcc: str) -> str:
+    # nvcc may be a wrapper script (e.g. /usr/local/bin/nvcc exec-ing the real one), so its own
+    # location does not always tell the toolkit root: take the first candidate with the headers.
+    candidates = [
+        os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"),
+        os.path.dirname(os.path.dirname(os.path.realpath(nvcc))),
+        "/usr/local/cuda",
+    ]
+    for home in candidates:
+        if home and os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
     return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
 
 

@@ -1,0 +1,735 @@
+"""Embedding lookup with fused token-level modality masking and vision-feature merge.
+
+One op, top to bottom: argument checks, the source index (cheap ``[N]`` int work in torch), the
+``torch.library`` custom ops ``aimkp::masked_embedding`` / ``aimkp::masked_embedding_backward``
+with fake impls and registered autograd, the backends (Triton, C++ ``aimkp._C``, CUDA C++,
+plain-PyTorch reference), the public function and the ``nn.Module``.
+
+Every output row k has one source, ``src[k]``: a table row (``0 <= src < V``), an image-feature
+row (``src = V + j``) or the fill row (``-1``: hidden or ``ignore_index`` positions). The kernels
+are pure gathers over ``src``; the backward is a segment reduction over it (C++: atomic-free and
+always deterministic; Triton / CUDA: fp32 atomics, or sorted segments with ``deterministic=True``).
+
+Example::
+
+    >>> import torch
+    >>> from aimkp.ops import masked_embedding
+    >>> w = torch.randn(10, 4)
+    >>> ids = torch.tensor([[1, 9, 9, 3]])           # 9 = image token
+    >>> keep = torch.tensor([[True, True, False, True]])
+    >>> feats = torch.randn(2, 4)                    # one row per image token, hidden or not
+    >>> out = masked_embedding(ids, w, keep, image_features=feats, image_token_id=9)
+    >>> out.shape
+    torch.Size([1, 4, 4])
+    >>> c = masked_embedding(ids, w, keep, feats, 9, compact=True)
+    >>> c.positions.tolist(), c.cu_seqlens.tolist()
+    ([0, 1, 3], [0, 3])
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from aimkp._ext import DTYPE_CODES, dtype_code, ext_available, has_cuda_kernels, load_ext
+from aimkp.ops._registry import record_backend
+from aimkp.ops.masked_embedding_ref import (
+    CompactEmbedding,
+    compaction_index,
+    masked_embedding_reference,
+)
+
+__all__ = [
+    "CompactEmbedding",
+    "MaskedEmbedding",
+    "masked_embedding",
+    "masked_embedding_reference",
+    "replace_input_embedding",
+]
+
+OP = "masked_embedding"
+BACKENDS = ("auto", "triton", "cpp", "cuda", "reference")
+_KERNEL_BACKENDS = ("triton", "cpp", "cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------
+def _check_args(
+    input_ids: Any,
+    weight: Any,
+    keep: Any,
+    image_features: Any,
+    image_token_id: Any,
+    fill: Any,
+    ignore_index: Any,
+    backend: Any,
+) -> None:
+    """Shape / dtype / device checks (metadata only: no synchronisation, traceable)."""
+    if not isinstance(input_ids, Tensor):
+        raise ValueError(f"input_ids must be a tensor, got {type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
+    if input_ids.dim() not in (1, 2):
+        raise ValueError(f"input_ids must be [N] or [B, T], got shape {tuple(input_ids.shape)}")
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a [V, D] tensor, got {shape}")
+    if not weight.dtype.is_floating_point:
+        raise ValueError(f"weight must be floating point, got {weight.dtype}")
+    dev = weight.device
+    if input_ids.device != dev:
+        raise ValueError(f"input_ids is on {input_ids.device} but weight is on {dev}")
+    d = weight.shape[1]
+    if keep is not None:
+        if not isinstance(keep, Tensor) or keep.dtype != torch.bool:
+            got = keep.dtype if isinstance(keep, Tensor) else type(keep).__name__
+            raise ValueError(f"keep must be a bool tensor, got {got}")
+        if keep.shape != input_ids.shape:
+            raise ValueError(
+                f"keep has shape {tuple(keep.shape)} but input_ids has {tuple(input_ids.shape)}"
+            )
+        if keep.device != dev:
+            raise ValueError(f"keep is on {keep.device} but weight is on {dev}")
+    if image_features is not None:
+        if not isinstance(image_features, Tensor) or image_features.dim() != 2:
+            raise ValueError("image_features must be a [M, D] tensor")
+        if image_features.shape[1] != d:
+            raise ValueError(
+                f"image_features has width {image_features.shape[1]} but weight has D={d}"
+            )
+        if image_features.dtype != weight.dtype:
+            raise ValueError(
+                f"image_features dtype {image_features.dtype} differs from weight dtype "
+                f"{weight.dtype}"
+            )
+        if image_features.device != dev:
+            raise ValueError(f"image_features is on {image_features.device} but weight on {dev}")
+        if image_token_id is None:
+            raise ValueError("image_features given without image_token_id")
+    if image_token_id is not None and not isinstance(image_token_id, int):
+        raise ValueError(f"image_token_id must be an int, got {type(image_token_id).__name__}")
+    if ignore_index is not None and not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if image_token_id is not None and image_token_id == ignore_index:
+        raise ValueError(f"image_token_id and ignore_index are both {image_token_id}")
+    if fill is not None:
+        if not isinstance(fill, Tensor) or tuple(fill.shape) != (d,):
+            shape = tuple(fill.shape) if isinstance(fill, Tensor) else type(fill).__name__
+            raise ValueError(f"fill must be a [D]=[{d}] tensor, got {shape}")
+        if fill.dtype != weight.dtype:
+            raise ValueError(f"fill dtype {fill.dtype} differs from weight dtype {weight.dtype}")
+        if fill.device != dev:
+            raise ValueError(f"fill is on {fill.device} but weight is on {dev}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_values(
+    ids: Tensor, num_rows: int, num_image_rows: int, image_token_id: int | None, ignore_index: int
+) -> None:
+    """Id range and image-token count (one reduction, one host sync). ``ids`` is flat."""
+    n = ids.numel()
+    is_img = ids == image_token_id if image_token_id is not None else None
+    if n == 0:
+        if num_image_rows:
+            raise ValueError(
+                f"image_features has {num_image_rows} rows but input_ids holds 0 image tokens"
+            )
+        return
+    special = ids == ignore_index if ignore_index is not None else torch.zeros_like(ids, dtype=bool)
+    if is_img is not None:
+        special = special | is_img
+    text = torch.where(special, 0, ids)
+    mn, mx = torch.aminmax(text)
+    n_img = is_img.sum() if is_img is not None else torch.zeros((), dtype=torch.int64)
+    lo, hi, cnt = torch.stack([mn, mx, n_img.to(mn.device)]).tolist()
+    if lo < 0 or hi >= num_rows:
+        bad = int(torch.nonzero((text < 0) | (text >= num_rows))[0, 0])
+        allowed = []
+        if ignore_index is not None:
+            allowed.append(f"ignore_index={ignore_index}")
+        if image_token_id is not None:
+            allowed.append(f"image_token_id={image_token_id}")
+        extra = f" (only {' and '.join(allowed)} may lie outside)" if allowed else ""
+        raise ValueError(
+            f"input_ids: id {int(ids[bad])} at flat index {bad} is outside [0, {num_rows}) "
+            f"(weight has {num_rows} rows){extra}"
+        )
+    if cnt != num_image_rows:
+        which = "fewer" if num_image_rows < cnt else "more"
+        raise ValueError(
+            f"image_features: {num_image_rows} rows given but input_ids holds {cnt} image tokens "
+            f"(image_token_id={image_token_id}): {which} features than image tokens; every "
+            "image token takes exactly one row, in order"
+        )
+
+
+def _source_rows(
+    ids: Tensor,
+    keep: Tensor | None,
+    index: Tensor | None,
+    num_rows: int,
+    image_token_id: int | None,
+    ignore_index: int | None,
+) -> Tensor:
+    """``src [K]`` int64: table row, ``V + image row`` or ``-1`` (fill) for every output row."""
+    src = ids.to(torch.int64)
+    is_img = None
+    if image_token_id is not None:
+        is_img = ids == image_token_id
+        rank = torch.cumsum(is_img, 0) - 1  # image rows consumed in flat order, hidden or not
+        src = torch.where(is_img, rank + num_rows, src)
+    if ignore_index is not None:
+        ign = ids == ignore_index
+        if is_img is not None:
+            ign = ign & ~is_img
+        src = torch.where(ign, -1, src)
+    if keep is not None:
+        src = torch.where(keep, src, -1)
+    if index is not None:
+        src = src[index]
+    return src.contiguous()
+
+
+def _stream_of(t: Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _row_major(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends
+# ----------------------------------------------------------------------------------------------
+def _forward_cpp(src: Tensor, weight: Tensor, image: Tensor | None, fill: Tensor | None) -> Tensor:
+    ext = load_ext()
+    weight = _row_major(weight)
+    image = _row_major(image) if image is not None else None
+    fill = fill.contiguous() if fill is not None else None
+    k, (v, d) = src.numel(), weight.shape
+    out = torch.empty(k, d, dtype=weight.dtype, device=weight.device)
+    fn = ext.masked_embedding_forward_cpu if weight.device.type == "cpu" else None
+    if fn is None:
+        raise AssertionError("cpp forward on a non-CPU tensor")
+    fn(
+        out.data_ptr(),
+        src.data_ptr(),
+        k,
+        d,
+        weight.data_ptr(),
+        v,
+        weight.stride(0),
+        image.data_ptr() if image is not None else 0,
+        image.shape[0] if image is not None else 0,
+        image.stride(0) if image is not None else 0,
+        fill.data_ptr() if fill is not None else 0,
+        dtype_code(weight.dtype),
+    )
+    return out
+
+
+def _forward_cuda(src: Tensor, weight: Tensor, image: Tensor | None, fill: Tensor | None) -> Tensor:
+    ext = load_ext()
+    weight = _row_major(weight)
+    image = _row_major(image) if image is not None else None
+    fill = fill.contiguous() if fill is not None else None
+    k, (v, d) = src.numel(), weight.shape
+    out = torch.empty(k, d, dtype=weight.dtype, device=weight.device)
+    ext.masked_embedding_forward_cuda(
+        out.data_ptr(),
+        src.data_ptr(),
+        k,
+        d,
+        weight.data_ptr(),
+        v,
+        weight.stride(0),
+        image.data_ptr() if image is not None else 0,
+        image.shape[0] if image is not None else 0,
+        image.stride(0) if image is not None else 0,
+        fill.data_ptr() if fill is not None else 0,
+        dtype_code(weight.dtype),
+        _stream_of(weight),
+    )
+    return out
+
+
+def _forward_triton(
+    src: Tensor, weight: Tensor, image: Tensor | None, fill: Tensor | None
+) -> Tensor:
+    from aimkp.kernels.masked_embedding import masked_embedding_forward
+
+    weight = _row_major(weight)
+    image = _row_major(image) if image is not None else None
+    fill = fill.contiguous() if fill is not None else None
+    out = torch.empty(src.numel(), weight.shape[1], dtype=weight.dtype, device=weight.device)
+    return masked_embedding_forward(src, weight, image, fill, out)
+
+
+Grads = tuple[Tensor | None, Tensor | None, Tensor | None]
+
+
+def _backward_cpp(
+    grad: Tensor, src: Tensor, v: int, m: int, nw: bool, ni: bool, nf: bool, det: bool
+) -> Grads:
+    del det  # the C++ backward is always deterministic (atomic-free segment sums)
+    ext = load_ext()
+    k, d = grad.shape
+    sorted_src, perm = torch.sort(src, stable=True)
+    gw = torch.empty(v, d, dtype=grad.dtype) if nw else None
+    gi = torch.empty(m, d, dtype=grad.dtype) if ni else None
+    gf = torch.zeros(d, dtype=torch.float32) if nf else None
+    ext.masked_embedding_backward_cpu(
+        grad.data_ptr(),
+        k,
+        d,
+        sorted_src.data_ptr(),
+        perm.data_ptr(),
+        gw.data_ptr() if gw is not None else 0,
+        v,
+        gi.data_ptr() if gi is not None else 0,
+        m,
+        gf.data_ptr() if gf is not None else 0,
+        dtype_code(grad.dtype),
+    )
+    return gw, gi, gf
+
+
+def _backward_cuda(
+    grad: Tensor, src: Tensor, v: int, m: int, nw: bool, ni: bool, nf: bool, det: bool
+) -> Grads:
+    ext = load_ext()
+    k, d = grad.shape
+    dev, dt = grad.device, grad.dtype
+    code, stream = dtype_code(dt), _stream_of(grad)
+    gi = torch.zeros(m, d, dtype=dt, device=dev) if ni else None
+    gf = torch.zeros(d, dtype=torch.float32, device=dev) if nf else None
+    if det:
+        gw = torch.zeros(v, d, dtype=dt, device=dev) if nw else None
+        if k == 0:
+            return gw, gi, gf
+        sorted_src, perm = torch.sort(src, stable=True)
+        _, counts = torch.unique_consecutive(sorted_src, return_counts=True)
+        seg = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=dev)
+        torch.cumsum(counts, 0, out=seg[1:])
+        ext.masked_embedding_backward_segments_cuda(
+            grad.data_ptr(),
+            sorted_src.data_ptr(),
+            perm.data_ptr(),
+            seg.data_ptr(),
+            counts.numel(),
+            d,
+            gw.data_ptr() if gw is not None else 0,
+            v,
+            gi.data_ptr() if gi is not None else 0,
+            m,
+            gf.data_ptr() if gf is not None else 0,
+            code,
+            stream,
+        )
+        return gw, gi, gf
+    gw32 = torch.zeros(v, d, dtype=torch.float32, device=dev) if nw else None
+    ext.masked_embedding_backward_atomic_cuda(
+        grad.data_ptr(),
+        src.data_ptr(),
+        k,
+        d,
+        gw32.data_ptr() if gw32 is not None else 0,
+        v,
+        gi.data_ptr() if gi is not None else 0,
+        m,
+        gf.data_ptr() if gf is not None else 0,
+        code,
+        stream,
+    )
+    return (gw32.to(dt) if gw32 is not None else None), gi, gf
+
+
+def _backward_triton(
+    grad: Tensor, src: Tensor, v: int, m: int, nw: bool, ni: bool, nf: bool, det: bool
+) -> Grads:
+    from aimkp.kernels.masked_embedding import masked_embedding_backward
+
+    return masked_embedding_backward(grad, src, v, m, nw, ni, nf, det)
+
+
+_FORWARD = {"cpp": _forward_cpp, "cuda": _forward_cuda, "triton": _forward_triton}
+_BACKWARD = {"cpp": _backward_cpp, "cuda": _backward_cuda, "triton": _backward_triton}
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library custom ops
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("aimkp::masked_embedding", mutates_args=())
+def _masked_embedding_op(
+    ids: Tensor,
+    keep: Tensor | None,
+    index: Tensor | None,
+    weight: Tensor,
+    image_features: Tensor | None,
+    fill: Tensor | None,
+    image_token_id: int | None,
+    ignore_index: int | None,
+    deterministic: bool,
+    backend: str,
+) -> Tensor:
+    """Rows ``[K, D]`` (K = N, or len(index)); ids/keep flat ``[N]``; see module docstring."""
+    del deterministic  # used by the backward only
+    v = weight.shape[0]
+    m = image_features.shape[0] if image_features is not None else 0
+    _check_values(ids, v, m, image_token_id, ignore_index)
+    src = _source_rows(ids, keep, index, v, image_token_id, ignore_index)
+    out = _FORWARD[backend](src, weight, image_features, fill)
+    record_backend(OP, backend)
+    return out
+
+
+@_masked_embedding_op.register_fake
+def _(ids, keep, index, weight, image_features, fill, image_token_id, ignore_index, det, backend):
+    k = index.shape[0] if index is not None else ids.shape[0]
+    return weight.new_empty(k, weight.shape[1])
+
+
+@torch.library.custom_op("aimkp::masked_embedding_backward", mutates_args=())
+def _masked_embedding_backward_op(
+    grad: Tensor,
+    ids: Tensor,
+    keep: Tensor | None,
+    index: Tensor | None,
+    num_rows: int,
+    num_image_rows: int,
+    image_token_id: int | None,
+    ignore_index: int | None,
+    need_weight: bool,
+    need_image: bool,
+    need_fill: bool,
+    deterministic: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_weight [V, D] | [0, D], grad_image [M, D] | [0, D], grad_fill [D] | [0])``."""
+    d = grad.shape[1]
+    src = _source_rows(ids, keep, index, num_rows, image_token_id, ignore_index)
+    gw, gi, gf = _BACKWARD[backend](
+        grad.contiguous(),
+        src,
+        num_rows,
+        num_image_rows,
+        need_weight,
+        need_image,
+        need_fill,
+        deterministic,
+    )
+    empty = grad.new_zeros(0, d)
+    return (
+        gw if gw is not None else empty,
+        gi if gi is not None else empty.clone(),
+        gf.to(grad.dtype) if gf is not None else grad.new_zeros(0),
+    )
+
+
+@_masked_embedding_backward_op.register_fake
+def _(grad, ids, keep, index, v, m, image_token_id, ignore_index, nw, ni, nf, det, backend):
+    d = grad.shape[1]
+    return (
+        grad.new_empty(v if nw else 0, d),
+        grad.new_empty(m if ni else 0, d),
+        grad.new_empty(d if nf else 0),
+    )
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    ids, keep, index, weight, image, fill, image_token_id, ignore_index, det, backend = inputs
+    ctx.save_for_backward(ids, keep, index)
+    ctx.num_rows = weight.shape[0]
+    ctx.num_image_rows = image.shape[0] if image is not None else 0
+    ctx.image_token_id, ctx.ignore_index = image_token_id, ignore_index
+    ctx.deterministic, ctx.backend = det, backend
+
+
+def _backward(ctx: Any, grad: Tensor) -> tuple:
+    ids, keep, index = ctx.saved_tensors
+    nw, ni, nf = ctx.needs_input_grad[3:6]
+    gw, gi, gf = torch.ops.aimkp.masked_embedding_backward(
+        grad,
+        ids,
+        keep,
+        index,
+        ctx.num_rows,
+        ctx.num_image_rows,
+        ctx.image_token_id,
+        ctx.ignore_index,
+        nw,
+        ni,
+        nf,
+        ctx.deterministic,
+        ctx.backend,
+    )
+    return (
+        None,
+        None,
+        None,
+        gw if nw else None,
+        gi if ni else None,
+        gf if nf else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("aimkp::masked_embedding", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------
+_warned_fallback: set[str] = set()
+
+
+def _resolve_backend(backend: str, weight: Tensor) -> str:
+    dev = weight.device.type
+    kernel_dtype = weight.dtype in DTYPE_CODES
+    if backend == "auto":
+        if not kernel_dtype:
+            return "reference"
+        if dev == "cuda":
+            try:
+                import triton  # noqa: F401
+
+                return "triton"
+            except ImportError:
+                chosen = "cuda" if has_cuda_kernels() else "reference"
+        elif dev == "cpu":
+            chosen = "cpp" if ext_available() else "reference"
+        else:
+            chosen = "reference"
+        if chosen == "reference" and dev not in _warned_fallback:
+            _warned_fallback.add(dev)
+            warnings.warn(
+                f"aimkp.ops.masked_embedding: no kernel for {dev} tensors here "
+                "(aimkp._C or triton missing); using the PyTorch reference",
+                stacklevel=3,
+            )
+        return chosen
+    if backend in _KERNEL_BACKENDS and not kernel_dtype:
+        raise ValueError(
+            f"backend={backend!r} supports float32/float16/bfloat16 weights, got {weight.dtype}"
+        )
+    if backend == "cpp":
+        if dev != "cpu":
+            raise ValueError(f"backend='cpp' needs CPU tensors, got {dev} (use 'cuda'/'triton')")
+        load_ext()
+    elif backend == "cuda":
+        if dev != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got {dev}")
+        if not has_cuda_kernels():
+            raise ValueError("backend='cuda': aimkp._C was built without CUDA kernels (no nvcc)")
+    elif backend == "triton":
+        if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
+                "imported (the interpreter); use backend='cpp' for fast CPU execution"
+            )
+        if dev not in ("cpu", "cuda"):
+            raise ValueError(f"backend='triton' needs CUDA (or interpreted CPU) tensors, got {dev}")
+    return backend
+
+
+def masked_embedding(
+    input_ids: Tensor,
+    weight: Tensor,
+    keep: Tensor | None = None,
+    image_features: Tensor | None = None,
+    image_token_id: int | None = None,
+    fill: Tensor | None = None,
+    ignore_index: int | None = None,
+    compact: bool = False,
+    deterministic: bool = False,
+    backend: str = "auto",
+) -> Tensor | CompactEmbedding:
+    """Embedding lookup with token-level modality masking and the vision-feature merge fused in.
+
+    Args:
+        input_ids: LongTensor ``[N]`` or ``[B, T]`` (int32 accepted).
+        weight: table ``[V, D]`` (float32 / float16 / bfloat16 for the kernels).
+        keep: bool ``[N]`` / ``[B, T]``; False hides the token (output ``fill``). None: all kept.
+        image_features: ``[M, D]``; the k-th position (flat order) whose id is ``image_token_id``
+            takes row k. Hidden image tokens consume their row too. M must equal the number of
+            image tokens exactly.
+        image_token_id: id of the image placeholder (may lie outside ``[0, V)``).
+        fill: learnable ``[D]`` row for hidden / ignored positions (zeros when None).
+        ignore_index: ids equal to it (e.g. -100 padding) read no table row and output ``fill``.
+        compact: return only the kept rows, packed, as a :class:`CompactEmbedding`
+            (values ``[K, D]``, positions ``[K]``, cu_seqlens ``[B+1]`` int32, index ``[K]``).
+        deterministic: Triton / CUDA backward by sorted segment sums instead of fp32 atomics
+            (the C++ backward is always deterministic).
+        backend: ``"auto"`` (Triton for CUDA tensors, C++ for CPU), ``"triton"``, ``"cpp"``,
+            ``"cuda"`` or ``"reference"``. The one that ran: ``aimkp.ops.last_backend(
+            "masked_embedding")``, also logged at DEBUG level.
+
+    Returns:
+        ``[*input_ids.shape, D]`` in ``weight.dtype``, or a :class:`CompactEmbedding`.
+
+    Raises:
+        ValueError: ids outside ``[0, V)`` (other than ``ignore_index`` / ``image_token_id``),
+            image-feature count different from the image-token count, shape / dtype / device
+            mismatches, unknown or unavailable backend.
+    """
+    _check_args(
+        input_ids, weight, keep, image_features, image_token_id, fill, ignore_index, backend
+    )
+    chosen = _resolve_backend(backend, weight)
+    if input_ids.dtype != torch.int64:
+        input_ids = input_ids.long()
+    if chosen == "reference":
+        m = image_features.shape[0] if image_features is not None else 0
+        _check_values(input_ids.reshape(-1), weight.shape[0], m, image_token_id, ignore_index)
+        out = masked_embedding_reference(
+            input_ids, weight, keep, image_features, image_token_id, fill, ignore_index, compact
+        )
+        record_backend(OP, "reference")
+        return out
+    ids = input_ids.reshape(-1)
+    d = weight.shape[1]
+    if not compact:
+        flat_keep = keep.reshape(-1) if keep is not None else None
+        out = torch.ops.aimkp.masked_embedding(
+            ids,
+            flat_keep,
+            None,
+            weight,
+            image_features,
+            fill,
+            image_token_id,
+            ignore_index,
+            deterministic,
+            chosen,
+        )
+        return out.reshape(*input_ids.shape, d)
+    # Compact: the data-dependent index is computed here, outside the custom op.
+    index, positions, cu_seqlens = compaction_index(input_ids, keep)
+    values = torch.ops.aimkp.masked_embedding(
+        ids,
+        None,
+        index,
+        weight,
+        image_features,
+        fill,
+        image_token_id,
+        ignore_index,
+        deterministic,
+        chosen,
+    )
+    return CompactEmbedding(values, positions, cu_seqlens, index)
+
+
+# ----------------------------------------------------------------------------------------------
+# nn.Module
+# ----------------------------------------------------------------------------------------------
+class MaskedEmbedding(nn.Module):
+    """Drop-in input embedding with modality masking: ``forward(input_ids, keep=None, ...)``.
+
+    With only ``input_ids`` it is an exact ``nn.Embedding`` lookup (same weight, same output), so it
+    can replace a Hugging Face model's input embedding in place (:func:`replace_input_embedding`).
+    ``padding_idx`` keeps nn.Embedding's meaning: that row receives no gradient.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        *,
+        image_token_id: int | None = None,
+        ignore_index: int | None = None,
+        learnable_fill: bool = False,
+        deterministic: bool = False,
+        backend: str = "auto",
+        weight: nn.Parameter | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        if padding_idx is not None and padding_idx < 0:
+            padding_idx += num_embeddings
+        self.padding_idx = padding_idx
+        self.image_token_id, self.ignore_index = image_token_id, ignore_index
+        self.deterministic, self.backend = deterministic, backend
+        if weight is None:
+            weight = nn.Parameter(torch.randn(num_embeddings, embedding_dim, device=device,
+                                              dtype=dtype))  # fmt: skip
+        elif tuple(weight.shape) != (num_embeddings, embedding_dim):
+            raise ValueError(
+                f"weight has shape {tuple(weight.shape)}, expected "
+                f"({num_embeddings}, {embedding_dim})"
+            )
+        self.weight = weight
+        if learnable_fill:
+            self.fill = nn.Parameter(weight.new_zeros(embedding_dim).detach())
+        else:
+            self.register_parameter("fill", None)
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, **kwargs: Any) -> MaskedEmbedding:
+        """A MaskedEmbedding sharing ``emb.weight`` (the same Parameter object)."""
+        if not isinstance(emb, nn.Embedding):
+            raise ValueError(f"emb must be an nn.Embedding, got {type(emb).__name__}")
+        if emb.max_norm is not None or emb.sparse or emb.scale_grad_by_freq:
+            raise ValueError("emb uses max_norm / sparse / scale_grad_by_freq: not supported")
+        return cls(
+            emb.num_embeddings, emb.embedding_dim, emb.padding_idx, weight=emb.weight, **kwargs
+        )
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        keep: Tensor | None = None,
+        image_features: Tensor | None = None,
+        compact: bool = False,
+    ) -> Tensor | CompactEmbedding:
+        """``[*input_ids.shape, D]`` or a :class:`CompactEmbedding` (see masked_embedding)."""
+        out = masked_embedding(
+            input_ids,
+            self.weight,
+            keep,
+            image_features,
+            self.image_token_id if image_features is not None or self.image_token_id else None,
+            self.fill,
+            self.ignore_index,
+            compact,
+            self.deterministic,
+            self.backend,
+        )
+        if self.padding_idx is None or not (torch.is_grad_enabled() and self.weight.requires_grad):
+            return out
+        # nn.Embedding semantics: the padding row gets no gradient from kept padding positions.
+        pad = input_ids == self.padding_idx
+        if keep is not None:
+            pad = pad & keep
+        if isinstance(out, CompactEmbedding):
+            pad_rows = pad.reshape(-1)[out.index][:, None]
+            return out._replace(values=torch.where(pad_rows, out.values.detach(), out.values))
+        return torch.where(pad[..., None], out.detach(), out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, "
+            f"image_token_id={self.image_token_id}, backend={self.backend!r}"
+        )
+
+
+def replace_input_embedding(model: nn.Module, **kwargs: Any) -> MaskedEmbedding:
+    """Swap ``model.get_input_embeddings()`` for a :class:`MaskedEmbedding` sharing its weight."""
+    emb = model.get_input_embeddings()
+    if isinstance(emb, MaskedEmbedding):
+        return emb
+    new = MaskedEmbedding.from_embedding(emb, **kwargs)
+    model.set_input_embeddings(new)
+    return new

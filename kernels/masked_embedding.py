@@ -1,0 +1,275 @@
+"""Triton kernels of :func:`aimkp.ops.masked_embedding` and their launchers.
+
+All kernels work on a precomputed source index ``src [K]`` (int64), one entry per output row:
+``0 <= src < V`` reads table row ``src``, ``V <= src < V + M`` reads image-feature row ``src - V``,
+anything else (``-1``) takes the fill row (zeros when there is none). The index has been validated
+in torch before any launch, and every load is masked besides, so no kernel reads out of bounds.
+
+- forward: a 2-D tiled gather ``out[K, D]`` (row x column tiles), an exact copy in the table
+  dtype.
+- backward, fast: fp32 atomics into ``grad_weight32 [V, D]``; the fill gradient is reduced inside
+  the tile first (one atomic per column per program); image rows are unique, plain stores.
+- backward, deterministic: the caller sorts ``src`` (stable) and cuts it into segments of equal ids;
+  one program per (segment, column block) sums its rows in a fixed order, no atomics.
+
+Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests; small grids only).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _masked_embedding_forward_kernel(
+    out_ptr,
+    src_ptr,
+    w_ptr,
+    img_ptr,
+    fill_ptr,
+    K,
+    D,
+    V,
+    M,
+    w_stride,
+    img_stride,
+    HAS_IMG: tl.constexpr,
+    HAS_FILL: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rmask = rows < K
+    cmask = cols < D
+    m2 = rmask[:, None] & cmask[None, :]
+    src = tl.load(src_ptr + rows, mask=rmask, other=-1)
+    is_w = (src >= 0) & (src < V)
+    w_row = tl.where(is_w, src, 0).to(tl.int64)
+    val = tl.load(
+        w_ptr + w_row[:, None] * w_stride + cols[None, :], mask=m2 & is_w[:, None], other=0.0
+    )
+    is_fill = ~is_w
+    if HAS_IMG:
+        is_i = (src >= V) & (src < V + M)
+        i_row = tl.where(is_i, src - V, 0).to(tl.int64)
+        v_img = tl.load(
+            img_ptr + i_row[:, None] * img_stride + cols[None, :],
+            mask=m2 & is_i[:, None],
+            other=0.0,
+        )
+        val = tl.where(is_i[:, None], v_img, val)
+        is_fill = is_fill & ~is_i
+    if HAS_FILL:
+        f = tl.load(fill_ptr + cols, mask=cmask, other=0.0)
+        val = tl.where(is_fill[:, None], f[None, :], val)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], val, mask=m2)
+
+
+@triton.jit
+def _masked_embedding_backward_atomic_kernel(
+    grad_ptr,
+    src_ptr,
+    gw_ptr,
+    gi_ptr,
+    gf_ptr,
+    K,
+    D,
+    V,
+    M,
+    HAS_W: tl.constexpr,
+    HAS_I: tl.constexpr,
+    HAS_F: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rmask = rows < K
+    cmask = cols < D
+    m2 = rmask[:, None] & cmask[None, :]
+    src = tl.load(src_ptr + rows, mask=rmask, other=-1)
+    g_raw = tl.load(grad_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=m2, other=0.0)
+    g = g_raw.to(tl.float32)
+    if HAS_W:
+        is_w = (src >= 0) & (src < V)
+        w_row = tl.where(is_w, src, 0).to(tl.int64)
+        tl.atomic_add(gw_ptr + w_row[:, None] * D + cols[None, :], g, mask=m2 & is_w[:, None])
+    if HAS_I:
+        is_i = (src >= V) & (src < V + M)
+        i_row = tl.where(is_i, src - V, 0).to(tl.int64)
+        tl.store(gi_ptr + i_row[:, None] * D + cols[None, :], g_raw, mask=m2 & is_i[:, None])
+    if HAS_F:
+        is_f = (src < 0) & rmask
+        part = tl.sum(tl.where(is_f[:, None] & m2, g, 0.0), axis=0)
+        tl.atomic_add(gf_ptr + cols, part, mask=cmask)
+
+
+@triton.jit
+def _masked_embedding_backward_segments_kernel(
+    grad_ptr,
+    sorted_ptr,
+    perm_ptr,
+    seg_ptr,
+    gw_ptr,
+    gi_ptr,
+    gf_ptr,
+    D,
+    V,
+    M,
+    HAS_W: tl.constexpr,
+    HAS_I: tl.constexpr,
+    HAS_F: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    seg = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    a = tl.load(seg_ptr + seg)
+    b = tl.load(seg_ptr + seg + 1)
+    idv = tl.load(sorted_ptr + a)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # Fixed-order sum of the segment's rows, BLOCK_R rows per step: deterministic.
+    for i in range(a, b, BLOCK_R):
+        r = i + tl.arange(0, BLOCK_R)
+        rm = r < b
+        rows = tl.load(perm_ptr + r, mask=rm, other=0).to(tl.int64)
+        tile = tl.load(
+            grad_ptr + rows[:, None] * D + cols[None, :],
+            mask=rm[:, None] & cmask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.sum(tile, axis=0)
+    # The segment's id, broadcast over the column block (vector masks only).
+    idvec = tl.zeros([BLOCK_D], dtype=tl.int64) + idv
+    if HAS_W:
+        ok_w = (idvec >= 0) & (idvec < V)
+        w_row = tl.where(ok_w, idvec, 0)
+        tl.store(gw_ptr + w_row * D + cols, acc.to(gw_ptr.dtype.element_ty), mask=cmask & ok_w)
+    if HAS_I:
+        ok_i = (idvec >= V) & (idvec < V + M)
+        i_row = tl.where(ok_i, idvec - V, 0)
+        tl.store(gi_ptr + i_row * D + cols, acc.to(gi_ptr.dtype.element_ty), mask=cmask & ok_i)
+    if HAS_F:
+        tl.store(gf_ptr + cols, acc, mask=cmask & (idvec < 0))
+
+
+def _blocks(d: int) -> tuple[int, int]:
+    block_d = min(triton.next_power_of_2(max(d, 1)), 512)
+    block_r = max(1, 2048 // block_d)
+    return block_r, block_d
+
+
+def masked_embedding_forward(
+    src: torch.Tensor,
+    weight: torch.Tensor,
+    image_features: torch.Tensor | None,
+    fill: torch.Tensor | None,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Gather ``out[k] = source row src[k]``. src ``[K]`` int64, weight ``[V, D]`` (unit column
+    stride), image_features ``[M, D]`` or None, fill ``[D]`` or None, out ``[K, D]`` contiguous."""
+    k, d = out.shape
+    if k == 0 or d == 0:
+        return out
+    v = weight.shape[0]
+    img = image_features if image_features is not None else weight
+    m = image_features.shape[0] if image_features is not None else 0
+    fil = fill if fill is not None else weight
+    block_r, block_d = _blocks(d)
+    grid = (triton.cdiv(k, block_r), triton.cdiv(d, block_d))
+    _masked_embedding_forward_kernel[grid](
+        out,
+        src,
+        weight,
+        img,
+        fil,
+        k,
+        d,
+        v,
+        m,
+        weight.stride(0),
+        img.stride(0),
+        HAS_IMG=image_features is not None,
+        HAS_FILL=fill is not None,
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+    )
+    return out
+
+
+def masked_embedding_backward(
+    grad: torch.Tensor,
+    src: torch.Tensor,
+    num_rows: int,
+    num_image_rows: int,
+    need_weight: bool,
+    need_image: bool,
+    need_fill: bool,
+    deterministic: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients ``(grad_weight [V, D], grad_image [M, D], grad_fill [D])`` from ``grad [K, D]``.
+
+    grad_weight and grad_image come back in ``grad.dtype`` (accumulated in fp32), grad_fill in
+    float32; an output that is not needed is None. ``deterministic`` uses the sorted segment
+    reduction, otherwise fp32 atomics.
+    """
+    k, d = grad.shape
+    dev, dt = grad.device, grad.dtype
+    v, m = num_rows, num_image_rows
+    dummy32 = torch.empty(1, dtype=torch.float32, device=dev)
+    gf = torch.zeros(d, dtype=torch.float32, device=dev) if need_fill else None
+    block_r, block_d = _blocks(d)
+    if deterministic:
+        gw = torch.zeros(v, d, dtype=dt, device=dev) if need_weight else None
+        gi = torch.zeros(m, d, dtype=dt, device=dev) if need_image else None
+        if k == 0 or d == 0:
+            return gw, gi, gf
+        sorted_src, perm = torch.sort(src, stable=True)
+        _, counts = torch.unique_consecutive(sorted_src, return_counts=True)
+        seg = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=dev)
+        torch.cumsum(counts, 0, out=seg[1:])
+        grid = (counts.numel(), triton.cdiv(d, block_d))
+        _masked_embedding_backward_segments_kernel[grid](
+            grad,
+            sorted_src,
+            perm,
+            seg,
+            gw if gw is not None else grad,
+            gi if gi is not None else grad,
+            gf if gf is not None else dummy32,
+            d,
+            v,
+            m,
+            HAS_W=need_weight,
+            HAS_I=need_image,
+            HAS_F=need_fill,
+            BLOCK_R=block_r,
+            BLOCK_D=block_d,
+        )
+        return gw, gi, gf
+    gw32 = torch.zeros(v, d, dtype=torch.float32, device=dev) if need_weight else None
+    gi = torch.zeros(m, d, dtype=dt, device=dev) if need_image else None
+    if k > 0 and d > 0:
+        grid = (triton.cdiv(k, block_r), triton.cdiv(d, block_d))
+        _masked_embedding_backward_atomic_kernel[grid](
+            grad,
+            src,
+            gw32 if gw32 is not None else dummy32,
+            gi if gi is not None else grad,
+            gf if gf is not None else dummy32,
+            k,
+            d,
+            v,
+            m,
+            HAS_W=need_weight,
+            HAS_I=need_image,
+            HAS_F=need_fill,
+            BLOCK_R=block_r,
+            BLOCK_D=block_d,
+        )
+    gw = gw32.to(dt) if gw32 is not None else None
+    return gw, gi, gf

@@ -1,0 +1,370 @@
+"""Model adapters: what aimkp needs to know about one multimodal LLM architecture.
+
+An adapter wraps one loaded Hugging Face model (possibly inside a peft wrapper) with its tokenizer
+and image processor, and supplies everything the row forward, the training step and prediction
+need, so that nothing else in aimkp looks at architecture-specific modules.
+
+What a new adapter (e.g. Qwen2.5-VL, Idefics3/SmolVLM) must supply (subclass :class:`MLLMAdapter`,
+decorate with ``@register_adapter("<config.model_type>")``):
+
+- ``model_class``: the ``*ForConditionalGeneration`` class (used to load local checkpoints).
+- ``image_token_id``: the id of the placeholder token that image features replace.
+- :meth:`preprocess_image`: PIL image -> ``dict(pixel_values=..., image_grid_thw=...|None)``
+  and the image-token grid ``(h, w)`` (``h * w`` image tokens).
+- :meth:`image_segment`: the token ids of the image segment of the prompt for ``n`` image tokens
+  and the offset of the first image token in it (Qwen wraps the pads in vision start/end tokens).
+- :meth:`image_features`: vision tower + projector exactly as the model's own forward computes
+  them: ``[M, D]`` for all images of a batch, in order.
+- :meth:`position_ids`: positions of the UNMASKED sequence: ``[T]`` (1-D RoPE) or ``[3, T]``
+  (Qwen's multimodal RoPE); kept tokens keep these values when others are hidden.
+- :meth:`generation_kwargs`: the extra inputs ``model.generate`` needs for a padded batch.
+- Optionally ``image_marker``: the string the architecture's chat template writes for an image
+  (used to locate the image when a template only accepts structured content).
+
+The base class does the rest: prompt building (chat template when the tokenizer has one, else
+the plain AimKP prompt), :meth:`encode` of a record into an :class:`EncodedSample` with exact
+text / image spans, and access to the language model, embedding table and ``lm_head``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+QUESTION = "What phrases should be used to tag the media?"
+_IMG = "\u27e6AIMKP_IMG\u27e7"
+_TXT = "\u27e6AIMKP_TXT\u27e7"
+
+
+@dataclass
+class EncodedSample:
+    """One record encoded for training or prediction.
+
+    Attributes:
+        input_ids: LongTensor ``[T]`` (prompt, then the answer when encoded with one).
+        labels: LongTensor ``[T]``: -100 except at answer tokens (answer + eos).
+        text_span: ``(s, e)``: the post's text tokens are ``input_ids[s:e]`` (may be empty).
+        image_span: ``(s, e)`` of the image-placeholder tokens, or None without an image.
+        grid: ``(h, w)`` of the image tokens (``h * w == e - s``), or None.
+        pixel_values: the image processor's output for this image (shape per architecture) or None.
+        image_grid_thw: LongTensor ``[1, 3]`` (Qwen-style models) or None.
+        n_answer_tokens: number of label positions != -100.
+        position_ids: LongTensor ``[T]`` or ``[3, T]``, positions of the unmasked sequence.
+        prompt_len: index where the answer starts (``== T`` without an answer).
+        id: the record id.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    text_span: tuple[int, int]
+    image_span: tuple[int, int] | None
+    grid: tuple[int, int] | None
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+    n_answer_tokens: int
+    position_ids: torch.Tensor
+    prompt_len: int
+    id: str = ""
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+_REGISTRY: dict[str, type[MLLMAdapter]] = {}
+
+
+def register_adapter(model_type: str) -> Callable[[type[MLLMAdapter]], type[MLLMAdapter]]:
+    """Class decorator registering an adapter for ``config.model_type == model_type``."""
+
+    def deco(cls: type[MLLMAdapter]) -> type[MLLMAdapter]:
+        _REGISTRY[model_type] = cls
+        cls.model_type = model_type
+        return cls
+
+    return deco
+
+
+def adapter_class(model_type: str) -> type[MLLMAdapter]:
+    """The adapter class registered for a ``config.model_type``; ValueError when none is."""
+    _ensure_builtin()
+    if model_type not in _REGISTRY:
+        raise ValueError(
+            f"no aimkp adapter for model_type {model_type!r}; known: {sorted(_REGISTRY)}"
+        )
+    return _REGISTRY[model_type]
+
+
+def _ensure_builtin() -> None:
+    # The built-in adapters register themselves on import.
+    from aimkp.models import llava, qwen2vl  # noqa: F401
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The ``*ForConditionalGeneration`` module inside a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def get_adapter(
+    model: nn.Module, tokenizer: Any = None, image_processor: Any = None
+) -> MLLMAdapter:
+    """Build the adapter for ``model`` (a HF multimodal model, possibly peft-wrapped)."""
+    base = unwrap_model(model)
+    cls = adapter_class(base.config.model_type)
+    return cls(model, tokenizer, image_processor)
+
+
+class MLLMAdapter:
+    """Base class; see the module docstring for what a subclass supplies."""
+
+    model_type: str = ""
+    model_class: type | None = None
+    image_marker: str = "<image>"
+
+    def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+
+    # ----------------------------------------------------------------- architecture access
+    @property
+    def base(self) -> nn.Module:
+        """The unwrapped ``*ForConditionalGeneration`` module."""
+        return unwrap_model(self.model)
+
+    @property
+    def config(self) -> Any:
+        return self.base.config
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The decoder stack (takes ``inputs_embeds``, returns ``last_hidden_state``)."""
+        return self.base.model.language_model
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.base.lm_head
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.base.get_input_embeddings()
+
+    @property
+    def projector(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.config.image_token_id)
+
+    @property
+    def attn_implementation(self) -> str:
+        return str(self.language_model.config._attn_implementation)
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        if tok.pad_token_id is not None:
+            return int(tok.pad_token_id)
+        if tok.eos_token_id is not None:
+            return int(tok.eos_token_id)
+        return 0
+
+    # ----------------------------------------------------------------- to supply
+    def preprocess_image(self, image: Any) -> tuple[dict[str, torch.Tensor | None], tuple]:
+        """PIL image -> (``{"pixel_values", "image_grid_thw"}``, grid ``(h, w)``)."""
+        raise NotImplementedError
+
+    def image_segment(self, n_image_tokens: int) -> tuple[list[int], int]:
+        """Token ids of the image segment for ``n`` image tokens, offset of the first one."""
+        raise NotImplementedError
+
+    def image_features(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Vision tower + projector: ``[M, D]`` features for all images, in order."""
+        raise NotImplementedError
+
+    def position_ids(
+        self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Positions of the unmasked sequence ``input_ids [T]``: ``[T]`` or ``[3, T]``."""
+        raise NotImplementedError
+
+    def generation_kwargs(
+        self, samples: Sequence[EncodedSample], input_ids: torch.Tensor
+    ) -> dict[str, Any]:
+        """Extra ``generate`` inputs (pixel values, grids, ...) for a left-padded batch."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- prompt building
+    def _tok(self, s: str) -> list[int]:
+        if not s:
+            return []
+        return list(self.tokenizer(s, add_special_tokens=False)["input_ids"])
+
+    def _render_template(self, has_image: bool) -> tuple[str, str, str] | None:
+        """Render the chat template around sentinels: (before image/text, between, after text).
+
+        Returns None when the tokenizer has no chat template. The image sits between the first
+        and second pieces (dropped when ``has_image`` is False).
+        """
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            return None
+        user = (_IMG if has_image else "") + _TXT + "\n" + QUESTION
+        attempts: list[Any] = [user]
+        if has_image:
+            attempts.append([{"type": "image"}, {"type": "text", "text": _TXT + "\n" + QUESTION}])
+        else:
+            attempts.append([{"type": "text", "text": user}])
+        for content in attempts:
+            try:
+                rendered = tok.apply_chat_template(
+                    [{"role": "user", "content": content}],
+                    tokenize=False,
+                    add_generation_prompt=True,
+                )
+            except Exception:  # noqa: BLE001 - a template may reject one content form
+                continue
+            if not isinstance(rendered, str) or _TXT not in rendered:
+                continue
+            if has_image:
+                if _IMG in rendered:
+                    img_at = rendered.index(_IMG)
+                    rendered = rendered.replace(_IMG, "", 1)
+                elif self.image_marker and self.image_marker in rendered:
+                    img_at = rendered.index(self.image_marker)
+                    rendered = rendered.replace(self.image_marker, "", 1)
+                else:
+                    continue
+                txt_at = rendered.index(_TXT)
+                if img_at > txt_at:
+                    continue
+                return rendered[:img_at], rendered[img_at:txt_at], rendered[txt_at + len(_TXT) :]
+            txt_at = rendered.index(_TXT)
+            return rendered[:txt_at], "", rendered[txt_at + len(_TXT) :]
+        raise ValueError(
+            f"the chat template of {type(tok).__name__} could not be rendered around the AimKP "
+            "prompt (neither string nor structured content worked)"
+        )
+
+    def answer_text(self, keyphrases: Sequence[str]) -> str:
+        """The answer string: keyphrases joined by ', '."""
+        return ", ".join(k.strip() for k in keyphrases if k and k.strip())
+
+    def encode(
+        self,
+        record: Any,
+        *,
+        with_answer: bool = True,
+        use_image: bool = True,
+        use_text: bool = True,
+    ) -> EncodedSample:
+        """Encode a :class:`aimkp.data.Record` (``id``, ``text``, ``keyphrases``, image).
+
+        Prompt ``<image>{text}\\nWhat phrases should be used to tag the media?`` (inside the
+        chat template when there is one); the answer ``kp1, kp2`` + eos. Without an image the
+        placeholder is dropped; without text the text span is empty.
+        """
+        text = (getattr(record, "text", "") or "") if use_text else ""
+        image = None
+        if use_image:
+            load = getattr(record, "load_image", None)
+            image = load() if callable(load) else getattr(record, "image", None)
+        has_image = image is not None
+
+        pixel: dict[str, torch.Tensor | None] = {"pixel_values": None, "image_grid_thw": None}
+        grid: tuple[int, int] | None = None
+        img_ids: list[int] = []
+        img_off = 0
+        if has_image:
+            pixel, grid = self.preprocess_image(image)
+            img_ids, img_off = self.image_segment(grid[0] * grid[1])
+
+        pieces = self._render_template(has_image)
+        ids: list[int] = []
+        tok = self.tokenizer
+        if pieces is None:
+            if tok.bos_token_id is not None:
+                ids.append(int(tok.bos_token_id))
+            before, between, after = "", "", "\n" + QUESTION
+        else:
+            before, between, after = pieces
+            bos = tok.bos_token
+            if tok.bos_token_id is not None and not (bos and before.startswith(bos)):
+                ids.append(int(tok.bos_token_id))
+        ids += self._tok(before)
+        image_span = None
+        if has_image:
+            s = len(ids) + img_off
+            image_span = (s, s + grid[0] * grid[1])
+            ids += img_ids
+        ids += self._tok(between)
+        ts = len(ids)
+        ids += self._tok(text)
+        text_span = (ts, len(ids))
+        ids += self._tok(after)
+        prompt_len = len(ids)
+        labels = [-100] * prompt_len
+        if with_answer:
+            kps = list(getattr(record, "keyphrases", []) or [])
+            ans = self._tok(self.answer_text(kps))
+            if tok.eos_token_id is None:
+                raise ValueError("the tokenizer has no eos token; cannot end the answer")
+            ans.append(int(tok.eos_token_id))
+            ids += ans
+            labels += ans
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        labels_t = torch.tensor(labels, dtype=torch.long)
+        grid_thw = pixel.get("image_grid_thw")
+        pos = self.position_ids(input_ids, grid_thw)
+        return EncodedSample(
+            input_ids=input_ids,
+            labels=labels_t,
+            text_span=text_span,
+            image_span=image_span,
+            grid=grid,
+            pixel_values=pixel.get("pixel_values"),
+            image_grid_thw=grid_thw,
+            n_answer_tokens=int((labels_t != -100).sum()),
+            position_ids=pos,
+            prompt_len=prompt_len,
+            id=str(getattr(record, "id", "")),
+        )
+
+    def sample_image_features(
+        self, samples: Sequence[EncodedSample], device: torch.device | str | None = None
+    ) -> list[torch.Tensor | None]:
+        """Vision features ``[h*w, D]`` per sample (None for samples without an image).
+
+        All images go through the vision tower in one call (per-image results are split).
+        """
+        with_img = [i for i, s in enumerate(samples) if s.pixel_values is not None]
+        out: list[torch.Tensor | None] = [None] * len(samples)
+        if not with_img:
+            return out
+        dev = device if device is not None else self.embed_tokens.weight.device
+        pv = torch.cat([samples[i].pixel_values for i in with_img], dim=0).to(dev)
+        thw = None
+        if samples[with_img[0]].image_grid_thw is not None:
+            thw = torch.cat([samples[i].image_grid_thw for i in with_img], dim=0).to(dev)
+        feats = self.image_features(pv, thw)
+        sizes = [samples[i].grid[0] * samples[i].grid[1] for i in with_img]
+        if feats.shape[0] != sum(sizes):
+            raise ValueError(
+                f"vision features have {feats.shape[0]} rows but the samples hold "
+                f"{sum(sizes)} image tokens"
+            )
+        for i, f in zip(with_img, torch.split(feats, sizes)):
+            out[i] = f
+        return out

@@ -1,0 +1,349 @@
+"""The row forward: many masked copies of samples in one forward pass, per-row answer losses.
+
+A *row* is one copy of one encoded sample with its keep mask (False = token hidden from
+attention; only text and image positions may be hidden). Two execution modes give the same
+per-row losses and parameter gradients:
+
+- ``compact`` (default, fast): the fused :func:`aimkp.ops.masked_embedding` drops hidden tokens
+  and merges the vision features in one pass; rows are packed into one ``[1, K_total]`` varlen
+  sequence; kept tokens keep the position ids of the unmasked sequence (gathered). Sequence
+  boundaries are always explicit: a 4-D block-diagonal causal mask (SDPA / eager) or
+  ``cu_seq_lens_q/k`` + ``max_length_q/k`` (flash-attn). They are never inferred from
+  ``position_ids``: transformers reads every jump in them as a new packed sequence
+  (``masking_utils.find_packed_sequence_indices``), and kept tokens' positions jump by design.
+  (transformers 5.24 returns a user 4-D mask unchanged: ``_preprocess_mask_arguments`` exits
+  early on ``attention_mask.ndim == 4``, before any packed-sequence detection.)
+- ``attention`` (reference formulation): padded ``[R, T]`` full sequences; hidden tokens are
+  removed from attention by the 4-D mask (causal AND key kept AND key not padding; a token
+  always sees itself so no softmax row is empty); positions unchanged.
+
+Logits are computed only at positions that predict answer tokens (hidden states gathered
+first), in fp32, so the ``[tokens, vocab]`` logits tensor of a full LM head is never formed.
+
+>>> batch = collate_rows(loaded, samples, keeps, row_sample, mode="compact", device="cpu")
+>>> batch.cu_seqlens, batch.num_rows          # known before the forward
+>>> out = forward_rows(loaded, batch)         # RowLosses(loss_sum [R] fp32, n_tokens [R])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from aimkp.models.adapter import EncodedSample
+
+MODES = ("compact", "attention")
+
+
+@dataclass
+class RowLosses:
+    """Per-row answer losses: ``loss_sum [R]`` (fp32 sum of token CE), ``n_tokens [R]`` (int64)."""
+
+    loss_sum: Tensor
+    n_tokens: Tensor
+
+
+@dataclass
+class RowBatch:
+    """Rows collated for :func:`forward_rows` (everything on ``device``).
+
+    Attributes:
+        mode: ``"compact"`` or ``"attention"``.
+        num_rows: R.
+        row_sample: sample index of each row (into ``samples``).
+        samples: the encoded samples the rows copy.
+        input_ids: LongTensor ``[R, T_max]``, rows padded with the pad id.
+        keep: BoolTensor ``[R, T_max]``: kept and not padding.
+        valid: BoolTensor ``[R, T_max]``: not padding.
+        position_ids: compact ``[1, K]`` / ``[3, 1, K]``; attention ``[R, T]`` / ``[3, R, T]``.
+        cu_seqlens: IntTensor ``[R+1]`` row offsets in the packed sequence (compact), else None.
+        max_seqlen: longest packed row (compact) or ``T_max`` (attention).
+        attn_mask: BoolTensor 4-D (True = may attend): compact ``[1, 1, K, K]`` block-diagonal
+            causal, attention ``[R, 1, T, T]``; None on the flash path.
+        pred_index: LongTensor ``[A]`` flat index into the hidden states (``[K]`` compact,
+            ``[R * T_max]`` attention) of each position that predicts an answer token.
+        pred_row: LongTensor ``[A]`` row of each such position.
+        targets: LongTensor ``[A]`` the answer token it predicts.
+        n_tokens: LongTensor ``[R]`` answer tokens per row.
+        n_kept: number of tokens fed to the model (K in compact mode).
+    """
+
+    mode: str
+    num_rows: int
+    row_sample: list[int]
+    samples: list[EncodedSample]
+    input_ids: Tensor
+    keep: Tensor
+    valid: Tensor
+    position_ids: Tensor
+    cu_seqlens: Tensor | None
+    max_seqlen: int
+    attn_mask: Tensor | None
+    pred_index: Tensor
+    pred_row: Tensor
+    targets: Tensor
+    n_tokens: Tensor
+    n_kept: int
+
+
+def _masked_embedding() -> tuple[Any, str]:
+    """The public fused op (preferred) or, before it lands, its plain-PyTorch reference."""
+    try:
+        from aimkp.ops import masked_embedding
+
+        return masked_embedding, "aimkp.ops.masked_embedding"
+    except ImportError:
+        from aimkp.ops.masked_embedding_ref import masked_embedding_reference
+
+        return masked_embedding_reference, "masked_embedding_reference"
+
+
+def flash_varlen_kwargs(cu_seqlens: Tensor) -> dict[str, Any]:
+    """flash-attn varlen arguments for rows packed at ``cu_seqlens`` (IntTensor ``[R+1]``).
+
+    Returns ``cu_seq_lens_q/k`` (int32, same device) and ``max_length_q/k`` (Python ints), the
+    keyword arguments transformers' flash-attention integration forwards to
+    ``flash_attn_varlen_func`` (self-attention: q and k boundaries are the same).
+    """
+    if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(
+            f"cu_seqlens must be 1-D with at least 2 entries, got {tuple(cu_seqlens.shape)}"
+        )
+    cu = cu_seqlens.to(torch.int32)
+    lens = cu[1:] - cu[:-1]
+    if bool((lens < 0).any()) or int(cu[0]) != 0:
+        raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu.tolist()}")
+    m = int(lens.max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": m, "max_length_k": m}
+
+
+def _check_inputs(
+    samples: Sequence[EncodedSample],
+    keeps: Sequence[Tensor],
+    row_sample: Sequence[int],
+    mode: str,
+) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if len(keeps) != len(row_sample):
+        raise ValueError(f"{len(keeps)} keep masks but {len(row_sample)} row_sample entries")
+    if not row_sample:
+        raise ValueError("collate_rows needs at least one row")
+    for r, (k, si) in enumerate(zip(keeps, row_sample)):
+        if not 0 <= si < len(samples):
+            raise ValueError(f"row {r}: sample index {si} out of range [0, {len(samples)})")
+        s = samples[si]
+        if k.dtype != torch.bool or k.shape != s.input_ids.shape:
+            raise ValueError(
+                f"row {r}: keep must be a BoolTensor of shape {tuple(s.input_ids.shape)}, "
+                f"got {k.dtype} {tuple(k.shape)}"
+            )
+        hidden = ~k.cpu()
+        allowed = torch.zeros_like(hidden)
+        for span in (s.text_span, s.image_span):
+            if span is not None:
+                allowed[span[0] : span[1]] = True
+        if bool((hidden & ~allowed).any()):
+            bad = torch.nonzero(hidden & ~allowed).reshape(-1)[:5].tolist()
+            raise ValueError(
+                f"row {r}: only text / image positions may be hidden; hidden at {bad} "
+                f"(text span {s.text_span}, image span {s.image_span})"
+            )
+        ans = torch.nonzero(s.labels != -100).reshape(-1)
+        if ans.numel() and int(ans[0]) == 0:
+            raise ValueError(f"row {r}: the first token cannot be an answer token")
+
+
+def collate_rows(
+    loaded: Any,
+    samples: Sequence[EncodedSample],
+    keeps: Sequence[Tensor],
+    row_sample: Sequence[int],
+    mode: str = "compact",
+    device: torch.device | str | None = None,
+) -> RowBatch:
+    """Collate R rows (copy ``r`` = sample ``row_sample[r]`` with ``keeps[r]`` ``[T_i]``).
+
+    Everything the per-sample gradient engine needs before the forward is here:
+    ``batch.num_rows`` and, in compact mode, ``batch.cu_seqlens`` (IntTensor ``[R+1]``).
+    """
+    _check_inputs(samples, keeps, row_sample, mode)
+    if device is None:
+        device = loaded.adapter.embed_tokens.weight.device
+    device = torch.device(device)
+    adapter = loaded.adapter
+    R = len(row_sample)
+    lens = [samples[si].length for si in row_sample]
+    T = max(lens)
+    ids = torch.full((R, T), adapter.pad_token_id, dtype=torch.long)
+    labels = torch.full((R, T), -100, dtype=torch.long)
+    keep = torch.zeros((R, T), dtype=torch.bool)
+    valid = torch.zeros((R, T), dtype=torch.bool)
+    pos0 = samples[row_sample[0]].position_ids
+    n_pos = 1 if pos0.ndim == 1 else int(pos0.shape[0])
+    pos = torch.zeros((n_pos, R, T), dtype=torch.long)
+    for r, si in enumerate(row_sample):
+        s = samples[si]
+        n = lens[r]
+        ids[r, :n] = s.input_ids
+        labels[r, :n] = s.labels
+        keep[r, :n] = keeps[r].cpu()
+        valid[r, :n] = True
+        pos[:, r, :n] = s.position_ids.reshape(n_pos, n)
+
+    # positions predicting answer tokens: t-1 for every answer position t (both must be kept)
+    ans_r, ans_t = torch.nonzero(labels != -100, as_tuple=True)
+    if not bool(keep[ans_r, ans_t].all()) or not bool(keep[ans_r, ans_t - 1].all()):
+        raise ValueError("answer tokens and the token before each of them must be kept")
+    targets = labels[ans_r, ans_t]
+    n_tokens = torch.bincount(ans_r, minlength=R).long()
+
+    if mode == "compact":
+        flat_keep = keep.reshape(-1)
+        cmap = torch.cumsum(flat_keep.long(), 0) - 1  # flat position -> packed index
+        pred_index = cmap[ans_r * T + ans_t - 1]
+        counts = keep.sum(1, dtype=torch.int32)
+        cu = torch.zeros(R + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(counts, 0, dtype=torch.int32)
+        K = int(cu[-1])
+        flat_idx = torch.nonzero(flat_keep).reshape(-1)
+        kept_pos = pos.reshape(n_pos, R * T)[:, flat_idx]  # original positions of kept tokens
+        position_ids = kept_pos.reshape(n_pos, 1, K)
+        position_ids = position_ids[0] if n_pos == 1 else position_ids
+        attn_mask = None
+        if adapter.attn_implementation != "flash_attention_2":
+            seg = torch.repeat_interleave(torch.arange(R), counts.long())
+            causal = torch.ones(K, K, dtype=torch.bool).tril_()
+            attn_mask = (causal & (seg[:, None] == seg[None, :])).reshape(1, 1, K, K)
+        max_seqlen = int(counts.max())
+        cu_seqlens: Tensor | None = cu
+        n_kept = K
+    else:
+        if adapter.attn_implementation == "flash_attention_2":
+            raise ValueError(
+                "mode='attention' needs an explicit 4-D mask (attn='sdpa' or 'eager'); "
+                "flash-attn supports the compact mode only"
+            )
+        pred_index = ans_r * T + ans_t - 1
+        causal = torch.ones(T, T, dtype=torch.bool).tril_()
+        eye = torch.eye(T, dtype=torch.bool)
+        attn_mask = ((causal[None] & keep[:, None, :]) | eye[None]).reshape(R, 1, T, T)
+        position_ids = pos[0] if n_pos == 1 else pos
+        cu_seqlens = None
+        max_seqlen = T
+        n_kept = int(keep.sum())
+
+    def dev(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(device, non_blocking=True)
+
+    return RowBatch(
+        mode=mode,
+        num_rows=R,
+        row_sample=list(row_sample),
+        samples=list(samples),
+        input_ids=dev(ids),
+        keep=dev(keep),
+        valid=dev(valid),
+        position_ids=dev(position_ids),
+        cu_seqlens=dev(cu_seqlens),
+        max_seqlen=max_seqlen,
+        attn_mask=dev(attn_mask),
+        pred_index=dev(pred_index),
+        pred_row=dev(ans_r),
+        targets=dev(targets),
+        n_tokens=dev(n_tokens),
+        n_kept=n_kept,
+    )
+
+
+def _row_image_features(loaded: Any, batch: RowBatch) -> Tensor | None:
+    """Vision features for every row, in row order: ``[sum over rows with an image of h*w, D]``.
+
+    Each distinct sample goes through the vision tower once; rows copying the same sample
+    share (index) its features, so gradients of all copies accumulate into the projector.
+    """
+    used = sorted(set(batch.row_sample))
+    feats = loaded.adapter.sample_image_features([batch.samples[i] for i in used])
+    by_sample = dict(zip(used, feats))
+    rows = [by_sample[si] for si in batch.row_sample if by_sample[si] is not None]
+    if not rows:
+        return None
+    return torch.cat(rows, dim=0)
+
+
+def _mask_for(attn_mask: Tensor | None, impl: str, dtype: torch.dtype) -> Tensor | None:
+    if attn_mask is None or impl != "eager":
+        return attn_mask
+    # eager attention adds the mask to the scores: 0 where allowed, dtype min where not
+    add = torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device)
+    return add.masked_fill_(~attn_mask, torch.finfo(dtype).min)
+
+
+def forward_rows(loaded: Any, batch: RowBatch) -> RowLosses:
+    """Run the collated rows through the language model; per-row answer-token CE sums.
+
+    Returns :class:`RowLosses` (``loss_sum [R]`` fp32 with autograd, ``n_tokens [R]``).
+    ``loaded.info["last_forward"]`` records the embedding op and attention path that ran.
+    """
+    adapter = loaded.adapter
+    emb = adapter.embed_tokens
+    weight = emb.weight
+    feats = _row_image_features(loaded, batch)
+    if feats is not None:
+        feats = feats.to(weight.dtype)
+    op, op_name = _masked_embedding()
+    impl = adapter.attn_implementation
+    kwargs: dict[str, Any] = {}
+    if batch.mode == "compact":
+        ce = op(
+            batch.input_ids,
+            weight,
+            keep=batch.keep,
+            image_features=feats,
+            image_token_id=adapter.image_token_id,
+            compact=True,
+        )
+        embeds = ce.values.unsqueeze(0)  # [1, K, D]
+        if impl == "flash_attention_2":
+            kwargs.update(flash_varlen_kwargs(batch.cu_seqlens))
+    else:
+        embeds = op(
+            batch.input_ids,
+            weight,
+            keep=batch.keep,
+            image_features=feats,
+            image_token_id=adapter.image_token_id,
+        )  # [R, T, D]
+    mask = _mask_for(batch.attn_mask, impl, embeds.dtype)
+    out = adapter.language_model(
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+        **kwargs,
+    )
+    hidden = out.last_hidden_state.reshape(-1, embeds.shape[-1])
+    h = hidden.index_select(0, batch.pred_index)
+    logits = adapter.lm_head(h).float()
+    ce_tok = F.cross_entropy(logits, batch.targets, reduction="none")
+    loss_sum = torch.zeros(batch.num_rows, dtype=torch.float32, device=ce_tok.device)
+    loss_sum = loss_sum.index_add(0, batch.pred_row, ce_tok)
+    backend = None
+    try:
+        from aimkp.ops import last_backend
+
+        backend = last_backend("masked_embedding")
+    except ImportError:
+        backend = "reference"
+    loaded.info["last_forward"] = {
+        "mode": batch.mode,
+        "embedding": op_name,
+        "embedding_backend": backend,
+        "attention": impl,
+    }
+    return RowLosses(loss_sum=loss_sum, n_tokens=batch.n_tokens)

@@ -1,0 +1,86 @@
+"""LLaVA (LLaVA-1.5 style, ``LlavaForConditionalGeneration``) adapter.
+
+Image tokens: one ``<image>`` placeholder per vision patch (CLS dropped with the ``default``
+feature-selection strategy), ``h x w = (image_size / patch_size)^2`` (24 x 24 = 576 for
+LLaVA-1.5-336, 8 x 8 = 64 for the ``tiny-llava`` preset). Positions are a 1-D ``arange(T)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import LlavaForConditionalGeneration
+
+from aimkp.models.adapter import EncodedSample, MLLMAdapter, register_adapter
+
+
+@register_adapter("llava")
+class LlavaAdapter(MLLMAdapter):
+    """Adapter for ``LlavaForConditionalGeneration`` (CLIP vision tower + MLP projector)."""
+
+    model_class = LlavaForConditionalGeneration
+    image_marker = "<image>"
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.base.model.multi_modal_projector
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.base.model.vision_tower
+
+    def _grid(self) -> tuple[int, int]:
+        cfg = self.config
+        if cfg.vision_feature_select_strategy != "default":
+            raise ValueError(
+                "LlavaAdapter supports vision_feature_select_strategy='default' only (the image "
+                f"tokens must form a grid); got {cfg.vision_feature_select_strategy!r}"
+            )
+        vc = cfg.vision_config
+        side = int(vc.image_size) // int(vc.patch_size)
+        return side, side
+
+    def preprocess_image(self, image: Any) -> tuple[dict[str, torch.Tensor | None], tuple]:
+        if self.image_processor is None:
+            raise ValueError("this model was loaded without an image processor")
+        out = self.image_processor(images=image.convert("RGB"), return_tensors="pt")
+        pv = torch.as_tensor(out["pixel_values"])
+        if pv.ndim == 3:
+            pv = pv.unsqueeze(0)
+        return {"pixel_values": pv, "image_grid_thw": None}, self._grid()
+
+    def image_segment(self, n_image_tokens: int) -> tuple[list[int], int]:
+        return [self.image_token_id] * n_image_tokens, 0
+
+    def image_features(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``pixel_values [N, 3, H, W]`` -> ``[N * h * w, D]`` (vision tower + projector)."""
+        cfg = self.config
+        vt_dtype = next(self.vision_tower.parameters()).dtype
+        out = self.base.model.get_image_features(
+            pixel_values=pixel_values.to(vt_dtype),
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            return_dict=True,
+        )
+        feats = out.pooler_output
+        if isinstance(feats, (list, tuple)):
+            feats = torch.cat(list(feats), dim=0)
+        return feats.reshape(-1, feats.shape[-1])
+
+    def position_ids(
+        self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return torch.arange(input_ids.shape[-1], dtype=torch.long)
+
+    def generation_kwargs(
+        self, samples: Sequence[EncodedSample], input_ids: torch.Tensor
+    ) -> dict[str, Any]:
+        pvs = [s.pixel_values for s in samples if s.pixel_values is not None]
+        if not pvs:
+            return {}
+        return {"pixel_values": torch.cat(pvs, dim=0).to(input_ids.device)}

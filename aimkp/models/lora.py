@@ -1,0 +1,79 @@
+"""LoRA set-up as in AimKP: every nn.Linear of the language model except lm_head.
+
+The vision tower stays frozen; the multimodal projector is trained (``train_projector``).
+``full=True`` trains the whole language model (with lm_head) and the projector instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from aimkp.models.adapter import get_adapter, unwrap_model
+
+
+def language_linear_names(model: nn.Module) -> list[str]:
+    """Full module names of every nn.Linear in the language model (lm_head excluded)."""
+    base = unwrap_model(model)
+    lm = get_adapter(base).language_model
+    lm_prefix = next(n for n, m in base.named_modules() if m is lm)
+    return [
+        f"{lm_prefix}.{n}"
+        for n, m in lm.named_modules()
+        if isinstance(m, nn.Linear) and n  # the decoder stack has no lm_head inside
+    ]
+
+
+def apply_lora(
+    target: Any,
+    r: int = 128,
+    alpha: int = 256,
+    dropout: float = 0.05,
+    train_projector: bool = True,
+    full: bool = False,
+    init_lora_weights: bool | str = True,
+) -> nn.Module:
+    """Make ``target`` (a model or a :class:`aimkp.models.LoadedModel`) trainable as AimKP does.
+
+    LoRA (peft) on every nn.Linear of the language model except lm_head; vision tower frozen;
+    projector trainable when ``train_projector``. ``full=True``: no LoRA, the language model
+    (embeddings, decoder, lm_head) and the projector are trained. Returns the model to train
+    (the peft wrapper with LoRA); a LoadedModel is updated in place.
+    """
+    loaded = target if hasattr(target, "adapter") and hasattr(target, "set_model") else None
+    model = loaded.model if loaded is not None else target
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"apply_lora expects a model or LoadedModel, got {type(target).__name__}")
+    if r <= 0 and not full:
+        raise ValueError(f"LoRA rank must be positive, got r={r}")
+    base = unwrap_model(model)
+    adapter = get_adapter(base)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    if full:
+        for p in adapter.language_model.parameters():
+            p.requires_grad_(True)
+        for p in adapter.lm_head.parameters():
+            p.requires_grad_(True)
+        for p in adapter.projector.parameters():
+            p.requires_grad_(True)
+        out = model
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=language_linear_names(base),
+            bias="none",
+            init_lora_weights=init_lora_weights,
+        )
+        out = get_peft_model(base, cfg)
+        if train_projector:
+            for p in get_adapter(out).projector.parameters():
+                p.requires_grad_(True)
+    if loaded is not None:
+        loaded.set_model(out)
+    return out

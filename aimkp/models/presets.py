@@ -1,0 +1,218 @@
+"""Tiny presets built offline from configs: ``tiny-llava`` and ``tiny-qwen2vl``.
+
+Each preset is a randomly initialised model of the real architecture class (so every code path is
+the real one), a byte-level BPE tokenizer trained locally on the training texts, and the
+architecture's image processor with tiny sizes. Sizes:
+
+==============  ===============================  =========================================
+preset          vision                           language model
+==============  ===============================  =========================================
+tiny-llava      CLIP, 64 px, patch 8: 8 x 8 = 64  Llama, hidden 128, 2 layers, 4 heads (2 kv)
+                image tokens, hidden 64, 2 layers
+tiny-qwen2vl    Qwen2-VL ViT, 64 px, patch 8,     Qwen2, hidden 128, 2 layers, 4 heads (2 kv),
+                merge 2: 4 x 4 = 16 image tokens  mrope sections [4, 6, 6]
+==============  ===============================  =========================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+from aimkp.models.tokenizer import train_bpe_tokenizer
+
+IMAGE_SIZE = 64
+PATCH = 8
+
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def default_train_texts() -> list[str]:
+    """Texts + keyphrases of the default dataset's train split ([] when it is unavailable)."""
+    try:
+        from aimkp.data import load_dataset
+    except ImportError:
+        return []
+    try:
+        records = load_dataset("default", "train")
+    except (OSError, ValueError):
+        return []
+    out: list[str] = []
+    for r in records:
+        out.append(r.text)
+        out.extend(r.keyphrases)
+    return out
+
+
+def _llava_processor() -> Any:
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    )
+
+
+def _qwen_processor() -> Any:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    px = IMAGE_SIZE * IMAGE_SIZE
+    return Qwen2VLImageProcessorPil(
+        min_pixels=px, max_pixels=px, patch_size=PATCH, temporal_patch_size=2, merge_size=2
+    )
+
+
+def build_tiny_llava(texts: Iterable[str] | None) -> tuple[nn.Module, Any, Any]:
+    """``tiny-llava``: (LlavaForConditionalGeneration, tokenizer, CLIP image processor)."""
+    tok: PreTrainedTokenizerFast = train_bpe_tokenizer(
+        texts,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special=["<image>"],
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
+        projection_dim=64,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
+        tie_word_embeddings=False,
+    )
+    cfg.pad_token_id = tok.pad_token_id
+    model = LlavaForConditionalGeneration(cfg)
+    _set_generation_ids(model, tok)
+    return model, tok, _llava_processor()
+
+
+def build_tiny_qwen2vl(texts: Iterable[str] | None) -> tuple[nn.Module, Any, Any]:
+    """``tiny-qwen2vl``: (Qwen2VLForConditionalGeneration, tokenizer, Qwen2-VL image processor)."""
+    specials = [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+    ]
+    tok = train_bpe_tokenizer(
+        texts,
+        special_tokens=specials,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special=specials[1:],
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
+    cfg = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 1024,
+            "rope_parameters": {
+                "rope_type": "default",
+                "mrope_section": [4, 6, 6],
+                "rope_theta": 10000.0,
+            },
+            "bos_token_id": None,
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+            "tie_word_embeddings": False,
+        },
+        vision_config={
+            "depth": 2,
+            "embed_dim": 64,
+            "hidden_size": 128,
+            "num_heads": 4,
+            "mlp_ratio": 2,
+            "patch_size": PATCH,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "in_channels": 3,
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    model = Qwen2VLForConditionalGeneration(cfg)
+    _set_generation_ids(model, tok)
+    return model, tok, _qwen_processor()
+
+
+def _set_generation_ids(model: nn.Module, tok: Any) -> None:
+    gc = model.generation_config
+    gc.eos_token_id = tok.eos_token_id
+    gc.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    gc.bos_token_id = tok.bos_token_id
+
+
+PRESETS: dict[str, Callable[[Iterable[str] | None], tuple[nn.Module, Any, Any]]] = {
+    "tiny-llava": build_tiny_llava,
+    "tiny-qwen2vl": build_tiny_qwen2vl,
+}
+
+
+def build_preset(
+    name: str, train_texts: Iterable[str] | None = None, seed: int = 0
+) -> tuple[nn.Module, Any, Any]:
+    """Build preset ``name`` deterministically (``seed``) without touching the global RNG."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    texts = list(train_texts) if train_texts is not None else default_train_texts()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return PRESETS[name](texts)

@@ -1,0 +1,102 @@
+"""Qwen2-VL (``Qwen2VLForConditionalGeneration``) adapter.
+
+The image segment is ``<|vision_start|>`` + ``h*w`` ``<|image_pad|>`` + ``<|vision_end|>``, with
+``(h, w) = image_grid_thw[1:] / spatial_merge_size``. Positions are the 3 x T multimodal RoPE
+indices from the model's own ``get_rope_index`` on the full (unmasked) sequence; masking keeps the
+kept tokens' values (the model would renumber them if hidden tokens were removed from its mask).
+Qwen2.5-VL differs only in ``model_class`` and ``model_type`` (its ``get_rope_index`` has the same
+contract), so its adapter is a four-line subclass of this one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Qwen2VLForConditionalGeneration
+
+from aimkp.models.adapter import EncodedSample, MLLMAdapter, register_adapter
+
+
+@register_adapter("qwen2_vl")
+class Qwen2VLAdapter(MLLMAdapter):
+    """Adapter for ``Qwen2VLForConditionalGeneration`` (ViT with 2x2 patch merger)."""
+
+    model_class = Qwen2VLForConditionalGeneration
+    image_marker = "<|vision_start|><|image_pad|><|vision_end|>"
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.base.model.visual.merger
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.base.model.visual
+
+    @property
+    def merge(self) -> int:
+        return int(self.config.vision_config.spatial_merge_size)
+
+    def preprocess_image(self, image: Any) -> tuple[dict[str, torch.Tensor | None], tuple]:
+        if self.image_processor is None:
+            raise ValueError("this model was loaded without an image processor")
+        out = self.image_processor(images=image.convert("RGB"), return_tensors="pt")
+        thw = torch.as_tensor(out["image_grid_thw"]).long().reshape(1, 3)
+        if int(thw[0, 0]) != 1:
+            raise ValueError(f"expected one temporal patch for an image, got grid {thw.tolist()}")
+        h, w = int(thw[0, 1]) // self.merge, int(thw[0, 2]) // self.merge
+        return {"pixel_values": torch.as_tensor(out["pixel_values"]), "image_grid_thw": thw}, (h, w)
+
+    def image_segment(self, n_image_tokens: int) -> tuple[list[int], int]:
+        cfg = self.config
+        ids = [int(cfg.vision_start_token_id)]
+        ids += [self.image_token_id] * n_image_tokens
+        ids.append(int(cfg.vision_end_token_id))
+        return ids, 1
+
+    def image_features(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Flattened patches ``[P, C*t*p*p]`` + ``image_grid_thw [N, 3]`` -> ``[M, D]``."""
+        if image_grid_thw is None:
+            raise ValueError("Qwen2-VL image features need image_grid_thw")
+        out = self.base.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        feats = out.pooler_output
+        if isinstance(feats, (list, tuple)):
+            feats = torch.cat(list(feats), dim=0)
+        return feats
+
+    def mm_token_type_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """1 at image-placeholder tokens, 2 at video ones, else 0 (same shape as input_ids)."""
+        types = torch.zeros_like(input_ids, dtype=torch.int32)
+        types[input_ids == self.image_token_id] = 1
+        vid = getattr(self.config, "video_token_id", None)
+        if vid is not None:
+            types[input_ids == int(vid)] = 2
+        return types
+
+    def position_ids(
+        self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[3, T]`` multimodal RoPE positions of the full sequence (model's get_rope_index)."""
+        ids = input_ids.reshape(1, -1).cpu()
+        pos, _ = self.base.model.get_rope_index(
+            ids,
+            mm_token_type_ids=self.mm_token_type_ids(ids),
+            image_grid_thw=None if image_grid_thw is None else image_grid_thw.cpu(),
+            attention_mask=None,
+        )
+        return pos[:, 0, :].long()
+
+    def generation_kwargs(
+        self, samples: Sequence[EncodedSample], input_ids: torch.Tensor
+    ) -> dict[str, Any]:
+        kw: dict[str, Any] = {"mm_token_type_ids": self.mm_token_type_ids(input_ids)}
+        with_img = [s for s in samples if s.pixel_values is not None]
+        if with_img:
+            dev = input_ids.device
+            kw["pixel_values"] = torch.cat([s.pixel_values for s in with_img], 0).to(dev)
+            kw["image_grid_thw"] = torch.cat([s.image_grid_thw for s in with_img], 0).to(dev)
+        return kw

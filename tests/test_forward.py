@@ -1,0 +1,206 @@
+"""Row forward: compact (packed varlen) vs attention-mask formulation, positions, pitfalls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_models_common import random_keeps, records, tiny
+
+from aimkp.models import collate_rows, flash_varlen_kwargs, forward_rows
+
+PRESETS = ["tiny-llava", "tiny-qwen2vl"]
+
+# fp32 throughout. The two modes reorder the same reductions (packed vs padded attention, the
+# softmax over a different number of masked entries), so differences are rounding only:
+# losses (sums of <= 10 token CEs around 6) to 1e-5 relative, gradients to 1e-4 relative to the
+# largest entry of each tensor (sums over ~300 tokens of products of O(1) values).
+LOSS_RTOL = 1e-5
+GRAD_RTOL = 1e-4
+
+
+def _run(loaded, samples, keeps, rows, mode):
+    loaded.model.zero_grad(set_to_none=True)
+    batch = collate_rows(loaded, samples, keeps, rows, mode=mode, device="cpu")
+    out = forward_rows(loaded, batch)
+    out.loss_sum.sum().backward()
+    grads = {
+        n: p.grad.detach().clone()
+        for n, p in loaded.model.named_parameters()
+        if p.requires_grad and p.grad is not None
+    }
+    return batch, out, grads
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_compact_equals_attention_losses_and_grads(name):
+    loaded = tiny(name)
+    samples = [loaded.adapter.encode(r) for r in records()]
+    keeps, rows = random_keeps(samples, copies=3)
+    b_c, out_c, g_c = _run(loaded, samples, keeps, rows, "compact")
+    b_a, out_a, g_a = _run(loaded, samples, keeps, rows, "attention")
+    assert loaded.info["last_forward"]["mode"] == "attention"
+    assert b_c.num_rows == b_a.num_rows == len(rows)
+    torch.testing.assert_close(out_c.loss_sum, out_a.loss_sum, rtol=LOSS_RTOL, atol=0)
+    want_n = torch.tensor([samples[i].n_answer_tokens for i in rows])
+    assert torch.equal(out_c.n_tokens.cpu(), want_n) and torch.equal(out_a.n_tokens.cpu(), want_n)
+    # masked copies really differ from their originals
+    assert not torch.allclose(out_c.loss_sum[0::3], out_c.loss_sum[1::3])
+    assert set(g_c) == set(g_a)
+    lora = [n for n in g_c if "lora_" in n]
+    proj = [n for n in g_c if "lora_" not in n]
+    assert lora and proj, "LoRA and projector parameters must both get gradients"
+    for n in g_c:
+        scale = g_a[n].abs().max().clamp_min(1e-12)
+        assert (g_c[n] - g_a[n]).abs().max() <= GRAD_RTOL * scale, n
+        assert g_a[n].abs().max() > 0, f"{n}: zero gradient"
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_unmasked_row_matches_model_own_forward(name):
+    """An all-kept row's mean CE equals the HF model's own loss (its vision path, its mask)."""
+    loaded = tiny(name)
+    adapter = loaded.adapter
+    rec = records()[0]
+    s = adapter.encode(rec)
+    batch = collate_rows(loaded, [s], [torch.ones(s.length, dtype=torch.bool)], [0])
+    with torch.no_grad():
+        ours = forward_rows(loaded, batch).loss_sum / s.n_answer_tokens
+        kw = adapter.generation_kwargs([s], s.input_ids[None])
+        ref = adapter.base(input_ids=s.input_ids[None], labels=s.labels[None], **kw).loss
+    torch.testing.assert_close(ours[0], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_packing_equals_separate_rows():
+    """Packed rows (block-diagonal mask) give each row the loss it has alone."""
+    loaded = tiny("tiny-llava")
+    samples = [loaded.adapter.encode(r) for r in records()]
+    keeps, rows = random_keeps(samples, copies=2, seed=3)
+    with torch.no_grad():
+        packed = forward_rows(loaded, collate_rows(loaded, samples, keeps, rows)).loss_sum
+        alone = torch.cat(
+            [
+                forward_rows(loaded, collate_rows(loaded, samples, [k], [i])).loss_sum
+                for k, i in zip(keeps, rows)
+            ]
+        )
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=0)
+
+
+def test_position_jumps_without_mask_would_be_wrong():
+    """METHOD.md pitfall: with no explicit mask transformers splits at position jumps."""
+    loaded = tiny("tiny-llava")
+    s = loaded.adapter.encode(records()[0])
+    keep = torch.ones(s.length, dtype=torch.bool)
+    keep[s.image_span[0] : s.image_span[1] - 1] = False  # a big jump in position ids
+    batch = collate_rows(loaded, [s], [keep], [0])
+    lm = loaded.adapter.language_model
+    from aimkp.ops.masked_embedding_ref import masked_embedding_reference
+
+    feats = loaded.adapter.sample_image_features([s])[0]
+    emb = masked_embedding_reference(
+        batch.input_ids,
+        loaded.adapter.embed_tokens.weight,
+        keep=batch.keep,
+        image_features=feats,
+        image_token_id=loaded.adapter.image_token_id,
+        compact=True,
+    ).values[None]
+    with torch.no_grad():
+        pos = batch.position_ids
+        ours = lm(
+            inputs_embeds=emb, attention_mask=batch.attn_mask, position_ids=pos, use_cache=False
+        )
+        inferred = lm(inputs_embeds=emb, attention_mask=None, position_ids=pos, use_cache=False)
+    gap = (ours.last_hidden_state - inferred.last_hidden_state).abs().max()
+    assert gap > 1e-2  # the inferred boundary blocks attention across the jump
+
+
+def test_qwen_positions_keep_unmasked_values():
+    loaded = tiny("tiny-qwen2vl")
+    adapter = loaded.adapter
+    samples = [adapter.encode(r) for r in records()]
+    keeps, rows = random_keeps(samples, copies=2, seed=5)
+    for s in samples:
+        ids = s.input_ids[None]
+        full, _ = adapter.base.model.get_rope_index(
+            ids, mm_token_type_ids=adapter.mm_token_type_ids(ids), image_grid_thw=s.image_grid_thw
+        )
+        assert torch.equal(s.position_ids, full[:, 0])
+        if s.image_span is not None:  # multimodal RoPE: image rows / columns differ
+            a, b = s.image_span
+            assert s.position_ids[1, a:b].unique().numel() == s.grid[0]
+            assert s.position_ids[2, a:b].unique().numel() == s.grid[1]
+    compact = collate_rows(loaded, samples, keeps, rows, mode="compact")
+    attention = collate_rows(loaded, samples, keeps, rows, mode="attention")
+    assert compact.position_ids.shape == (3, 1, compact.n_kept)
+    cu = compact.cu_seqlens.tolist()
+    for r, (k, si) in enumerate(zip(keeps, rows)):
+        want = samples[si].position_ids[:, k]
+        assert torch.equal(compact.position_ids[:, 0, cu[r] : cu[r + 1]], want)
+        n = samples[si].length
+        assert torch.equal(attention.position_ids[:, r, :n], samples[si].position_ids)
+    # what the model would do if hidden text tokens went through its mask: renumbered positions
+    s = samples[0]
+    k = torch.ones(s.length, dtype=torch.bool)
+    k[s.text_span[0] : s.text_span[1] - 1] = False
+    ids = s.input_ids[None]
+    renum, _ = adapter.base.model.get_rope_index(
+        ids,
+        mm_token_type_ids=adapter.mm_token_type_ids(ids),
+        image_grid_thw=s.image_grid_thw,
+        attention_mask=k[None].long(),
+    )
+    assert not torch.equal(renum[:, 0, k], s.position_ids[:, k])
+
+
+def test_eager_attention_matches_sdpa():
+    sd = tiny("tiny-llava", attn="sdpa")
+    ea = tiny("tiny-llava", attn="eager")
+    samples = [sd.adapter.encode(r) for r in records()[:2]]
+    keeps, rows = random_keeps(samples, copies=2)
+    with torch.no_grad():
+        for mode in ("compact", "attention"):
+            a = forward_rows(sd, collate_rows(sd, samples, keeps, rows, mode=mode)).loss_sum
+            b = forward_rows(ea, collate_rows(ea, samples, keeps, rows, mode=mode)).loss_sum
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+
+
+def test_cu_seqlens_known_before_forward():
+    loaded = tiny("tiny-llava", lora=False)
+    samples = [loaded.adapter.encode(r) for r in records()]
+    keeps, rows = random_keeps(samples, copies=2)
+    batch = collate_rows(loaded, samples, keeps, rows)
+    counts = torch.tensor([int(k.sum()) for k in keeps])
+    assert batch.cu_seqlens.dtype == torch.int32
+    assert batch.cu_seqlens.tolist() == [0, *torch.cumsum(counts, 0).tolist()]
+    assert batch.num_rows == len(rows) and batch.n_kept == int(counts.sum())
+    assert batch.max_seqlen == int(counts.max())
+
+
+def test_flash_varlen_kwargs():
+    cu = torch.tensor([0, 5, 5, 12], dtype=torch.int32)
+    kw = flash_varlen_kwargs(cu)
+    assert kw["cu_seq_lens_q"].dtype == torch.int32
+    assert torch.equal(kw["cu_seq_lens_q"], cu) and torch.equal(kw["cu_seq_lens_k"], cu)
+    assert kw["max_length_q"] == kw["max_length_k"] == 7
+    assert isinstance(kw["max_length_q"], int)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        flash_varlen_kwargs(torch.tensor([0, 5, 3]))
+    with pytest.raises(ValueError, match="1-D"):
+        flash_varlen_kwargs(torch.tensor([0]))
+
+
+def test_collate_rejects_bad_rows():
+    loaded = tiny("tiny-llava", lora=False)
+    s = loaded.adapter.encode(records()[0])
+    ok = torch.ones(s.length, dtype=torch.bool)
+    bad = ok.clone()
+    bad[s.text_span[1]] = False  # the instruction right after the text
+    with pytest.raises(ValueError, match="only text / image positions"):
+        collate_rows(loaded, [s], [bad], [0])
+    with pytest.raises(ValueError, match="mode"):
+        collate_rows(loaded, [s], [ok], [0], mode="dense")
+    with pytest.raises(ValueError, match="BoolTensor"):
+        collate_rows(loaded, [s], [ok[:-1]], [0])
+    with pytest.raises(ValueError, match="out of range"):
+        collate_rows(loaded, [s], [ok], [1])

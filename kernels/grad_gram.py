@@ -1,0 +1,192 @@
+"""Triton kernels for the per-sample gradient engine: per-row squared norms and pair inner products
+of linear-layer weight gradients ``G_r = sum_{t in r} g_t a_t^T``, never writing ``G_r`` to memory.
+
+Layout: the tokens of all rows are sorted by row; ``offsets [B + 1]`` gives each row's token range.
+
+- ``_grad_gram_norm_kernel``: grid ``(B, n_tiles)``; a program owns row r and one
+  ``(BLOCK_O x BLOCK_I)`` tile of ``G_r``: it forms the tile as a small matmul over the row's tokens
+  (``BLOCK_T`` at a time, fp32 accumulation) and writes the tile's sum of squares to
+  ``partial[r, tile]``.
+- ``_grad_gram_pair_kernel``: grid ``(P, n_tiles)``; a program owns pair p = (i, j) and one tile:
+  it forms the tiles of ``G_i`` and ``G_j`` side by side and writes their Frobenius product.
+
+The launcher ``grad_gram_direct`` sums the per-tile partials (deterministic, no atomics). On the CPU
+the kernels run under ``TRITON_INTERPRET=1`` (inputs are upcast to fp32 there: the interpreter has
+no bf16 dot); on CUDA bf16 / fp16 inputs go to ``tl.dot`` as they are, fp32 ones with IEEE
+precision, always accumulating in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["grad_gram_direct"]
+
+
+@triton.jit
+def _tile_of_row(
+    a_ptr,
+    g_ptr,
+    start,
+    end,
+    offs_o,
+    offs_i,
+    D_IN,
+    D_OUT,
+    stride_a,
+    stride_g,
+    BLOCK_T: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    CAST_F32: tl.constexpr,
+):
+    acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    mo = offs_o < D_OUT
+    mi = offs_i < D_IN
+    for t0 in range(start, end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mt = offs_t < end
+        gt = tl.load(
+            g_ptr + offs_t[None, :] * stride_g + offs_o[:, None],
+            mask=mo[:, None] & mt[None, :],
+            other=0.0,
+        )  # [BLOCK_O, BLOCK_T] = g^T
+        at = tl.load(
+            a_ptr + offs_t[:, None] * stride_a + offs_i[None, :],
+            mask=mt[:, None] & mi[None, :],
+            other=0.0,
+        )  # [BLOCK_T, BLOCK_I]
+        if CAST_F32:
+            gt = gt.to(tl.float32)
+            at = at.to(tl.float32)
+        acc += tl.dot(gt, at, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _grad_gram_norm_kernel(
+    a_ptr,
+    g_ptr,
+    off_ptr,
+    partial_ptr,
+    D_IN,
+    D_OUT,
+    stride_a,
+    stride_g,
+    N_TILES_I,
+    N_TILES,
+    BLOCK_T: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    CAST_F32: tl.constexpr,
+):
+    r = tl.program_id(0)
+    tile = tl.program_id(1)
+    offs_o = (tile // N_TILES_I) * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_i = (tile % N_TILES_I) * BLOCK_I + tl.arange(0, BLOCK_I)
+    start = tl.load(off_ptr + r)
+    end = tl.load(off_ptr + r + 1)
+    acc = _tile_of_row(
+        a_ptr, g_ptr, start, end, offs_o, offs_i, D_IN, D_OUT, stride_a, stride_g,
+        BLOCK_T, BLOCK_O, BLOCK_I, CAST_F32,
+    )  # fmt: skip
+    tl.store(partial_ptr + r * N_TILES + tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+
+
+@triton.jit
+def _grad_gram_pair_kernel(
+    a_ptr,
+    g_ptr,
+    off_ptr,
+    pair_ptr,
+    partial_ptr,
+    D_IN,
+    D_OUT,
+    stride_a,
+    stride_g,
+    N_TILES_I,
+    N_TILES,
+    BLOCK_T: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    CAST_F32: tl.constexpr,
+):
+    p = tl.program_id(0)
+    tile = tl.program_id(1)
+    offs_o = (tile // N_TILES_I) * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_i = (tile % N_TILES_I) * BLOCK_I + tl.arange(0, BLOCK_I)
+    ri = tl.load(pair_ptr + 2 * p)
+    rj = tl.load(pair_ptr + 2 * p + 1)
+    acc_i = _tile_of_row(
+        a_ptr, g_ptr, tl.load(off_ptr + ri), tl.load(off_ptr + ri + 1), offs_o, offs_i,
+        D_IN, D_OUT, stride_a, stride_g, BLOCK_T, BLOCK_O, BLOCK_I, CAST_F32,
+    )  # fmt: skip
+    acc_j = _tile_of_row(
+        a_ptr, g_ptr, tl.load(off_ptr + rj), tl.load(off_ptr + rj + 1), offs_o, offs_i,
+        D_IN, D_OUT, stride_a, stride_g, BLOCK_T, BLOCK_O, BLOCK_I, CAST_F32,
+    )  # fmt: skip
+    tl.store(partial_ptr + p * N_TILES + tile, tl.sum(tl.sum(acc_i * acc_j, axis=1), axis=0))
+
+
+def _block(n: int, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(max(1, n))))
+
+
+def grad_gram_direct(
+    a: torch.Tensor,
+    g: torch.Tensor,
+    offsets: torch.Tensor,
+    pairs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row ``||G_r||_F^2`` and pair ``<G_i, G_j>_F`` of ``G_r = sum_{t in r} g_t a_t^T``.
+
+    Args:
+        a: ``[N, d_in]`` layer inputs, tokens sorted by row (fp32 / bf16 / fp16).
+        g: ``[N, d_out]`` output gradients, same token order.
+        offsets: ``[B + 1]`` int row offsets into the tokens.
+        pairs: ``[P, 2]`` int row pairs, or None.
+
+    Returns:
+        ``(sq [B] float32, dots [P] float32 or None)``.
+    """
+    if a.dim() != 2 or g.dim() != 2 or a.shape[0] != g.shape[0]:
+        raise ValueError(f"a [N, d_in] and g [N, d_out] expected, got {a.shape} and {g.shape}")
+    if a.device != g.device:
+        raise ValueError(f"a and g are on different devices ({a.device}, {g.device})")
+    a = a.contiguous() if a.stride(-1) != 1 else a
+    g = g.contiguous() if g.stride(-1) != 1 else g
+    N, d_in = a.shape
+    d_out = g.shape[1]
+    B = offsets.numel() - 1
+    dev = a.device
+    off = offsets.to(device=dev, dtype=torch.int64).contiguous()
+    on_gpu = dev.type == "cuda"
+    cast = (not on_gpu) or a.dtype != g.dtype or a.dtype == torch.float32
+    cap = 64 if on_gpu else 128  # fewer, larger programs under the (per-program slow) interpreter
+    BO, BI = _block(d_out, cap), _block(d_in, cap)
+    BT = 32 if on_gpu else 64
+    n_ti = triton.cdiv(d_in, BI)
+    n_tiles = triton.cdiv(d_out, BO) * n_ti
+    sq = torch.zeros(B, dtype=torch.float32, device=dev)
+    if B and N:
+        partial = torch.empty(B, n_tiles, dtype=torch.float32, device=dev)
+        _grad_gram_norm_kernel[(B, n_tiles)](
+            a, g, off, partial, d_in, d_out, a.stride(0), g.stride(0), n_ti, n_tiles,
+            BLOCK_T=BT, BLOCK_O=BO, BLOCK_I=BI, CAST_F32=cast,
+        )  # fmt: skip
+        sq = partial.sum(1)
+    if pairs is None:
+        return sq, None
+    P = pairs.shape[0]
+    dots = torch.zeros(P, dtype=torch.float32, device=dev)
+    if P and N:
+        pr = pairs.to(device=dev, dtype=torch.int64).contiguous()
+        partial = torch.empty(P, n_tiles, dtype=torch.float32, device=dev)
+        _grad_gram_pair_kernel[(P, n_tiles)](
+            a, g, off, pr, partial, d_in, d_out, a.stride(0), g.stride(0), n_ti, n_tiles,
+            BLOCK_T=BT, BLOCK_O=BO, BLOCK_I=BI, CAST_F32=cast,
+        )  # fmt: skip
+        dots = partial.sum(1)
+    return sq, dots

@@ -200,6 +200,11 @@ def _stream_of(t: Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
+def _empty(*shape: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> Tensor:
+    """Uninitialised buffer a kernel must fully write (tests poison it with NaN through this)."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
 def _row_major(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -213,7 +218,7 @@ def _forward_cpp(src: Tensor, weight: Tensor, image: Tensor | None, fill: Tensor
     image = _row_major(image) if image is not None else None
     fill = fill.contiguous() if fill is not None else None
     k, (v, d) = src.numel(), weight.shape
-    out = torch.empty(k, d, dtype=weight.dtype, device=weight.device)
+    out = _empty(k, d, dtype=weight.dtype, device=weight.device)
     fn = ext.masked_embedding_forward_cpu if weight.device.type == "cpu" else None
     if fn is None:
         raise AssertionError("cpp forward on a non-CPU tensor")
@@ -240,7 +245,7 @@ def _forward_cuda(src: Tensor, weight: Tensor, image: Tensor | None, fill: Tenso
     image = _row_major(image) if image is not None else None
     fill = fill.contiguous() if fill is not None else None
     k, (v, d) = src.numel(), weight.shape
-    out = torch.empty(k, d, dtype=weight.dtype, device=weight.device)
+    out = _empty(k, d, dtype=weight.dtype, device=weight.device)
     ext.masked_embedding_forward_cuda(
         out.data_ptr(),
         src.data_ptr(),
@@ -267,7 +272,7 @@ def _forward_triton(
     weight = _row_major(weight)
     image = _row_major(image) if image is not None else None
     fill = fill.contiguous() if fill is not None else None
-    out = torch.empty(src.numel(), weight.shape[1], dtype=weight.dtype, device=weight.device)
+    out = _empty(src.numel(), weight.shape[1], dtype=weight.dtype, device=weight.device)
     return masked_embedding_forward(src, weight, image, fill, out)
 
 
@@ -281,8 +286,8 @@ def _backward_cpp(
     ext = load_ext()
     k, d = grad.shape
     sorted_src, perm = torch.sort(src, stable=True)
-    gw = torch.empty(v, d, dtype=grad.dtype) if nw else None
-    gi = torch.empty(m, d, dtype=grad.dtype) if ni else None
+    gw = _empty(v, d, dtype=grad.dtype) if nw else None
+    gi = _empty(m, d, dtype=grad.dtype) if ni else None
     gf = torch.zeros(d, dtype=torch.float32) if nf else None
     ext.masked_embedding_backward_cpu(
         grad.data_ptr(),

@@ -292,7 +292,9 @@ class GradGram:
         raise ValueError(
             f"module '{st.name}' ({type(st.module).__name__}) saw tokens of shape {list(lead)} "
             f"that map to no rows of the batch (B={B}, {layout}); pass "
-            f"module_rows={{'{st.name}': cu_seqlens}} for it"
+            f"module_rows={{'{st.name}': cu_seqlens}} for it. (Tokens shared by several rows, "
+            "e.g. one projector call per sample whose output several copies reuse, cannot be "
+            "split by row: run such a module once per row.)"
         )
 
     def _tokens(self, st: _ModState) -> Tokens | None:

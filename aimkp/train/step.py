@@ -66,13 +66,33 @@ def build_rows(
 
 
 def _collate(loaded: Any, samples: Sequence[Any], rows: Sequence[Copy], mode: str, device: Any):
+    """Collate one row per copy. Every row gets its OWN entry in the sample list, so the model's
+    forward computes the vision features (and runs the trainable projector) once per row: the
+    per-row gradient of the projector is then that row's alone (features shared between the
+    copies of a sample would mix the copies' projector gradients, and the filter's cosines with
+    them). This is also what the reference does (it repeats the image for each copy)."""
     from aimkp.models import collate_rows
 
     keeps = [build_keep(samples[c.sample], c.kind, c.stride) for c in rows]
-    batch = collate_rows(
-        loaded, list(samples), keeps, [c.sample for c in rows], mode=mode, device=device
-    )
+    per_row = [samples[c.sample] for c in rows]
+    batch = collate_rows(loaded, per_row, keeps, list(range(len(rows))), mode=mode, device=device)
     return batch, keeps
+
+
+def projector_rows(loaded: Any, samples: Sequence[Any], rows: Sequence[Copy]) -> dict[str, Any]:
+    """``module_rows`` for the engine: the projector's tokens are the image tokens of the rows that
+    have an image (h * w each, in row order), not the language model's packed / padded rows."""
+    proj = loaded.adapter.projector
+    name = next((n for n, m in loaded.model.named_modules() if m is proj), None)
+    if name is None or not any(p.requires_grad for p in proj.parameters()):
+        return {}
+    counts = []
+    for c in rows:
+        s = samples[c.sample]
+        counts.append(0 if s.grid is None or s.pixel_values is None else s.grid[0] * s.grid[1])
+    cu = torch.zeros(len(rows) + 1, dtype=torch.int64)
+    cu[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0)
+    return {name: cu}
 
 
 def _forward(loaded: Any, batch: Any, device: Any, bf16: bool):
@@ -161,6 +181,7 @@ def aimkp_step(
             cu_seqlens=cu,
             num_rows=len(rows),
             keep_for_reweight=True,
+            module_rows=projector_rows(loaded, samples, rows),
         ) as gram:
             loss_sum, n_tok = _forward(loaded, batch, device, bf16)
             (loss_sum * w0.to(loss_sum.device, loss_sum.dtype)).sum().backward()

@@ -7,7 +7,6 @@ clear message when it is missing (typically: the package was not built, or was b
 
 from __future__ import annotations
 
-import functools
 from types import ModuleType
 
 import torch
@@ -16,9 +15,14 @@ import torch
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-@functools.lru_cache(maxsize=1)
+_EXT: ModuleType | None = None
+
+
 def load_ext() -> ModuleType:
     """Import and return ``aimkp._C``; raise ImportError with build instructions when missing."""
+    global _EXT
+    if _EXT is not None:  # a plain global, not lru_cache: torch.compile traces through this
+        return _EXT
     try:
         from aimkp import _C  # type: ignore[attr-defined]
     except ImportError as exc:  # pragma: no cover - depends on the build
@@ -28,6 +32,7 @@ def load_ext() -> ModuleType:
             "(a C++17 compiler with OpenMP is needed; nvcc is optional), or use "
             "backend='triton' / backend='reference'."
         ) from exc
+    _EXT = _C
     return _C
 
 

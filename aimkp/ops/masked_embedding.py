@@ -705,7 +705,8 @@ class MaskedEmbedding(nn.Module):
             self.weight,
             keep,
             image_features,
-            self.image_token_id if image_features is not None or self.image_token_id else None,
+            # Without features the image token is an ordinary id (how HF LLaVA calls it).
+            self.image_token_id if image_features is not None else None,
             self.fill,
             self.ignore_index,
             compact,

@@ -25,6 +25,7 @@ from aimkp.models.adapter import (
     register_adapter,
     unwrap_model,
 )
+from aimkp.models.checkpoint import save_checkpoint
 from aimkp.models.forward import (
     RowBatch,
     RowLosses,
@@ -48,6 +49,7 @@ __all__ = [
     "get_adapter",
     "load_model",
     "register_adapter",
+    "save_checkpoint",
     "unwrap_model",
 ]
 

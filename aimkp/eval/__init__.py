@@ -1,0 +1,1 @@
+"""Evaluation: prediction decoding (``predict``) and robustness reports."""

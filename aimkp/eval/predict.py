@@ -1,0 +1,170 @@
+"""Keyphrase prediction with a trained model: the model's own ``generate``, parsed ranked output.
+
+>>> pred = load_predictor("runs/ckpt", decoding="greedy")
+>>> pred.predict(records)            # -> [["wildflower hour", "spring"], ...]
+
+Generation goes through ``model.generate`` with ``input_ids`` + the architecture's vision inputs
+(pixel values; Qwen2-VL also ``image_grid_thw`` and ``mm_token_type_ids``), prompts left-padded
+in batches. Records without an image are prompted text-only (the ``<image>`` placeholder is
+dropped), records without text image-only. Output text is split on ``,`` and ``;``, stripped,
+lower-cased, de-duplicated keeping order, empty pieces dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+DECODINGS = ("greedy", "beam", "sample")
+MODALITIES = ("multimodal", "text", "image")
+_SPLIT = re.compile(r"[,;]")
+
+
+def parse_keyphrases(text: str) -> list[str]:
+    """``"Wildflower hour, spring; spring , "`` -> ``["wildflower hour", "spring"]``."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for piece in _SPLIT.split(text):
+        kp = " ".join(piece.strip().lower().split())
+        if kp and kp not in seen:
+            seen.add(kp)
+            out.append(kp)
+    return out
+
+
+class Predictor:
+    """Batched keyphrase generation for one loaded model.
+
+    Args:
+        loaded: :class:`aimkp.models.LoadedModel`.
+        decoding: ``"greedy"``, ``"beam"`` (``num_beams``) or ``"sample"`` (``temperature``,
+            ``top_p``, reproducible with ``seed``).
+        max_new_tokens: generation budget per record.
+        batch_size: prompts per ``generate`` call (left-padded).
+        modality: ``"multimodal"`` (use what a record has), ``"text"`` (never the image) or
+            ``"image"`` (never the text): the paper's input settings.
+        device: where generation runs (default: the model's device).
+    """
+
+    def __init__(
+        self,
+        loaded: Any,
+        decoding: str = "greedy",
+        num_beams: int = 4,
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        batch_size: int = 8,
+        modality: str = "multimodal",
+        device: torch.device | str | None = None,
+    ) -> None:
+        if decoding not in DECODINGS:
+            raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        if batch_size < 1 or max_new_tokens < 1:
+            raise ValueError(
+                f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}"
+            )
+        if decoding == "beam" and num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+        if decoding == "sample" and (temperature <= 0 or not 0 < top_p <= 1):
+            raise ValueError(
+                f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}"
+            )
+        self.loaded = loaded
+        self.decoding = decoding
+        self.num_beams = num_beams
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.seed = seed
+        self.batch_size = batch_size
+        self.modality = modality
+        self.device = torch.device(device) if device is not None else loaded.device
+
+    def _gen_config(self) -> dict[str, Any]:
+        tok = self.loaded.tokenizer
+        kw: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": self.loaded.adapter.pad_token_id,
+            "use_cache": True,
+        }
+        if self.decoding == "greedy":
+            kw.update(do_sample=False, num_beams=1)
+        elif self.decoding == "beam":
+            kw.update(do_sample=False, num_beams=self.num_beams, early_stopping=True)
+        else:
+            kw.update(do_sample=True, num_beams=1, temperature=self.temperature, top_p=self.top_p)
+            kw["top_k"] = 0
+        return kw
+
+    def generate_text(self, records: Sequence[Any]) -> list[str]:
+        """Raw decoded answers (special tokens skipped), one per record, in order."""
+        adapter = self.loaded.adapter
+        samples = [
+            adapter.encode(
+                r,
+                with_answer=False,
+                use_image=self.modality != "text",
+                use_text=self.modality != "image",
+            )
+            for r in records
+        ]
+        model = adapter.base
+        was_training = model.training
+        model.eval()
+        texts: list[str] = []
+        try:
+            with torch.random.fork_rng(devices=self._rng_devices()), torch.no_grad():
+                torch.manual_seed(self.seed)
+                for i in range(0, len(samples), self.batch_size):
+                    texts += self._generate_batch(model, samples[i : i + self.batch_size])
+        finally:
+            model.train(was_training)
+        return texts
+
+    def _rng_devices(self) -> list[int]:
+        if self.device.type == "cuda":
+            return [self.device.index if self.device.index is not None else 0]
+        return []
+
+    def _generate_batch(self, model: Any, samples: Sequence[Any]) -> list[str]:
+        adapter = self.loaded.adapter
+        pad = adapter.pad_token_id
+        n = max(s.length for s in samples)
+        ids = torch.full((len(samples), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(samples), n), dtype=torch.long)
+        for b, s in enumerate(samples):  # left padding: generation appends on the right
+            ids[b, n - s.length :] = s.input_ids
+            mask[b, n - s.length :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        extra = adapter.generation_kwargs(samples, ids)
+        if "pixel_values" in extra:
+            vt = next(adapter.vision_tower.parameters())
+            extra["pixel_values"] = extra["pixel_values"].to(vt.dtype)
+        out = model.generate(input_ids=ids, attention_mask=mask, **extra, **self._gen_config())
+        new = out[:, n:]
+        return self.loaded.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    def predict(self, records: Sequence[Any]) -> list[list[str]]:
+        """Ranked keyphrases per record (see :func:`parse_keyphrases`)."""
+        return [parse_keyphrases(t) for t in self.generate_text(records)]
+
+
+def load_predictor(
+    checkpoint_dir: str,
+    device: torch.device | str | None = None,
+    decoding: str = "greedy",
+    **kw: Any,
+) -> Predictor:
+    """Load a checkpoint (``save_checkpoint`` output or a local HF directory) as a Predictor."""
+    from aimkp.models import load_model
+
+    loaded = load_model(checkpoint_dir, device=device)
+    return Predictor(loaded, decoding=decoding, device=device, **kw)

@@ -90,9 +90,9 @@ def majority_keyphrases(records: Sequence[Any], k: int = 5) -> list[str]:
 
 def score_predictions(preds: list[list[str]], records: Sequence[Any]) -> dict[str, float]:
     """CMKP-protocol F1@1, F1@3, MAP@5 (percent) plus their sum ``score``."""
-    from aimkp.metrics import score_cmkp
+    from aimkp.metrics.cmkp import score_cmkp
 
-    m = score_cmkp(preds, [r.keyphrases for r in records], [r.text for r in records])
+    m = score_cmkp([r.text for r in records], [r.keyphrases for r in records], preds)
     out = {k: float(m[k]) for k in ("F1@1", "F1@3", "F1@5", "MAP@5") if k in m}
     out["score"] = out["F1@1"] + out["F1@3"] + out["MAP@5"]
     return out

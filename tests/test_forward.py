@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_models_common import random_keeps, records, tiny
+from test_models_common import (
+    _one_thread,  # noqa: F401 - autouse: single-threaded tests
+    random_keeps,
+    records,
+    tiny,
+)
 
 from aimkp.models import collate_rows, flash_varlen_kwargs, forward_rows
 

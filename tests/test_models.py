@@ -6,7 +6,12 @@ import copy
 
 import pytest
 import torch
-from test_models_common import TEXTS, records, tiny
+from test_models_common import (
+    TEXTS,
+    _one_thread,  # noqa: F401 - autouse: single-threaded tests
+    records,
+    tiny,
+)
 
 from aimkp.models import (
     QUESTION,

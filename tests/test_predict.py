@@ -8,7 +8,12 @@ import json
 import pytest
 import torch
 from PIL import Image
-from test_models_common import Record, image, tiny
+from test_models_common import (
+    Record,
+    _one_thread,  # noqa: F401 - autouse: single-threaded tests
+    image,
+    tiny,
+)
 
 from aimkp.eval.predict import Predictor, load_predictor, parse_keyphrases
 from aimkp.models import collate_rows, forward_rows, load_model, save_checkpoint

@@ -209,3 +209,67 @@ def test_collate_rejects_bad_rows():
         collate_rows(loaded, [s], [ok[:-1]], [0])
     with pytest.raises(ValueError, match="out of range"):
         collate_rows(loaded, [s], [ok], [1])
+
+
+_VARLEN_CALLS: list[int] = []
+
+
+def _varlen_reference_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout=0.0,
+    cu_seq_lens_q=None,
+    cu_seq_lens_k=None,
+    max_length_q=None,
+    max_length_k=None,
+    **kwargs,
+):
+    """What ``flash_attn_varlen_func(causal=True)`` computes, in plain torch: causal attention
+    within each packed row of ``cu_seq_lens``. query ``[1, H, K, Dh]`` -> ``[1, K, H, Dh]``."""
+    assert attention_mask is None, "the varlen path must not build a mask"
+    assert cu_seq_lens_q is not None and torch.equal(cu_seq_lens_q, cu_seq_lens_k)
+    cu = cu_seq_lens_q.tolist()
+    assert max_length_q == max_length_k == max(b - a for a, b in zip(cu[:-1], cu[1:]))
+    rep = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+    out = torch.empty_like(query)
+    for a, b in zip(cu[:-1], cu[1:]):
+        out[:, :, a:b] = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, scale=scaling
+        )
+    _VARLEN_CALLS.append(len(cu) - 1)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_varlen_path_passes_cu_seqlens(name, monkeypatch):
+    """The flash-attn path, run on CPU through a torch stand-in for flash_attn_varlen_func
+    registered as a transformers attention implementation: no mask, cu_seq_lens reach every
+    layer, and losses / gradients equal the SDPA block-mask path."""
+    from transformers import AttentionInterface
+
+    import aimkp.models.forward as fwd
+
+    AttentionInterface.register("aimkp_varlen_ref", _varlen_reference_attention)
+    monkeypatch.setattr(fwd, "VARLEN_ATTENTION", fwd.VARLEN_ATTENTION | {"aimkp_varlen_ref"})
+    ref = tiny(name)
+    var = tiny(name)
+    var.adapter.base.set_attn_implementation({"text_config": "aimkp_varlen_ref"})
+    assert var.adapter.attn_implementation == "aimkp_varlen_ref"
+    samples = [ref.adapter.encode(r) for r in records()]
+    keeps, rows = random_keeps(samples, copies=2, seed=11)
+    b_r, out_r, g_r = _run(ref, samples, keeps, rows, "compact")
+    _VARLEN_CALLS.clear()
+    b_v, out_v, g_v = _run(var, samples, keeps, rows, "compact")
+    assert b_v.attn_mask is None and b_r.attn_mask is not None
+    assert _VARLEN_CALLS == [len(rows)] * var.adapter.config.text_config.num_hidden_layers
+    torch.testing.assert_close(out_v.loss_sum, out_r.loss_sum, rtol=LOSS_RTOL, atol=0)
+    for n in g_r:
+        scale = g_r[n].abs().max().clamp_min(1e-12)
+        assert (g_v[n] - g_r[n]).abs().max() <= GRAD_RTOL * scale, n
+    with pytest.raises(ValueError, match="compact mode only"):
+        collate_rows(var, samples, keeps, rows, mode="attention")

@@ -38,6 +38,9 @@ from torch import Tensor
 from aimkp.models.adapter import EncodedSample
 
 MODES = ("compact", "attention")
+# Attention implementations that take packed rows as ``cu_seq_lens_q/k`` + ``max_length_q/k``
+# (flash-attn varlen) instead of a 4-D mask.
+VARLEN_ATTENTION = {"flash_attention_2", "flash_attention_3"}
 
 
 @dataclass
@@ -216,7 +219,7 @@ def collate_rows(
         position_ids = kept_pos.reshape(n_pos, 1, K)
         position_ids = position_ids[0] if n_pos == 1 else position_ids
         attn_mask = None
-        if adapter.attn_implementation != "flash_attention_2":
+        if adapter.attn_implementation not in VARLEN_ATTENTION:
             seg = torch.repeat_interleave(torch.arange(R), counts.long())
             causal = torch.ones(K, K, dtype=torch.bool).tril_()
             attn_mask = (causal & (seg[:, None] == seg[None, :])).reshape(1, 1, K, K)
@@ -224,7 +227,7 @@ def collate_rows(
         cu_seqlens: Tensor | None = cu
         n_kept = K
     else:
-        if adapter.attn_implementation == "flash_attention_2":
+        if adapter.attn_implementation in VARLEN_ATTENTION:
             raise ValueError(
                 "mode='attention' needs an explicit 4-D mask (attn='sdpa' or 'eager'); "
                 "flash-attn supports the compact mode only"
@@ -309,7 +312,7 @@ def forward_rows(loaded: Any, batch: RowBatch) -> RowLosses:
             compact=True,
         )
         embeds = ce.values.unsqueeze(0)  # [1, K, D]
-        if impl == "flash_attention_2":
+        if impl in VARLEN_ATTENTION:
             kwargs.update(flash_varlen_kwargs(batch.cu_seqlens))
     else:
         embeds = op(

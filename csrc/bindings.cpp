@@ -23,11 +23,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("masked_embedding_forward_cpu", &aimkp::masked_embedding_forward_cpu, nogil,
         py::arg("out"), py::arg("src"), py::arg("K"), py::arg("D"), py::arg("weight"),
         py::arg("V"), py::arg("weight_stride"), py::arg("image"), py::arg("M"),
-        py::arg("image_stride"), py::arg("fill"), py::arg("dtype"));
+        py::arg("image_stride"), py::arg("fill"), py::arg("dtype"), py::arg("threads") = 0);
   m.def("masked_embedding_backward_cpu", &aimkp::masked_embedding_backward_cpu, nogil,
         py::arg("grad"), py::arg("K"), py::arg("D"), py::arg("sorted_src"), py::arg("perm"),
         py::arg("grad_weight"), py::arg("V"), py::arg("grad_image"), py::arg("M"),
-        py::arg("grad_fill"), py::arg("dtype"));
+        py::arg("grad_fill"), py::arg("dtype"), py::arg("threads") = 0);
 #ifdef AIMKP_WITH_CUDA
   m.def("masked_embedding_forward_cuda", &aimkp::masked_embedding_forward_cuda, nogil,
         py::arg("out"), py::arg("src"), py::arg("K"), py::arg("D"), py::arg("weight"),

@@ -84,19 +84,25 @@ inline uint16_t float_to_half(float ff) {
 }
 
 // ---- CPU kernels (masked_embedding.cpp) ---------------------------------------------------------
+// `threads` <= 0: OpenMP's default; the Python side passes torch.get_num_threads(). Work below
+// kParallelBytes runs on the calling thread: a fork-join costs more than it saves there, and far
+// more on an oversubscribed machine where a woken worker may wait a whole scheduler quantum.
+constexpr std::size_t kParallelBytes = std::size_t(1) << 20;
+
 // src[k] selects the source of output row k: [0, V) a table row, [V, V+M) image row src-V,
 // anything else the fill row (zeros when fill == 0). Never reads outside the given buffers.
 void masked_embedding_forward_cpu(uintptr_t out, uintptr_t src, int64_t K, int64_t D,
                                   uintptr_t weight, int64_t V, int64_t weight_stride,
                                   uintptr_t image, int64_t M, int64_t image_stride, uintptr_t fill,
-                                  int dtype);
+                                  int dtype, int threads);
 
 // grad [K, D] (dtype, contiguous); sorted_src / perm from a stable sort of src.
 // grad_weight [V, D] (dtype) and grad_image [M, D] (dtype) are fully written (untouched rows get 0);
 // grad_fill [D] is float32. A zero pointer skips that output. Deterministic, atomic-free.
 void masked_embedding_backward_cpu(uintptr_t grad, int64_t K, int64_t D, uintptr_t sorted_src,
                                    uintptr_t perm, uintptr_t grad_weight, int64_t V,
-                                   uintptr_t grad_image, int64_t M, uintptr_t grad_fill, int dtype);
+                                   uintptr_t grad_image, int64_t M, uintptr_t grad_fill, int dtype,
+                                   int threads);
 
 int max_threads();
 

@@ -12,10 +12,17 @@ namespace aimkp {
 
 int max_threads() { return omp_get_max_threads(); }
 
+namespace {
+int resolve_threads(int threads, std::size_t bytes) {
+  if (bytes < kParallelBytes) return 1;
+  return threads > 0 ? threads : omp_get_max_threads();
+}
+}  // namespace
+
 void masked_embedding_forward_cpu(uintptr_t out, uintptr_t src, int64_t K, int64_t D,
                                   uintptr_t weight, int64_t V, int64_t weight_stride,
                                   uintptr_t image, int64_t M, int64_t image_stride, uintptr_t fill,
-                                  int dtype) {
+                                  int dtype, int threads) {
   const std::size_t es = dtype_size(dtype);
   const std::size_t row_bytes = static_cast<std::size_t>(D) * es;
   char* o = reinterpret_cast<char*>(out);
@@ -24,8 +31,8 @@ void masked_embedding_forward_cpu(uintptr_t out, uintptr_t src, int64_t K, int64
   const char* img = reinterpret_cast<const char*>(image);
   const char* f = reinterpret_cast<const char*>(fill);
   // Output dtype == input dtype, so the forward is an exact copy: memcpy per row.
-  const bool parallel = static_cast<std::size_t>(K) * row_bytes > (1u << 16);
-#pragma omp parallel for schedule(static) if (parallel)
+  const int nt = resolve_threads(threads, static_cast<std::size_t>(K) * row_bytes);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t k = 0; k < K; ++k) {
     const int64_t r = s[k];
     const char* from = nullptr;
@@ -86,8 +93,10 @@ inline void accumulate_rows(const T* grad, const int64_t* perm, int64_t a, int64
 // Writes dst rows [0, R) of width D: rows with seg_of_row >= 0 get the segment's sum, others 0.
 template <typename T>
 void write_segment_sums(const T* grad, const int64_t* perm, const std::vector<int64_t>& starts,
-                        const std::vector<int64_t>& seg_of_row, int64_t R, int64_t D, T* dst) {
-#pragma omp parallel
+                        const std::vector<int64_t>& seg_of_row, int64_t R, int64_t D, T* dst,
+                        int threads) {
+  const int nt = resolve_threads(threads, static_cast<std::size_t>(R * D) * sizeof(T));
+#pragma omp parallel num_threads(nt) if (nt > 1)
   {
     std::vector<float> acc(static_cast<std::size_t>(D));
 #pragma omp for schedule(dynamic, 64)
@@ -114,7 +123,7 @@ void write_segment_sums(const T* grad, const int64_t* perm, const std::vector<in
 
 template <typename T>
 void backward_impl(const T* grad, int64_t K, int64_t D, const int64_t* sorted, const int64_t* perm,
-                   T* gw, int64_t V, T* gi, int64_t M, float* gf) {
+                   T* gw, int64_t V, T* gi, int64_t M, float* gf, int threads) {
   // Segments of equal ids in the sorted order (serial scan over K ints: cheap).
   std::vector<int64_t> starts;
   starts.reserve(static_cast<std::size_t>(std::min<int64_t>(K, 1 << 20)) + 1);
@@ -137,14 +146,16 @@ void backward_impl(const T* grad, int64_t K, int64_t D, const int64_t* sorted, c
       if (gi) seg_of_img[static_cast<std::size_t>(id - V)] = s;
     }  // ids >= V + M never occur after validation; they are ignored here (no OOB write)
   }
-  if (gw) write_segment_sums(grad, perm, starts, seg_of_row, V, D, gw);
-  if (gi) write_segment_sums(grad, perm, starts, seg_of_img, M, D, gi);
+  if (gw) write_segment_sums(grad, perm, starts, seg_of_row, V, D, gw, threads);
+  if (gi) write_segment_sums(grad, perm, starts, seg_of_img, M, D, gi, threads);
   if (gf) {
     // Fill gradient: columns split across threads, each sums every fill row in order.
-#pragma omp parallel
+    const int nt =
+        resolve_threads(threads, static_cast<std::size_t>((fill_b - fill_a) * D) * sizeof(T));
+#pragma omp parallel num_threads(nt) if (nt > 1)
     {
-      const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-      const int64_t chunk = ((D + nt - 1) / nt + 15) / 16 * 16;
+      const int64_t nth = omp_get_num_threads(), t = omp_get_thread_num();
+      const int64_t chunk = ((D + nth - 1) / nth + 15) / 16 * 16;
       const int64_t d0 = std::min(D, t * chunk), d1 = std::min(D, d0 + chunk);
       if (d1 > d0) accumulate_rows(grad, perm, fill_a, fill_b, D, d0, d1, gf + d0);
     }
@@ -156,7 +167,7 @@ void backward_impl(const T* grad, int64_t K, int64_t D, const int64_t* sorted, c
 void masked_embedding_backward_cpu(uintptr_t grad, int64_t K, int64_t D, uintptr_t sorted_src,
                                    uintptr_t perm, uintptr_t grad_weight, int64_t V,
                                    uintptr_t grad_image, int64_t M, uintptr_t grad_fill,
-                                   int dtype) {
+                                   int dtype, int threads) {
   const int64_t* s = reinterpret_cast<const int64_t*>(sorted_src);
   const int64_t* p = reinterpret_cast<const int64_t*>(perm);
   float* gf = reinterpret_cast<float*>(grad_fill);
@@ -164,17 +175,17 @@ void masked_embedding_backward_cpu(uintptr_t grad, int64_t K, int64_t D, uintptr
     case kFloat32:
       backward_impl(reinterpret_cast<const float*>(grad), K, D, s, p,
                     reinterpret_cast<float*>(grad_weight), V, reinterpret_cast<float*>(grad_image),
-                    M, gf);
+                    M, gf, threads);
       break;
     case kFloat16:
       backward_impl(reinterpret_cast<const Half*>(grad), K, D, s, p,
                     reinterpret_cast<Half*>(grad_weight), V, reinterpret_cast<Half*>(grad_image),
-                    M, gf);
+                    M, gf, threads);
       break;
     default:
       backward_impl(reinterpret_cast<const BF16*>(grad), K, D, s, p,
                     reinterpret_cast<BF16*>(grad_weight), V, reinterpret_cast<BF16*>(grad_image),
-                    M, gf);
+                    M, gf, threads);
       break;
   }
 }

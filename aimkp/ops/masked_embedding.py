@@ -235,6 +235,7 @@ def _forward_cpp(src: Tensor, weight: Tensor, image: Tensor | None, fill: Tensor
         image.stride(0) if image is not None else 0,
         fill.data_ptr() if fill is not None else 0,
         dtype_code(weight.dtype),
+        torch.get_num_threads(),  # the C++ kernels follow torch's intra-op thread setting
     )
     return out
 
@@ -301,6 +302,7 @@ def _backward_cpp(
         m,
         gf.data_ptr() if gf is not None else 0,
         dtype_code(grad.dtype),
+        torch.get_num_threads(),
     )
     return gw, gi, gf
 

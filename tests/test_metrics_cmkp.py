@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from nltk.stem.porter import PorterStemmer
 
 from aimkp.data import Record, read_records
 from aimkp.metrics import cmkp as cmkp_mod
@@ -121,3 +124,87 @@ def test_errors_are_clear() -> None:
         score([Record("0", "t", ["a"]), Record("1", "t", ["b"])], [["a"]])
     with pytest.raises(ValueError, match="no gold keyphrase"):
         score_aimkp([[]], [["a"]])
+
+
+# ---------------------------------------------------------------------------------------------
+# An obviously-correct, slow CMKP implementation straight from the protocol's definition, to
+# check the fast paths (early exit on no hit, skipped text stems, n-gram search) on random posts.
+
+_PS = PorterStemmer()
+_VOCAB = ["cat", "cats", "running", "run", "blue", "skies", "sky", "the", "<unk>", ",", "."]
+
+
+def _naive_cmkp(texts, targets, preds, ks=(1, 3, 5)):
+    def stem(ph):
+        return tuple(_PS.stem(w.lower()) for w in ph.split(" "))
+
+    def present(src, ph):
+        return any(tuple(src[i : i + len(ph)]) == ph for i in range(len(src) - len(ph) + 1))
+
+    per = {"all": [], "present": [], "absent": []}
+    for text, trg, pred in zip(texts, targets, preds):
+        src = [_PS.stem(w.lower()) for w in text.split()]
+        t = list(dict.fromkeys(stem(x) for x in trg))
+        p = [x for x in dict.fromkeys(stem(x) for x in pred if x.strip())]
+        p = [x for x in p if not set(x) & {"<unk>", ",", "."}]
+        groups = {"all": (t, p)}
+        tp = [x for x in t if present(src, x)]
+        ta = [x for x in t if not present(src, x)]
+        if tp:
+            groups["present"] = (tp, [x for x in p if present(src, x)])
+        if ta:
+            groups["absent"] = (ta, [x for x in p if not present(src, x)])
+        for g, (tt, pp) in groups.items():
+            hits = [x in tt for x in pp]
+            row = {}
+            for k in ks:
+                h = sum(hits[:k])
+                row[f"P@{k}"] = h / min(k, len(pp)) if pp else 0.0
+                row[f"R@{k}"] = h / len(tt)
+                row[f"AP@{k}"] = sum(
+                    sum(hits[: i + 1]) / (i + 1) for i in range(min(k, len(pp))) if hits[i]
+                ) / len(tt)
+                dcg = sum(1 / math.log2(i + 2) for i in range(min(k, len(pp))) if hits[i])
+                idcg = sum(1 / math.log2(i + 2) for i in range(min(k, sum(hits))))
+                row[f"NDCG@{k}"] = dcg / idcg if idcg else 0.0
+            per[g].append(row)
+    out = {}
+    for g, rows in per.items():
+        res = {"n_posts": len(rows)}
+        for k in ks:
+            n = max(len(rows), 1)
+            p = sum(r[f"P@{k}"] for r in rows) / n
+            r_ = sum(r[f"R@{k}"] for r in rows) / n
+            res[f"F1@{k}"] = 100 * 2 * p * r_ / (p + r_) if p + r_ else 0.0
+            res[f"MAP@{k}"] = 100 * sum(r[f"AP@{k}"] for r in rows) / n
+            res[f"NDCG@{k}"] = 100 * sum(r[f"NDCG@{k}"] for r in rows) / n
+        out[g] = res
+    return out
+
+
+_phrase = st.lists(st.sampled_from(_VOCAB), min_size=1, max_size=3).map(" ".join)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(st.sampled_from(_VOCAB), min_size=0, max_size=12).map(" ".join),
+            st.lists(
+                _phrase.filter(lambda p: p not in (",", ".", "<unk>")), min_size=1, max_size=4
+            ),
+            st.lists(_phrase, min_size=0, max_size=8),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_cmkp_matches_naive_definition(posts) -> None:
+    texts, targets, preds = (list(x) for x in zip(*posts))
+    fast = score_cmkp(texts, targets, preds)
+    slow = _naive_cmkp(texts, targets, preds)
+    for group in ("all", "present", "absent"):
+        got = fast if group == "all" else fast[group]
+        assert got["n_posts"] == slow[group]["n_posts"]
+        for key, want in slow[group].items():
+            assert got[key] == pytest.approx(want, abs=1e-9), (group, key)

@@ -171,15 +171,18 @@ def test_set_rows_inside_context() -> None:
     assert_close_rel(gram.dots, dots)
 
 
+@pytest.mark.parametrize("storage", ["auto", "tokens", "rows"])
 @pytest.mark.parametrize("scale", [[1.0, 0.0, 2.5, 1.0], [0.5, 0.5, 0.5, 0.5], [1.0] * 4])
-def test_reweight_exact_with_grad_accumulation(scale: list[float]) -> None:
+def test_reweight_exact_with_grad_accumulation(scale: list[float], storage: str) -> None:
     m = lora_mlp(dropout=0.1)
     x0 = torch.randn(4, 6, 12)
     x = torch.randn(4, 6, 12)
     row_loss_padded(m(x0)).sum().backward()  # an earlier micro-step
     before = flat_grads(m).clone()
     torch.manual_seed(5)
-    with aimkp.per_sample_grad_gram(m, pairs=PAIRS, keep_for_reweight=True) as gram:
+    with aimkp.per_sample_grad_gram(
+        m, pairs=PAIRS, keep_for_reweight=True, reweight_storage=storage
+    ) as gram:
         loss = row_loss_padded(m(x))
         loss.sum().backward()
     gram.reweight(torch.tensor(scale))

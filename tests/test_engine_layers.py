@@ -161,3 +161,32 @@ def test_hypothesis_rows_and_forms(
         kw = {"num_rows": B}
     pairs = torch.randint(0, B, (3, 2))
     check_against_loop(lin, fwd, pairs, form=form, **kw)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_reweight_embedding_norms_linear(packed: bool) -> None:
+    m = EmbNormNet()
+    scale = torch.tensor([0.0, 1.0, 3.0, -0.5])
+    if packed:
+        ids = torch.randint(0, 11, (1, 14))
+        cu = torch.tensor([0, 3, 9, 9, 14])
+        seg = torch.repeat_interleave(torch.arange(4), cu[1:] - cu[:-1])
+
+        def fwd() -> torch.Tensor:
+            return torch.zeros(4).index_add(0, seg, (m(ids).square() + m(ids)).sum(-1)[0])
+
+        kw = {"cu_seqlens": cu}
+    else:
+        ids = torch.randint(0, 11, (4, 6))
+
+        def fwd() -> torch.Tensor:
+            return row_loss_padded(m(ids))
+
+        kw = {}
+    with aimkp.per_sample_grad_gram(m, keep_for_reweight=True, **kw) as gram:
+        fwd().sum().backward()
+    gram.reweight(scale)
+    got = torch.cat([p.grad.reshape(-1) for p in m.parameters()])
+    m.zero_grad()
+    want = (scale[:, None] * loop_per_row_grads(m, fwd())).sum(0)
+    assert_close_rel(got, want, rtol=1e-5)

@@ -87,6 +87,10 @@ class GradGram:
         form: ``"auto"`` (cheaper of direct / ghost per layer), ``"direct"`` or ``"ghost"``.
         module_rows: ``{module name (or prefix): cu_seqlens}`` for modules whose tokens are not
             laid out as the batch's rows (see the module docstring).
+        reweight_storage: what ``keep_for_reweight`` keeps per layer: ``"tokens"`` (layer inputs
+            and output gradients), ``"rows"`` (per-row gradients, linear layers), or ``"auto"``
+            (the smaller of the two per layer: per-row gradients for LoRA factors whose rows are
+            longer than about r tokens).
 
     After the backward: ``norms [B]``, ``dots [P]``, ``cosines [P]`` (float32), ``backend`` (what
     ran: ``"torch"``, ``"triton"``, or ``"torch+triton"`` when some layers used each).
@@ -102,7 +106,13 @@ class GradGram:
         backend: str = "auto",
         form: str = "auto",
         module_rows: dict[str, torch.Tensor] | None = None,
+        reweight_storage: str = "auto",
     ) -> None:
+        if reweight_storage not in ("auto", "tokens", "rows"):
+            raise ValueError(
+                f"reweight_storage must be 'auto', 'tokens' or 'rows', got {reweight_storage!r}"
+            )
+        self.reweight_storage = reweight_storage
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         if form not in _FORMS:
@@ -146,7 +156,7 @@ class GradGram:
         self._sq: torch.Tensor | None = None
         self._dots: torch.Tensor | None = None
         self._ran: set[str] = set()
-        self._stash: list[tuple[_ModState, Tokens]] = []
+        self._stash: list[tuple[_ModState, object]] = []
         self._reweighted = False
         self._finalized = False
 
@@ -337,7 +347,8 @@ class GradGram:
         if self._dots is not None:
             self._dots += dots
         if self.keep_for_reweight:
-            self._stash.append((st, tok))
+            with torch.no_grad():
+                self._stash.append((st, st.rule.stash(st.module, tok, self.reweight_storage)))
 
     def _finalize(self) -> None:
         if self._finalized:
@@ -417,11 +428,8 @@ class GradGram:
             self._stash.clear()
             return
         with torch.no_grad():
-            for st, tok in self._stash:
-                ts = delta[tok.rows]
-                if not bool((ts != 0).any()):
-                    continue
-                for pname, d in st.rule.reweight_grads(st.module, tok, ts).items():
+            for st, kept in self._stash:
+                for pname, d in st.rule.reweight_stash(st.module, kept, delta).items():
                     p = getattr(st.module, pname)
                     if p.grad is None:
                         p.grad = d.to(p.dtype).reshape(p.shape)
@@ -443,6 +451,7 @@ def per_sample_grad_gram(
     backend: str = "auto",
     form: str = "auto",
     module_rows: dict[str, torch.Tensor] | None = None,
+    reweight_storage: str = "auto",
 ) -> GradGram:
     """Context manager giving per-row gradient norms / pair dots from exactly one backward.
 
@@ -465,4 +474,5 @@ def per_sample_grad_gram(
         backend=backend,
         form=form,
         module_rows=module_rows,
+        reweight_storage=reweight_storage,
     )

@@ -62,12 +62,14 @@ def vmap_per_row_grads(
     model: nn.Module,
     row_loss: Callable[..., torch.Tensor],
     *inputs: torch.Tensor,
+    randomness: str = "error",
 ) -> torch.Tensor:
     """Per-row gradients ``[B, n]`` (float32) with ``torch.func.vmap(torch.func.grad(...))``.
 
     ``row_loss(call, *row_inputs) -> scalar``: the loss of ONE row, where ``row_inputs`` are the
     ``inputs`` sliced at that row with a leading batch dim of 1 kept (``[1, ...]``) and
-    ``call(*args, **kwargs)`` runs ``model`` functionally on them.
+    ``call(*args, **kwargs)`` runs ``model`` functionally on them. ``randomness`` is passed to
+    ``vmap`` (``"different"`` for models with active dropout).
     """
     names = [n for n, _ in trainable_params(model)]
     params = {n: p.detach() for n, p in trainable_params(model)}
@@ -82,9 +84,9 @@ def vmap_per_row_grads(
 
         return row_loss(call, *row)
 
-    grads = torch.func.vmap(torch.func.grad(one), in_dims=(None, *([0] * len(inputs))))(
-        params, *inputs
-    )
+    grads = torch.func.vmap(
+        torch.func.grad(one), in_dims=(None, *([0] * len(inputs))), randomness=randomness
+    )(params, *inputs)
     return torch.cat([grads[n].float().reshape(grads[n].shape[0], -1) for n in names], 1)
 
 

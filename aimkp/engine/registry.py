@@ -56,9 +56,12 @@ class Tokens:
     @property
     def max_len(self) -> int:
         """Length of the longest row (0 for no tokens)."""
-        if self.offsets.numel() < 2:
-            return 0
-        return int((self.offsets[1:] - self.offsets[:-1]).max().item())
+        if getattr(self, "_max_len", None) is None:
+            if self.offsets.numel() < 2:
+                self._max_len = 0
+            else:
+                self._max_len = int((self.offsets[1:] - self.offsets[:-1]).max().item())
+        return self._max_len
 
     def padded(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Scatter per-token ``x [N, D]`` to ``[B, max_len, D]`` (zeros after each row's end)."""
@@ -112,6 +115,22 @@ class Rule:
         """``sum_t token_scale[t] * (gradient contribution of token t)`` per trainable parameter
         name of the module (fp32), used by ``GradGram.reweight``."""
         raise NotImplementedError
+
+    def stash(self, module: nn.Module, tok: Tokens, storage: str) -> object:
+        """What to keep after the backward for ``reweight`` (``storage``: ``"auto"``,
+        ``"tokens"`` or ``"rows"``). The default keeps the tokens (inputs and output grads)."""
+        return tok
+
+    def reweight_stash(
+        self, module: nn.Module, stash: object, row_delta: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """``sum_r row_delta[r] G_r`` per trainable parameter name, from what ``stash`` kept."""
+        tok = stash
+        assert isinstance(tok, Tokens)
+        ts = row_delta[tok.rows]
+        if not bool((ts != 0).any()):
+            return {}
+        return self.reweight_grads(module, tok, ts)
 
 
 _BY_TYPE: dict[type, Rule] = {}

@@ -29,6 +29,8 @@ are batched matmuls in fp32, tiled over ``d_out`` to bound memory.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -81,6 +83,14 @@ def linear_weight_gram_torch(
     return sq, dots
 
 
+@dataclass
+class _RowGrads:
+    """Per-row gradients kept for reweight: ``weight [B, d_out, d_in]``, ``bias [B, d_out]``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
 @register_rule(nn.Linear)
 class LinearRule(Rule):
     """``weight`` (direct or ghost form, see the module docstring) and ``bias`` (``sum_t g_t``)."""
@@ -124,6 +134,38 @@ class LinearRule(Rule):
             if dots is not None:
                 dots += d2
         return sq, dots, ran
+
+    def stash(self, module: nn.Module, tok: Tokens, storage: str) -> object:
+        """Keep the tokens (``N (d_in + d_out)`` elements) or, when smaller (LoRA factors with
+        rows longer than about r tokens), the per-row gradients ``[B, d_out, d_in]`` in fp32."""
+        w = module.weight
+        if storage == "tokens" or w is None or not w.requires_grad:
+            return tok
+        d_out, d_in = w.shape
+        n = tok.g.shape[0]
+        per_row = tok.num_rows * d_out * d_in * 4
+        per_tok = n * (d_in * tok.a.element_size() + d_out * tok.g.element_size())
+        if storage == "auto" and per_row >= per_tok:
+            return tok
+        g_pad = tok.padded(tok.g)
+        G = torch.bmm(g_pad.transpose(1, 2), tok.padded(tok.a))  # [B, d_out, d_in]
+        b = module.bias
+        S = segment_sum(tok.g, tok) if b is not None and b.requires_grad else None
+        return _RowGrads(G, S)
+
+    def reweight_stash(
+        self, module: nn.Module, stash: object, row_delta: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        if not isinstance(stash, _RowGrads):
+            return super().reweight_stash(module, stash, row_delta)
+        sel = row_delta != 0
+        if not bool(sel.any()):
+            return {}
+        d = row_delta[sel]
+        out = {"weight": torch.einsum("b,boi->oi", d, stash.weight[sel])}
+        if stash.bias is not None:
+            out["bias"] = d @ stash.bias[sel]
+        return out
 
     def reweight_grads(
         self, module: nn.Module, tok: Tokens, token_scale: torch.Tensor

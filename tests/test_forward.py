@@ -273,3 +273,43 @@ def test_varlen_path_passes_cu_seqlens(name, monkeypatch):
         assert (g_v[n] - g_r[n]).abs().max() <= GRAD_RTOL * scale, n
     with pytest.raises(ValueError, match="compact mode only"):
         collate_rows(var, samples, keeps, rows, mode="attention")
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_tower_once_per_sample_projector_once_per_row(name):
+    """Split vision path == the model's own get_image_features; the projector sees each row."""
+    loaded = tiny(name)
+    adapter = loaded.adapter
+    samples = [adapter.encode(r) for r in records()]
+    with_img = [s for s in samples if s.pixel_values is not None]
+    thw = (
+        None
+        if with_img[0].image_grid_thw is None
+        else torch.cat([s.image_grid_thw for s in with_img])
+    )
+    pv = torch.cat([s.pixel_values for s in with_img])
+    with torch.no_grad():
+        kw = {} if thw is None else {"image_grid_thw": thw}
+        own = adapter.base.model.get_image_features(pixel_values=pv, **kw).pooler_output
+        own = torch.cat(list(own), 0)
+        ours = adapter.image_features(pv, thw)
+    torch.testing.assert_close(ours, own, rtol=0, atol=0)
+
+    keeps, rows = random_keeps(samples, copies=3)
+    seen: dict[str, int] = {"tower": 0, "proj": 0}
+    h1 = adapter.vision_tower.register_forward_pre_hook(
+        lambda m, a, kw=None: seen.__setitem__("tower", seen["tower"] + 1)
+    )
+    h2 = adapter.projector.register_forward_hook(
+        lambda m, a, o: seen.__setitem__("proj", seen["proj"] + a[0].shape[0])
+    )
+    try:
+        with torch.no_grad():
+            forward_rows(loaded, collate_rows(loaded, samples, keeps, rows))
+    finally:
+        h1.remove()
+        h2.remove()
+    k = adapter.vision_tokens_per_image_token
+    per_row = [samples[i].grid[0] * samples[i].grid[1] * k for i in rows if samples[i].grid]
+    assert seen["tower"] == 1  # all images of all distinct samples in one tower call
+    assert seen["proj"] == sum(per_row)  # projector input: every row's own copy

@@ -13,8 +13,12 @@ decorate with ``@register_adapter("<config.model_type>")``):
   and the image-token grid ``(h, w)`` (``h * w`` image tokens).
 - :meth:`image_segment`: the token ids of the image segment of the prompt for ``n`` image tokens
   and the offset of the first image token in it (Qwen wraps the pads in vision start/end tokens).
-- :meth:`image_features`: vision tower + projector exactly as the model's own forward computes
-  them: ``[M, D]`` for all images of a batch, in order.
+- :meth:`vision_hidden` and :meth:`project`: the vision tower up to the projector's input
+  (``[P, Dv]`` per-patch features, exactly as the model's own forward computes them) and the
+  trainable projector (``[P, Dv]`` -> ``[M, D]``); ``image_features = project(vision_hidden)``.
+  The row forward runs the (frozen) tower once per sample and the projector once per row, so
+  each row's projector activations, and per-row gradients, are its own.
+- ``vision_tokens_per_image_token``: patches per image token (Qwen merges 2 x 2 -> 4).
 - :meth:`position_ids`: positions of the UNMASKED sequence: ``[T]`` (1-D RoPE) or ``[3, T]``
   (Qwen's multimodal RoPE); kept tokens keep these values when others are hidden.
 - :meth:`generation_kwargs`: the extra inputs ``model.generate`` needs for a padded batch.
@@ -28,7 +32,8 @@ text / image spans, and access to the language model, embedding table and ``lm_h
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +115,18 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+@contextlib.contextmanager
+def swapped_module(parent: nn.Module, name: str, replacement: nn.Module) -> Iterator[None]:
+    """Temporarily replace ``parent.<name>`` (used to run a vision tower without its projector
+    through the model's own forward code)."""
+    original = getattr(parent, name)
+    setattr(parent, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(parent, name, original)
+
+
 def get_adapter(
     model: nn.Module, tokenizer: Any = None, image_processor: Any = None
 ) -> MLLMAdapter:
@@ -188,11 +205,23 @@ class MLLMAdapter:
         """Token ids of the image segment for ``n`` image tokens, offset of the first one."""
         raise NotImplementedError
 
+    vision_tokens_per_image_token: int = 1
+
+    def vision_hidden(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Vision tower up to the projector: ``[P, Dv]`` for all images, in order."""
+        raise NotImplementedError
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The multimodal projector: ``[P, Dv]`` -> ``[P / vision_tokens_per_image_token, D]``."""
+        return self.projector(hidden)
+
     def image_features(
         self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Vision tower + projector: ``[M, D]`` features for all images, in order."""
-        raise NotImplementedError
+        return self.project(self.vision_hidden(pixel_values, image_grid_thw))
 
     def position_ids(
         self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None
@@ -347,8 +376,24 @@ class MLLMAdapter:
     ) -> list[torch.Tensor | None]:
         """Vision features ``[h*w, D]`` per sample (None for samples without an image).
 
-        All images go through the vision tower in one call (per-image results are split).
+        All images go through the vision tower and projector in one call each.
         """
+        hidden = self.sample_vision_hidden(samples, device)
+        kept = [h for h in hidden if h is not None]
+        out: list[torch.Tensor | None] = [None] * len(samples)
+        if not kept:
+            return out
+        feats = self.project(torch.cat(kept, dim=0))
+        sizes = [s.grid[0] * s.grid[1] for s, h in zip(samples, hidden) if h is not None]
+        for i, f in zip([i for i, h in enumerate(hidden) if h is not None], feats.split(sizes)):
+            out[i] = f
+        return out
+
+    def sample_vision_hidden(
+        self, samples: Sequence[EncodedSample], device: torch.device | str | None = None
+    ) -> list[torch.Tensor | None]:
+        """Projector inputs ``[h*w*k, Dv]`` per sample (k = vision_tokens_per_image_token),
+        None for samples without an image. All images go through the tower in one call."""
         with_img = [i for i, s in enumerate(samples) if s.pixel_values is not None]
         out: list[torch.Tensor | None] = [None] * len(samples)
         if not with_img:
@@ -358,12 +403,13 @@ class MLLMAdapter:
         thw = None
         if samples[with_img[0]].image_grid_thw is not None:
             thw = torch.cat([samples[i].image_grid_thw for i in with_img], dim=0).to(dev)
-        feats = self.image_features(pv, thw)
-        sizes = [samples[i].grid[0] * samples[i].grid[1] for i in with_img]
+        feats = self.vision_hidden(pv, thw)
+        k = self.vision_tokens_per_image_token
+        sizes = [samples[i].grid[0] * samples[i].grid[1] * k for i in with_img]
         if feats.shape[0] != sum(sizes):
             raise ValueError(
-                f"vision features have {feats.shape[0]} rows but the samples hold "
-                f"{sum(sizes)} image tokens"
+                f"the vision tower gave {feats.shape[0]} rows but the samples' image tokens "
+                f"need {sum(sizes)}"
             )
         for i, f in zip(with_img, torch.split(feats, sizes)):
             out[i] = f

@@ -267,16 +267,18 @@ def collate_rows(
 def _row_image_features(loaded: Any, batch: RowBatch) -> Tensor | None:
     """Vision features for every row, in row order: ``[sum over rows with an image of h*w, D]``.
 
-    Each distinct sample goes through the vision tower once; rows copying the same sample
-    share (index) its features, so gradients of all copies accumulate into the projector.
+    The vision tower (frozen in AimKP) runs once per distinct sample; the trainable projector
+    runs once per ROW on that row's copy of the tower output, so its activations (and a
+    per-row gradient engine's view of them) belong to one row each, exactly as if every copy
+    had gone through the model's forward on its own.
     """
     used = sorted(set(batch.row_sample))
-    feats = loaded.adapter.sample_image_features([batch.samples[i] for i in used])
-    by_sample = dict(zip(used, feats))
+    hidden = loaded.adapter.sample_vision_hidden([batch.samples[i] for i in used])
+    by_sample = dict(zip(used, hidden))
     rows = [by_sample[si] for si in batch.row_sample if by_sample[si] is not None]
     if not rows:
         return None
-    return torch.cat(rows, dim=0)
+    return loaded.adapter.project(torch.cat(rows, dim=0))
 
 
 def _mask_for(attn_mask: Tensor | None, impl: str, dtype: torch.dtype) -> Tensor | None:

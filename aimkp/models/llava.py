@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
-from aimkp.models.adapter import EncodedSample, MLLMAdapter, register_adapter
+from aimkp.models.adapter import EncodedSample, MLLMAdapter, register_adapter, swapped_module
 
 
 @register_adapter("llava")
@@ -55,18 +55,21 @@ class LlavaAdapter(MLLMAdapter):
     def image_segment(self, n_image_tokens: int) -> tuple[list[int], int]:
         return [self.image_token_id] * n_image_tokens, 0
 
-    def image_features(
+    def vision_hidden(
         self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``pixel_values [N, 3, H, W]`` -> ``[N * h * w, D]`` (vision tower + projector)."""
+        """``pixel_values [N, 3, H, W]`` -> ``[N * h * w, Dv]``: the selected vision layer (CLS
+        dropped), computed by the model's own ``get_image_features`` with the projector swapped
+        out for the identity."""
         cfg = self.config
         vt_dtype = next(self.vision_tower.parameters()).dtype
-        out = self.base.model.get_image_features(
-            pixel_values=pixel_values.to(vt_dtype),
-            vision_feature_layer=cfg.vision_feature_layer,
-            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-            return_dict=True,
-        )
+        with swapped_module(self.base.model, "multi_modal_projector", nn.Identity()):
+            out = self.base.model.get_image_features(
+                pixel_values=pixel_values.to(vt_dtype),
+                vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                return_dict=True,
+            )
         feats = out.pooler_output
         if isinstance(feats, (list, tuple)):
             feats = torch.cat(list(feats), dim=0)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import Qwen2VLForConditionalGeneration
 
-from aimkp.models.adapter import EncodedSample, MLLMAdapter, register_adapter
+from aimkp.models.adapter import EncodedSample, MLLMAdapter, register_adapter, swapped_module
 
 
 @register_adapter("qwen2_vl")
@@ -56,17 +56,23 @@ class Qwen2VLAdapter(MLLMAdapter):
         ids.append(int(cfg.vision_end_token_id))
         return ids, 1
 
-    def image_features(
+    @property
+    def vision_tokens_per_image_token(self) -> int:  # type: ignore[override]
+        return self.merge * self.merge
+
+    def vision_hidden(
         self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Flattened patches ``[P, C*t*p*p]`` + ``image_grid_thw [N, 3]`` -> ``[M, D]``."""
+        """Flattened patches ``[P, C*t*p*p]`` + ``image_grid_thw [N, 3]`` -> ``[P, Dv]``: the
+        ViT blocks' output, computed by the model's own vision forward with the patch merger
+        (the projector) swapped out for the identity. Each image's patches stay contiguous in
+        merge-window order, so :meth:`project` (the merger) can run on any concatenation."""
         if image_grid_thw is None:
             raise ValueError("Qwen2-VL image features need image_grid_thw")
-        out = self.base.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-        feats = out.pooler_output
-        if isinstance(feats, (list, tuple)):
-            feats = torch.cat(list(feats), dim=0)
-        return feats
+        visual = self.base.model.visual
+        with swapped_module(visual, "merger", nn.Identity()):
+            out = visual(pixel_values.type(visual.dtype), grid_thw=image_grid_thw, return_dict=True)
+        return out.pooler_output
 
     def mm_token_type_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """1 at image-placeholder tokens, 2 at video ones, else 0 (same shape as input_ids)."""

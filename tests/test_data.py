@@ -219,3 +219,22 @@ def test_record_helpers() -> None:
     s = ReadStats(source="x")
     s.skip("blank line", "x:1")
     assert s.summary() == "x: read 0 records, skipped 1 (blank line: 1 [x:1])"
+
+
+def test_data_cli_info_and_convert(tmp_path, capsys) -> None:
+    from aimkp.cli import main
+
+    src = tmp_path / "s.txt"
+    src.write_text("a b<sep>x;y<sep>http://h/i.jpg\n\nc d<sep>y<sep>http://h/j.jpg\n")
+    _img(tmp_path / "i.jpg")
+    rc = main(["data", "info", "--data", str(src), "--on-missing-image", "skip"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "read 1 records, skipped 2 (blank line: 1" in out and "missing image: 1" in out
+    rc = main(["data", "info", "--data", str(src)])
+    assert rc == 2 and "s.txt:3: missing image" in capsys.readouterr().err
+    dst = tmp_path / "o.jsonl"
+    rc = main(["data", "convert", "--data", str(src), "--out", str(dst), "--no-images"])
+    assert rc == 0
+    back = read_records(dst)
+    assert [r.keyphrases for r in back] == [["x", "y"], ["y"]] and back[1].text == "c d"

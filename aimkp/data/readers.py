@@ -175,15 +175,9 @@ def _record_from_obj(
         kps = _phrases_from_value(obj["keyphrases"], where, "keyphrases")
     elif "conversations" in obj:
         conv = obj["conversations"]
-        answers = (
-            [
-                t.get("value")
-                for t in conv
-                if isinstance(conv, list) and isinstance(t, dict) and t.get("from") == "gpt"
-            ]
-            if isinstance(conv, list)
-            else []
-        )
+        if not isinstance(conv, list):
+            raise ValueError(f"{where}: 'conversations' must be a list of turns")
+        answers = [t.get("value") for t in conv if isinstance(t, dict) and t.get("from") == "gpt"]
         if not answers:
             raise ValueError(f"{where}: 'conversations' has no turn from 'gpt'")
         kps = _phrases_from_value(answers[0], where, "conversations[gpt].value")

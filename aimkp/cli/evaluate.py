@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             protocol=args.protocol,
             plot=not args.no_plot,
         )
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         print(f"aimkp evaluate: error: {exc}", file=sys.stderr)
         return 2
     print(markdown_table(res))

@@ -14,6 +14,7 @@ from test_models_common import (
 from aimkp.models import collate_rows, flash_varlen_kwargs, forward_rows
 
 PRESETS = ["tiny-llava", "tiny-qwen2vl"]
+ALL_PRESETS = [*PRESETS, "tiny-qwen25vl"]
 
 # fp32 throughout. The two modes reorder the same reductions (packed vs padded attention, the
 # softmax over a different number of masked entries), so differences are rounding only:
@@ -36,7 +37,7 @@ def _run(loaded, samples, keeps, rows, mode):
     return batch, out, grads
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", ALL_PRESETS)
 def test_compact_equals_attention_losses_and_grads(name):
     loaded = tiny(name)
     samples = [loaded.adapter.encode(r) for r in records()]
@@ -60,7 +61,7 @@ def test_compact_equals_attention_losses_and_grads(name):
         assert g_a[n].abs().max() > 0, f"{n}: zero gradient"
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", ALL_PRESETS)
 def test_unmasked_row_matches_model_own_forward(name):
     """An all-kept row's mean CE equals the HF model's own loss (its vision path, its mask)."""
     loaded = tiny(name)
@@ -275,7 +276,7 @@ def test_varlen_path_passes_cu_seqlens(name, monkeypatch):
         collate_rows(var, samples, keeps, rows, mode="attention")
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", ALL_PRESETS)
 def test_tower_once_per_sample_projector_once_per_row(name):
     """Split vision path == the model's own get_image_features; the projector sees each row."""
     loaded = tiny(name)

@@ -27,7 +27,7 @@ from aimkp.models.lora import apply_lora, language_linear_names
 PRESETS = ["tiny-llava", "tiny-qwen2vl"]
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", [*PRESETS, "tiny-qwen25vl"])
 def test_encode_spans_labels_and_answer(name):
     loaded = tiny(name, lora=False)
     tok, adapter = loaded.tokenizer, loaded.adapter

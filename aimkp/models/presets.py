@@ -11,6 +11,9 @@ tiny-llava      CLIP, 64 px, patch 8: 8 x 8 = 64  Llama, hidden 128, 2 layers, 4
                 image tokens, hidden 64, 2 layers
 tiny-qwen2vl    Qwen2-VL ViT, 64 px, patch 8,     Qwen2, hidden 128, 2 layers, 4 heads (2 kv),
                 merge 2: 4 x 4 = 16 image tokens  mrope sections [4, 6, 6]
+tiny-qwen25vl   Qwen2.5-VL windowed ViT (2 x 2    as tiny-qwen2vl
+                merged-token windows, block 1
+                full attention), else as above
 ==============  ===============================  =========================================
 """
 
@@ -27,6 +30,8 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
@@ -132,8 +137,11 @@ def build_tiny_llava(texts: Iterable[str] | None) -> tuple[nn.Module, Any, Any]:
     return model, tok, _llava_processor()
 
 
-def build_tiny_qwen2vl(texts: Iterable[str] | None) -> tuple[nn.Module, Any, Any]:
-    """``tiny-qwen2vl``: (Qwen2VLForConditionalGeneration, tokenizer, Qwen2-VL image processor)."""
+def build_tiny_qwen2vl(
+    texts: Iterable[str] | None, version: str = "2"
+) -> tuple[nn.Module, Any, Any]:
+    """``tiny-qwen2vl`` (``version="2"``) / ``tiny-qwen25vl`` (``"2.5"``): (model, tokenizer,
+    Qwen2-VL image processor)."""
     specials = [
         "<|endoftext|>",
         "<|im_start|>",
@@ -152,7 +160,27 @@ def build_tiny_qwen2vl(texts: Iterable[str] | None) -> tuple[nn.Module, Any, Any
         chat_template=QWEN_CHAT_TEMPLATE,
     )
     ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
-    cfg = Qwen2VLConfig(
+    vision: dict[str, Any] = {
+        "depth": 2,
+        "patch_size": PATCH,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+    }
+    if version == "2":
+        vision.update(embed_dim=64, hidden_size=128, num_heads=4, mlp_ratio=2)
+        config_cls, model_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    else:  # 2.5: window of 32 px = 2 x 2 merged tokens, block 1 attends to the whole image
+        vision.update(
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=4,
+            out_hidden_size=128,
+            window_size=32,
+            fullatt_block_indexes=[1],
+        )
+        config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    cfg = config_cls(
         text_config={
             "vocab_size": len(tok),
             "hidden_size": 128,
@@ -171,24 +199,14 @@ def build_tiny_qwen2vl(texts: Iterable[str] | None) -> tuple[nn.Module, Any, Any
             "pad_token_id": ids["<|endoftext|>"],
             "tie_word_embeddings": False,
         },
-        vision_config={
-            "depth": 2,
-            "embed_dim": 64,
-            "hidden_size": 128,
-            "num_heads": 4,
-            "mlp_ratio": 2,
-            "patch_size": PATCH,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "in_channels": 3,
-        },
+        vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    model = Qwen2VLForConditionalGeneration(cfg)
+    model = model_cls(cfg)
     _set_generation_ids(model, tok)
     return model, tok, _qwen_processor()
 
@@ -203,6 +221,7 @@ def _set_generation_ids(model: nn.Module, tok: Any) -> None:
 PRESETS: dict[str, Callable[[Iterable[str] | None], tuple[nn.Module, Any, Any]]] = {
     "tiny-llava": build_tiny_llava,
     "tiny-qwen2vl": build_tiny_qwen2vl,
+    "tiny-qwen25vl": lambda texts: build_tiny_qwen2vl(texts, version="2.5"),
 }
 
 

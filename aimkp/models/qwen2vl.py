@@ -4,8 +4,9 @@ The image segment is ``<|vision_start|>`` + ``h*w`` ``<|image_pad|>`` + ``<|visi
 ``(h, w) = image_grid_thw[1:] / spatial_merge_size``. Positions are the 3 x T multimodal RoPE
 indices from the model's own ``get_rope_index`` on the full (unmasked) sequence; masking keeps the
 kept tokens' values (the model would renumber them if hidden tokens were removed from its mask).
-Qwen2.5-VL differs only in ``model_class`` and ``model_type`` (its ``get_rope_index`` has the same
-contract), so its adapter is a four-line subclass of this one.
+Qwen2.5-VL (:class:`Qwen25VLAdapter`) differs in the class and in one detail of the vision
+path: its windowed ViT permutes patches into windows and restores the order after the merger,
+per merged token, so the projector input is taken with the merge windows grouped.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Qwen2VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 from aimkp.models.adapter import EncodedSample, MLLMAdapter, register_adapter, swapped_module
 
@@ -106,3 +107,36 @@ class Qwen2VLAdapter(MLLMAdapter):
             kw["pixel_values"] = torch.cat([s.pixel_values for s in with_img], 0).to(dev)
             kw["image_grid_thw"] = torch.cat([s.image_grid_thw for s in with_img], 0).to(dev)
         return kw
+
+
+class _GroupMergeWindows(nn.Module):
+    """Weight-free stand-in for a patch merger: ``[P, Dv]`` -> ``[P / k, k * Dv]`` (each merge
+    window's k patches in one row), so order restorations applied per merged token move whole
+    windows, exactly as they move the real merger's outputs."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, self.k * x.shape[-1])
+
+
+@register_adapter("qwen2_5_vl")
+class Qwen25VLAdapter(Qwen2VLAdapter):
+    """Adapter for ``Qwen2_5_VLForConditionalGeneration`` (windowed ViT + patch merger)."""
+
+    model_class = Qwen2_5_VLForConditionalGeneration
+
+    def vision_hidden(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[P, Dv]`` merger inputs in the model's final (un-windowed) patch order."""
+        if image_grid_thw is None:
+            raise ValueError("Qwen2.5-VL image features need image_grid_thw")
+        visual = self.base.model.visual
+        k = self.vision_tokens_per_image_token
+        with swapped_module(visual, "merger", _GroupMergeWindows(k)):
+            out = visual(pixel_values.type(visual.dtype), grid_thw=image_grid_thw, return_dict=True)
+        g = out.pooler_output
+        return g.reshape(g.shape[0] * k, -1)

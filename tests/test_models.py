@@ -193,3 +193,38 @@ def test_preset_build_is_deterministic_and_uses_given_texts():
         assert torch.equal(a, b), k
     with pytest.raises(ValueError, match="unknown preset"):
         build_preset("tiny-idefics")
+
+
+# The chat template llava-hf ships for LLaVA-1.5 (structured content only: images first).
+LLAVA_HF_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def test_llava_hf_chat_template():
+    loaded = tiny("tiny-llava", lora=False)
+    tok = copy.deepcopy(loaded.tokenizer)
+    tok.chat_template = LLAVA_HF_TEMPLATE
+    adapter = get_adapter(loaded.model, tok, loaded.image_processor)
+    rec = records()[0]
+    s = adapter.encode(rec)
+    i0, i1 = s.image_span
+    a, b = s.text_span
+    assert tok.decode(s.input_ids[:i0]) == "<s>USER: "
+    assert (s.input_ids[i0:i1] == adapter.image_token_id).all() and i1 - i0 == 64
+    assert tok.decode(s.input_ids[a:b]) == rec.text
+    prompt = tok.decode(s.input_ids[b : s.prompt_len])
+    assert prompt == f"\n{QUESTION} ASSISTANT:"
+    assert tok.decode(s.input_ids[s.prompt_len :]) == " " + ", ".join(rec.keyphrases) + "</s>"
+    text_only = adapter.encode(records()[1])
+    assert text_only.image_span is None
+    assert tok.decode(text_only.input_ids[: text_only.text_span[0]]) == "<s>USER: "

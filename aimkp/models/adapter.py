@@ -355,7 +355,9 @@ class MLLMAdapter:
         labels = [-100] * prompt_len
         if with_answer:
             kps = list(getattr(record, "keyphrases", []) or [])
-            ans = self._tok(self.answer_text(kps))
+            # "ASSISTANT:" (LLaVA-1.5) is followed by a space before the answer, as in training
+            sep = " " if after.rstrip(" ").endswith(":") and not after.endswith(" ") else ""
+            ans = self._tok(sep + self.answer_text(kps))
             if tok.eos_token_id is None:
                 raise ValueError("the tokenizer has no eos token; cannot end the answer")
             ans.append(int(tok.eos_token_id))

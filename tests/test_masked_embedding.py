@@ -370,3 +370,18 @@ def test_errors_on_arguments() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
             masked_embedding(**inp, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_frozen_table_only_features_and_fill_get_gradients(backend: str) -> None:
+    """LoRA set-up: the table is frozen; only the projector's features and the fill learn."""
+    inp = make_inputs(torch.float32)
+    feats = inp["image_features"].clone().requires_grad_(True)
+    fill = inp["fill"].clone().requires_grad_(True)
+    out = masked_embedding(**{**inp, "image_features": feats, "fill": fill}, backend=backend)
+    assert not inp["weight"].requires_grad
+    gi, gf = torch.autograd.grad(out.sum(), (feats, fill))
+    ref = masked_embedding_reference(**{**inp, "image_features": feats, "fill": fill})
+    ri, rf = torch.autograd.grad(ref.sum(), (feats, fill))
+    torch.testing.assert_close(gi, ri, atol=0, rtol=0)  # single rows: exact copies
+    torch.testing.assert_close(gf, rf, atol=1e-5, rtol=1e-5)  # fp32 sum over ~50 hidden rows

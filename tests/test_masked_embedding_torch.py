@@ -82,9 +82,15 @@ def test_torch_compile_dense_fullgraph_inductor() -> None:
 
 def test_torch_compile_compact() -> None:
     """Compact: the data-dependent compaction index (nonzero) is computed outside the custom op,
-    so dynamo breaks the graph there (fullgraph=False); everything after it compiles."""
+    so by default dynamo breaks the graph there (fullgraph=False) and compiles the rest; with
+    ``capture_dynamic_output_shape_ops`` the kept count K is an unbacked symbol and the whole
+    function compiles as one graph (fullgraph=True)."""
     torch._dynamo.reset()
     _check_grads(_compact, torch.compile(_compact, backend="aot_eager"), _inputs())
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        compiled = torch.compile(_compact, backend="aot_eager", fullgraph=True)
+        _check_grads(_compact, compiled, _inputs())
 
 
 def test_module_matches_functional_and_padding_idx() -> None:

@@ -10,6 +10,13 @@ row (``src = V + j``) or the fill row (``-1``: hidden or ``ignore_index`` positi
 are pure gathers over ``src``; the backward is a segment reduction over it (C++: atomic-free and
 always deterministic; Triton / CUDA: fp32 atomics, or sorted segments with ``deterministic=True``).
 
+torch.compile: the dense path is one graph (``fullgraph=True`` works): the fake impl gives
+``[N, D]`` and the value checks (one host sync) run inside the op's real implementation, which
+stays eager under compile. The compact path computes its index with ``nonzero`` outside the op:
+dynamo breaks the graph there by default, or, with
+``torch._dynamo.config.capture_dynamic_output_shape_ops = True``, treats K as an unbacked symbol
+and compiles one graph (both tested in tests/test_masked_embedding_torch.py).
+
 Example::
 
     >>> import torch

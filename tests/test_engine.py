@@ -242,3 +242,17 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="map to no rows"):
         with aimkp.per_sample_grad_gram(m, cu_seqlens=torch.tensor([0, 2, 4])):
             m(x).sum().backward()
+
+
+def test_tied_and_functional_use_error() -> None:
+    emb, head = nn.Embedding(7, 4), nn.Linear(4, 7, bias=False)
+    head.weight = emb.weight
+    with pytest.raises(ValueError, match="tied weights"):
+        aimkp.per_sample_grad_gram(nn.ModuleDict({"emb": emb, "head": head}))
+
+    lin = nn.Linear(3, 2)
+    model = nn.Sequential(lin, nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="no call of the module was seen"):
+        with aimkp.per_sample_grad_gram(model):
+            out = nn.functional.linear(torch.randn(4, 3), lin.weight, lin.bias)  # not lin(x)
+            model[1](out).sum(1).sum().backward()

@@ -61,6 +61,8 @@ class _ModState:
     rule: Rule
     calls: list[_Call] = field(default_factory=list)
     received: int = 0
+    processed: bool = False
+    touched: bool = False
 
 
 def _as_cu(x: Any, what: str) -> torch.Tensor:
@@ -147,6 +149,16 @@ class GradGram:
                     f"{list(rule.param_names)} but parameter(s) {missing} are trainable"
                 )
             self._states.append(_ModState(name or type(mod).__name__, mod, rule))
+        owner: dict[int, str] = {}
+        for st in self._states:
+            for n, p in st.module.named_parameters(recurse=False):
+                if p.requires_grad and id(p) in owner:
+                    raise ValueError(
+                        f"trainable parameter '{st.name}.{n}' is shared with module "
+                        f"'{owner[id(p)]}' (tied weights): the per-row gradient of a parameter "
+                        "used by two modules is not supported; untie or freeze it"
+                    )
+                owner[id(p)] = st.name
         if not self._states:
             raise ValueError("model has no trainable parameters (nothing requires grad)")
         self._handles: list[Any] = []
@@ -157,6 +169,7 @@ class GradGram:
         self._dots: torch.Tensor | None = None
         self._ran: set[str] = set()
         self._stash: list[tuple[_ModState, object]] = []
+        self._layout_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._reweighted = False
         self._finalized = False
 
@@ -189,7 +202,16 @@ class GradGram:
         for st in self._states:
             h = st.module.register_forward_hook(self._make_fwd_hook(st), with_kwargs=True)
             self._handles.append(h)
+            for p in st.module.parameters(recurse=False):
+                if p.requires_grad:
+                    self._handles.append(
+                        p.register_post_accumulate_grad_hook(lambda _p, st=st: self._touch(st))
+                    )
         return self
+
+    @staticmethod
+    def _touch(st: _ModState) -> None:
+        st.touched = True
 
     def __exit__(self, *exc: Any) -> None:
         for h in self._handles:
@@ -203,8 +225,14 @@ class GradGram:
     # ----------------------------------------------------------------------------- hooks
     def _make_fwd_hook(self, st: _ModState):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
+            if not torch.is_grad_enabled():
                 return
+            if not isinstance(output, torch.Tensor):
+                raise ValueError(
+                    f"module '{st.name}' ({type(module).__name__}) returned "
+                    f"{type(output).__name__}, not a tensor: its rule cannot see the output "
+                    "gradient"
+                )
             if not output.requires_grad:
                 return
             if self._started:
@@ -307,6 +335,25 @@ class GradGram:
             "split by row: run such a module once per row.)"
         )
 
+    def _layout(
+        self, st: _ModState, lead: tuple[int, ...], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(rows [n], offsets [B + 1], max row length)`` of one call's tokens; cached per
+        token shape (and ``module_rows`` entry), since most hooked layers share one layout."""
+        mr = next(
+            (k for k in self._module_rows if st.name == k or st.name.startswith(k + ".")), None
+        )
+        key = (mr, lead, str(device))
+        hit = self._layout_cache.get(key)
+        if hit is None:
+            rows = self._row_ids(st, lead, device)
+            counts = torch.bincount(rows, minlength=self._B)
+            offsets = torch.zeros(self._B + 1, dtype=torch.int64, device=device)
+            offsets[1:] = torch.cumsum(counts, 0)
+            max_len = int(counts.max()) if self._B else 0
+            hit = self._layout_cache[key] = (rows, offsets, max_len)
+        return hit
+
     def _tokens(self, st: _ModState) -> Tokens | None:
         calls = [c for c in st.calls if c.g is not None]
         if not calls:
@@ -316,16 +363,19 @@ class GradGram:
             n = math.prod(c.lead)
             a_l.append(c.a.reshape(n, *c.a.shape[len(c.lead) :]))
             g_l.append(c.g.reshape(n, -1))
-            r_l.append(self._row_ids(st, c.lead, c.g.device))
+            r_l.append(self._layout(st, c.lead, c.g.device))
             if c.extra is not None:
                 e_l.append(c.extra.reshape(n, *c.extra.shape[len(c.lead) :]))
-        cat = (lambda xs: xs[0]) if len(calls) == 1 else (lambda xs: torch.cat(xs, 0))
-        a, g, rows = cat(a_l), cat(g_l), cat(r_l)
-        extra = cat(e_l) if e_l else None
-        if rows.numel() > 1 and bool((rows[1:] < rows[:-1]).any()):
-            order = torch.argsort(rows, stable=True)
-            a, g, rows = a[order], g[order], rows[order]
-            extra = extra[order] if extra is not None else None
+        if len(calls) == 1:  # rows of one call are sorted by construction
+            rows, offsets, max_len = r_l[0]
+            tok = Tokens(a_l[0], g_l[0], rows, offsets, self._B, e_l[0] if e_l else None)
+            tok._max_len = max_len
+            return tok
+        a, g, rows = torch.cat(a_l), torch.cat(g_l), torch.cat([r[0] for r in r_l])
+        extra = torch.cat(e_l) if e_l else None
+        order = torch.argsort(rows, stable=True)
+        a, g, rows = a[order], g[order], rows[order]
+        extra = extra[order] if extra is not None else None
         counts = torch.bincount(rows, minlength=self._B)
         offsets = torch.zeros(self._B + 1, dtype=torch.int64, device=rows.device)
         offsets[1:] = torch.cumsum(counts, 0)
@@ -337,6 +387,7 @@ class GradGram:
         st.received = 0
         if tok is None:
             return
+        st.processed = True
         backend = self.requested_backend
         if backend == "auto":
             backend = "triton" if tok.g.is_cuda else "torch"
@@ -361,6 +412,13 @@ class GradGram:
         for st in self._states:
             if st.calls:
                 self._process(st)
+        for st in self._states:
+            if st.touched and not st.processed:
+                raise ValueError(
+                    f"parameters of module '{st.name}' ({type(st.module).__name__}) received a "
+                    "gradient in this backward but no call of the module was seen (used "
+                    "functionally, outside the module's forward?): per-row numbers would miss it"
+                )
         self._finalized = True
         log.debug("per_sample_grad_gram ran backend=%s", self.backend)
 

@@ -39,6 +39,8 @@ from aimkp.engine.rules._common import segment_sum, vec_gram
 
 # Bound on the fp32 elements of one batched tile of per-row gradients (CPU direct form).
 _TILE_ELEMS = 1 << 24
+# Up to this many rows, pair dots come from one [B, B] Gram matmul of the flattened tiles.
+_GRAM_ROWS = 64
 
 
 def choose_form(tok: Tokens, d_in: int, d_out: int, n_pairs: int) -> str:
@@ -63,9 +65,15 @@ def linear_weight_gram_torch(
         chunk = max(1, min(d_out, _TILE_ELEMS // max(1, B * d_in)))
         for o0 in range(0, d_out, chunk):
             G = torch.bmm(g_pad[:, :, o0 : o0 + chunk].transpose(1, 2), a_pad)  # [B, c, d_in]
-            sq += G.square().sum((1, 2))
+            Gf = G.reshape(B, -1)
+            if P and B <= _GRAM_ROWS:  # one [B, B] Gram matmul gives norms and every pair
+                K = Gf @ Gf.t()
+                sq += K.diagonal()
+                dots += K[pairs[:, 0], pairs[:, 1]]
+                continue
+            sq += torch.linalg.vector_norm(Gf, dim=1).square()
             if P:
-                dots += (G[pairs[:, 0]] * G[pairs[:, 1]]).sum((1, 2))
+                dots += (Gf[pairs[:, 0]] * Gf[pairs[:, 1]]).sum(1)
         return sq, dots
     if form != "ghost":
         raise ValueError(f"form must be 'direct' or 'ghost', got {form!r}")

@@ -24,9 +24,9 @@ LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-4
 
 
-def _run(loaded, samples, keeps, rows, mode):
+def _run(loaded, samples, keeps, rows, mode, layout="packed"):
     loaded.model.zero_grad(set_to_none=True)
-    batch = collate_rows(loaded, samples, keeps, rows, mode=mode, device="cpu")
+    batch = collate_rows(loaded, samples, keeps, rows, mode=mode, device="cpu", layout=layout)
     out = forward_rows(loaded, batch)
     out.loss_sum.sum().backward()
     grads = {
@@ -37,12 +37,15 @@ def _run(loaded, samples, keeps, rows, mode):
     return batch, out, grads
 
 
-@pytest.mark.parametrize("name", ALL_PRESETS)
-def test_compact_equals_attention_losses_and_grads(name):
+@pytest.mark.parametrize(
+    ("name", "layout"), [(n, "packed") for n in ALL_PRESETS] + [(n, "padded") for n in PRESETS]
+)
+def test_compact_equals_attention_losses_and_grads(name, layout):
     loaded = tiny(name)
     samples = [loaded.adapter.encode(r) for r in records()]
     keeps, rows = random_keeps(samples, copies=3)
-    b_c, out_c, g_c = _run(loaded, samples, keeps, rows, "compact")
+    b_c, out_c, g_c = _run(loaded, samples, keeps, rows, "compact", layout)
+    assert b_c.layout == layout and (b_c.cu_seqlens is None) == (layout == "padded")
     b_a, out_a, g_a = _run(loaded, samples, keeps, rows, "attention")
     assert loaded.info["last_forward"]["mode"] == "attention"
     assert b_c.num_rows == b_a.num_rows == len(rows)
@@ -314,3 +317,20 @@ def test_tower_once_per_sample_projector_once_per_row(name):
     per_row = [samples[i].grid[0] * samples[i].grid[1] * k for i in rows if samples[i].grid]
     assert seen["tower"] == 1  # all images of all distinct samples in one tower call
     assert seen["proj"] == sum(per_row)  # projector input: every row's own copy
+
+
+def test_padded_compact_layout_positions_and_auto():
+    loaded = tiny("tiny-qwen2vl", lora=False)
+    samples = [loaded.adapter.encode(r) for r in records()]
+    keeps, rows = random_keeps(samples, copies=2, seed=9)
+    b = collate_rows(loaded, samples, keeps, rows, layout="auto")  # sdpa -> padded
+    counts = [int(k.sum()) for k in keeps]
+    assert b.layout == "padded" and b.cu_seqlens is None
+    assert b.position_ids.shape == (3, len(rows), max(counts)) and b.n_kept == sum(counts)
+    for r, (k, si) in enumerate(zip(keeps, rows)):
+        assert torch.equal(b.position_ids[:, r, : counts[r]], samples[si].position_ids[:, k])
+        assert b.attn_mask[r, 0, -1, : counts[r]].all()  # last slot (pad or kept) sees the row
+        if counts[r] < max(counts):
+            assert not b.attn_mask[r, 0, -1, counts[r] : -1].any()  # padding is never a key
+    with pytest.raises(ValueError, match="layout"):
+        collate_rows(loaded, samples, keeps, rows, layout="ragged")

@@ -13,6 +13,9 @@ per-row losses and parameter gradients:
   (``masking_utils.find_packed_sequence_indices``), and kept tokens' positions jump by design.
   (transformers 5.24 returns a user 4-D mask unchanged: ``_preprocess_mask_arguments`` exits
   early on ``attention_mask.ndim == 4``, before any packed-sequence detection.)
+  With SDPA / eager attention the dense block mask costs ``K_total^2``; ``layout="padded"``
+  pads the compact rows to ``[R, K_max]`` instead (``R * K_max^2``; rows are then the batch
+  dimension and ``cu_seqlens`` is None, as in attention mode).
 - ``attention`` (reference formulation): padded ``[R, T]`` full sequences; hidden tokens are
   removed from attention by the 4-D mask (causal AND key kept AND key not padding; a token
   always sees itself so no softmax row is empty); positions unchanged.
@@ -38,6 +41,7 @@ from torch import Tensor
 from aimkp.models.adapter import EncodedSample
 
 MODES = ("compact", "attention")
+LAYOUTS = ("packed", "padded", "auto")
 # Attention implementations that take packed rows as ``cu_seq_lens_q/k`` + ``max_length_q/k``
 # (flash-attn varlen) instead of a 4-D mask.
 VARLEN_ATTENTION = {"flash_attention_2", "flash_attention_3"}
@@ -73,7 +77,11 @@ class RowBatch:
         pred_row: LongTensor ``[A]`` row of each such position.
         targets: LongTensor ``[A]`` the answer token it predicts.
         n_tokens: LongTensor ``[R]`` answer tokens per row.
-        n_kept: number of tokens fed to the model (K in compact mode).
+        n_kept: number of kept tokens (K).
+        layout: ``"packed"`` (compact rows in one ``[1, K]`` sequence) or ``"padded"``
+            (``[R, T_max]`` full rows in attention mode, ``[R, K_max]`` compact rows).
+        scatter_index: compact + padded only: LongTensor ``[K]``, slot of each kept token in
+            the flattened ``[R * K_max]`` layout.
     """
 
     mode: str
@@ -92,6 +100,8 @@ class RowBatch:
     targets: Tensor
     n_tokens: Tensor
     n_kept: int
+    layout: str = "padded"
+    scatter_index: Tensor | None = None
 
 
 def _masked_embedding() -> tuple[Any, str]:
@@ -169,12 +179,21 @@ def collate_rows(
     row_sample: Sequence[int],
     mode: str = "compact",
     device: torch.device | str | None = None,
+    layout: str = "packed",
 ) -> RowBatch:
     """Collate R rows (copy ``r`` = sample ``row_sample[r]`` with ``keeps[r]`` ``[T_i]``).
 
     Everything the per-sample gradient engine needs before the forward is here:
-    ``batch.num_rows`` and, in compact mode, ``batch.cu_seqlens`` (IntTensor ``[R+1]``).
+    ``batch.num_rows`` and, for packed compact rows, ``batch.cu_seqlens`` (IntTensor ``[R+1]``;
+    None when rows are the batch dimension).
+
+    ``layout`` (compact mode): ``"packed"`` (default, the varlen contract: one ``[1, K]``
+    sequence, block-diagonal mask or flash-attn ``cu_seq_lens``), ``"padded"`` (compact rows
+    padded to ``[R, K_max]``: SDPA / eager attention then costs ``R * K_max^2`` instead of the
+    dense block mask's ``K^2``) or ``"auto"`` (packed with flash-attn, else padded).
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     _check_inputs(samples, keeps, row_sample, mode)
     if device is None:
         device = loaded.adapter.embed_tokens.weight.device
@@ -218,14 +237,39 @@ def collate_rows(
         kept_pos = pos.reshape(n_pos, R * T)[:, flat_idx]  # original positions of kept tokens
         position_ids = kept_pos.reshape(n_pos, 1, K)
         position_ids = position_ids[0] if n_pos == 1 else position_ids
-        attn_mask = None
-        if adapter.attn_implementation not in VARLEN_ATTENTION:
-            seg = torch.repeat_interleave(torch.arange(R), counts.long())
-            causal = torch.ones(K, K, dtype=torch.bool).tril_()
-            attn_mask = (causal & (seg[:, None] == seg[None, :])).reshape(1, 1, K, K)
         max_seqlen = int(counts.max())
-        cu_seqlens: Tensor | None = cu
         n_kept = K
+        scatter_index = None
+        if layout == "auto":
+            layout = "packed" if adapter.attn_implementation in VARLEN_ATTENTION else "padded"
+        if layout == "packed":
+            attn_mask = None
+            if adapter.attn_implementation not in VARLEN_ATTENTION:
+                seg = torch.repeat_interleave(torch.arange(R), counts.long())
+                causal = torch.ones(K, K, dtype=torch.bool).tril_()
+                attn_mask = (causal & (seg[:, None] == seg[None, :])).reshape(1, 1, K, K)
+            cu_seqlens: Tensor | None = cu
+        else:
+            if adapter.attn_implementation in VARLEN_ATTENTION:
+                raise ValueError("flash-attn (varlen) takes compact rows packed: layout='packed'")
+            # compact rows padded to [R, K_max]: attention costs sum_r K_max^2, not K^2
+            km = max_seqlen
+            row_of = torch.repeat_interleave(torch.arange(R), counts.long())
+            slot = row_of * km + (torch.arange(K) - cu[:-1].long()[row_of])
+            scatter_index = slot
+            pred_index = slot[pred_index]
+            padded_pos = torch.zeros(n_pos, R * km, dtype=torch.long)
+            padded_pos[:, slot] = kept_pos
+            position_ids = padded_pos.reshape(n_pos, R, km)
+            position_ids = position_ids[0] if n_pos == 1 else position_ids
+            valid_k = torch.zeros(R * km, dtype=torch.bool)
+            valid_k[slot] = True
+            causal = torch.ones(km, km, dtype=torch.bool).tril_()
+            eye = torch.eye(km, dtype=torch.bool)
+            attn_mask = ((causal[None] & valid_k.reshape(R, 1, km)) | eye[None]).reshape(
+                R, 1, km, km
+            )
+            cu_seqlens = None  # rows are the batch dimension, as in attention mode
     else:
         if adapter.attn_implementation in VARLEN_ATTENTION:
             raise ValueError(
@@ -240,6 +284,8 @@ def collate_rows(
         cu_seqlens = None
         max_seqlen = T
         n_kept = int(keep.sum())
+        scatter_index = None
+        layout = "padded"
 
     def dev(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.to(device, non_blocking=True)
@@ -261,6 +307,8 @@ def collate_rows(
         targets=dev(targets),
         n_tokens=dev(n_tokens),
         n_kept=n_kept,
+        layout=layout,
+        scatter_index=dev(scatter_index),
     )
 
 
@@ -313,7 +361,12 @@ def forward_rows(loaded: Any, batch: RowBatch) -> RowLosses:
             image_token_id=adapter.image_token_id,
             compact=True,
         )
-        embeds = ce.values.unsqueeze(0)  # [1, K, D]
+        if batch.layout == "packed":
+            embeds = ce.values.unsqueeze(0)  # [1, K, D]
+        else:  # [R, K_max, D], padding slots zero (masked out as keys)
+            R, km = batch.num_rows, batch.max_seqlen
+            flat = ce.values.new_zeros(R * km, ce.values.shape[-1])
+            embeds = flat.index_copy(0, batch.scatter_index, ce.values).view(R, km, -1)
         if impl in VARLEN_ATTENTION:
             kwargs.update(flash_varlen_kwargs(batch.cu_seqlens))
     else:
@@ -347,6 +400,7 @@ def forward_rows(loaded: Any, batch: RowBatch) -> RowLosses:
         backend = "reference"
     loaded.info["last_forward"] = {
         "mode": batch.mode,
+        "layout": batch.layout,
         "embedding": op_name,
         "embedding_backend": backend,
         "attention": impl,

@@ -316,7 +316,8 @@ def build(
 ) -> dict[str, Any]:
     """Build ``out_dir/{train,valid,test}.jsonl`` and ``out_dir/images/*.png``; return the stats.
 
-    Deterministic for a given package version, ``seed`` and arguments.
+    The JSONL is deterministic for a given package version, ``seed`` and arguments (cairo may
+    render a few PNGs a few pixel values differently between runs).
     """
     import multiprocessing
 

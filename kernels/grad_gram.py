@@ -10,7 +10,8 @@ Layout: the tokens of all rows are sorted by row; ``offsets [B + 1]`` gives each
 - ``_grad_gram_pair_kernel``: grid ``(P, n_tiles)``; a program owns pair p = (i, j) and one tile:
   it forms the tiles of ``G_i`` and ``G_j`` side by side and writes their Frobenius product.
 
-The launcher ``grad_gram_direct`` sums the per-tile partials (deterministic, no atomics). On the CPU
+The launcher ``grad_gram_direct`` sums the per-tile partials (deterministic, no atomics); the
+partials start as NaN so a tile a program failed to write shows up loudly. On the CPU
 the kernels run under ``TRITON_INTERPRET=1`` (inputs are upcast to fp32 there: the interpreter has
 no bf16 dot); on CUDA bf16 / fp16 inputs go to ``tl.dot`` as they are, fp32 ones with IEEE
 precision, always accumulating in fp32.
@@ -171,7 +172,7 @@ def grad_gram_direct(
     n_tiles = triton.cdiv(d_out, BO) * n_ti
     sq = torch.zeros(B, dtype=torch.float32, device=dev)
     if B and N:
-        partial = torch.empty(B, n_tiles, dtype=torch.float32, device=dev)
+        partial = torch.full((B, n_tiles), float("nan"), dtype=torch.float32, device=dev)
         _grad_gram_norm_kernel[(B, n_tiles)](
             a, g, off, partial, d_in, d_out, a.stride(0), g.stride(0), n_ti, n_tiles,
             BLOCK_T=BT, BLOCK_O=BO, BLOCK_I=BI, CAST_F32=cast,
@@ -183,7 +184,7 @@ def grad_gram_direct(
     dots = torch.zeros(P, dtype=torch.float32, device=dev)
     if P and N:
         pr = pairs.to(device=dev, dtype=torch.int64).contiguous()
-        partial = torch.empty(P, n_tiles, dtype=torch.float32, device=dev)
+        partial = torch.full((P, n_tiles), float("nan"), dtype=torch.float32, device=dev)
         _grad_gram_pair_kernel[(P, n_tiles)](
             a, g, off, pr, partial, d_in, d_out, a.stride(0), g.stride(0), n_ti, n_tiles,
             BLOCK_T=BT, BLOCK_O=BO, BLOCK_I=BI, CAST_F32=cast,

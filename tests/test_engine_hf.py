@@ -183,3 +183,26 @@ def test_tiny_qwen2vl_lora_merger_padded_and_packed() -> None:
     with pytest.raises(ValueError, match="map to no rows"):
         with aimkp.per_sample_grad_gram(model, pairs=PAIRS):
             padded().sum().backward()
+
+
+def test_tiny_llava_masked_copy_pairs() -> None:
+    """Rows = one sample and its two masked copies (text tokens / image tokens hidden from
+    attention by a per-row 4-D mask, kept tokens keep their positions); the GF cosines
+    cos(original, copy) match the per-row loop."""
+    model = tiny_llava()
+    T = 14
+    row = torch.cat([torch.tensor([1] + [V - 1] * 4), torch.randint(3, 56, (T - 5,))])
+    ids = row.repeat(3, 1)
+    keep = torch.ones(3, T, dtype=torch.bool)
+    keep[1, 5:10:2] = False  # text copy: every other text token hidden
+    keep[2, 1:4] = False  # image copy: 3 of the 4 image tokens hidden
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = (causal[None] & keep[:, None, :]) | torch.eye(T, dtype=torch.bool)[None]
+    px = torch.randn(1, 3, 28, 28).repeat(3, 1, 1, 1)  # one image, one projector call per row
+
+    def fwd() -> torch.Tensor:
+        logits = model(input_ids=ids, attention_mask=mask[:, None], pixel_values=px).logits
+        return torch.stack([_row_ce(logits[r], ids[r], start=10) for r in range(3)])
+
+    gram, _ = check_against_loop(model, fwd, torch.tensor([[0, 1], [0, 2]]))
+    assert (gram.cosines > -1).all() and (gram.cosines < 1).all()

@@ -71,18 +71,23 @@ def test_frozen_weight_trainable_bias() -> None:
     check_against_loop(m, lambda: row_loss_padded(m(x)), torch.tensor([[0, 1], [1, 2]]))
 
 
-def test_triton_kernel_odd_shapes() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernel_odd_shapes(dtype: torch.dtype) -> None:
     from aimkp.kernels.grad_gram import grad_gram_direct
 
     torch.manual_seed(0)
     N, d_in, d_out = 83, 130, 20  # two d_in tiles of 128, token count not a multiple of 64
-    a, g = torch.randn(N, d_in), torch.randn(N, d_out)
-    off = torch.tensor([0, 5, 5, 70, 83])
+    a, g = torch.randn(N, d_in).to(dtype), torch.randn(N, d_out).to(dtype)
+    off = torch.tensor([0, 5, 5, 70, 83])  # an empty row
     pairs = torch.tensor([[0, 2], [1, 3], [3, 3], [2, 0]])
     sq, dots = grad_gram_direct(a, g, off, pairs)
-    G = torch.stack([g[off[r] : off[r + 1]].T @ a[off[r] : off[r + 1]] for r in range(4)]).double()
+    a, g = a.double(), g.double()  # the kernel upcasts bf16 inputs exactly and sums in fp32
+    G = torch.stack([g[off[r] : off[r + 1]].T @ a[off[r] : off[r + 1]] for r in range(4)])
     assert_close_rel(sq, G.square().sum((1, 2)))
     assert_close_rel(dots, (G[pairs[:, 0]] * G[pairs[:, 1]]).sum((1, 2)))
+    # no tokens at all: zeros, no launch
+    sq0, dots0 = grad_gram_direct(a[:0], g[:0], torch.zeros(3, dtype=torch.long), pairs[:1] * 0)
+    assert sq0.tolist() == [0.0, 0.0] and dots0.tolist() == [0.0]
 
 
 def test_triton_backend_lora_packed() -> None:

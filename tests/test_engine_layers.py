@@ -195,3 +195,33 @@ def test_reweight_embedding_norms_linear(packed: bool) -> None:
     m.zero_grad()
     want = (scale[:, None] * loop_per_row_grads(m, fwd())).sum(0)
     assert_close_rel(got, want, rtol=1e-5)
+
+
+def test_rule_docstring_examples() -> None:
+    """The tiny examples written in the rules' docstrings give the numbers stated there."""
+    # Linear: rows [0, 0, 1], a and g as in aimkp/engine/rules/linear.py
+    lin = nn.Linear(2, 1)
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    g = torch.tensor([2.0, 3.0, -1.0])
+    cu = torch.tensor([0, 2, 3])
+    with aimkp.per_sample_grad_gram(lin, pairs=torch.tensor([[0, 1]]), cu_seqlens=cu) as gram:
+        (lin(a[None])[0, :, 0] * g).sum().backward()
+    # weight 13 + bias 25 for row 0, 2 + 1 for row 1; pair -5 (weight) + -5 (bias)
+    assert torch.allclose(gram.sq_norms, torch.tensor([13.0 + 25.0, 2.0 + 1.0]))
+    assert torch.allclose(gram.dots, torch.tensor([-10.0]))
+    # Embedding: V = 5, row 0 ids [3, 1, 3], row 1 ids [1]
+    emb = nn.Embedding(5, 2)
+    ids = torch.tensor([[3, 1, 3, 1]])
+    g = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [4.0, 0.0]])
+    cu = torch.tensor([0, 3, 4])
+    with aimkp.per_sample_grad_gram(emb, pairs=torch.tensor([[0, 1]]), cu_seqlens=cu) as gram:
+        (emb(ids)[0] * g).sum().backward()
+    assert torch.allclose(gram.sq_norms, torch.tensor([9.0, 16.0]))
+    assert torch.allclose(gram.dots, torch.tensor([0.0]))
+    # RMSNorm: eps = 0, one row of two tokens
+    rms = nn.RMSNorm(2, eps=0.0)
+    x = torch.tensor([[[3.0, 4.0], [1.0, -1.0]]])
+    g = torch.tensor([[1.0, 0.0], [2.0, 2.0]])
+    with aimkp.per_sample_grad_gram(rms, num_rows=1) as gram:
+        (rms(x)[0] * g).sum().backward()
+    assert torch.allclose(gram.sq_norms, torch.tensor([12.114]), atol=1e-3)

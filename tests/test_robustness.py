@@ -196,7 +196,7 @@ def test_evaluate_cli_on_a_tiny_model(tmp_path, capsys) -> None:
     """End to end through load_predictor on the untrained tiny-llava preset (built offline)."""
     from aimkp.cli import main
 
-    common = ["--data", "synthetic:0", "--max-samples", "3", "--settings", "clean,image_only"]
+    common = ["--data", "synthetic:0", "--max-samples", "1", "--settings", "clean,image_only"]
     rc = main(["evaluate", "--checkpoint", str(tmp_path / "none"), "--output", str(tmp_path)])
     assert rc == 2 and "neither a preset" in capsys.readouterr().err
     out = tmp_path / "report"
@@ -204,6 +204,6 @@ def test_evaluate_cli_on_a_tiny_model(tmp_path, capsys) -> None:
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     res = json.loads((out / "robustness.json").read_text())
-    assert res["order"] == ["clean", "image_only"] and res["n_posts"] == 3
+    assert res["order"] == ["clean", "image_only"] and res["n_posts"] == 1
     assert (out / "robustness.png").stat().st_size > 0
     assert "| image_only |" in (out / "robustness.md").read_text()

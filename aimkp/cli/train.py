@@ -82,6 +82,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     g.add_argument("--max-new-tokens", type=int, default=_D.max_new_tokens)
     g.add_argument("--device", default=None)
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (1 is fastest for tiny models on a few shared cores)",
+    )
     g.add_argument("--seed", type=int, default=_D.seed)
     g = p.add_argument_group("runs")
     g.add_argument("--resume", default=None, metavar="DIR", help="run directory to continue")
@@ -132,6 +138,7 @@ def config_from_args(args: argparse.Namespace, argv_flags: set[str] | None = Non
         "stop_after_epochs": args.stop_after_epochs,
         "baselines": args.baselines,
         "device": args.device,
+        "num_threads": args.threads,
     }
     if args.quick:
         given = argv_flags or set()
@@ -150,7 +157,7 @@ def _given_flags(argv: list[str] | None) -> set[str]:
     for a in argv:
         if a.startswith("--"):
             name = a[2:].split("=", 1)[0].replace("-", "_")
-            out.add("model" if name == "preset" else name)
+            out.add({"preset": "model", "threads": "num_threads"}.get(name, name))
     return out
 
 

@@ -59,6 +59,7 @@ class TrainConfig:
     stop_after_epochs: int | None = None
     baselines: bool = False
     device: str | None = None
+    num_threads: int | None = None
     log_every: int = 10
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -82,7 +83,7 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
-        for name in ("max_train_samples", "eval_max_samples", "stop_after_epochs"):
+        for name in ("max_train_samples", "eval_max_samples", "stop_after_epochs", "num_threads"):
             v = getattr(self, name)
             if v is not None and int(v) < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {v!r}")

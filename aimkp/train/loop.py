@@ -160,6 +160,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out = pathlib.Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)
 
     # ---- data
@@ -187,6 +189,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         full=cfg.full_finetune,
     )
     model = loaded.model
+    if cfg.full_finetune:
+        # The fused masked-embedding op reads the table directly, out of the engine's reach:
+        # full fine-tuning trains everything else (decoder, lm_head, projector), for both methods.
+        loaded.adapter.embed_tokens.weight.requires_grad_(False)
+        log.info("full fine-tuning: input embedding frozen (read by the fused masked-embedding op)")
     model.train()
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     samples = [loaded.adapter.encode(r) for r in train_recs]
@@ -223,7 +230,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     cfg.save(out / "config.json")
 
     log.info(
-        "train: %s on %s, %d samples, %d trainable params, %d steps x %d samples, device %s",
+        "train: %s on %s, %d samples, %d trainable params, %d steps x %d samples, device %s, "
+        "%d CPU threads",
         cfg.method,
         cfg.model,
         N,
@@ -231,6 +239,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         total_steps,
         cfg.effective_batch,
         device,
+        torch.get_num_threads(),
     )
     writer = _tb_writer(out)
     best_state: dict[str, torch.Tensor] | None = None

@@ -66,33 +66,57 @@ def build_rows(
 
 
 def _collate(loaded: Any, samples: Sequence[Any], rows: Sequence[Copy], mode: str, device: Any):
-    """Collate one row per copy. Every row gets its OWN entry in the sample list, so the model's
-    forward computes the vision features (and runs the trainable projector) once per row: the
-    per-row gradient of the projector is then that row's alone (features shared between the
-    copies of a sample would mix the copies' projector gradients, and the filter's cosines with
-    them). This is also what the reference does (it repeats the image for each copy)."""
+    """Collate one row per copy. The model's row forward runs the frozen vision tower once per
+    distinct sample and the trainable projector once per ROW, so the per-row gradient engine sees
+    each copy's own projector activations (as if every copy had gone through the model alone)."""
     from aimkp.models import collate_rows
 
     keeps = [build_keep(samples[c.sample], c.kind, c.stride) for c in rows]
-    per_row = [samples[c.sample] for c in rows]
-    batch = collate_rows(loaded, per_row, keeps, list(range(len(rows))), mode=mode, device=device)
+    batch = collate_rows(
+        loaded, list(samples), keeps, [c.sample for c in rows], mode=mode, device=device
+    )
     return batch, keeps
 
 
-def projector_rows(loaded: Any, samples: Sequence[Any], rows: Sequence[Copy]) -> dict[str, Any]:
-    """``module_rows`` for the engine: the projector's tokens are the image tokens of the rows that
-    have an image (h * w each, in row order), not the language model's packed / padded rows."""
-    proj = loaded.adapter.projector
-    name = next((n for n, m in loaded.model.named_modules() if m is proj), None)
-    if name is None or not any(p.requires_grad for p in proj.parameters()):
-        return {}
-    counts = []
+def engine_module_rows(
+    loaded: Any, samples: Sequence[Any], rows: Sequence[Copy]
+) -> dict[str, torch.Tensor]:
+    """``module_rows`` for the engine, for trainable modules whose tokens are not laid out as the
+    language model's packed / padded rows:
+
+    - the multimodal projector sees the image tokens of the rows that have an image (h * w each,
+      in row order);
+    - ``lm_head`` (trainable with full fine-tuning) sees only the positions that predict answer
+      tokens, row by row (``n_answer_tokens`` each).
+    """
+    out: dict[str, torch.Tensor] = {}
+
+    def cu_of(counts: list[int]) -> torch.Tensor:
+        cu = torch.zeros(len(counts) + 1, dtype=torch.int64)
+        cu[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0)
+        return cu
+
+    img = []
     for c in rows:
         s = samples[c.sample]
-        counts.append(0 if s.grid is None or s.pixel_values is None else s.grid[0] * s.grid[1])
-    cu = torch.zeros(len(rows) + 1, dtype=torch.int64)
-    cu[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0)
-    return {name: cu}
+        img.append(0 if s.grid is None or s.pixel_values is None else s.grid[0] * s.grid[1])
+    # the projector sees k vision tokens per image token before merging (Qwen2-VL: k = 4, its
+    # LayerNorm runs before the 2 x 2 merge) and one per image token after
+    k = int(getattr(loaded.adapter, "vision_tokens_per_image_token", 1))
+    proj = loaded.adapter.projector
+    prefix = {id(m): n for n, m in loaded.model.named_modules()}.get(id(proj))
+    if prefix is not None:
+        for sub_name, sub in proj.named_modules():
+            if not any(p.requires_grad for p in sub.parameters(recurse=False)):
+                continue
+            pre_merge = k > 1 and "norm" in type(sub).__name__.lower()
+            name = f"{prefix}.{sub_name}" if sub_name else prefix
+            out[name] = cu_of([n * k for n in img] if pre_merge else img)
+    head = loaded.adapter.lm_head
+    head_name = {id(m): n for n, m in loaded.model.named_modules()}.get(id(head))
+    if head_name is not None and any(p.requires_grad for p in head.parameters()):
+        out[head_name] = cu_of([int(samples[c.sample].n_answer_tokens) for c in rows])
+    return out
 
 
 def _forward(loaded: Any, batch: Any, device: Any, bf16: bool):
@@ -166,6 +190,13 @@ def aimkp_step(
     if n_total <= 0:
         raise ValueError(f"total answer tokens must be > 0, got {n_total}")
     model = loaded.model
+    if loaded.adapter.embed_tokens.weight.requires_grad:
+        raise ValueError(
+            "aimkp_step: the input embedding is trainable, but the fused masked-embedding op reads "
+            "its weight directly (no module call the per-sample gradient engine could hook), so "
+            "its per-row gradients would be missed; freeze it (the loop does so for "
+            "--full-finetune)"
+        )
     rows = build_rows(samples, indices, strides)
     pairs = pairs_of(rows)
     w0 = provisional_weights(rows, n_total, reduce)
@@ -181,7 +212,7 @@ def aimkp_step(
             cu_seqlens=cu,
             num_rows=len(rows),
             keep_for_reweight=True,
-            module_rows=projector_rows(loaded, samples, rows),
+            module_rows=engine_module_rows(loaded, samples, rows),
         ) as gram:
             loss_sum, n_tok = _forward(loaded, batch, device, bf16)
             (loss_sum * w0.to(loss_sum.device, loss_sum.dtype)).sum().backward()

@@ -1,0 +1,278 @@
+"""AimKP training step vs plain fine-tuning vs the published algorithm, on one model and batch.
+
+Rows (each a forward + backward producing ``.grad``; the optimizer update is the same for all and
+is not timed):
+
+- ``sft``:            plain fine-tuning step on the B originals (``aimkp.train.step.sft_step``).
+- ``plain-copies``:   a plain weighted backward over the same R rows the AimKP step trains on
+                      (originals + masked copies), no per-row quantities: the floor for AimKP.
+- ``aimkp``:          ``aimkp_step``: one forward + one backward with the per-sample gradient
+                      engine, the filter, and the exact reweight.
+- ``reference``:      ``reference_step``: per sample, one forward and one backward per copy with
+                      retained graphs and cloned flattened gradients (the published algorithm).
+
+Configs: ``cpu-tiny`` (default on CPU): the ``tiny-llava`` preset, LoRA r=16, B=8 default-data
+samples; ``gpu-llava7b`` (default on CUDA): a LLaVA-1.5-7B-shaped model built from configs with
+random weights (Llama 4096/11008/32 heads, 32k vocab, ``--layers`` decoder layers; CLIP
+ViT-L/14-336 shape with ``--vision-layers`` layers, 576 image tokens), LoRA r=128 on every
+language linear layer + projector, bf16 autocast, B=8.
+
+Every sample is visited at strides text=2 / image=2 (all three copies present: the AimKP step's
+most expensive state; the stride table is not advanced between repetitions).
+
+Targets printed as pass/fail: aimkp >= 2x the reference's samples/s (CPU, tiny) or >= 3x (GPU,
+7B-shaped); aimkp <= 1.6x the time of a plain step on the same batch (``plain-copies``).
+Usage::
+
+    python benchmarks/bench_train_step.py            # auto config for the device
+    python benchmarks/bench_train_step.py --quick    # fewer repetitions
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import env_info, peak_memory_mb, print_table, time_fn, write_results  # noqa: E402
+
+from aimkp.train.gf import provisional_weights  # noqa: E402
+from aimkp.train.pmm import StrideTable  # noqa: E402
+from aimkp.train.reference import reference_step  # noqa: E402
+from aimkp.train.step import _collate, _forward, aimkp_step, build_rows, sft_step  # noqa: E402
+
+
+def build_llava7b_shaped(layers: int, vision_layers: int, device: str, texts: list[str]) -> Any:
+    """A LLaVA-1.5-7B-shaped LoadedModel with random weights (nothing downloaded)."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from aimkp.models import LoadedModel, get_adapter
+    from aimkp.models.tokenizer import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(
+        texts,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special=["<image>"],
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+    )
+    text = LlamaConfig(
+        vocab_size=32064,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_seq_length=576,
+    )
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(cfg)
+    model.to(torch.bfloat16)
+    model.set_attn_implementation("sdpa")
+    proc = CLIPImageProcessorPil(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
+    )
+    adapter = get_adapter(model, tok, proc)
+    return LoadedModel(model, tok, proc, adapter, preset=None, info={"attn": "sdpa"})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--config", choices=["auto", "cpu-tiny", "gpu-llava7b"], default="auto")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=4, help="decoder layers (gpu-llava7b)")
+    ap.add_argument("--vision-layers", type=int, default=4, help="CLIP layers (gpu-llava7b)")
+    ap.add_argument("--mask-mode", choices=["compact", "attention"], default="compact")
+    ap.add_argument("--tau-text", type=float, default=0.1)
+    ap.add_argument("--tau-image", type=float, default=0.4)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+
+    from aimkp.data import load_dataset
+    from aimkp.models import load_model
+    from aimkp.models.lora import apply_lora
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = args.config
+    if config == "auto":
+        config = "gpu-llava7b" if device.startswith("cuda") else "cpu-tiny"
+    recs = list(load_dataset("default", "train"))[: args.batch_size]
+    texts = [r.text for r in recs] + [", ".join(r.keyphrases) for r in recs]
+    torch.manual_seed(0)
+    if config == "cpu-tiny":
+        loaded = load_model("tiny-llava", train_texts=texts, device=device, seed=0)
+        apply_lora(loaded, r=16, alpha=32, dropout=0.0)
+        bf16 = False
+        shape = "tiny-llava (Llama 128x2, CLIP 64x2, 8x8 image tokens), LoRA r=16, fp32"
+    else:
+        loaded = build_llava7b_shaped(args.layers, args.vision_layers, device, texts)
+        apply_lora(loaded, r=128, alpha=256, dropout=0.0)
+        bf16 = True
+        shape = (
+            f"LLaVA-1.5-7B-shaped (Llama 4096x{args.layers} layers, CLIP-L/14-336 x"
+            f"{args.vision_layers}, 576 image tokens), LoRA r=128, bf16"
+        )
+    loaded.model.train()
+    samples = [loaded.adapter.encode(r) for r in recs]
+    B = len(samples)
+    idx = list(range(B))
+    n_total = float(sum(s.n_answer_tokens for s in samples))
+    table = StrideTable(B)
+    table.text[:] = 2
+    table.image[:] = 2
+    rows = build_rows(samples, idx, table)
+    params = [p for p in loaded.model.parameters() if p.requires_grad]
+
+    def zero() -> None:
+        for p in params:
+            p.grad = None
+
+    kw = dict(tau_text=args.tau_text, tau_image=args.tau_image, mask_mode=args.mask_mode)
+    kw_dev = dict(device=device, bf16=bf16)
+    last: dict[str, Any] = {}
+
+    def run_sft() -> None:
+        zero()
+        last["sft"] = sft_step(loaded, samples, n_total, mask_mode=args.mask_mode, **kw_dev)
+
+    def run_plain_copies() -> None:
+        zero()
+        batch, keeps = _collate(loaded, samples, rows, args.mask_mode, device)
+        loss_sum, _ = _forward(loaded, batch, device, bf16)
+        w0 = provisional_weights(rows, n_total).to(loss_sum.device, loss_sum.dtype)
+        (loss_sum * w0).sum().backward()
+        last["plain-copies"] = sum(int(k.sum()) for k in keeps)
+
+    def run_aimkp() -> None:
+        zero()
+        last["aimkp"] = aimkp_step(
+            loaded, samples, idx, table, n_total, update_strides=False, **kw, **kw_dev
+        )
+
+    def run_reference() -> None:
+        zero()
+        last["reference"] = reference_step(
+            loaded, samples, idx, table, n_total, update_strides=False, **kw, **kw_dev
+        )[0]
+
+    reps = 3 if args.quick else 7
+    fns = {
+        "sft": run_sft,
+        "plain-copies": run_plain_copies,
+        "aimkp": run_aimkp,
+        "reference": run_reference,
+    }
+    env = env_info(device)
+    results: dict[str, dict[str, Any]] = {}
+    for name, fn in fns.items():
+        t = time_fn(fn, device, warmup=2 if args.quick else 3, rep=reps)
+        mem = peak_memory_mb(fn, device)
+        results[name] = {"t": t, "mem": mem}
+    aim = last["aimkp"]
+    d = aim.decision
+    copies = d.num_text_copies + d.num_image_copies
+    kept_rate = (d.text_kept + d.image_kept) / copies if copies else float("nan")
+    tokens = {
+        "sft": last["sft"].n_input_tokens,
+        "plain-copies": last["plain-copies"],
+        "aimkp": aim.n_input_tokens,
+        "reference": last["reference"].n_input_tokens,
+    }
+    n_rows = {"sft": B, "plain-copies": len(rows), "aimkp": aim.n_rows, "reference": len(rows)}
+    fwd = loaded.info.get("last_forward", {})
+    out_rows = []
+    for name, r in results.items():
+        ms = r["t"]["median_ms"]
+        out_rows.append(
+            {
+                **env,
+                "config": config,
+                "model": shape,
+                "step": name,
+                "batch_samples": B,
+                "rows": n_rows[name],
+                "input_tokens": tokens[name],
+                "mask_mode": args.mask_mode,
+                "median_ms": ms,
+                "min_ms": r["t"]["min_ms"],
+                "runs": r["t"]["runs"],
+                "samples_per_s": B / (ms / 1e3),
+                "tokens_per_s": tokens[name] / (ms / 1e3),
+                "peak_mem_mb": r["mem"],
+                "kept_copy_rate": kept_rate if name in ("aimkp", "reference") else None,
+                "engine_backend": aim.engine_backend if name == "aimkp" else None,
+                "embedding_backend": fwd.get("embedding_backend"),
+                "attention": fwd.get("attention"),
+            }
+        )
+    print(f"\n{shape}; device {env['device']}; B={B}, {len(rows)} rows; mask {args.mask_mode}")
+    print_table(
+        out_rows,
+        ["step", "rows", "input_tokens", "median_ms", "samples_per_s", "tokens_per_s",
+         "peak_mem_mb", "kept_copy_rate"],
+    )  # fmt: skip
+    t = {k: v["t"]["median_ms"] for k, v in results.items()}
+    speedup = t["reference"] / t["aimkp"]
+    need = 3.0 if config == "gpu-llava7b" else 2.0
+    ratio_plain = t["aimkp"] / t["plain-copies"]
+    print(
+        f"\nbackends: engine={aim.engine_backend}, embedding={fwd.get('embedding_backend')}, "
+        f"attention={fwd.get('attention')}"
+    )
+    print(
+        f"aimkp vs reference: {speedup:.2f}x samples/s (target >= {need:.0f}x): "
+        f"{'PASS' if speedup >= need else 'FAIL'}"
+    )
+    print(
+        f"aimkp / plain step on the same rows: {ratio_plain:.2f}x time (target <= 1.6x): "
+        f"{'PASS' if ratio_plain <= 1.6 else 'FAIL'}"
+    )
+    print(
+        f"aimkp / sft on the originals only: {t['aimkp'] / t['sft']:.2f}x time "
+        f"({len(rows)} rows vs {B}; reported, no target)"
+    )
+    for r in out_rows:
+        r["speedup_vs_reference"] = speedup if r["step"] == "aimkp" else None
+        r["ratio_vs_plain_copies"] = ratio_plain if r["step"] == "aimkp" else None
+    if not args.no_write:
+        for p in write_results(f"train_step-{config}", out_rows):
+            print(f"wrote {p}")
+
+
+if __name__ == "__main__":
+    main()

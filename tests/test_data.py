@@ -211,6 +211,9 @@ def test_openclipart_tag_cleaning() -> None:
 def test_record_helpers() -> None:
     r = Record("1", "t", ["a"], image=Image.new("L", (4, 4), 128))
     assert r.load_image().mode == "RGB" and r.has_image
+    assert r.load_image().getpixel((0, 0)) == (128, 128, 128)
+    clear = Record("1", "t", ["a"], image=Image.new("RGBA", (4, 4), (0, 0, 0, 0)))
+    assert clear.load_image().getpixel((1, 1)) == (255, 255, 255)  # transparent -> white
     c = r.replace(text="u")
     c.keyphrases.append("b")
     assert r.keyphrases == ["a"] and c.text == "u"

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from aimkp.cli import main
 from aimkp.data import load_dataset
 from aimkp.data.openclipart import build, collect, curate, parse_svg_metadata
 
@@ -97,7 +98,27 @@ def test_build_end_to_end(svg_root, tmp_path) -> None:
         assert im.getpixel((0, 0)) == (255, 255, 255)  # white margin around the drawing
         assert r.meta["source"].startswith("openclipart-svg:")
     again = tmp_path / "ds2"
-    build(again, root=svg_root, size=24, n_valid=1, n_test=1, min_freq=2, workers=1)
+    rc = main(
+        [
+            "data",
+            "build-openclipart",
+            "--out",
+            str(again),
+            "--root",
+            str(svg_root),
+            "--size",
+            "24",
+            "--valid",
+            "1",
+            "--test",
+            "1",
+            "--min-freq",
+            "2",
+            "--workers",
+            "1",
+        ]
+    )
+    assert rc == 0
     for s in ("train", "valid", "test"):
         assert (out / f"{s}.jsonl").read_text() == (again / f"{s}.jsonl").read_text()
     assert json.loads((out / "build_stats.json").read_text())["params"]["size"] == 24

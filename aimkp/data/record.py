@@ -17,6 +17,18 @@ if TYPE_CHECKING:  # PIL is imported lazily: reading text and scoring never need
     from PIL import Image
 
 
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        from PIL import Image
+
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
 @dataclass
 class Record:
     """One multimodal post.
@@ -42,19 +54,22 @@ class Record:
     def load_image(self) -> Image.Image | None:
         """Return the image as an RGB ``PIL.Image.Image`` ([H, W, 3] uint8), or ``None``.
 
+        Transparent images (RGBA, LA, palette with transparency) are composited on white.
+
         Raises:
             ValueError: the image file is missing or cannot be decoded (names the file and the
                 record id).
         """
         if self.image is not None:
-            return self.image if self.image.mode == "RGB" else self.image.convert("RGB")
+            return _to_rgb(self.image)
         if self.image_path is None:
             return None
         from PIL import Image, UnidentifiedImageError
 
         try:
             with Image.open(self.image_path) as im:
-                return im.convert("RGB")
+                rgb = _to_rgb(im)
+                return im.copy() if rgb is im else rgb  # decode before the file closes
         except FileNotFoundError as exc:
             raise ValueError(f"record {self.id!r}: image not found: {self.image_path}") from exc
         except (UnidentifiedImageError, OSError) as exc:

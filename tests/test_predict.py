@@ -12,6 +12,7 @@ from test_models_common import (
     Record,
     _one_thread,  # noqa: F401 - autouse: single-threaded tests
     image,
+    records,
     tiny,
 )
 
@@ -136,3 +137,15 @@ def test_checkpoint_and_cli_round_trip(memorised, tmp_path):
     )
     assert rc == 0
     assert out.read_text().splitlines() == [";".join(k) for k in want]
+
+
+@pytest.mark.parametrize("decoding", ["greedy", "beam"])
+def test_qwen_batched_generation_equals_one_by_one(decoding):
+    """Left-padded Qwen2-VL batches mixing images / no images (M-RoPE from the padded mask,
+    per-image grids for beam expansion) decode exactly as each record alone."""
+    loaded = tiny("tiny-qwen2vl")
+    recs = records()
+    kw = {"decoding": decoding, "num_beams": 2, "max_new_tokens": 5}
+    batched = Predictor(loaded, batch_size=4, **kw).generate_text(recs)
+    alone = [Predictor(loaded, batch_size=1, **kw).generate_text([r])[0] for r in recs]
+    assert batched == alone

@@ -256,3 +256,19 @@ def test_tied_and_functional_use_error() -> None:
         with aimkp.per_sample_grad_gram(model):
             out = nn.functional.linear(torch.randn(4, 3), lin.weight, lin.bias)  # not lin(x)
             model[1](out).sum(1).sum().backward()
+
+
+def test_activation_checkpointing_non_reentrant() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    m = lora_mlp(dropout=0.2)
+    x = torch.randn(4, 5, 12)
+
+    def fwd() -> torch.Tensor:
+        return row_loss_padded(checkpoint(m, x, use_reentrant=False))
+
+    check_against_loop(m, fwd, PAIRS)
+    with pytest.raises(ValueError, match="no call of the module was seen"):
+        with aimkp.per_sample_grad_gram(m):
+            x.requires_grad_(True)
+            row_loss_padded(checkpoint(m, x, use_reentrant=True)).sum().backward()

@@ -22,6 +22,12 @@ dims), in this order:
 2. packed: ``lead`` is ``[1, total_T]`` or ``[total_T]`` with ``total_T == cu_seqlens[-1]``;
 3. padded: ``lead[0] == B`` (row = batch index; one image per row for a projector);
 otherwise a ValueError names the module and its shapes.
+
+Activation checkpointing: non-reentrant (``use_reentrant=False``, transformers' default) works:
+forwards re-run inside the backward are ignored, the first forward's inputs are used (they are
+kept alive, so the hooked layers' inputs are not freed by checkpointing). Reentrant checkpointing
+runs the first forward without grad, so the hooked layers' parameters get gradients without a
+recorded call: that is reported as an error, never silently wrong.
 """
 
 from __future__ import annotations
@@ -217,7 +223,7 @@ class GradGram:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if exc[0] is None and self._started:
+        if exc[0] is None and (self._started or any(st.touched for st in self._states)):
             self._finalize()
         for st in self._states:
             st.calls.clear()
@@ -235,10 +241,15 @@ class GradGram:
                 )
             if not output.requires_grad:
                 return
+            if torch._C._current_graph_task_id() != -1:
+                # a forward re-run inside the backward: non-reentrant activation checkpointing
+                # recomputing saved tensors. The first forward's call (same input, same RNG
+                # state) already holds what the rule needs and its output gets the gradient.
+                return
             if self._started:
                 raise ValueError(
-                    f"module '{st.name}' ran a forward after the backward started (activation "
-                    "checkpointing re-runs forwards; it is not supported inside the engine)"
+                    f"module '{st.name}' ran a forward after the backward started: run exactly one "
+                    "forward + backward inside per_sample_grad_gram"
                 )
             if not args:
                 args = tuple(kwargs.values())[:1]
@@ -404,21 +415,23 @@ class GradGram:
     def _finalize(self) -> None:
         if self._finalized:
             return
-        if not self._started:
-            raise ValueError(
-                "no backward reached the hooked layers inside per_sample_grad_gram: run exactly "
-                "one backward of the per-row loss inside the context before reading the results"
-            )
-        for st in self._states:
-            if st.calls:
-                self._process(st)
+        if self._started:
+            for st in self._states:
+                if st.calls:
+                    self._process(st)
         for st in self._states:
             if st.touched and not st.processed:
                 raise ValueError(
                     f"parameters of module '{st.name}' ({type(st.module).__name__}) received a "
                     "gradient in this backward but no call of the module was seen (used "
-                    "functionally, outside the module's forward?): per-row numbers would miss it"
+                    "functionally, outside the module's forward, or run without grad and "
+                    "recomputed by reentrant checkpointing?): per-row numbers would miss it"
                 )
+        if not self._started:
+            raise ValueError(
+                "no backward reached the hooked layers inside per_sample_grad_gram: run exactly "
+                "one backward of the per-row loss inside the context before reading the results"
+            )
         self._finalized = True
         log.debug("per_sample_grad_gram ran backend=%s", self.backend)
 

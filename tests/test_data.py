@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from aimkp.data import ReadStats, Record, iter_records, load_dataset, read_records
+from aimkp.data import ReadStats, Record, iter_records, load_dataset, read_records, write_jsonl
 from aimkp.data import readers as readers_mod
 from aimkp.data.openclipart import clean_tags, split_words
 
@@ -241,3 +243,61 @@ def test_data_cli_info_and_convert(tmp_path, capsys) -> None:
     assert rc == 0
     back = read_records(dst)
     assert [r.keyphrases for r in back] == [["x", "y"], ["y"]] and back[1].text == "c d"
+
+
+_word = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Zs", "Zl", "Zp")),
+    min_size=1,
+    max_size=6,
+).filter(lambda w: w.strip() and w.isprintable())
+_phrase = (
+    st.lists(_word, min_size=1, max_size=3)
+    .map(" ".join)
+    .filter(lambda p: ";" not in p and "," not in p and p.strip().lower() == p.strip())
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.text(max_size=40), st.lists(_phrase, min_size=1, max_size=4)), max_size=8
+    ),
+    st.integers(min_value=1, max_value=64),
+)
+def test_json_and_jsonl_round_trip(tmp_path_factory, posts, chunk) -> None:
+    """Any texts / keyphrases survive JSONL and the chunked AimKP-JSON reader, at any chunk size."""
+    d = tmp_path_factory.mktemp("rt")
+    recs = [
+        Record(str(i), t.strip(), [" ".join(k.split()) for k in kps])
+        for i, (t, kps) in enumerate(posts)
+    ]
+    write_jsonl(recs, d / "a.jsonl")
+    back = read_records(d / "a.jsonl")
+    assert [(r.id, r.text, r.keyphrases) for r in back] == [
+        (r.id, r.text, r.keyphrases) for r in recs
+    ]
+    arr = [
+        {
+            "id": r.id,
+            "image": None,
+            "text": r.text,
+            "conversations": [
+                {"from": "human", "value": "<image>" + r.text},
+                {"from": "gpt", "value": ", ".join(r.keyphrases)},
+            ],
+        }
+        for r in recs
+    ]
+    (d / "a.json").write_text(json.dumps(arr, ensure_ascii=False, indent=1), encoding="utf-8")
+    got = [
+        readers_mod._record_from_obj(obj, "x", str(i), _NoImages(), ReadStats())
+        for i, obj in readers_mod._iter_json_array(d / "a.json", chunk_size=chunk)
+    ]
+    assert [(r.id, r.text, r.keyphrases) for r in got] == [
+        (r.id, r.text, r.keyphrases) for r in recs
+    ]
+
+
+class _NoImages:
+    def resolve(self, value, where, stats):  # noqa: ANN001, ANN201
+        return True, None

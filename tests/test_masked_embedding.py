@@ -216,7 +216,9 @@ def test_compact_worked_example() -> None:
     feats = torch.tensor([[100.0, 101.0], [102.0, 103.0], [104.0, 105.0]])
     fill = torch.tensor([-1.0, -2.0])
     for backend in ("cpp", "triton", "reference"):
-        c = masked_embedding(ids, w, keep, feats, 9, fill, -100, compact=True, backend=backend)
+        dev = _device(backend)
+        args = [t.to(dev) for t in (ids, w, keep, feats)]
+        c = masked_embedding(*args, 9, fill.to(dev), -100, compact=True, backend=backend)
         assert c.positions.tolist() == [0, 1, 3, 1, 2, 3]
         assert c.index.tolist() == [0, 1, 3, 5, 6, 7]
         assert c.cu_seqlens.dtype == torch.int32 and c.cu_seqlens.tolist() == [0, 3, 6]
@@ -239,7 +241,7 @@ def test_poisoned_buffers_are_fully_written(monkeypatch) -> None:
     )
     for dtype in DTYPES:
         for backend in ("cpp", "triton"):
-            inp = make_inputs(dtype)
+            inp = make_inputs(dtype, _device(backend))
             got = run_with_grads(_leaves(inp), backend=backend)
             for t in got:
                 assert not torch.isnan(t.float()).any(), (backend, dtype)
@@ -247,7 +249,7 @@ def test_poisoned_buffers_are_fully_written(monkeypatch) -> None:
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_deterministic_backward_is_bitwise_repeatable(backend: str) -> None:
-    inp = make_inputs(torch.float32)
+    inp = make_inputs(torch.float32, _device(backend))
     a = run_with_grads(_leaves(inp), backend=backend, deterministic=True)
     b = run_with_grads(_leaves(inp), backend=backend, deterministic=True)
     for x, y in zip(a, b):
@@ -262,7 +264,9 @@ def test_int32_ids_and_noncontiguous_weight() -> None:
         ref = masked_embedding_reference(**args)
         assert torch.equal(masked_embedding(**{**args, "input_ids": inp["input_ids"].int()}), ref)
         assert torch.equal(masked_embedding(**args, backend="cpp"), ref)
-        assert torch.equal(masked_embedding(**args, backend="triton"), ref)
+        dev = _device("triton")
+        on_dev = {k: (t.to(dev) if isinstance(t, torch.Tensor) else t) for k, t in args.items()}
+        assert torch.equal(masked_embedding(**on_dev, backend="triton").cpu(), ref)
 
 
 def test_auto_backend_and_debug_log(caplog) -> None:
@@ -316,7 +320,7 @@ def test_cpp_hypothesis_shapes(b, t, d, v, n_img, p_keep, seed) -> None:
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
 def test_errors_on_values(backend: str) -> None:
-    inp = make_inputs(torch.float32)
+    inp = make_inputs(torch.float32, _device(backend))
     bad = dict(inp, input_ids=inp["input_ids"].clone())
     bad["input_ids"][1, 40] = V + 1  # past the last row (V itself is the image token)
     with pytest.raises(
@@ -375,7 +379,7 @@ def test_errors_on_arguments() -> None:
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_frozen_table_only_features_and_fill_get_gradients(backend: str) -> None:
     """LoRA set-up: the table is frozen; only the projector's features and the fill learn."""
-    inp = make_inputs(torch.float32)
+    inp = make_inputs(torch.float32, _device(backend))
     feats = inp["image_features"].clone().requires_grad_(True)
     fill = inp["fill"].clone().requires_grad_(True)
     out = masked_embedding(**{**inp, "image_features": feats, "fill": fill}, backend=backend)

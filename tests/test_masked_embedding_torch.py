@@ -35,7 +35,10 @@ def _inputs() -> tuple:
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_opcheck(backend: str) -> None:
     """Schema, fake tensor, autograd registration and AOT dispatch (dynamic) of both ops."""
-    ids, keep, w, feats, fill = _inputs()
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    ids, keep, w, feats, fill = (
+        t.detach().to(dev).requires_grad_(t.requires_grad) for t in _inputs()
+    )
     flat = ids.reshape(-1)
     op = torch.ops.aimkp.masked_embedding.default
     torch.library.opcheck(
@@ -43,7 +46,7 @@ def test_opcheck(backend: str) -> None:
     )
     index, _, _ = compaction_index(ids, keep)
     torch.library.opcheck(op, (flat, None, index, w, feats, fill, V, -100, True, backend))
-    grad = torch.randn(flat.numel(), D)
+    grad = torch.randn(flat.numel(), D, device=dev)
     bwd = torch.ops.aimkp.masked_embedding_backward.default
     args = (grad, flat, keep.reshape(-1), None, V, 4, V, -100, True, True, True, False, backend)
     torch.library.opcheck(bwd, args)

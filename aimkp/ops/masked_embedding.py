@@ -226,10 +226,7 @@ def _forward_cpp(src: Tensor, weight: Tensor, image: Tensor | None, fill: Tensor
     fill = fill.contiguous() if fill is not None else None
     k, (v, d) = src.numel(), weight.shape
     out = _empty(k, d, dtype=weight.dtype, device=weight.device)
-    fn = ext.masked_embedding_forward_cpu if weight.device.type == "cpu" else None
-    if fn is None:
-        raise AssertionError("cpp forward on a non-CPU tensor")
-    fn(
+    ext.masked_embedding_forward_cpu(
         out.data_ptr(),
         src.data_ptr(),
         k,

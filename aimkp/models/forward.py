@@ -245,8 +245,9 @@ def collate_rows(
         if layout == "packed":
             attn_mask = None
             if adapter.attn_implementation not in VARLEN_ATTENTION:
-                seg = torch.repeat_interleave(torch.arange(R), counts.long())
-                causal = torch.ones(K, K, dtype=torch.bool).tril_()
+                # built on the device: the dense mask is K x K
+                seg = torch.repeat_interleave(torch.arange(R), counts.long()).to(device)
+                causal = torch.ones(K, K, dtype=torch.bool, device=device).tril_()
                 attn_mask = (causal & (seg[:, None] == seg[None, :])).reshape(1, 1, K, K)
             cu_seqlens: Tensor | None = cu
         else:
@@ -264,8 +265,9 @@ def collate_rows(
             position_ids = position_ids[0] if n_pos == 1 else position_ids
             valid_k = torch.zeros(R * km, dtype=torch.bool)
             valid_k[slot] = True
-            causal = torch.ones(km, km, dtype=torch.bool).tril_()
-            eye = torch.eye(km, dtype=torch.bool)
+            valid_k = valid_k.to(device)
+            causal = torch.ones(km, km, dtype=torch.bool, device=device).tril_()
+            eye = torch.eye(km, dtype=torch.bool, device=device)
             attn_mask = ((causal[None] & valid_k.reshape(R, 1, km)) | eye[None]).reshape(
                 R, 1, km, km
             )
@@ -277,9 +279,10 @@ def collate_rows(
                 "flash-attn supports the compact mode only"
             )
         pred_index = ans_r * T + ans_t - 1
-        causal = torch.ones(T, T, dtype=torch.bool).tril_()
-        eye = torch.eye(T, dtype=torch.bool)
-        attn_mask = ((causal[None] & keep[:, None, :]) | eye[None]).reshape(R, 1, T, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril_()
+        eye = torch.eye(T, dtype=torch.bool, device=device)
+        key_ok = keep.to(device)[:, None, :]
+        attn_mask = ((causal[None] & key_ok) | eye[None]).reshape(R, 1, T, T)
         position_ids = pos[0] if n_pos == 1 else pos
         cu_seqlens = None
         max_seqlen = T

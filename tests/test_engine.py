@@ -272,3 +272,13 @@ def test_activation_checkpointing_non_reentrant() -> None:
         with aimkp.per_sample_grad_gram(m):
             x.requires_grad_(True)
             row_loss_padded(checkpoint(m, x, use_reentrant=True)).sum().backward()
+
+
+@pytest.mark.parametrize("form", ["direct", "ghost"])
+def test_empty_batch(form: str) -> None:
+    emb = nn.Embedding(5, 3)
+    m = nn.Sequential(emb, nn.LayerNorm(3), nn.Linear(3, 2))
+    pairs = torch.zeros(0, 2, dtype=torch.long)
+    with aimkp.per_sample_grad_gram(m, pairs=pairs, num_rows=0, form=form) as gram:
+        m(torch.zeros(0, 4, dtype=torch.long)).sum().backward()
+    assert gram.norms.shape == (0,) and gram.dots.shape == (0,) and gram.cosines.shape == (0,)

@@ -373,7 +373,7 @@ class GradGram:
         for c in calls:
             n = math.prod(c.lead)
             a_l.append(c.a.reshape(n, *c.a.shape[len(c.lead) :]))
-            g_l.append(c.g.reshape(n, -1))
+            g_l.append(c.g.reshape(n, math.prod(c.g.shape[len(c.lead) :])))
             r_l.append(self._layout(st, c.lead, c.g.device))
             if c.extra is not None:
                 e_l.append(c.extra.reshape(n, *c.extra.shape[len(c.lead) :]))

@@ -19,7 +19,7 @@ def vec_gram(
     s: torch.Tensor, pairs: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row gradient vectors ``s [B, D]`` -> squared norms ``[B]`` and pair dots ``[P]``."""
-    s = s.reshape(s.shape[0], -1)
+    s = s.flatten(1) if s.dim() > 1 else s[:, None]
     sq = s.square().sum(1)
     dots = None
     if pairs is not None:

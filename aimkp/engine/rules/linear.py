@@ -65,7 +65,7 @@ def linear_weight_gram_torch(
         chunk = max(1, min(d_out, _TILE_ELEMS // max(1, B * d_in)))
         for o0 in range(0, d_out, chunk):
             G = torch.bmm(g_pad[:, :, o0 : o0 + chunk].transpose(1, 2), a_pad)  # [B, c, d_in]
-            Gf = G.reshape(B, -1)
+            Gf = G.flatten(1)
             if P and B <= _GRAM_ROWS:  # one [B, B] Gram matmul gives norms and every pair
                 K = Gf @ Gf.t()
                 sq += K.diagonal()

@@ -154,6 +154,13 @@ def test_load_dataset_specs(tmp_path) -> None:
     assert [r.id for r in load_dataset(str(d / "valid.jsonl"), "test")] == ["v"]
     with pytest.raises(ValueError, match="no file for split 'test'"):
         load_dataset(str(d), "test")
+    with pytest.raises(ValueError, match="no such data file"):
+        iter_records(tmp_path / "nope.jsonl")  # checked at the call, before iteration
+    with pytest.raises(ValueError, match="on_missing_image"):
+        iter_records(d / "valid.jsonl", on_missing_image="ignore")
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match="cannot tell the format from the extension '.csv'"):
+        iter_records(tmp_path / "x.csv")
     with pytest.raises(ValueError, match="not 'default'"):
         load_dataset(str(tmp_path / "missing"), "test")
     with pytest.raises(ValueError, match="unknown split"):

@@ -303,6 +303,8 @@ def iter_records(
         check_images: open each image's header to catch unreadable files early.
         fmt: force a format (``"cmkp"``, ``"aimkp_json"``, ``"jsonl"``) instead of the extension.
         stats: filled in as the iterator advances; a summary is logged at INFO when it ends.
+
+    The file, format and options are checked when this is called (not at the first ``next``).
     """
     p = Path(path)
     if not p.is_file():
@@ -314,7 +316,11 @@ def iter_records(
     st.source = os.fspath(p)
     res = _ImageResolver(p, image_dir, on_missing_image, with_images, check_images)
     reader = {"cmkp": _iter_cmkp, "aimkp_json": _iter_aimkp_json, "jsonl": _iter_jsonl}[fmt]
-    yield from reader(p, res, st)
+    return _logged(reader(p, res, st), st)
+
+
+def _logged(it: Iterator[Record], st: ReadStats) -> Iterator[Record]:
+    yield from it
     logger.info(st.summary())
 
 

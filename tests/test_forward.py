@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_models_common import (
     _one_thread,  # noqa: F401 - autouse: single-threaded tests
     random_keeps,
@@ -334,3 +336,48 @@ def test_padded_compact_layout_positions_and_auto():
             assert not b.attn_mask[r, 0, -1, counts[r] : -1].any()  # padding is never a key
     with pytest.raises(ValueError, match="layout"):
         collate_rows(loaded, samples, keeps, rows, layout="ragged")
+
+
+_HYP_LOADED: dict[str, object] = {}
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_collate_index_bookkeeping(data):
+    """For any keep masks: in every layout the position before each target holds the token that
+    precedes it in the kept sequence, targets are the answer tokens, positions are gathered."""
+    if "l" not in _HYP_LOADED:
+        _HYP_LOADED["l"] = tiny("tiny-llava", lora=False)
+    loaded = _HYP_LOADED["l"]
+    samples = [loaded.adapter.encode(r) for r in records()[:3]]
+    rows = data.draw(st.lists(st.integers(0, 2), min_size=1, max_size=5))
+    keeps = []
+    for si in rows:
+        s = samples[si]
+        k = torch.ones(s.length, dtype=torch.bool)
+        for span in (s.text_span, s.image_span):
+            if span is not None and span[1] > span[0]:
+                bits = data.draw(
+                    st.lists(st.booleans(), min_size=span[1] - span[0], max_size=span[1] - span[0])
+                )
+                k[span[0] : span[1]] = torch.tensor(bits)
+        keeps.append(k)
+    kept_ids = [samples[si].input_ids[k] for si, k in zip(rows, keeps)]
+    kept_pos = [samples[si].position_ids[k] for si, k in zip(rows, keeps)]
+    want_targets = torch.cat([samples[si].labels[samples[si].labels != -100] for si in rows])
+    for layout in ("packed", "padded"):
+        b = collate_rows(loaded, samples, keeps, rows, layout=layout)
+        assert torch.equal(b.targets, want_targets)
+        if layout == "packed":
+            seq = torch.cat(kept_ids)
+            pos = b.position_ids.reshape(-1)
+            assert torch.equal(pos, torch.cat(kept_pos))
+        else:
+            km = b.max_seqlen
+            seq = torch.full((len(rows) * km,), -1, dtype=torch.long)
+            seq[b.scatter_index] = torch.cat(kept_ids)
+            for r, p in enumerate(kept_pos):
+                assert torch.equal(b.position_ids[r, : p.numel()], p)
+        # the token right after each predicting position is its target, in the same row
+        assert torch.equal(seq[b.pred_index + 1], b.targets)
+        assert torch.equal(b.n_tokens, torch.bincount(b.pred_row, minlength=len(rows)))

@@ -12,6 +12,7 @@ from PIL import Image
 from aimkp.data import Record, corrupt, load_dataset
 from aimkp.data.synthetic import COLOURS, TOPICS, generate
 from aimkp.eval.robustness import resolve_settings, run_robustness
+from aimkp.metrics import read_predictions, score
 
 CUE_TO_TOPIC = {c: t for t, (cues, _) in TOPICS.items() for c in (*cues, t)}
 
@@ -179,6 +180,11 @@ def test_run_robustness_report(tmp_path, syn) -> None:
     assert f"| text_only | {s['text_only']['F1@1']:.2f} (" in md
     with Image.open(tmp_path / "robustness.png") as im:
         assert im.size[0] > 300 and im.size[1] > 200
+    # the saved predictions rescore to the same numbers
+    for name in settings:
+        preds = read_predictions(str(tmp_path / "predictions" / f"{name}.txt"))
+        assert preds == fake_predict(corrupt.apply_setting(name, syn, 0))
+        assert score(syn, preds)["F1@3"] == pytest.approx(s[name]["F1@3"])
 
 
 def test_run_robustness_errors(syn) -> None:

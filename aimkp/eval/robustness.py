@@ -6,7 +6,9 @@ and, for the CMKP present/absent split, the original text) and writes:
 
 - ``robustness.json``: every metric per setting, the protocol, seed, sizes and timings;
 - ``robustness.md``: a Markdown table of the headline metrics, with the change against clean;
-- ``robustness.png``: grouped bars, one group per setting, one bar per metric (matplotlib Agg).
+- ``robustness.png``: grouped bars, one group per setting, one bar per metric (matplotlib Agg);
+- ``predictions/<setting>.txt``: the ranked predictions, one line per post (``aimkp score``
+  rescores them).
 
 >>> res = run_robustness(model.predict, records, out_dir="runs/robust", seed=0)
 >>> res["settings"]["text_only"]["F1@1"]
@@ -108,10 +110,20 @@ def run_robustness(
         preds = _check_preds(predict_fn(inputs), len(records), name)
         res["settings"][name] = score(records, preds, protocol=protocol)
         res["seconds"][name] = round(time.perf_counter() - t0, 3)
+        if out_dir is not None:
+            write_predictions(preds, Path(out_dir) / "predictions" / f"{name}.txt")
         logger.info("robustness %s: F1@1 %.2f", name, res["settings"][name]["F1@1"])
     if out_dir is not None:
         res["files"] = write_report(res, out_dir, plot=plot)
     return res
+
+
+def write_predictions(preds: list[list[str]], path: str | os.PathLike[str]) -> None:
+    """One line per post, phrases joined by ``;`` (``aimkp score --pred`` reads it back)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for p in preds:
+            f.write(";".join(" ".join(x.replace(";", " ").split()) for x in p) + "\n")
 
 
 def markdown_table(res: dict[str, Any]) -> str:

@@ -403,11 +403,14 @@ class GradGram:
         if backend == "auto":
             backend = "triton" if tok.g.is_cuda else "torch"
         with torch.no_grad():
-            sq, dots, ran = st.rule.gram(st.module, tok, self._pairs, backend, self.form)
+            pairs = self._pairs
+            if pairs is not None and pairs.device != tok.g.device:
+                pairs = pairs.to(tok.g.device)
+            sq, dots, ran = st.rule.gram(st.module, tok, pairs, backend, self.form)
         self._ran.add(ran)
-        self._sq += sq
+        self._sq += sq.to(self._sq.device)  # layers may sit on other devices (model parallel)
         if self._dots is not None:
-            self._dots += dots
+            self._dots += dots.to(self._dots.device)
         if self.keep_for_reweight:
             with torch.no_grad():
                 self._stash.append((st, st.rule.stash(st.module, tok, self.reweight_storage)))
@@ -500,7 +503,8 @@ class GradGram:
             return
         with torch.no_grad():
             for st, kept in self._stash:
-                for pname, d in st.rule.reweight_stash(st.module, kept, delta).items():
+                dev = next(st.module.parameters()).device
+                for pname, d in st.rule.reweight_stash(st.module, kept, delta.to(dev)).items():
                     p = getattr(st.module, pname)
                     if p.grad is None:
                         p.grad = d.to(p.dtype).reshape(p.shape)

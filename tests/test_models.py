@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_models_common import (
     TEXTS,
+    Record,
     _one_thread,  # noqa: F401 - autouse: single-threaded tests
     records,
     tiny,
@@ -228,3 +229,14 @@ def test_llava_hf_chat_template():
     text_only = adapter.encode(records()[1])
     assert text_only.image_span is None
     assert tok.decode(text_only.input_ids[: text_only.text_span[0]]) == "<s>USER: "
+
+
+def test_encode_and_lora_errors():
+    loaded = tiny("tiny-llava")
+    with pytest.raises(ValueError, match="'nokp': no keyphrases"):
+        loaded.adapter.encode(Record("nokp", "some text", []))
+    assert loaded.adapter.encode(Record("nokp", "some text", []), with_answer=False).length > 0
+    with pytest.raises(ValueError, match="'long': .* exceed"):
+        loaded.adapter.encode(Record("long", "word " * 1100, ["x"]))
+    with pytest.raises(ValueError, match="already has LoRA"):
+        apply_lora(loaded)

@@ -355,6 +355,11 @@ class MLLMAdapter:
         labels = [-100] * prompt_len
         if with_answer:
             kps = list(getattr(record, "keyphrases", []) or [])
+            if not any(k and k.strip() for k in kps):
+                raise ValueError(
+                    f"record {getattr(record, 'id', '?')!r}: no keyphrases to train on "
+                    "(encode with with_answer=False for prediction)"
+                )
             # "ASSISTANT:" (LLaVA-1.5) is followed by a space before the answer, as in training
             sep = " " if after.rstrip(" ").endswith(":") and not after.endswith(" ") else ""
             ans = self._tok(sep + self.answer_text(kps))
@@ -363,6 +368,12 @@ class MLLMAdapter:
             ans.append(int(tok.eos_token_id))
             ids += ans
             labels += ans
+        limit = getattr(self.language_model.config, "max_position_embeddings", None)
+        if limit is not None and len(ids) > int(limit):
+            raise ValueError(
+                f"record {getattr(record, 'id', '?')!r}: {len(ids)} tokens exceed the model's "
+                f"max_position_embeddings ({limit})"
+            )
         input_ids = torch.tensor(ids, dtype=torch.long)
         labels_t = torch.tensor(labels, dtype=torch.long)
         grid_thw = pixel.get("image_grid_thw")

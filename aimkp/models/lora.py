@@ -47,6 +47,8 @@ def apply_lora(
         raise ValueError(f"apply_lora expects a model or LoadedModel, got {type(target).__name__}")
     if r <= 0 and not full:
         raise ValueError(f"LoRA rank must be positive, got r={r}")
+    if hasattr(model, "peft_config"):
+        raise ValueError("apply_lora: the model already has LoRA adapters (apply it once)")
     base = unwrap_model(model)
     adapter = get_adapter(base)
     for p in base.parameters():

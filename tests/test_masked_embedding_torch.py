@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import requires_cuda
 from torch import nn
 
 from aimkp.ops import (
@@ -32,10 +33,10 @@ def _inputs() -> tuple:
     return ids, keep, w, feats, fill
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", ["cpp", "triton", pytest.param("cuda", marks=requires_cuda)])
 def test_opcheck(backend: str) -> None:
     """Schema, fake tensor, autograd registration and AOT dispatch (dynamic) of both ops."""
-    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    dev = "cuda" if backend != "cpp" and torch.cuda.is_available() else "cpu"
     ids, keep, w, feats, fill = (
         t.detach().to(dev).requires_grad_(t.requires_grad) for t in _inputs()
     )

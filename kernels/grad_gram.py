@@ -19,6 +19,8 @@ precision, always accumulating in fp32.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -156,6 +158,11 @@ def grad_gram_direct(
         raise ValueError(f"a [N, d_in] and g [N, d_out] expected, got {a.shape} and {g.shape}")
     if a.device != g.device:
         raise ValueError(f"a and g are on different devices ({a.device}, {g.device})")
+    if a.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"the Triton grad_gram kernels got {a.device.type} tensors: they run on CUDA, or on "
+            "the CPU only under TRITON_INTERPRET=1 (set before triton is first imported)"
+        )
     a = a.contiguous() if a.stride(-1) != 1 else a
     g = g.contiguous() if g.stride(-1) != 1 else g
     N, d_in = a.shape

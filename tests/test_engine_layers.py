@@ -225,3 +225,13 @@ def test_rule_docstring_examples() -> None:
     with aimkp.per_sample_grad_gram(rms, num_rows=1) as gram:
         (rms(x)[0] * g).sum().backward()
     assert torch.allclose(gram.sq_norms, torch.tensor([12.114]), atol=1e-3)
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aimkp.kernels.grad_gram import grad_gram_direct
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        grad_gram_direct(torch.randn(3, 4), torch.randn(3, 2), torch.tensor([0, 3]))

@@ -105,6 +105,9 @@ def test_linear_stack_3d_vs_vmap_and_loop(form: str, bias: bool) -> None:
     x = torch.randn(4, 7, 12)
     gram, G = check_against_loop(m, lambda: row_loss_padded(m(x)), PAIRS, form=form)
     assert gram.backend == "torch"
+    assert set(gram.layers) == {"up", "down", "head"}
+    if form != "auto":
+        assert all(v == f"torch/{form}" for v in gram.layers.values())
     Gv = vmap_per_row_grads(m, lambda call, xr: row_loss_padded(call(xr)).sum(), x)
     assert_close_rel(G, Gv, rtol=1e-5)
 

@@ -101,7 +101,8 @@ class GradGram:
             longer than about r tokens).
 
     After the backward: ``norms [B]``, ``dots [P]``, ``cosines [P]`` (float32), ``backend`` (what
-    ran: ``"torch"``, ``"triton"``, or ``"torch+triton"`` when some layers used each).
+    ran: ``"torch"``, ``"triton"``, or ``"torch+triton"`` when some layers used each) and
+    ``layers`` (per hooked module: backend and form, e.g. ``"triton/direct"``, ``"torch/ghost"``).
     """
 
     def __init__(
@@ -174,6 +175,8 @@ class GradGram:
         self._sq: torch.Tensor | None = None
         self._dots: torch.Tensor | None = None
         self._ran: set[str] = set()
+        #: per hooked module name: what computed its per-row numbers (e.g. "triton/direct")
+        self.layers: dict[str, str] = {}
         self._stash: list[tuple[_ModState, object]] = []
         self._layout_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._reweighted = False
@@ -407,7 +410,8 @@ class GradGram:
             if pairs is not None and pairs.device != tok.g.device:
                 pairs = pairs.to(tok.g.device)
             sq, dots, ran = st.rule.gram(st.module, tok, pairs, backend, self.form)
-        self._ran.add(ran)
+        self._ran.add(ran.split("/")[0])
+        self.layers[st.name] = ran
         self._sq += sq.to(self._sq.device)  # layers may sit on other devices (model parallel)
         if self._dots is not None:
             self._dots += dots.to(self._dots.device)

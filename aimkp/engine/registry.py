@@ -106,7 +106,8 @@ class Rule:
         form: str,
     ) -> tuple[torch.Tensor, torch.Tensor | None, str]:
         """Per-row squared norms ``[B]`` and pair dots ``[P]`` (fp32) over the module's trainable
-        parameters, and the backend that ran (``"torch"`` or ``"triton"``)."""
+        parameters, and what ran: ``"torch"`` or ``"triton"``, optionally with the form, as in
+        ``"triton/direct"`` or ``"torch/ghost"``."""
         raise NotImplementedError
 
     def reweight_grads(

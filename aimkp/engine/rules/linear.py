@@ -129,9 +129,10 @@ class LinearRule(Rule):
                 from aimkp.kernels.grad_gram import grad_gram_direct
 
                 s2, d2 = grad_gram_direct(tok.a, tok.g, tok.offsets, pairs)
-                ran = "triton"
+                ran = "triton/direct"
             else:
                 s2, d2 = linear_weight_gram_torch(tok.padded(tok.a), tok.padded(tok.g), pairs, f)
+                ran = f"torch/{f}"
             sq += s2
             if dots is not None:
                 dots += d2

@@ -288,23 +288,13 @@ def test_auto_backend_and_debug_log(caplog) -> None:
     assert last_backend("masked_embedding") == "reference"  # fp64 has no kernel
 
 
-@settings(max_examples=40, deadline=None)
-@given(
-    b=st.integers(1, 3),
-    t=st.integers(0, 33),
-    d=st.integers(1, 70),
-    v=st.integers(1, 20),
-    n_img=st.integers(0, 5),
-    p_keep=st.floats(0.0, 1.0),
-    seed=st.integers(0, 2**16),
-)
-def test_cpp_hypothesis_shapes(b, t, d, v, n_img, p_keep, seed) -> None:
+def _random_case(b, t, d, v, n_img, p_keep, seed) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, v, (b, t), generator=g)
     n_img = min(n_img, t)
     ids[:, :n_img] = -5  # image token id outside [0, v)
     keep = torch.rand(b, t, generator=g) < p_keep
-    inp = {
+    return {
         "input_ids": ids,
         "weight": torch.randn(v, d, generator=g),
         "keep": keep,
@@ -313,8 +303,36 @@ def test_cpp_hypothesis_shapes(b, t, d, v, n_img, p_keep, seed) -> None:
         "fill": torch.randn(d, generator=g),
         "ignore_index": None,
     }
+
+
+SHAPES = {
+    "b": st.integers(1, 3),
+    "t": st.integers(0, 33),
+    "d": st.integers(1, 70),
+    "v": st.integers(1, 20),
+    "n_img": st.integers(0, 5),
+    "p_keep": st.floats(0.0, 1.0),
+    "seed": st.integers(0, 2**16),
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(**SHAPES)
+def test_cpp_hypothesis_shapes(b, t, d, v, n_img, p_keep, seed) -> None:
+    inp = _random_case(b, t, d, v, n_img, p_keep, seed)
     for compact in (False, True):
         assert_matches_reference(inp, torch.float32, backend="cpp", compact=compact)
+
+
+@settings(max_examples=25, deadline=None)  # interpreted Triton: ~1 ms per program instance
+@given(**SHAPES, deterministic=st.booleans())
+def test_triton_hypothesis_shapes(b, t, d, v, n_img, p_keep, seed, deterministic) -> None:
+    inp = _random_case(b, t, d, v, n_img, p_keep, seed)
+    dev = _device("triton")
+    inp = {k: (x.to(dev) if isinstance(x, torch.Tensor) else x) for k, x in inp.items()}
+    for compact in (False, True):
+        kw = {"backend": "triton", "compact": compact, "deterministic": deterministic}
+        assert_matches_reference(inp, torch.float32, **kw)
 
 
 # ---------------------------------------------------------------------------------------------

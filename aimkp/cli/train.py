@@ -59,7 +59,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="prune originals whose gradient-norm robust z-score exceeds this",
     )
-    g.add_argument("--mask-mode", choices=MASK_MODES, default=_D.mask_mode)
+    g.add_argument(
+        "--mask-mode",
+        choices=MASK_MODES,
+        default=_D.mask_mode,
+        help="compact: packed rows without hidden tokens; attention: padded rows, hidden tokens "
+        "masked; auto: compact with --attn flash, else attention",
+    )
     g.add_argument("--attn", choices=ATTN, default=_D.attn)
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=_D.epochs)

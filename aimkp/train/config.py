@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 METHODS = ("aimkp", "sft")
-MASK_MODES = ("compact", "attention")
+MASK_MODES = ("auto", "compact", "attention")
 ATTN = ("sdpa", "flash", "eager")
 GF_REDUCE = ("mean", "sum")
 
@@ -47,7 +47,7 @@ class TrainConfig:
     tau_image: float = 0.4
     gf_reduce: str = "mean"
     grand_threshold: float | None = None
-    mask_mode: str = "compact"
+    mask_mode: str = "auto"
     attn: str = "sdpa"
     bf16: bool = False
     max_train_samples: int | None = None
@@ -90,6 +90,16 @@ class TrainConfig:
         if self.grand_threshold is not None and self.grand_threshold <= 0:
             raise ValueError(f"grand_threshold must be > 0 or None, got {self.grand_threshold!r}")
         return self
+
+    def resolved_mask_mode(self) -> str:
+        """``auto``: ``compact`` (packed varlen rows, hidden tokens dropped) with flash-attn,
+        whose varlen kernel costs sum_r T_r^2; otherwise ``attention`` (padded rows, hidden
+        tokens masked): with SDPA / eager the packed rows need a dense [K, K] block mask, so
+        attention costs K^2 over all K packed tokens (measured on CPU, tiny-llava, 24 rows:
+        3.2 s vs 1.3 s per plain step)."""
+        if self.mask_mode != "auto":
+            return self.mask_mode
+        return "compact" if self.attn == "flash" else "attention"
 
     @property
     def effective_batch(self) -> int:

@@ -138,14 +138,14 @@ def _save_model(directory: pathlib.Path, loaded: Any, extra: dict[str, Any]) -> 
 
 
 def _backend_names(loaded: Any, engine_backend: str | None) -> dict[str, str]:
-    names = {"attention": str(loaded.info.get("attn", "?")), "engine": engine_backend or "-"}
-    try:
-        from aimkp.ops import last_backend
-
-        names["masked_embedding"] = str(last_backend("masked_embedding"))
-    except Exception as exc:  # the op has not run (attention mode) or ops are absent
-        names["masked_embedding"] = f"- ({type(exc).__name__})"
-    return names
+    """What actually ran in the last row forward (recorded by ``forward_rows``) and the engine."""
+    fwd = loaded.info.get("last_forward", {})
+    return {
+        "row_mode": str(fwd.get("mode", "?")),
+        "attention": str(fwd.get("attention", loaded.info.get("attn", "?"))),
+        "masked_embedding": f"{fwd.get('embedding', '?')} [{fwd.get('embedding_backend', '?')}]",
+        "grad_engine": engine_backend or "- (no masked copies in this step)",
+    }
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -200,6 +200,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     N = len(samples)
     strides = StrideTable(N) if cfg.method == "aimkp" else None
 
+    mask_mode = cfg.resolved_mask_mode()
+    log.info("row mode: %s (--mask-mode %s, attention %s)", mask_mode, cfg.mask_mode, cfg.attn)
     steps_per_epoch = math.ceil(N / cfg.effective_batch)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
@@ -246,7 +248,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     last_epoch = (
         cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, cfg.stop_after_epochs)
     )
-    logged_backends = False
+    logged_backends: bool | str = False
     for epoch in range(start_epoch, last_epoch):
         perm = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
         t0 = time.perf_counter()
@@ -270,7 +272,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         tau_image=cfg.tau_image,
                         reduce=cfg.gf_reduce,
                         grand_threshold=cfg.grand_threshold,
-                        mask_mode=cfg.mask_mode,
+                        mask_mode=mask_mode,
                         device=device,
                         bf16=cfg.bf16,
                     )
@@ -285,16 +287,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         loaded,
                         mb_samples,
                         n_total,
-                        mask_mode=cfg.mask_mode,
+                        mask_mode=mask_mode,
                         device=device,
                         bf16=cfg.bf16,
                     )
                 loss_sum += res.loss * res.n_answer_tokens
                 tok_ans += res.n_answer_tokens
                 tok_in += res.n_input_tokens
-                if not logged_backends:
+                if not logged_backends or (
+                    logged_backends == "no-engine" and res.engine_backend is not None
+                ):
                     log.info("backends: %s", _backend_names(loaded, res.engine_backend))
-                    logged_backends = True
+                    logged_backends = "no-engine" if res.engine_backend is None else True
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(
                     [p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm

@@ -23,7 +23,9 @@ processes hits them alike; on the CPU torch runs 1 thread unless ``--threads`` s
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
+import json
 import pathlib
 import statistics
 import sys
@@ -153,6 +155,7 @@ def run(cfg: Config, device: torch.device, quick: bool) -> list[dict[str, Any]]:
         with aimkp.per_sample_grad_gram(model, pairs=pairs) as gram:
             row_loss(model, ids).sum().backward()
         info["norms"], info["cos"], info["backend"] = gram.norms, gram.cosines, gram.backend
+        info["forms"] = dict(collections.Counter(gram.layers.values()))
 
     def loop() -> None:  # one forward of the batch, one backward per row on the retained graph
         model.zero_grad(set_to_none=True)
@@ -210,7 +213,9 @@ def run(cfg: Config, device: torch.device, quick: bool) -> list[dict[str, Any]]:
         mem = peak_memory_mb(fns[k], device)
         rows.append({**base, "method": k, **times[k], "peak_mb": mem, "note": notes[k]})
     rows.sort(key=lambda r: list(notes).index(r["method"]))
-    next(r for r in rows if r["method"] == "aimkp")["backend"] = info.get("backend")
+    aimkp_row = next(r for r in rows if r["method"] == "aimkp")
+    aimkp_row["backend"] = info.get("backend")
+    aimkp_row["layer_forms"] = json.dumps(info.get("forms"))  # e.g. {"torch/direct": 56}
     if opacus_failed:
         rows += linear_stack_rows(cfg, ids, device, base, warm, rounds)
     return rows

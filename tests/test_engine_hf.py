@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import aimkp
-from tests.test_engine import assert_close_rel, check_against_loop
+from tests.test_engine import assert_close_rel, check_against_loop, flat_grads
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -204,5 +204,12 @@ def test_tiny_llava_masked_copy_pairs() -> None:
         logits = model(input_ids=ids, attention_mask=mask[:, None], pixel_values=px).logits
         return torch.stack([_row_ce(logits[r], ids[r], start=10) for r in range(3)])
 
-    gram, _ = check_against_loop(model, fwd, torch.tensor([[0, 1], [0, 2]]))
+    gram, G = check_against_loop(model, fwd, torch.tensor([[0, 1], [0, 2]]))
     assert (gram.cosines > -1).all() and (gram.cosines < 1).all()
+    # Gradient-based Filtering: drop the text copy, double the image copy, after the backward
+    scale = torch.tensor([1.0, 0.0, 2.0])
+    model.zero_grad(set_to_none=True)
+    with aimkp.per_sample_grad_gram(model, keep_for_reweight=True) as gram:
+        fwd().sum().backward()
+    gram.reweight(scale)
+    assert_close_rel(flat_grads(model), (scale[:, None] * G).sum(0), rtol=1e-5)

@@ -281,3 +281,26 @@ def test_qwen2vl_step_matches_reference() -> None:
     scale = max(float(g.abs().max()) for g in g_r)
     for a, r in zip(g_a, g_r):
         torch.testing.assert_close(a, r, atol=2e-6 * scale, rtol=1e-4)
+
+
+def test_grand_pruning_matches_reference(setup) -> None:
+    """GraNd-style pruning of originals by gradient norm (robust z-score within the batch)."""
+    loaded, samples = setup
+    n_total = float(sum(s.n_answer_tokens for s in samples))
+    t_a, t_r = StrideTable(4), StrideTable(4)
+    for t in (t_a, t_r):
+        t.text[:] = 2
+        t.image[:] = 2
+    kw = dict(grand_threshold=0.5)  # low: prunes the sample(s) with the largest gradient norm
+    _zero(loaded)
+    res = aimkp_step(loaded, samples, [0, 1, 2, 3], t_a, n_total, **kw)
+    g_a = _grads(loaded)
+    _zero(loaded)
+    _, info = reference_step(loaded, samples, [0, 1, 2, 3], t_r, n_total, **kw)
+    g_r = _grads(loaded)
+    _zero(loaded)
+    assert res.decision.pruned.tolist() == [i["pruned"] for i in info]
+    assert 0 < int(res.decision.pruned.sum()) < 4
+    scale = max(float(g.abs().max()) for g in g_r)
+    for a, r in zip(g_a, g_r):
+        torch.testing.assert_close(a, r, atol=2e-6 * scale, rtol=1e-4)

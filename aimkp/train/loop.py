@@ -189,7 +189,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         full=cfg.full_finetune,
     )
     model = loaded.model
-    if cfg.full_finetune:
+    if cfg.full_finetune and not cfg.extra.get("train_embeddings", False):
         # The fused masked-embedding op reads the table directly, out of the engine's reach:
         # full fine-tuning trains everything else (decoder, lm_head, projector), for both methods.
         loaded.adapter.embed_tokens.weight.requires_grad_(False)

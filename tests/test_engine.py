@@ -285,3 +285,12 @@ def test_empty_batch(form: str) -> None:
     with aimkp.per_sample_grad_gram(m, pairs=pairs, num_rows=0, form=form) as gram:
         m(torch.zeros(0, 4, dtype=torch.long)).sum().backward()
     assert gram.norms.shape == (0,) and gram.dots.shape == (0,) and gram.cosines.shape == (0,)
+
+
+def test_under_torch_compile() -> None:
+    """The hooks see the right quantities when the model runs through torch.compile (dynamo
+    breaks the graph at the hooks; the numbers must still be the per-row loop's)."""
+    m = MLP()
+    mc = torch.compile(m)
+    x = torch.randn(4, 5, 12)
+    check_against_loop(m, lambda: row_loss_padded(mc(x)), PAIRS)

@@ -67,7 +67,7 @@ def test_quick_fills_only_what_was_not_given() -> None:
     for k, v in q.items():
         assert getattr(c, k) == v
     c = _parse(["--quick", "--lr", "5e-4", "--epochs=1"])
-    assert c.lr == 5e-4 and c.epochs == 1 and c.lora_r == q["lora_r"]
+    assert c.lr == 5e-4 and c.epochs == 1 and c.max_train_samples == q["max_train_samples"]
 
 
 @pytest.mark.parametrize(

@@ -125,19 +125,24 @@ class TrainConfig:
 
     @staticmethod
     def quick_overrides() -> dict[str, Any]:
-        """Demo-sized settings (``--quick``): a few CPU minutes on the default data."""
+        """Demo-sized settings (``--quick``): a few CPU minutes on the default data.
+
+        The tiny presets are randomly initialised, so LoRA on their random weights learns little
+        in minutes (measured: train loss 7.0 after 4 epochs at lr 3e-3); the demo fine-tunes the
+        whole tiny language model + projector instead (input embedding frozen, see loop.py).
+        """
         return {
-            "epochs": 4,
+            "epochs": 5,
             "batch_size": 8,
             "grad_accum": 1,
             "lr": 2e-3,
             "projector_lr": 1e-3,
             "warmup_ratio": 0.05,
-            "lora_r": 16,
-            "lora_alpha": 32,
+            "full_finetune": True,
             "lora_dropout": 0.0,
-            "max_train_samples": 600,
+            "max_train_samples": 1200,
             "eval_max_samples": 100,
-            "max_new_tokens": 16,
+            "max_new_tokens": 24,
+            "num_threads": 1,
             "baselines": True,
         }

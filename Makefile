@@ -24,7 +24,7 @@ setup: $(STAMP)
 demo: setup
 	OMP_NUM_THREADS=1 $(BIN)/aimkp train --preset tiny-llava --data default --output runs/demo --quick
 	OMP_NUM_THREADS=1 $(BIN)/aimkp evaluate --checkpoint runs/demo/best --data default \
-		--output runs/demo/eval --max-samples 100 --settings clean,text_only,image_only
+		--output runs/demo/eval --max-samples 250 --settings clean,text_only,image_only
 
 lint: setup
 	$(BIN)/ruff check .

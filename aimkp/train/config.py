@@ -141,7 +141,7 @@ class TrainConfig:
             "full_finetune": True,
             "lora_dropout": 0.0,
             "max_train_samples": 1200,
-            "eval_max_samples": 100,
+            "eval_max_samples": 250,
             "max_new_tokens": 24,
             "num_threads": 1,
             "baselines": True,

@@ -236,6 +236,7 @@ class GradGram:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if not torch.is_grad_enabled():
                 return
+            output = st.rule.output_tensor(module, output)
             if not isinstance(output, torch.Tensor):
                 raise ValueError(
                     f"module '{st.name}' ({type(module).__name__}) returned "
@@ -254,8 +255,7 @@ class GradGram:
                     f"module '{st.name}' ran a forward after the backward started: run exactly one "
                     "forward + backward inside per_sample_grad_gram"
                 )
-            if not args:
-                args = tuple(kwargs.values())[:1]
+            args = st.rule.bind(module, args, kwargs)
             a, extra = st.rule.capture(module, args, output)
             nf = st.rule.out_feature_dims(module)
             lead = tuple(output.shape[: output.dim() - nf])

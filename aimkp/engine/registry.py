@@ -91,6 +91,16 @@ class Rule:
         """Number of trailing output dims that are features (the rest are token dims)."""
         return 1
 
+    def bind(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+        """The call's arguments as the positional tuple ``capture`` reads. The default: the
+        positional arguments, or the first keyword argument when there are none."""
+        return args if args else tuple(kwargs.values())[:1]
+
+    def output_tensor(self, module: nn.Module, output: object) -> object:
+        """The tensor whose gradient the rule needs, taken from the module's output (the output
+        itself by default; a field of it for modules returning a structure)."""
+        return output
+
     def capture(
         self, module: nn.Module, args: tuple, output: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

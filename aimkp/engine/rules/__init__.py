@@ -1,3 +1,3 @@
 """Built-in rules, one file per layer type; importing this package registers them."""
 
-from aimkp.engine.rules import embedding, linear, norm  # noqa: F401
+from aimkp.engine.rules import embedding, linear, masked_embedding, norm  # noqa: F401

@@ -49,12 +49,16 @@ class EmbeddingRule(Rule):
             )
         return args[0].detach(), None
 
+    def _valid(self, module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """Tokens whose gradient reaches ``weight`` (all but ``padding_idx``)."""
+        if module.padding_idx is None:
+            return torch.ones_like(ids, dtype=torch.bool)
+        return ids != (module.padding_idx % module.weight.shape[0])
+
     def _groups(self, module: nn.Module, tok: Tokens):  # noqa: ANN202
         V = module.weight.shape[0]
         ids = tok.a.reshape(-1).to(torch.int64)
-        keep = torch.ones_like(ids, dtype=torch.bool)
-        if module.padding_idx is not None:
-            keep = ids != (module.padding_idx % V)
+        keep = self._valid(module, ids)
         keys = tok.rows[keep] * V + ids[keep]
         uk, inv = torch.unique(keys, return_inverse=True)
         S = torch.zeros(uk.numel(), tok.g.shape[1], dtype=torch.float32, device=tok.g.device)
@@ -96,9 +100,7 @@ class EmbeddingRule(Rule):
     ) -> dict[str, torch.Tensor]:
         V = module.weight.shape[0]
         ids = tok.a.reshape(-1).to(torch.int64)
-        sel = token_scale != 0
-        if module.padding_idx is not None:
-            sel &= ids != (module.padding_idx % V)
+        sel = (token_scale != 0) & self._valid(module, ids)
         out = torch.zeros(V, tok.g.shape[1], dtype=torch.float32, device=tok.g.device)
         out.index_add_(0, ids[sel], tok.g[sel].to(torch.float32) * token_scale[sel, None])
         return {"weight": out}

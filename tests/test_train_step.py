@@ -210,16 +210,31 @@ def test_rows_and_weights_layout(setup) -> None:
         build_rows(samples, [0], t)
 
 
-def test_full_finetune_matches_reference() -> None:
-    """Full fine-tuning (decoder, norms, lm_head, projector; input embedding frozen): the engine
-    sees lm_head only at answer-predicting positions and the projector per image row."""
+@pytest.mark.parametrize(
+    ("embedding", "mode"),
+    [("frozen", "compact"), ("trainable", "compact"), ("trainable", "attention")],
+)
+def test_full_finetune_matches_reference(embedding: str, mode: str) -> None:
+    """Full fine-tuning (decoder, norms, lm_head, projector; the input embedding frozen, or
+    trainable and read through MaskedEmbedding, padded or compact rows): the engine sees lm_head
+    only at answer-predicting positions, the projector per image row and the embedding table at
+    each row's kept text tokens."""
     from aimkp.models import load_model
+    from aimkp.models.forward import use_masked_embedding_module
     from aimkp.models.lora import apply_lora
 
     recs = _records(3, seed=1)
     loaded = load_model("tiny-llava", train_texts=[r.text for r in recs], seed=1)
     apply_lora(loaded, full=True)
-    loaded.adapter.embed_tokens.weight.requires_grad_(False)
+    if embedding == "frozen":
+        loaded.adapter.embed_tokens.weight.requires_grad_(False)
+    else:
+        plain = loaded.adapter.embed_tokens
+        assert plain.weight.requires_grad
+        with pytest.raises(ValueError, match="input embedding is trainable"):
+            aimkp_step(loaded, [], [], StrideTable(0), 1.0)
+        use_masked_embedding_module(loaded)
+        assert loaded.adapter.embed_tokens.weight is plain.weight
     samples = [loaded.adapter.encode(r) for r in recs]
     n_total = float(sum(s.n_answer_tokens for s in samples))
     t_a, t_r = StrideTable(3), StrideTable(3)
@@ -227,11 +242,12 @@ def test_full_finetune_matches_reference() -> None:
         t.text[:] = 2
         t.image[:] = 4
     kw = dict(tau_text=0.1, tau_image=0.9)
-    res = aimkp_step(loaded, samples, [0, 1, 2], t_a, n_total, **kw)
+    res = aimkp_step(loaded, samples, [0, 1, 2], t_a, n_total, mask_mode=mode, **kw)
     g_a = _grads(loaded)
     _zero(loaded)
     _, info = reference_step(loaded, samples, [0, 1, 2], t_r, n_total, mask_mode="compact", **kw)
     g_r = _grads(loaded)
+    assert len(g_a) == len(g_r) == sum(p.requires_grad for p in loaded.model.parameters())
     assert res.decision.kept.tolist() == [k for i in info for k in i["kept"]]
     # 2e-4: with every full-weight linear layer trainable the engine's per-row norms sit ~2e-5
     # relative above the norm of the .grad of the same backward (exact, ~1e-7, for any one or two
@@ -245,9 +261,6 @@ def test_full_finetune_matches_reference() -> None:
     scale = max(float(g.abs().max()) for g in g_r)
     for a, r in zip(g_a, g_r):
         torch.testing.assert_close(a, r, atol=2e-6 * scale, rtol=1e-4)
-    loaded.adapter.embed_tokens.weight.requires_grad_(True)
-    with pytest.raises(ValueError, match="input embedding is trainable"):
-        aimkp_step(loaded, samples, [0, 1, 2], t_a, n_total)
 
 
 def test_qwen2vl_step_matches_reference() -> None:

@@ -84,7 +84,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-r", type=int, default=_D.lora_r)
     g.add_argument("--lora-alpha", type=int, default=_D.lora_alpha)
     g.add_argument("--lora-dropout", type=float, default=_D.lora_dropout)
-    g.add_argument("--full-finetune", action="store_true")
+    g.add_argument(
+        "--full-finetune",
+        action="store_true",
+        help="train every language-model weight (input embedding included) and the projector",
+    )
+    g.add_argument(
+        "--freeze-embeddings",
+        action="store_true",
+        help="with --full-finetune: keep the input embedding table frozen",
+    )
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     g.add_argument("--max-new-tokens", type=int, default=_D.max_new_tokens)
     g.add_argument("--device", default=None)
@@ -128,6 +137,7 @@ def config_from_args(args: argparse.Namespace, argv_flags: set[str] | None = Non
         "lora_alpha": args.lora_alpha,
         "lora_dropout": args.lora_dropout,
         "full_finetune": args.full_finetune,
+        "freeze_embeddings": args.freeze_embeddings,
         "tau_text": args.tau_text,
         "tau_image": args.tau_image,
         "gf_reduce": args.gf_reduce,

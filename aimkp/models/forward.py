@@ -116,6 +116,28 @@ def _masked_embedding() -> tuple[Any, str]:
         return masked_embedding_reference, "masked_embedding_reference"
 
 
+def _is_masked_embedding(emb: Any) -> bool:
+    try:
+        from aimkp.ops import MaskedEmbedding
+    except ImportError:
+        return False
+    return isinstance(emb, MaskedEmbedding)
+
+
+def use_masked_embedding_module(loaded: Any) -> Any:
+    """Make the model's input embedding a :class:`aimkp.ops.MaskedEmbedding` sharing its weight
+    (idempotent), so that row forwards read a TRAINABLE table through a module call the
+    per-sample gradient engine can hook. Generation is unchanged (ids alone: a plain lookup)."""
+    from aimkp.ops import MaskedEmbedding, replace_input_embedding
+
+    emb = loaded.adapter.embed_tokens
+    if isinstance(emb, MaskedEmbedding):
+        return emb
+    return replace_input_embedding(
+        loaded.adapter.base, image_token_id=loaded.adapter.image_token_id
+    )
+
+
 def flash_varlen_kwargs(cu_seqlens: Tensor) -> dict[str, Any]:
     """flash-attn varlen arguments for rows packed at ``cu_seqlens`` (IntTensor ``[R+1]``).
 
@@ -353,6 +375,13 @@ def forward_rows(loaded: Any, batch: RowBatch) -> RowLosses:
     if feats is not None:
         feats = feats.to(weight.dtype)
     op, op_name = _masked_embedding()
+    if _is_masked_embedding(emb):
+        # A trainable table is read through the module so that the per-sample gradient engine
+        # (a forward hook on it) sees each row's tokens; the module calls the same fused op.
+        def op(ids: Tensor, _w: Tensor, **kw: Any) -> Any:  # noqa: ANN401
+            kw.pop("image_token_id", None)  # the module's own image_token_id applies
+            return emb(ids, **kw)
+
     impl = adapter.attn_implementation
     kwargs: dict[str, Any] = {}
     if batch.mode == "compact":

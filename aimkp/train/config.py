@@ -43,6 +43,7 @@ class TrainConfig:
     lora_alpha: int = 256
     lora_dropout: float = 0.05
     full_finetune: bool = False
+    freeze_embeddings: bool = False
     tau_text: float = 0.1
     tau_image: float = 0.4
     gf_reduce: str = "mean"

@@ -154,6 +154,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     from aimkp.data import load_dataset
     from aimkp.models import load_model
+    from aimkp.models.forward import use_masked_embedding_module
     from aimkp.models.lora import apply_lora
 
     cfg.validate()
@@ -189,11 +190,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         full=cfg.full_finetune,
     )
     model = loaded.model
-    if cfg.full_finetune and not cfg.extra.get("train_embeddings", False):
-        # The fused masked-embedding op reads the table directly, out of the engine's reach:
-        # full fine-tuning trains everything else (decoder, lm_head, projector), for both methods.
+    if cfg.full_finetune and cfg.freeze_embeddings:
         loaded.adapter.embed_tokens.weight.requires_grad_(False)
-        log.info("full fine-tuning: input embedding frozen (read by the fused masked-embedding op)")
+        log.info("full fine-tuning: input embedding frozen (--freeze-embeddings)")
+    elif loaded.adapter.embed_tokens.weight.requires_grad:
+        # the row forward then reads the table through the MaskedEmbedding module (same fused
+        # op), whose calls the per-sample gradient engine hooks
+        use_masked_embedding_module(loaded)
+        log.info("input embedding trainable, read through aimkp.ops.MaskedEmbedding")
     model.train()
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     samples = [loaded.adapter.encode(r) for r in train_recs]

@@ -79,7 +79,10 @@ def _collate(loaded: Any, samples: Sequence[Any], rows: Sequence[Copy], mode: st
 
 
 def engine_module_rows(
-    loaded: Any, samples: Sequence[Any], rows: Sequence[Copy]
+    loaded: Any,
+    samples: Sequence[Any],
+    rows: Sequence[Copy],
+    keeps: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``module_rows`` for the engine, for trainable modules whose tokens are not laid out as the
     language model's packed / padded rows:
@@ -87,7 +90,9 @@ def engine_module_rows(
     - the multimodal projector sees the image tokens of the rows that have an image (h * w each,
       in row order);
     - ``lm_head`` (trainable with full fine-tuning) sees only the positions that predict answer
-      tokens, row by row (``n_answer_tokens`` each).
+      tokens, row by row (``n_answer_tokens`` each);
+    - a trainable input embedding read with ``compact=True`` (``keeps`` given: the rows' keep
+      masks) outputs the kept tokens of every row, packed (``keep.sum()`` each).
     """
     out: dict[str, torch.Tensor] = {}
 
@@ -116,6 +121,10 @@ def engine_module_rows(
     head_name = {id(m): n for n, m in loaded.model.named_modules()}.get(id(head))
     if head_name is not None and any(p.requires_grad for p in head.parameters()):
         out[head_name] = cu_of([int(samples[c.sample].n_answer_tokens) for c in rows])
+    emb = loaded.adapter.embed_tokens
+    emb_name = {id(m): n for n, m in loaded.model.named_modules()}.get(id(emb))
+    if keeps is not None and emb_name is not None and emb.weight.requires_grad:
+        out[emb_name] = cu_of([int(k.sum()) for k in keeps])
     return out
 
 
@@ -190,12 +199,14 @@ def aimkp_step(
     if n_total <= 0:
         raise ValueError(f"total answer tokens must be > 0, got {n_total}")
     model = loaded.model
-    if loaded.adapter.embed_tokens.weight.requires_grad:
+    emb = loaded.adapter.embed_tokens
+    if emb.weight.requires_grad and type(emb).__name__ != "MaskedEmbedding":
         raise ValueError(
-            "aimkp_step: the input embedding is trainable, but the fused masked-embedding op reads "
-            "its weight directly (no module call the per-sample gradient engine could hook), so "
-            "its per-row gradients would be missed; freeze it (the loop does so for "
-            "--full-finetune)"
+            "aimkp_step: the input embedding is trainable but is a plain "
+            f"{type(emb).__name__}, which the row forward bypasses (it calls the fused op on the "
+            "weight directly), so the per-sample gradient engine would miss its per-row "
+            "gradients; call aimkp.models.forward.use_masked_embedding_module(loaded) first "
+            "(the training loop does) or freeze it"
         )
     rows = build_rows(samples, indices, strides)
     pairs = pairs_of(rows)
@@ -212,7 +223,9 @@ def aimkp_step(
             cu_seqlens=cu,
             num_rows=len(rows),
             keep_for_reweight=True,
-            module_rows=engine_module_rows(loaded, samples, rows),
+            module_rows=engine_module_rows(
+                loaded, samples, rows, keeps if batch.mode == "compact" else None
+            ),
         ) as gram:
             loss_sum, n_tok = _forward(loaded, batch, device, bf16)
             (loss_sum * w0.to(loss_sum.device, loss_sum.dtype)).sum().backward()

@@ -192,6 +192,7 @@ def main() -> None:
             last["aimkp"] = aimkp_step(
                 loaded, samples, idx, table, n_total, update_strides=False, **kw, **kw_dev
             )
+            last["aimkp_forward"] = dict(loaded.info.get("last_forward", {}))
 
         def run_reference() -> None:
             zero()
@@ -224,6 +225,7 @@ def main() -> None:
         }
         n_rows = {"sft": B, "plain-copies": len(rows), "aimkp": aim.n_rows, "reference": len(rows)}
         fwd = loaded.info.get("last_forward", {})
+        row_layout = last["aimkp_forward"].get("layout") if mode == "compact" else None
         out_rows = []
         for name, r in results.items():
             ms = r["t"]["median_ms"]
@@ -237,6 +239,7 @@ def main() -> None:
                     "rows": n_rows[name],
                     "input_tokens": tokens[name],
                     "mask_mode": mode,
+                    "row_layout": row_layout,
                     "median_ms": ms,
                     "min_ms": r["t"]["min_ms"],
                     "runs": r["t"]["runs"],
@@ -249,7 +252,8 @@ def main() -> None:
                     "attention": fwd.get("attention"),
                 }
             )
-        print(f"\n{shape}; device {env['device']}; B={B}, {len(rows)} rows; mask {mode}")
+        layout = f" ({row_layout} rows)" if row_layout else ""
+        print(f"\n{shape}; device {env['device']}; B={B}, {len(rows)} rows; mask {mode}{layout}")
         print_table(
             out_rows,
             ["step", "rows", "input_tokens", "median_ms", "samples_per_s", "tokens_per_s",

@@ -24,11 +24,11 @@ def test_defaults_are_the_paper_setup() -> None:
     c = TrainConfig().validate()
     assert (c.lr, c.projector_lr, c.warmup_ratio, c.weight_decay) == (2e-4, 2e-5, 0.03, 0.0)
     assert (c.lora_r, c.lora_alpha, c.lora_dropout) == (128, 256, 0.05)
-    assert (c.tau_text, c.tau_image, c.method, c.mask_mode) == (0.1, 0.4, "aimkp", "auto")
-    # auto: packed compact rows only where attention is varlen (flash), padded rows otherwise
-    assert c.resolved_mask_mode() == "attention"
-    assert TrainConfig(attn="flash").resolved_mask_mode() == "compact"
-    assert TrainConfig(mask_mode="compact").resolved_mask_mode() == "compact"
+    assert (c.tau_text, c.tau_image, c.method, c.mask_mode) == (0.1, 0.4, "aimkp", "compact")
+    # compact by default (the layout of the rows follows the attention implementation)
+    assert c.resolved_mask_mode() == "compact"
+    assert TrainConfig(mask_mode="auto").resolved_mask_mode() == "compact"  # older configs
+    assert TrainConfig(mask_mode="attention").resolved_mask_mode() == "attention"
 
 
 def test_flags_map_onto_config() -> None:

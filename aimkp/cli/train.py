@@ -63,8 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--mask-mode",
         choices=MASK_MODES,
         default=_D.mask_mode,
-        help="compact: packed rows without hidden tokens; attention: padded rows, hidden tokens "
-        "masked; auto: compact with --attn flash, else attention",
+        help="compact (default): hidden tokens dropped, kept ones keep their positions; rows "
+        "packed (varlen) with --attn flash, padded to the longest kept row otherwise; attention: "
+        "the reference formulation (full rows, hidden tokens masked); auto: same as compact",
     )
     g.add_argument("--attn", choices=ATTN, default=_D.attn)
     g = p.add_argument_group("optimisation")

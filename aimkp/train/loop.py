@@ -142,6 +142,7 @@ def _backend_names(loaded: Any, engine_backend: str | None) -> dict[str, str]:
     fwd = loaded.info.get("last_forward", {})
     return {
         "row_mode": str(fwd.get("mode", "?")),
+        "row_layout": str(fwd.get("layout", "?")),
         "attention": str(fwd.get("attention", loaded.info.get("attn", "?"))),
         "masked_embedding": f"{fwd.get('embedding', '?')} [{fwd.get('embedding_backend', '?')}]",
         "grad_engine": engine_backend or "- (no masked copies in this step)",

@@ -65,15 +65,31 @@ def build_rows(
     return rows
 
 
-def _collate(loaded: Any, samples: Sequence[Any], rows: Sequence[Copy], mode: str, device: Any):
+def _collate(
+    loaded: Any,
+    samples: Sequence[Any],
+    rows: Sequence[Copy],
+    mode: str,
+    device: Any,
+    layout: str = "auto",
+):
     """Collate one row per copy. The model's row forward runs the frozen vision tower once per
     distinct sample and the trainable projector once per ROW, so the per-row gradient engine sees
-    each copy's own projector activations (as if every copy had gone through the model alone)."""
+    each copy's own projector activations (as if every copy had gone through the model alone).
+
+    Compact rows are packed (varlen) with flash-attn and padded to the longest kept row with
+    SDPA / eager (``layout="auto"``), whose packed form would need a dense ``[K, K]`` mask."""
     from aimkp.models import collate_rows
 
     keeps = [build_keep(samples[c.sample], c.kind, c.stride) for c in rows]
     batch = collate_rows(
-        loaded, list(samples), keeps, [c.sample for c in rows], mode=mode, device=device
+        loaded,
+        list(samples),
+        keeps,
+        [c.sample for c in rows],
+        mode=mode,
+        device=device,
+        layout=layout,
     )
     return batch, keeps
 

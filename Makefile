@@ -20,10 +20,9 @@ setup: $(STAMP)
 # The main job: a short AimKP training of a tiny preset on the embedded default data (CPU, a few
 # minutes), printing the trained model's test scores next to an untrained model's and a
 # majority-keyphrase baseline's, then the robustness table (clean / text-only / image-only).
-# Single-threaded: tiny matmuls on a few shared cores are fastest without OpenMP barriers.
 demo: setup
-	OMP_NUM_THREADS=1 $(BIN)/aimkp train --preset tiny-llava --data default --output runs/demo --quick
-	OMP_NUM_THREADS=1 $(BIN)/aimkp evaluate --checkpoint runs/demo/best --data default \
+	OMP_NUM_THREADS=2 $(BIN)/aimkp train --preset tiny-llava --data default --output runs/demo --quick
+	OMP_NUM_THREADS=2 $(BIN)/aimkp evaluate --checkpoint runs/demo/best --data default \
 		--output runs/demo/eval --max-samples 250 --settings clean,text_only,image_only
 
 lint: setup

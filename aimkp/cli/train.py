@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from typing import Any
 
 from aimkp.train.config import ATTN, GF_REDUCE, MASK_MODES, METHODS, TrainConfig
@@ -187,12 +188,19 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         cfg = config_from_args(args, _given_flags(argv))
     except ValueError as exc:
         raise SystemExit(f"aimkp train: {exc}") from None
+    import torch.distributed as dist
+
     from aimkp.train.loop import train
 
-    summary = train(cfg)
-    print(
-        f"[aimkp train] done: {summary['steps']} steps, best valid score "
-        f"{summary['best_score']} at epoch {summary['best_epoch']}; "
-        f"checkpoints in {summary['output']}/best and /last"
-    )
+    try:
+        summary = train(cfg)
+    finally:
+        if dist.is_available() and dist.is_initialized():  # under torchrun
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(
+            f"[aimkp train] done: {summary['steps']} steps, best valid score "
+            f"{summary['best_score']} at epoch {summary['best_epoch']}; "
+            f"checkpoints in {summary['output']}/best and /last"
+        )
     return 0

@@ -157,11 +157,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from aimkp.models import load_model
     from aimkp.models.forward import use_masked_embedding_module
     from aimkp.models.lora import apply_lora
+    from aimkp.train import distributed as D
 
     cfg.validate()
     out = pathlib.Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ctx = D.init_distributed(device)
+    device = D.rank_device(ctx, device)
+    main = ctx.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)
@@ -199,6 +204,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # op), whose calls the per-sample gradient engine hooks
         use_masked_embedding_module(loaded)
         log.info("input embedding trainable, read through aimkp.ops.MaskedEmbedding")
+    if ctx.enabled:
+        D.broadcast_trainable(model, ctx)
+        torch.manual_seed(cfg.seed + 7919 * ctx.rank)  # own dropout masks per rank
     model.train()
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     samples = [loaded.adapter.encode(r) for r in train_recs]
@@ -207,7 +215,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     mask_mode = cfg.resolved_mask_mode()
     log.info("row mode: %s (--mask-mode %s, attention %s)", mask_mode, cfg.mask_mode, cfg.attn)
-    steps_per_epoch = math.ceil(N / cfg.effective_batch)
+    global_batch = cfg.effective_batch * ctx.world_size
+    steps_per_epoch = math.ceil(N / global_batch)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
     optimizer = build_optimizer(model, cfg)
@@ -229,26 +238,28 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         best_score, best_epoch = st["best_score"], st["best_epoch"]
         history = list(st["history"])
         log.info("resumed from %s at epoch %d, step %d", cfg.resume, start_epoch, step)
-    elif cfg.baselines:
+    elif cfg.baselines and main:
         test_recs = list(load_dataset(cfg.data, "test"))[: cfg.eval_max_samples]
         maj = majority_keyphrases(train_recs)
         baseline_rows["majority"] = score_predictions([list(maj) for _ in test_recs], test_recs)
         baseline_rows["untrained"] = evaluate(loaded, test_recs, cfg)
-    cfg.save(out / "config.json")
+    if main:
+        cfg.save(out / "config.json")
 
     log.info(
-        "train: %s on %s, %d samples, %d trainable params, %d steps x %d samples, device %s, "
-        "%d CPU threads",
+        "train: %s on %s, %d samples, %d trainable params, %d steps x %d samples "
+        "(%d ranks), device %s, %d CPU threads",
         cfg.method,
         cfg.model,
         N,
         n_trainable,
         total_steps,
-        cfg.effective_batch,
+        global_batch,
+        ctx.world_size,
         device,
         torch.get_num_threads(),
     )
-    writer = _tb_writer(out)
+    writer = _tb_writer(out) if main else None
     best_state: dict[str, torch.Tensor] | None = None
     last_epoch = (
         cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, cfg.stop_after_epochs)
@@ -259,10 +270,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         loss_sum = tok_ans = tok_in = 0.0
         n_txt = n_txt_kept = n_img = n_img_kept = n_pruned = 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            leave=False,
+            disable=not main,
+        )
         for s in bar:
-            idx = perm[s * cfg.effective_batch : (s + 1) * cfg.effective_batch]
-            n_total = float(sum(samples[i].n_answer_tokens for i in idx))
+            # the same global batch on every rank; the loss divides by ITS answer tokens
+            global_idx = perm[s * global_batch : (s + 1) * global_batch]
+            n_total = float(sum(samples[i].n_answer_tokens for i in global_idx))
+            idx = D.rank_share(global_idx, ctx)
             for m in range(0, len(idx), cfg.batch_size):
                 mb = idx[m : m + cfg.batch_size]
                 mb_samples = [samples[i] for i in mb]
@@ -304,6 +322,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 ):
                     log.info("backends: %s", _backend_names(loaded, res.engine_backend))
                     logged_backends = "no-engine" if res.engine_backend is None else True
+            D.all_reduce_grads(model.parameters(), ctx)
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(
                     [p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm
@@ -323,6 +342,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if strides is not None:
             strides.reconcile()
         dt = time.perf_counter() - t0
+        if ctx.enabled:  # totals over the ranks
+            (loss_sum, tok_ans, tok_in, n_txt, n_txt_kept, n_img, n_img_kept, n_pruned) = (
+                D.all_reduce_sum(
+                    [loss_sum, tok_ans, tok_in, n_txt, n_txt_kept, n_img, n_img_kept, n_pruned],
+                    ctx,
+                )
+            )
+            n_txt, n_img, n_pruned = int(n_txt), int(n_img), int(n_pruned)
+            n_txt_kept, n_img_kept = int(n_txt_kept), int(n_img_kept)
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": step,
@@ -339,6 +367,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         }
         if strides is not None:
             row.update(strides.summary())
+        if not main:  # rank 0 evaluates, logs and writes; the others wait for it
+            history.append(row)
+            ctx.barrier()
+            continue
         if cfg.eval_every_epoch and valid_recs:
             ev = evaluate(loaded, valid_recs, cfg)
             row.update({f"valid_{k}": v for k, v in ev.items()})
@@ -371,6 +403,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             history=history,
             config=cfg.to_dict(),
         )
+        ctx.barrier()
     if writer is not None:
         writer.close()
 

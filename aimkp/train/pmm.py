@@ -205,6 +205,10 @@ def reconcile_distributed(table: torch.Tensor) -> torch.Tensor:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return table
-    gathered = [torch.zeros_like(table) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, table)
-    return reconcile_strides(gathered)
+    dev = table.device
+    if dist.get_backend() == "nccl":  # NCCL moves CUDA tensors only
+        dev = torch.device("cuda", torch.cuda.current_device())
+    local = table.to(dev)
+    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return reconcile_strides(gathered).to(table.device)

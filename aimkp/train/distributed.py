@@ -1,0 +1,163 @@
+"""Data-parallel training across processes (``torchrun --nproc_per_node N -m aimkp train ...``).
+
+Every rank holds the whole model and the whole (encoded) training set. A step takes the same
+global batch on every rank (same seed, same permutation); rank ``r`` trains on samples
+``r, r + W, r + 2W, ...`` of it. The step's loss is divided by the answer tokens of the GLOBAL
+batch (every rank can count them: it has every sample), so summing the ranks' gradients
+(``all_reduce_grads``) gives exactly the single-process gradient of the global batch, Gradient-based
+Filtering included (its decisions are per sample). Each sample is visited by one rank per epoch;
+the stride tables are reconciled at the end of the epoch (``StrideTable.reconcile``). Rank 0
+evaluates, logs and writes checkpoints; the others wait at a barrier.
+
+The gradients are reduced by hand after the micro-steps rather than by a DDP wrapper: the
+per-sample gradient engine hooks the model's own modules and re-weights ``.grad`` after each
+backward, which must happen before the ranks' gradients are summed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("aimkp.train")
+
+__all__ = [
+    "DistContext",
+    "all_reduce_grads",
+    "all_reduce_sum",
+    "broadcast_trainable",
+    "init_distributed",
+    "rank_device",
+    "rank_share",
+]
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: ``rank`` of ``world_size`` (1 when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={v!r} is not an integer") from None
+
+
+def init_distributed(device: torch.device) -> DistContext:
+    """Join the process group that ``torchrun`` describes (``WORLD_SIZE``, ``RANK``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``); a single process otherwise.
+
+    NCCL for CUDA devices (each rank on ``cuda:LOCAL_RANK``), gloo on CPU."""
+    world = _env_int("WORLD_SIZE", 1)
+    if world <= 1:
+        return DistContext()
+    rank, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} outside [0, WORLD_SIZE={world})")
+    dist = torch.distributed
+    if not dist.is_available():
+        raise ValueError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    ctx = DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local,
+                      backend=dist.get_backend())  # fmt: skip
+    log.info("distributed: rank %d of %d (%s)", ctx.rank, ctx.world_size, ctx.backend)
+    return ctx
+
+
+def rank_device(ctx: DistContext, device: torch.device) -> torch.device:
+    """``cuda:LOCAL_RANK`` for CUDA runs under torchrun, else ``device``."""
+    if ctx.enabled and device.type == "cuda":
+        return torch.device("cuda", ctx.local_rank)
+    return device
+
+
+def rank_share(indices: Sequence[int], ctx: DistContext) -> list[int]:
+    """This rank's part of a global batch: every ``world_size``-th index from ``rank``."""
+    return list(indices[ctx.rank :: ctx.world_size])
+
+
+def _comm_device(ctx: DistContext, t: torch.Tensor) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if ctx.backend == "nccl" else t.device
+
+
+def all_reduce_grads(params: Iterable[torch.nn.Parameter], ctx: DistContext) -> None:
+    """Sum ``.grad`` of ``params`` over the ranks, in place (one flat buffer per dtype).
+
+    A parameter without a gradient on some rank contributes zeros (every rank takes part in
+    every reduction, so no rank waits for a tensor another one skips)."""
+    if not ctx.enabled:
+        return
+    ps = [p for p in params if p.requires_grad]
+    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+    for p in ps:
+        by_dtype.setdefault(p.dtype, []).append(p)
+    for dtype in sorted(by_dtype, key=str):
+        group = by_dtype[dtype]
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group]
+        )
+        dev = flat.device
+        flat = flat.to(_comm_device(ctx, flat))
+        torch.distributed.all_reduce(flat)
+        flat = flat.to(dev)
+        off = 0
+        for p in group:
+            n = p.numel()
+            g = flat[off : off + n].view_as(p)
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+            off += n
+
+
+def all_reduce_sum(values: Sequence[float], ctx: DistContext) -> list[float]:
+    """Sum Python numbers over the ranks (for logged totals)."""
+    if not ctx.enabled:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dev = t.device
+    t = t.to(_comm_device(ctx, t))
+    torch.distributed.all_reduce(t)
+    return t.to(dev).tolist()
+
+
+def broadcast_trainable(model: torch.nn.Module, ctx: DistContext) -> None:
+    """Make every rank start from rank 0's trainable weights."""
+    if not ctx.enabled:
+        return
+    for p in model.parameters():
+        if p.requires_grad:
+            buf = p.data.to(_comm_device(ctx, p.data))
+            torch.distributed.broadcast(buf, 0)
+            p.data.copy_(buf.to(p.device))

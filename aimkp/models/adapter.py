@@ -114,7 +114,7 @@ def adapter_class(model_type: str) -> type[MLLMAdapter]:
 
 def _ensure_builtin() -> None:
     # The built-in adapters register themselves on import.
-    from aimkp.models import llava, qwen2vl  # noqa: F401
+    from aimkp.models import idefics3, llava, qwen2vl  # noqa: F401
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -1,4 +1,4 @@
-"""Tiny presets built offline from configs: ``tiny-llava`` and ``tiny-qwen2vl``.
+"""Tiny presets built offline from configs: ``tiny-llava``, ``tiny-qwen2vl``, ``tiny-idefics3``.
 
 Each preset is a randomly initialised model of the real architecture class (so every code path is
 the real one), a byte-level BPE tokenizer trained locally on the training texts, and the
@@ -14,6 +14,8 @@ tiny-qwen2vl    Qwen2-VL ViT, 64 px, patch 8,     Qwen2, hidden 128, 2 layers, 4
 tiny-qwen25vl   Qwen2.5-VL windowed ViT (2 x 2    as tiny-qwen2vl
                 merged-token windows, block 1
                 full attention), else as above
+tiny-idefics3   Idefics3 ViT, 64 px, patch 8,     Llama as tiny-llava; SmolVLM chat template,
+                pixel shuffle 2: 4 x 4 = 16       one untiled global image
 ==============  ===============================  =========================================
 """
 
@@ -26,6 +28,9 @@ import torch
 from torch import nn
 from transformers import (
     CLIPVisionConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3VisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -48,6 +53,15 @@ QWEN_CHAT_TEMPLATE = (
     "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# SmolVLM's chat template (HuggingFaceTB/SmolVLM-*-Instruct): structured content only.
+SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
 
@@ -211,6 +225,72 @@ def build_tiny_qwen2vl(
     return model, tok, _qwen_processor()
 
 
+def _idefics3_processor() -> Any:
+    from transformers.models.idefics3.image_processing_pil_idefics3 import (
+        Idefics3ImageProcessorPil,
+    )
+
+    return Idefics3ImageProcessorPil(
+        size={"longest_edge": IMAGE_SIZE},
+        max_image_size={"longest_edge": IMAGE_SIZE},
+        do_image_splitting=False,
+    )
+
+
+def build_tiny_idefics3(texts: Iterable[str] | None) -> tuple[nn.Module, Any, Any]:
+    """``tiny-idefics3``: (Idefics3ForConditionalGeneration, tokenizer, Idefics3 processor)."""
+    specials = [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<end_of_utterance>",
+        "<fake_token_around_image>",
+        "<global-img>",
+        "<image>",
+    ]
+    tok = train_bpe_tokenizer(
+        texts,
+        special_tokens=specials,
+        bos_token="<|im_start|>",
+        eos_token="<end_of_utterance>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        extra_special=specials[3:],
+        chat_template=SMOLVLM_CHAT_TEMPLATE,
+    )
+    vision = Idefics3VisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    cfg = Idefics3Config(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        scale_factor=2,
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = Idefics3ForConditionalGeneration(cfg)
+    _set_generation_ids(model, tok)
+    return model, tok, _idefics3_processor()
+
+
 def _set_generation_ids(model: nn.Module, tok: Any) -> None:
     gc = model.generation_config
     gc.eos_token_id = tok.eos_token_id
@@ -222,6 +302,7 @@ PRESETS: dict[str, Callable[[Iterable[str] | None], tuple[nn.Module, Any, Any]]]
     "tiny-llava": build_tiny_llava,
     "tiny-qwen2vl": build_tiny_qwen2vl,
     "tiny-qwen25vl": lambda texts: build_tiny_qwen2vl(texts, version="2.5"),
+    "tiny-idefics3": build_tiny_idefics3,
 }
 
 

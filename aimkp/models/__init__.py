@@ -101,11 +101,13 @@ def load_model(
     device: torch.device | str | None = None,
     seed: int = 0,
 ) -> LoadedModel:
-    """Load a preset (``tiny-llava``, ``tiny-qwen2vl``) or a LOCAL checkpoint directory.
+    """Load a preset (``tiny-llava``, ``tiny-qwen2vl``, ``tiny-qwen25vl``, ``tiny-idefics3``) or
+    a LOCAL checkpoint directory.
 
     Args:
         spec: preset name, an aimkp checkpoint written by ``save_checkpoint``, or a local
-            Hugging Face LLaVA / Qwen2-VL directory. Nothing is ever downloaded.
+            Hugging Face LLaVA / Qwen2-VL / Qwen2.5-VL / Idefics3 (SmolVLM) directory. Nothing
+            is ever downloaded.
         train_texts: texts the preset tokenizer is trained on (default: the default dataset).
         dtype: parameter dtype (default float32 for presets, the checkpoint's otherwise).
         attn: ``"sdpa"``, ``"eager"`` or ``"flash"`` (flash-attn varlen; needs flash_attn).

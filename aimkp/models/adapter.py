@@ -27,11 +27,11 @@ decorate with ``@register_adapter("<config.model_type>")``):
 
 Built in: LLaVA (``llava.py``), Qwen2-VL and Qwen2.5-VL (``qwen2vl.py``; 2.5 overrides only
 ``model_class`` and :meth:`vision_hidden`, its windowed ViT restores patch order per merged token).
-Idefics3 / SmolVLM would supply: the ``<fake_token_around_image><image>...`` segment from
-:meth:`image_segment` (one image, no tiling: ``image_seq_len`` tokens on a square grid), the
-vision model's output as :meth:`vision_hidden`, its connector (pixel shuffle + linear) as
-:meth:`project`, reshaping per image (``vision_tokens_per_image_token = scale_factor ** 2``), and
-1-D positions.
+Idefics3 / SmolVLM (``idefics3.py``) supplies the ``<fake_token_around_image><global-img><image>
+...`` segment from :meth:`image_segment` (one image, no tiling: ``image_seq_len`` tokens on a
+square grid), the vision model's output as :meth:`vision_hidden`, its connector (pixel shuffle +
+linear) as :meth:`project`, reshaping per image (``vision_tokens_per_image_token = scale_factor **
+2``), and 1-D positions.
 
 The base class does the rest: prompt building (chat template when the tokenizer has one, else
 the plain AimKP prompt), :meth:`encode` of a record into an :class:`EncodedSample` with exact

@@ -105,3 +105,22 @@ def test_cli_train_eval_best_and_predict(tmp_path, capsys) -> None:
         __import__("aimkp.data", fromlist=["x"]).load_dataset("default", "test")[:2]
     )
     assert len(preds) == 2 and all(isinstance(p, list) for p in preds)
+
+
+@pytest.mark.parametrize("preset", ["tiny-llava", "tiny-qwen2vl", "tiny-idefics3"])
+def test_projector_gets_projector_lr(preset: str) -> None:
+    """The adapter's projector (LLaVA projector, Qwen merger, Idefics3 connector) trains at
+    projector_lr, every other trainable parameter (LoRA factors) at lr."""
+    from aimkp.models import load_model
+    from aimkp.models.lora import apply_lora
+    from aimkp.train.loop import build_optimizer
+
+    loaded = load_model(preset)
+    apply_lora(loaded, r=4, alpha=8)
+    cfg = TrainConfig(lr=1e-3, projector_lr=1e-5)
+    opt = build_optimizer(loaded.model, cfg, loaded.adapter.projector)
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in opt.param_groups}
+    proj = {id(p) for p in loaded.adapter.projector.parameters() if p.requires_grad}
+    trainable = {id(p) for p in loaded.model.parameters() if p.requires_grad}
+    assert proj and by_lr[1e-5] == proj
+    assert by_lr[1e-3] == trainable - proj

@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--preset",
         dest="model",
         default=_D.model,
-        help="preset name (tiny-llava, tiny-qwen2vl) or a local checkpoint directory",
+        help="preset name (tiny-llava, tiny-qwen2vl, tiny-qwen25vl, tiny-idefics3) or a local "
+        "checkpoint directory (LLaVA, Qwen2-VL, Qwen2.5-VL, Idefics3 / SmolVLM)",
     )
     g.add_argument("--data", default=_D.data, help="dataset spec (default, synthetic:SEED, path)")
     g.add_argument("--output", default=_D.output, help="run directory")

@@ -43,7 +43,7 @@ from aimkp.train.step import aimkp_step, sft_step
 
 log = logging.getLogger("aimkp.train")
 
-PROJECTOR_KEYS = ("multi_modal_projector", "mm_projector", "visual.merger")
+PROJECTOR_KEYS = ("multi_modal_projector", "mm_projector", "visual.merger", "model.connector.")
 
 
 def seed_everything(seed: int) -> None:
@@ -66,12 +66,19 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
     return f
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; projector parameters at ``projector_lr``, everything else trainable at ``lr``."""
+def build_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, projector: torch.nn.Module | None = None
+) -> torch.optim.Optimizer:
+    """AdamW; projector parameters at ``projector_lr``, everything else trainable at ``lr``.
+
+    The projector is the adapter's module (``loaded.adapter.projector``) when given, else found
+    by the known module names (LLaVA, Qwen2-VL, Idefics3)."""
+    in_proj = {id(p) for p in projector.parameters()} if projector is not None else set()
     main, proj = [], []
     for n, p in model.named_parameters():
         if p.requires_grad:
-            (proj if any(k in n for k in PROJECTOR_KEYS) else main).append(p)
+            is_proj = id(p) in in_proj or any(k in n for k in PROJECTOR_KEYS)
+            (proj if is_proj else main).append(p)
     if not main and not proj:
         raise ValueError("the model has no trainable parameters")
     groups = []
@@ -219,7 +226,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     steps_per_epoch = math.ceil(N / global_batch)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, loaded.adapter.projector)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(total_steps, warmup)
     )

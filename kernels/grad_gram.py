@@ -9,12 +9,18 @@ Layout: the tokens of all rows are sorted by row; ``offsets [B + 1]`` gives each
   ``partial[r, tile]``.
 - ``_grad_gram_pair_kernel``: grid ``(P, n_tiles)``; a program owns pair p = (i, j) and one tile:
   it forms the tiles of ``G_i`` and ``G_j`` side by side and writes their Frobenius product.
+- ``_grad_gram_ghost_kernel``: the ghost form, grid ``(Q, n_t, n_s)``; a program owns one (i, j)
+  row pair (``i == j`` for a norm) and one ``(BLOCK_T x BLOCK_S)`` block of token pairs, forms the
+  blocks ``A = a_i[t] a_j[s]^T`` and ``K = g_i[t] g_j[s]^T`` by looping over ``d_in`` and ``d_out``,
+  and writes ``sum(A * K)``: ``<G_i, G_j>_F = sum_{t in i, s in j} (a_t . a_s)(g_t . g_s)`` without
+  forming ``G`` nor the ``[T, T]`` Gram matrices. For ``i == j`` it uses the symmetry (blocks below
+  the diagonal are skipped, those above counted twice); blocks past a row's end skip their loops.
 
-The launcher ``grad_gram_direct`` sums the per-tile partials (deterministic, no atomics); the
-partials start as NaN so a tile a program failed to write shows up loudly. On the CPU
-the kernels run under ``TRITON_INTERPRET=1`` (inputs are upcast to fp32 there: the interpreter has
-no bf16 dot); on CUDA bf16 / fp16 inputs go to ``tl.dot`` as they are, fp32 ones with IEEE
-precision, always accumulating in fp32.
+The launchers ``grad_gram_direct`` / ``grad_gram_ghost`` sum the per-program partials
+(deterministic, no atomics); the partials start as NaN so a tile a program failed to write shows
+up loudly. On the CPU the kernels run under ``TRITON_INTERPRET=1`` (inputs are upcast to fp32
+there: the interpreter has no bf16 dot); on CUDA bf16 / fp16 inputs go to ``tl.dot`` as they are,
+fp32 ones with IEEE precision, always accumulating in fp32.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["grad_gram_direct"]
+__all__ = ["grad_gram_direct", "grad_gram_ghost"]
 
 
 @triton.jit
@@ -133,8 +139,112 @@ def _grad_gram_pair_kernel(
     tl.store(partial_ptr + p * N_TILES + tile, tl.sum(tl.sum(acc_i * acc_j, axis=1), axis=0))
 
 
+@triton.jit
+def _block_gram(
+    x_ptr,
+    offs_t,
+    mt,
+    offs_s,
+    ms,
+    D,
+    n_k,
+    stride,
+    BLOCK_T: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CAST_F32: tl.constexpr,
+):
+    """``x[offs_t] @ x[offs_s]^T`` over the first ``n_k`` features (``0`` skips the loop)."""
+    acc = tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32)
+    for k0 in range(0, n_k, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mk = offs_k < D
+        xt = tl.load(
+            x_ptr + offs_t[:, None] * stride + offs_k[None, :],
+            mask=mt[:, None] & mk[None, :],
+            other=0.0,
+        )  # [BLOCK_T, BLOCK_K]
+        xs = tl.load(
+            x_ptr + offs_s[None, :] * stride + offs_k[:, None],
+            mask=mk[:, None] & ms[None, :],
+            other=0.0,
+        )  # [BLOCK_K, BLOCK_S]
+        if CAST_F32:
+            xt = xt.to(tl.float32)
+            xs = xs.to(tl.float32)
+        acc += tl.dot(xt, xs, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _grad_gram_ghost_kernel(
+    a_ptr,
+    g_ptr,
+    off_ptr,
+    pair_ptr,
+    partial_ptr,
+    D_IN,
+    D_OUT,
+    stride_a,
+    stride_g,
+    N_BLOCKS_S,
+    N_PARTIAL,
+    BLOCK_T: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CAST_F32: tl.constexpr,
+):
+    q = tl.program_id(0)
+    tb = tl.program_id(1)
+    sb = tl.program_id(2)
+    ri = tl.load(pair_ptr + 2 * q)
+    rj = tl.load(pair_ptr + 2 * q + 1)
+    t0 = tl.load(off_ptr + ri) + tb * BLOCK_T
+    t_end = tl.load(off_ptr + ri + 1)
+    s0 = tl.load(off_ptr + rj) + sb * BLOCK_S
+    s_end = tl.load(off_ptr + rj + 1)
+    # a norm (i == j) is symmetric in (t, s): skip blocks below the diagonal, count those above
+    # twice (BLOCK_T == BLOCK_S is required for this); blocks past a row's end contribute 0
+    sym = ri == rj
+    weight = tl.where(sym, tl.where(sb > tb, 2.0, tl.where(sb == tb, 1.0, 0.0)), 1.0)
+    live = (t0 < t_end) & (s0 < s_end) & (weight > 0)
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    offs_s = s0 + tl.arange(0, BLOCK_S)
+    mt = offs_t < t_end
+    ms = offs_s < s_end
+    ka = _block_gram(
+        a_ptr, offs_t, mt, offs_s, ms, D_IN, tl.where(live, D_IN, 0), stride_a,
+        BLOCK_T, BLOCK_S, BLOCK_K, CAST_F32,
+    )  # fmt: skip
+    kg = _block_gram(
+        g_ptr, offs_t, mt, offs_s, ms, D_OUT, tl.where(live, D_OUT, 0), stride_g,
+        BLOCK_T, BLOCK_S, BLOCK_K, CAST_F32,
+    )  # fmt: skip
+    val = tl.sum(tl.sum(ka * kg, axis=1), axis=0) * weight
+    tl.store(partial_ptr + q * N_PARTIAL + tb * N_BLOCKS_S + sb, val)
+
+
 def _block(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(1, n))))
+
+
+def _check_inputs(
+    a: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if a.dim() != 2 or g.dim() != 2 or a.shape[0] != g.shape[0]:
+        raise ValueError(f"a [N, d_in] and g [N, d_out] expected, got {a.shape} and {g.shape}")
+    if a.device != g.device:
+        raise ValueError(f"a and g are on different devices ({a.device}, {g.device})")
+    if offsets.dim() != 1 or offsets.numel() < 1:
+        raise ValueError(f"offsets must be a 1-D [B + 1] tensor, got shape {tuple(offsets.shape)}")
+    if a.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"the Triton grad_gram kernels got {a.device.type} tensors: they run on CUDA, or on "
+            "the CPU only under TRITON_INTERPRET=1 (set before triton is first imported)"
+        )
+    a = a.contiguous() if a.stride(-1) != 1 else a
+    g = g.contiguous() if g.stride(-1) != 1 else g
+    return a, g
 
 
 def grad_gram_direct(
@@ -143,7 +253,8 @@ def grad_gram_direct(
     offsets: torch.Tensor,
     pairs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-row ``||G_r||_F^2`` and pair ``<G_i, G_j>_F`` of ``G_r = sum_{t in r} g_t a_t^T``.
+    """Per-row ``||G_r||_F^2`` and pair ``<G_i, G_j>_F`` of ``G_r = sum_{t in r} g_t a_t^T``,
+    direct form (tiles of ``G_r`` formed in registers; cost ``~N d_in d_out``).
 
     Args:
         a: ``[N, d_in]`` layer inputs, tokens sorted by row (fp32 / bf16 / fp16).
@@ -154,17 +265,7 @@ def grad_gram_direct(
     Returns:
         ``(sq [B] float32, dots [P] float32 or None)``.
     """
-    if a.dim() != 2 or g.dim() != 2 or a.shape[0] != g.shape[0]:
-        raise ValueError(f"a [N, d_in] and g [N, d_out] expected, got {a.shape} and {g.shape}")
-    if a.device != g.device:
-        raise ValueError(f"a and g are on different devices ({a.device}, {g.device})")
-    if a.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"the Triton grad_gram kernels got {a.device.type} tensors: they run on CUDA, or on "
-            "the CPU only under TRITON_INTERPRET=1 (set before triton is first imported)"
-        )
-    a = a.contiguous() if a.stride(-1) != 1 else a
-    g = g.contiguous() if g.stride(-1) != 1 else g
+    a, g = _check_inputs(a, g, offsets)
     N, d_in = a.shape
     d_out = g.shape[1]
     B = offsets.numel() - 1
@@ -198,3 +299,52 @@ def grad_gram_direct(
         )  # fmt: skip
         dots = partial.sum(1)
     return sq, dots
+
+
+def grad_gram_ghost(
+    a: torch.Tensor,
+    g: torch.Tensor,
+    offsets: torch.Tensor,
+    pairs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same numbers as :func:`grad_gram_direct`, ghost form: ``sum_{t, s} (a_t . a_s)
+    (g_t . g_s)`` over blocks of token pairs (cost ``~T^2 (d_in + d_out)`` per row or pair; wins
+    when rows are short against ``d_in d_out / (d_in + d_out)``). Neither ``G_r`` nor the ``[T, T]``
+    Gram matrices are written to memory: one fp32 partial per program.
+
+    Args:
+        a: ``[N, d_in]`` layer inputs, tokens sorted by row (fp32 / bf16 / fp16).
+        g: ``[N, d_out]`` output gradients, same token order.
+        offsets: ``[B + 1]`` int row offsets into the tokens.
+        pairs: ``[P, 2]`` int row pairs, or None.
+
+    Returns:
+        ``(sq [B] float32, dots [P] float32 or None)``.
+    """
+    a, g = _check_inputs(a, g, offsets)
+    N, d_in = a.shape
+    d_out = g.shape[1]
+    B = offsets.numel() - 1
+    P = 0 if pairs is None else pairs.shape[0]
+    dev = a.device
+    off = offsets.to(device=dev, dtype=torch.int64).contiguous()
+    rows = torch.arange(B, device=dev, dtype=torch.int64)
+    q_pairs = torch.stack([rows, rows], 1)  # the norms first, then the asked-for pairs
+    if P:
+        q_pairs = torch.cat([q_pairs, pairs.to(device=dev, dtype=torch.int64)])
+    Q = q_pairs.shape[0]
+    on_gpu = dev.type == "cuda"
+    cast = (not on_gpu) or a.dtype != g.dtype or a.dtype == torch.float32
+    max_len = int((off[1:] - off[:-1]).max()) if B else 0
+    BT = _block(max_len, 64)
+    BK = 64 if on_gpu else 128
+    n_b = triton.cdiv(max(max_len, 1), BT)
+    out = torch.zeros(Q, dtype=torch.float32, device=dev)
+    if Q and N:
+        partial = torch.full((Q, n_b * n_b), float("nan"), dtype=torch.float32, device=dev)
+        _grad_gram_ghost_kernel[(Q, n_b, n_b)](
+            a, g, off, q_pairs.contiguous(), partial, d_in, d_out, a.stride(0), g.stride(0),
+            n_b, n_b * n_b, BLOCK_T=BT, BLOCK_S=BT, BLOCK_K=BK, CAST_F32=cast,
+        )  # fmt: skip
+        out = partial.sum(1)
+    return out[:B], (out[B:] if pairs is not None else None)

@@ -71,26 +71,33 @@ def test_frozen_weight_trainable_bias() -> None:
     check_against_loop(m, lambda: row_loss_padded(m(x)), torch.tensor([[0, 1], [1, 2]]))
 
 
+@pytest.mark.parametrize("form", ["direct", "ghost"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_kernel_odd_shapes(dtype: torch.dtype) -> None:
-    from aimkp.kernels.grad_gram import grad_gram_direct
+def test_triton_kernel_odd_shapes(dtype: torch.dtype, form: str) -> None:
+    from aimkp.kernels import grad_gram as kernels
 
+    kernel = getattr(kernels, f"grad_gram_{form}")
     torch.manual_seed(0)
-    N, d_in, d_out = 83, 130, 150  # 2 x 2 tiles of 128, token count not a multiple of 64
+    # direct: 2 x 2 tiles of 128. ghost: rows of 70 and 75 tokens are 2 blocks of 64 (the
+    # symmetric off-diagonal block of a norm, blocks past a row's end), d_in and d_out not
+    # multiples of the feature block. Token counts not multiples of the token block.
+    N, d_in, d_out = 150, 130, 150
     a, g = torch.randn(N, d_in).to(dtype), torch.randn(N, d_out).to(dtype)
-    off = torch.tensor([0, 5, 5, 70, 83])  # an empty row
-    pairs = torch.tensor([[0, 2], [1, 3], [3, 3], [2, 0]])
-    sq, dots = grad_gram_direct(a, g, off, pairs)
+    off = torch.tensor([0, 5, 5, 75, 150])  # an empty row
+    pairs = torch.tensor([[0, 2], [1, 3], [3, 3], [2, 0], [2, 3], [3, 2]])
+    sq, dots = kernel(a, g, off, pairs)
     a, g = a.double(), g.double()  # the kernel upcasts bf16 inputs exactly and sums in fp32
     G = torch.stack([g[off[r] : off[r + 1]].T @ a[off[r] : off[r + 1]] for r in range(4)])
     assert_close_rel(sq, G.square().sum((1, 2)))
     assert_close_rel(dots, (G[pairs[:, 0]] * G[pairs[:, 1]]).sum((1, 2)))
+    assert kernel(a.float(), g.float(), off, None)[1] is None
     # no tokens at all: zeros, no launch
-    sq0, dots0 = grad_gram_direct(a[:0], g[:0], torch.zeros(3, dtype=torch.long), pairs[:1] * 0)
+    sq0, dots0 = kernel(a[:0], g[:0], torch.zeros(3, dtype=torch.long), pairs[:1] * 0)
     assert sq0.tolist() == [0.0, 0.0] and dots0.tolist() == [0.0]
 
 
-def test_triton_backend_lora_packed() -> None:
+@pytest.mark.parametrize("form", ["direct", "ghost"])
+def test_triton_backend_lora_packed(form: str) -> None:
     m = lora_mlp()
     x = torch.randn(1, 13, 12)
     cu = torch.tensor([0, 6, 13])
@@ -100,8 +107,9 @@ def test_triton_backend_lora_packed() -> None:
     def fwd() -> torch.Tensor:
         return torch.zeros(2).index_add(0, seg, (m(x).square() + m(x)).sum(-1)[0])
 
-    gram, _ = check_against_loop(m, fwd, pairs, cu_seqlens=cu, backend="triton", form="direct")
+    gram, _ = check_against_loop(m, fwd, pairs, cu_seqlens=cu, backend="triton", form=form)
     assert gram.backend == "triton"
+    assert set(gram.layers.values()) == {f"triton/{form}"}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

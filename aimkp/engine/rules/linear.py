@@ -22,9 +22,10 @@ Tiny example (d_in = 2, d_out = 1, B = 2 rows, row 0 has tokens t0, t1, row 1 ha
 
 The direct form costs ``~T d_in d_out`` per row, the ghost form ``~T^2 (d_in + d_out)``; the rule
 picks the cheaper one per layer (for LoRA factors with small ``r`` the direct form wins). On CUDA
-the direct form runs the Triton kernels of ``aimkp.kernels.grad_gram`` (one program per row or pair
-and output tile, fp32 accumulation, per-row gradients never written to memory); on CPU both forms
-are batched matmuls in fp32, tiled over ``d_out`` to bound memory.
+both forms run the Triton kernels of ``aimkp.kernels.grad_gram`` (direct: one program per row or
+pair and tile of ``G``; ghost: one program per row or pair and block of token pairs; fp32
+accumulation, neither per-row gradients nor ``[T, T]`` Gram matrices written to memory); on CPU
+both forms are batched matmuls in fp32, tiled to bound memory.
 """
 
 from __future__ import annotations
@@ -125,11 +126,12 @@ class LinearRule(Rule):
                 if form != "auto"
                 else choose_form(tok, d_in, d_out, len(pairs) if pairs is not None else 0)
             )
-            if backend == "triton" and f == "direct":
-                from aimkp.kernels.grad_gram import grad_gram_direct
+            if backend == "triton":
+                from aimkp.kernels.grad_gram import grad_gram_direct, grad_gram_ghost
 
-                s2, d2 = grad_gram_direct(tok.a, tok.g, tok.offsets, pairs)
-                ran = "triton/direct"
+                kernel = grad_gram_direct if f == "direct" else grad_gram_ghost
+                s2, d2 = kernel(tok.a, tok.g, tok.offsets, pairs)
+                ran = f"triton/{f}"
             else:
                 s2, d2 = linear_weight_gram_torch(tok.padded(tok.a), tok.padded(tok.g), pairs, f)
                 ran = f"torch/{f}"

@@ -247,12 +247,8 @@ def test_bad_arguments() -> None:
             m(x).sum().backward()
 
 
-def test_tied_and_functional_use_error() -> None:
-    emb, head = nn.Embedding(7, 4), nn.Linear(4, 7, bias=False)
-    head.weight = emb.weight
-    with pytest.raises(ValueError, match="tied weights"):
-        aimkp.per_sample_grad_gram(nn.ModuleDict({"emb": emb, "head": head}))
-
+def test_functional_use_error() -> None:
+    # (tied weights, one parameter owned by two modules, are covered in test_engine_tied.py)
     lin = nn.Linear(3, 2)
     model = nn.Sequential(lin, nn.Linear(2, 2))
     with pytest.raises(ValueError, match="no call of the module was seen"):

@@ -212,13 +212,19 @@ def test_rows_and_weights_layout(setup) -> None:
 
 @pytest.mark.parametrize(
     ("embedding", "mode"),
-    [("frozen", "compact"), ("trainable", "compact"), ("trainable", "attention")],
+    [
+        ("frozen", "compact"),
+        ("trainable", "compact"),
+        ("trainable", "attention"),
+        ("tied", "compact"),
+    ],
 )
 def test_full_finetune_matches_reference(embedding: str, mode: str) -> None:
     """Full fine-tuning (decoder, norms, lm_head, projector; the input embedding frozen, or
-    trainable and read through MaskedEmbedding, padded or compact rows): the engine sees lm_head
-    only at answer-predicting positions, the projector per image row and the embedding table at
-    each row's kept text tokens."""
+    trainable and read through MaskedEmbedding, padded or compact rows, or trainable and tied to
+    lm_head as with ``tie_word_embeddings``): the engine sees lm_head only at answer-predicting
+    positions, the projector per image row and the embedding table at each row's kept text
+    tokens (and, tied, the cross terms between the two)."""
     from aimkp.models import load_model
     from aimkp.models.forward import use_masked_embedding_module
     from aimkp.models.lora import apply_lora
@@ -226,6 +232,10 @@ def test_full_finetune_matches_reference(embedding: str, mode: str) -> None:
     recs = _records(3, seed=1)
     loaded = load_model("tiny-llava", train_texts=[r.text for r in recs], seed=1)
     apply_lora(loaded, full=True)
+    if embedding == "tied":
+        head = loaded.model.get_output_embeddings()
+        assert head.weight.shape == loaded.adapter.embed_tokens.weight.shape
+        head.weight = loaded.adapter.embed_tokens.weight
     if embedding == "frozen":
         loaded.adapter.embed_tokens.weight.requires_grad_(False)
     else:

@@ -12,7 +12,9 @@ that receives ``g = dloss/doutput`` during the backward. Once every call of a mo
 the module's tokens are grouped by row (batch index of padded ``[B, T, ...]`` activations, or the
 segments of a packed ``[1, total_T, ...]`` batch given by ``cu_seqlens``) and the module's rule
 adds its per-row squared norms and pair dots into the running totals; all calls of a module are
-combined before squaring, so shared weights (a module called twice) are exact.
+combined before squaring, so shared weights (a module called twice) are exact. A parameter owned by
+several modules (tied weights: an LM head sharing the input embedding's table) gets, besides each
+owner's own terms, the cross terms between the owners in ghost form (``aimkp.engine.tied``).
 
 Rows of each call are found from its token shape ``lead`` (the output's shape without the feature
 dims), in this order:
@@ -43,6 +45,7 @@ from torch import nn
 # Importing the rules registers them.
 from aimkp.engine import rules as _rules  # noqa: F401
 from aimkp.engine.registry import Rule, Tokens, get_rule
+from aimkp.engine.tied import factor_cross
 
 __all__ = ["GradGram", "per_sample_grad_gram"]
 
@@ -69,6 +72,20 @@ class _ModState:
     received: int = 0
     processed: bool = False
     touched: bool = False
+    #: (index into GradGram._tied, parameter name) for each tied parameter the module owns
+    tied: list[tuple[int, str]] = field(default_factory=list)
+
+
+@dataclass
+class _TiedGroup:
+    """One trainable parameter owned by several hooked modules; ``factors`` collects, per owner
+    processed in this backward, its tokens and ``Rule.factors`` until all owners are in."""
+
+    label: str
+    members: list[tuple[_ModState, str]]
+    factors: dict[str, tuple[Tokens, tuple[torch.Tensor, torch.Tensor]]] = field(
+        default_factory=dict
+    )
 
 
 def _as_cu(x: Any, what: str) -> torch.Tensor:
@@ -156,16 +173,7 @@ class GradGram:
                     f"{list(rule.param_names)} but parameter(s) {missing} are trainable"
                 )
             self._states.append(_ModState(name or type(mod).__name__, mod, rule))
-        owner: dict[int, str] = {}
-        for st in self._states:
-            for n, p in st.module.named_parameters(recurse=False):
-                if p.requires_grad and id(p) in owner:
-                    raise ValueError(
-                        f"trainable parameter '{st.name}.{n}' is shared with module "
-                        f"'{owner[id(p)]}' (tied weights): the per-row gradient of a parameter "
-                        "used by two modules is not supported; untie or freeze it"
-                    )
-                owner[id(p)] = st.name
+        self._tied = self._tied_groups()
         if not self._states:
             raise ValueError("model has no trainable parameters (nothing requires grad)")
         self._handles: list[Any] = []
@@ -183,6 +191,31 @@ class GradGram:
         self._finalized = False
 
     # ----------------------------------------------------------------------------- set-up
+    def _tied_groups(self) -> list[_TiedGroup]:
+        """Group the trainable parameters owned by several hooked modules (tied weights); each
+        owner's rule must give the parameter's per-row ``factors``."""
+        owners: dict[int, list[tuple[_ModState, str]]] = {}
+        for st in self._states:
+            for n, p in st.module.named_parameters(recurse=False):
+                if p.requires_grad:
+                    owners.setdefault(id(p), []).append((st, n))
+        groups: list[_TiedGroup] = []
+        for members in owners.values():
+            if len(members) < 2:
+                continue
+            names = [f"{st.name}.{n}" for st, n in members]
+            for st, n in members:
+                if n not in st.rule.factor_params:
+                    raise ValueError(
+                        f"trainable parameter '{st.name}.{n}' is shared by {names} (tied "
+                        f"weights) but rule {type(st.rule).__name__} cannot give its per-row "
+                        "factors (Rule.factor_params); untie or freeze it"
+                    )
+            for st, n in members:
+                st.tied.append((len(groups), n))
+            groups.append(_TiedGroup(" = ".join(names), members))
+        return groups
+
     def set_rows(
         self,
         cu_seqlens: torch.Tensor | None = None,
@@ -418,6 +451,36 @@ class GradGram:
         if self.keep_for_reweight:
             with torch.no_grad():
                 self._stash.append((st, st.rule.stash(st.module, tok, self.reweight_storage)))
+        for gi, pname in st.tied:
+            grp = self._tied[gi]
+            with torch.no_grad():
+                grp.factors[st.name] = (tok, st.rule.factors(st.module, tok, pname))
+            if len(grp.factors) == len(grp.members):
+                self._add_tied_cross(grp)
+
+    def _add_tied_cross(self, grp: _TiedGroup) -> None:
+        """Add the cross terms between the owners of a tied parameter (``aimkp.engine.tied``)."""
+        B = self._B
+        pairs = self._pairs
+        dev = self._sq.device
+        rows = torch.arange(B, device=dev)
+        q = [torch.stack([rows, rows], 1)]
+        if pairs is not None:
+            q += [pairs.to(dev), pairs.to(dev).flip(1)]
+        q_pairs = torch.cat(q)
+        owners = list(grp.factors.values())
+        with torch.no_grad():
+            for m in range(len(owners)):
+                for n in range(m + 1, len(owners)):
+                    (tx, fx), (ty, fy) = owners[m], owners[n]
+                    c = factor_cross(tx, fx, ty, fy, q_pairs.to(tx.g.device)).to(dev)
+                    self._sq += 2 * c[:B]
+                    if self._dots is not None:
+                        P = pairs.shape[0]
+                        self._dots += c[B : B + P] + c[B + P :]
+        grp.factors.clear()
+        self._ran.add("torch")
+        self.layers[f"tied: {grp.label}"] = "torch/cross"
 
     def _finalize(self) -> None:
         if self._finalized:
@@ -426,6 +489,8 @@ class GradGram:
             for st in self._states:
                 if st.calls:
                     self._process(st)
+        for grp in self._tied:  # an owner that saw no gradient adds no cross term
+            grp.factors.clear()
         for st in self._states:
             if st.touched and not st.processed:
                 raise ValueError(

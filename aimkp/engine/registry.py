@@ -127,6 +127,18 @@ class Rule:
         name of the module (fp32), used by ``GradGram.reweight``."""
         raise NotImplementedError
 
+    #: parameters whose per-row gradient ``factors`` can give (needed when a parameter is tied,
+    #: i.e. owned by several hooked modules; see ``aimkp.engine.tied``).
+    factor_params: tuple[str, ...] = ()
+
+    def factors(
+        self, module: nn.Module, tok: Tokens, param_name: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(u, v)`` with the per-row gradient of ``param_name`` equal to
+        ``sum_{t in r} u_t v_t^T``: ``u [N, D0]`` (or ``[N]`` int64 ids, a one-hot over ``D0``)
+        and ``v [N, D1]``, in ``tok``'s token order, ``v_t = 0`` for tokens without a gradient."""
+        raise NotImplementedError(f"{type(self).__name__} gives no factors for {param_name!r}")
+
     def stash(self, module: nn.Module, tok: Tokens, storage: str) -> object:
         """What to keep after the backward for ``reweight`` (``storage``: ``"auto"``,
         ``"tokens"`` or ``"rows"``). The default keeps the tokens (inputs and output grads)."""

@@ -95,6 +95,19 @@ class EmbeddingRule(Rule):
         dots.index_add_(0, rp[hit], (S[li[pos[hit]]] * S[ri[hit]]).sum(1))
         return sq, dots, "torch"
 
+    factor_params = ("weight",)
+
+    def factors(
+        self, module: nn.Module, tok: Tokens, param_name: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``G_r = sum_t e_{id_t} g_t^T``: ``u`` = the ids (0 where no gradient), ``v = g``
+        (0 where no gradient: ``padding_idx``, positions that do not read the table)."""
+        if param_name != "weight":
+            return super().factors(module, tok, param_name)
+        ids = tok.a.reshape(-1).to(torch.int64)
+        keep = self._valid(module, ids)
+        return torch.where(keep, ids, torch.zeros_like(ids)), tok.g * keep[:, None].to(tok.g.dtype)
+
     def reweight_grads(
         self, module: nn.Module, tok: Tokens, token_scale: torch.Tensor
     ) -> dict[str, torch.Tensor]:

@@ -146,6 +146,16 @@ class LinearRule(Rule):
                 dots += d2
         return sq, dots, ran
 
+    factor_params = ("weight",)
+
+    def factors(
+        self, module: nn.Module, tok: Tokens, param_name: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``G_r = sum_t g_t a_t^T``: ``u = g``, ``v = a``."""
+        if param_name != "weight":
+            return super().factors(module, tok, param_name)
+        return tok.g, tok.a.reshape(tok.a.shape[0], -1)
+
     def stash(self, module: nn.Module, tok: Tokens, storage: str) -> object:
         """Keep the tokens (``N (d_in + d_out)`` elements) or, when smaller (LoRA factors with
         rows longer than about r tokens), the per-row gradients ``[B, d_out, d_in]`` in fp32."""

@@ -35,43 +35,59 @@ __all__ = ["grad_gram_direct", "grad_gram_ghost"]
 
 
 @triton.jit
-def _tile_of_row(
-    a_ptr,
-    g_ptr,
-    start,
-    end,
-    offs_o,
-    offs_i,
-    D_IN,
-    D_OUT,
-    stride_a,
-    stride_g,
-    BLOCK_T: tl.constexpr,
-    BLOCK_O: tl.constexpr,
-    BLOCK_I: tl.constexpr,
+def _tile_matmul(
+    x_ptr,
+    y_ptr,
+    offs_m,
+    mm,
+    offs_n,
+    mn,
+    k_lo,
+    k_hi,
+    s_xm,
+    s_xk,
+    s_yk,
+    s_yn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     CAST_F32: tl.constexpr,
 ):
-    acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
-    mo = offs_o < D_OUT
-    mi = offs_i < D_IN
-    for t0 in range(start, end, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        mt = offs_t < end
-        gt = tl.load(
-            g_ptr + offs_t[None, :] * stride_g + offs_o[:, None],
-            mask=mo[:, None] & mt[None, :],
+    """``sum_{k_lo <= k < k_hi} x[m, k] y[k, n]`` for one ``(BLOCK_M x BLOCK_N)`` tile in fp32,
+    both operands addressed by strides (so a transpose is a stride swap); ``k_hi <= k_lo`` gives
+    zeros without a load."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mk = offs_k < k_hi
+        x = tl.load(
+            x_ptr + offs_m[:, None] * s_xm + offs_k[None, :] * s_xk,
+            mask=mm[:, None] & mk[None, :],
             other=0.0,
-        )  # [BLOCK_O, BLOCK_T] = g^T
-        at = tl.load(
-            a_ptr + offs_t[:, None] * stride_a + offs_i[None, :],
-            mask=mt[:, None] & mi[None, :],
+        )
+        y = tl.load(
+            y_ptr + offs_k[:, None] * s_yk + offs_n[None, :] * s_yn,
+            mask=mk[:, None] & mn[None, :],
             other=0.0,
-        )  # [BLOCK_T, BLOCK_I]
+        )
         if CAST_F32:
-            gt = gt.to(tl.float32)
-            at = at.to(tl.float32)
-        acc += tl.dot(gt, at, input_precision="ieee")
+            x = x.to(tl.float32)
+            y = y.to(tl.float32)
+        acc += tl.dot(x, y, input_precision="ieee")
     return acc
+
+
+@triton.jit
+def _tile_of_row(
+    a_ptr, g_ptr, start, end, offs_o, offs_i, D_IN, D_OUT, stride_a, stride_g,
+    BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, CAST_F32: tl.constexpr,
+):  # fmt: skip
+    """One ``(BLOCK_O x BLOCK_I)`` tile of ``G_r = g_r^T a_r`` (contraction over the row's tokens
+    ``start:end``)."""
+    return _tile_matmul(
+        g_ptr, a_ptr, offs_o, offs_o < D_OUT, offs_i, offs_i < D_IN, start, end,
+        1, stride_g, stride_a, 1, BLOCK_O, BLOCK_I, BLOCK_T, CAST_F32,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -140,43 +156,6 @@ def _grad_gram_pair_kernel(
 
 
 @triton.jit
-def _block_gram(
-    x_ptr,
-    offs_t,
-    mt,
-    offs_s,
-    ms,
-    D,
-    n_k,
-    stride,
-    BLOCK_T: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    CAST_F32: tl.constexpr,
-):
-    """``x[offs_t] @ x[offs_s]^T`` over the first ``n_k`` features (``0`` skips the loop)."""
-    acc = tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32)
-    for k0 in range(0, n_k, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mk = offs_k < D
-        xt = tl.load(
-            x_ptr + offs_t[:, None] * stride + offs_k[None, :],
-            mask=mt[:, None] & mk[None, :],
-            other=0.0,
-        )  # [BLOCK_T, BLOCK_K]
-        xs = tl.load(
-            x_ptr + offs_s[None, :] * stride + offs_k[:, None],
-            mask=mk[:, None] & ms[None, :],
-            other=0.0,
-        )  # [BLOCK_K, BLOCK_S]
-        if CAST_F32:
-            xt = xt.to(tl.float32)
-            xs = xs.to(tl.float32)
-        acc += tl.dot(xt, xs, input_precision="ieee")
-    return acc
-
-
-@triton.jit
 def _grad_gram_ghost_kernel(
     a_ptr,
     g_ptr,
@@ -212,13 +191,14 @@ def _grad_gram_ghost_kernel(
     offs_s = s0 + tl.arange(0, BLOCK_S)
     mt = offs_t < t_end
     ms = offs_s < s_end
-    ka = _block_gram(
-        a_ptr, offs_t, mt, offs_s, ms, D_IN, tl.where(live, D_IN, 0), stride_a,
-        BLOCK_T, BLOCK_S, BLOCK_K, CAST_F32,
+    # [T, T'] blocks of the two Gram matrices, contracting over the features
+    ka = _tile_matmul(
+        a_ptr, a_ptr, offs_t, mt, offs_s, ms, 0, tl.where(live, D_IN, 0),
+        stride_a, 1, 1, stride_a, BLOCK_T, BLOCK_S, BLOCK_K, CAST_F32,
     )  # fmt: skip
-    kg = _block_gram(
-        g_ptr, offs_t, mt, offs_s, ms, D_OUT, tl.where(live, D_OUT, 0), stride_g,
-        BLOCK_T, BLOCK_S, BLOCK_K, CAST_F32,
+    kg = _tile_matmul(
+        g_ptr, g_ptr, offs_t, mt, offs_s, ms, 0, tl.where(live, D_OUT, 0),
+        stride_g, 1, 1, stride_g, BLOCK_T, BLOCK_S, BLOCK_K, CAST_F32,
     )  # fmt: skip
     val = tl.sum(tl.sum(ka * kg, axis=1), axis=0) * weight
     tl.store(partial_ptr + q * N_PARTIAL + tb * N_BLOCKS_S + sb, val)

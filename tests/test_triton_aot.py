@@ -1,4 +1,5 @@
-"""The Triton kernels compile for real GPUs (sm_80 / sm_90 cubin) on this GPU-less machine.
+"""The Triton kernels (masked embedding, per-sample grad-gram) compile for real GPUs (sm_80 /
+sm_90 cubin) on this GPU-less machine.
 
 The interpreter (TRITON_INTERPRET=1) checks what the kernels compute but not that the compiler
 accepts them (types, bf16 handling, atomics, loop bounds); this ahead-of-time compile does. It runs
@@ -13,7 +14,7 @@ import sys
 
 import pytest
 
-SCRIPT = r"""
+MASKED_EMBEDDING = r"""
 import sys
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
@@ -48,11 +49,47 @@ print("compiled", n)
 """
 
 
+GRAD_GRAM = r"""
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+import aimkp.kernels.grad_gram as k
+
+n = 0
+for arch in (80, 90):
+    target = GPUTarget("cuda", arch, 32)
+    # fp32 inputs are upcast-free but go through the CAST_F32 path (IEEE dot); bf16 / fp16 go to
+    # tl.dot as they are, as grad_gram_direct / grad_gram_ghost launch them on CUDA
+    for dt, cast in (("fp32", True), ("fp16", False), ("bf16", False)):
+        p = "*" + dt
+        io = {"a_ptr": p, "g_ptr": p, "off_ptr": "*i64"}
+        dims = {"D_IN": "i32", "D_OUT": "i32", "stride_a": "i32", "stride_g": "i32"}
+        tiles = {"N_TILES_I": "i32", "N_TILES": "i32"}
+        direct = {"BLOCK_T": 32, "BLOCK_O": 64, "BLOCK_I": 64, "CAST_F32": cast}
+        jobs = [
+            (k._grad_gram_norm_kernel, {**io, "partial_ptr": "*fp32", **dims, **tiles}, direct),
+            (k._grad_gram_pair_kernel,
+             {**io, "pair_ptr": "*i64", "partial_ptr": "*fp32", **dims, **tiles}, direct),
+            (k._grad_gram_ghost_kernel,
+             {**io, "pair_ptr": "*i64", "partial_ptr": "*fp32", **dims,
+              "N_BLOCKS_S": "i32", "N_PARTIAL": "i32"},
+             {"BLOCK_T": 64, "BLOCK_S": 64, "BLOCK_K": 64, "CAST_F32": cast}),
+        ]
+        for fn, sig, const in jobs:
+            sig = {**sig, **{c: "constexpr" for c in const}}
+            out = compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=target)
+            assert out.asm["cubin"], (fn.__name__, dt, arch)
+            n += 1
+print("compiled", n)
+"""
+
+
 @pytest.mark.slow
-def test_triton_kernels_compile_for_sm80_and_sm90() -> None:
+@pytest.mark.parametrize("script", ["masked_embedding", "grad_gram"])
+def test_triton_kernels_compile_for_sm80_and_sm90(script: str) -> None:
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True)
+    code = {"masked_embedding": MASKED_EMBEDDING, "grad_gram": GRAD_GRAM}[script]
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "compiled 18" in res.stdout

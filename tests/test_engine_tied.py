@@ -173,3 +173,13 @@ def test_tied_parameter_without_factors_is_an_error() -> None:
     b.weight = a.weight
     with pytest.raises(ValueError, match="tied weights.*LayerNormRule.*factors"):
         aimkp.per_sample_grad_gram(nn.Sequential(a, b))
+
+
+def test_tied_without_pairs_and_empty_batch() -> None:
+    m = TiedLM()
+    ids = _ids()
+    check_against_loop(m, lambda: row_loss_padded(m(ids)), None)
+    pairs = torch.zeros(0, 2, dtype=torch.long)
+    with aimkp.per_sample_grad_gram(m, pairs=pairs, num_rows=0) as gram:
+        m(torch.zeros(0, 4, dtype=torch.long)).sum().backward()
+    assert gram.norms.shape == (0,) and gram.dots.shape == (0,)

@@ -66,8 +66,8 @@ def factor_cross(
     out = torch.zeros(Q, dtype=torch.float32, device=vx.device)
     if Q == 0 or vx.shape[0] == 0 or vy.shape[0] == 0:
         return out
-    ux_p, vx_p = _pad(tok_x, ux), _pad(tok_x, vx.reshape(vx.shape[0], -1))
-    uy_p, vy_p = _pad(tok_y, uy), _pad(tok_y, vy.reshape(vy.shape[0], -1))
+    ux_p, vx_p = _pad(tok_x, ux), _pad(tok_x, vx.flatten(1))
+    uy_p, vy_p = _pad(tok_y, uy), _pad(tok_y, vy.flatten(1))
     uy_p, vy_p = uy_p.to(vx_p.device), vy_p.to(vx_p.device)
     Tx, Ty = vx_p.shape[1], vy_p.shape[1]
     wide = max(ux_p.shape[-1] if ux.dim() > 1 else 0, uy_p.shape[-1] if uy.dim() > 1 else 0)

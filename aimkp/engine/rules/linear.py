@@ -154,7 +154,7 @@ class LinearRule(Rule):
         """``G_r = sum_t g_t a_t^T``: ``u = g``, ``v = a``."""
         if param_name != "weight":
             return super().factors(module, tok, param_name)
-        return tok.g, tok.a.reshape(tok.a.shape[0], -1)
+        return tok.g, tok.a.flatten(1)
 
     def stash(self, module: nn.Module, tok: Tokens, storage: str) -> object:
         """Keep the tokens (``N (d_in + d_out)`` elements) or, when smaller (LoRA factors with

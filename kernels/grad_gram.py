@@ -208,9 +208,12 @@ def _block(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(1, n))))
 
 
-def _check_inputs(
+def _prepare(
     a: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, bool]:
+    """Check the launchers' inputs; ``(a, g, offsets int64, on_gpu, cast_f32)``: the kernels get
+    fp32 operands on the CPU interpreter (no bf16 dot there), for fp32 inputs and for mixed
+    dtypes; bf16 / fp16 go to ``tl.dot`` as they are on CUDA."""
     if a.dim() != 2 or g.dim() != 2 or a.shape[0] != g.shape[0]:
         raise ValueError(f"a [N, d_in] and g [N, d_out] expected, got {a.shape} and {g.shape}")
     if a.device != g.device:
@@ -224,7 +227,10 @@ def _check_inputs(
         )
     a = a.contiguous() if a.stride(-1) != 1 else a
     g = g.contiguous() if g.stride(-1) != 1 else g
-    return a, g
+    off = offsets.to(device=a.device, dtype=torch.int64).contiguous()
+    on_gpu = a.device.type == "cuda"
+    cast = (not on_gpu) or a.dtype != g.dtype or a.dtype == torch.float32
+    return a, g, off, on_gpu, cast
 
 
 def grad_gram_direct(
@@ -245,14 +251,11 @@ def grad_gram_direct(
     Returns:
         ``(sq [B] float32, dots [P] float32 or None)``.
     """
-    a, g = _check_inputs(a, g, offsets)
+    a, g, off, on_gpu, cast = _prepare(a, g, offsets)
     N, d_in = a.shape
     d_out = g.shape[1]
-    B = offsets.numel() - 1
+    B = off.numel() - 1
     dev = a.device
-    off = offsets.to(device=dev, dtype=torch.int64).contiguous()
-    on_gpu = dev.type == "cuda"
-    cast = (not on_gpu) or a.dtype != g.dtype or a.dtype == torch.float32
     cap = 64 if on_gpu else 128  # fewer, larger programs under the (per-program slow) interpreter
     BO, BI = _block(d_out, cap), _block(d_in, cap)
     BT = 32 if on_gpu else 64
@@ -301,20 +304,17 @@ def grad_gram_ghost(
     Returns:
         ``(sq [B] float32, dots [P] float32 or None)``.
     """
-    a, g = _check_inputs(a, g, offsets)
+    a, g, off, on_gpu, cast = _prepare(a, g, offsets)
     N, d_in = a.shape
     d_out = g.shape[1]
-    B = offsets.numel() - 1
+    B = off.numel() - 1
     P = 0 if pairs is None else pairs.shape[0]
     dev = a.device
-    off = offsets.to(device=dev, dtype=torch.int64).contiguous()
     rows = torch.arange(B, device=dev, dtype=torch.int64)
     q_pairs = torch.stack([rows, rows], 1)  # the norms first, then the asked-for pairs
     if P:
         q_pairs = torch.cat([q_pairs, pairs.to(device=dev, dtype=torch.int64)])
     Q = q_pairs.shape[0]
-    on_gpu = dev.type == "cuda"
-    cast = (not on_gpu) or a.dtype != g.dtype or a.dtype == torch.float32
     max_len = int((off[1:] - off[:-1]).max()) if B else 0
     BT = _block(max_len, 64)
     BK = 64 if on_gpu else 128

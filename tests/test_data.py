@@ -252,16 +252,23 @@ def test_data_cli_info_and_convert(tmp_path, capsys) -> None:
     assert [r.keyphrases for r in back] == [["x", "y"], ["y"]] and back[1].text == "c d"
 
 
-_word = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Zs", "Zl", "Zp")),
-    min_size=1,
-    max_size=6,
-).filter(lambda w: w.strip() and w.isprintable())
-_phrase = (
-    st.lists(_word, min_size=1, max_size=3)
-    .map(" ".join)
-    .filter(lambda p: ";" not in p and "," not in p and p.strip().lower() == p.strip())
+# Keyphrase words drawn so that almost nothing is filtered out (hypothesis' health check fails a
+# strategy that rejects most draws): no separators, control, format, private-use or unassigned
+# characters, lower-cased by construction; the filters only catch the rare leftovers (a character
+# whose lower case is not stable, e.g. U+0130).
+_word = (
+    st.text(
+        alphabet=st.characters(
+            blacklist_categories=("Cs", "Cc", "Cf", "Co", "Cn", "Zs", "Zl", "Zp"),
+            blacklist_characters=";,",
+        ),
+        min_size=1,
+        max_size=6,
+    )
+    .map(str.lower)
+    .filter(lambda w: w.strip() == w and w.isprintable() and ";" not in w and "," not in w)
 )
+_phrase = st.lists(_word, min_size=1, max_size=3).map(" ".join).filter(lambda p: p.lower() == p)
 
 
 @settings(max_examples=40, deadline=None)

@@ -122,19 +122,7 @@ def build_tiny_llava(texts: Iterable[str] | None) -> tuple[nn.Module, Any, Any]:
         patch_size=PATCH,
         projection_dim=64,
     )
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    text = _tiny_llama_text_config(tok)
     cfg = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -265,7 +253,24 @@ def build_tiny_idefics3(texts: Iterable[str] | None) -> tuple[nn.Module, Any, An
         image_size=IMAGE_SIZE,
         patch_size=PATCH,
     )
-    text = LlamaConfig(
+    text = _tiny_llama_text_config(tok)
+    cfg = Idefics3Config(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        scale_factor=2,
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = Idefics3ForConditionalGeneration(cfg)
+    _set_generation_ids(model, tok)
+    return model, tok, _idefics3_processor()
+
+
+def _tiny_llama_text_config(tok: Any) -> LlamaConfig:
+    """The language model of the LLaVA and Idefics3 presets: a 2-layer, 128-wide Llama (GQA, untied
+    embeddings) over ``tok``'s vocabulary and special ids."""
+    return LlamaConfig(
         vocab_size=len(tok),
         hidden_size=128,
         intermediate_size=256,
@@ -278,17 +283,6 @@ def build_tiny_idefics3(texts: Iterable[str] | None) -> tuple[nn.Module, Any, An
         pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
     )
-    cfg = Idefics3Config(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        scale_factor=2,
-        tie_word_embeddings=False,
-        pad_token_id=tok.pad_token_id,
-    )
-    model = Idefics3ForConditionalGeneration(cfg)
-    _set_generation_ids(model, tok)
-    return model, tok, _idefics3_processor()
 
 
 def _set_generation_ids(model: nn.Module, tok: Any) -> None:

@@ -44,6 +44,8 @@ class Tokens:
         offsets: ``[B + 1]`` int64: the tokens of row ``r`` are ``offsets[r]:offsets[r + 1]``.
         num_rows: ``B``.
         extra: rule-specific per-call data concatenated like ``a`` (may be None).
+        known_max_len: the longest row's length when the caller already knows it (None: computed
+            on first use of ``max_len``).
     """
 
     a: torch.Tensor
@@ -52,16 +54,15 @@ class Tokens:
     offsets: torch.Tensor
     num_rows: int
     extra: torch.Tensor | None = None
+    known_max_len: int | None = None
 
     @property
     def max_len(self) -> int:
         """Length of the longest row (0 for no tokens)."""
-        if getattr(self, "_max_len", None) is None:
-            if self.offsets.numel() < 2:
-                self._max_len = 0
-            else:
-                self._max_len = int((self.offsets[1:] - self.offsets[:-1]).max().item())
-        return self._max_len
+        if self.known_max_len is None:
+            lengths = self.offsets[1:] - self.offsets[:-1]
+            self.known_max_len = int(lengths.max().item()) if lengths.numel() else 0
+        return self.known_max_len
 
     def padded(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Scatter per-token ``x [N, D]`` to ``[B, max_len, D]`` (zeros after each row's end)."""

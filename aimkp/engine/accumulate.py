@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -51,41 +52,32 @@ def tokens_of(st: ModState, layout: RowLayout) -> Tokens | None:
     return Tokens(a=a, g=g, rows=rows, offsets=offsets, num_rows=B, extra=extra)
 
 
+@dataclass
 class Accumulator:
     """Running per-row totals of one backward.
 
-    Args:
-        layout: the row layout (B is fixed at the first output gradient).
-        tied: the tied-parameter groups of the hooked modules.
-        pairs: ``[P, 2]`` requested row pairs (checked when B is known), or None.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"``; form: ``"auto"``, ``"direct"``, ...
-        on_tokens: called with ``(state, tokens)`` after each module's rule ran (the reweight
-            stash keeps what it needs there), or None.
+    Attributes given: ``layout`` (B is fixed at the first output gradient), ``tied`` (the tied
+    parameter groups), ``pairs_in`` (``[P, 2]`` requested row pairs, checked once B is known, or
+    None), ``backend`` (``"auto"``, ``"torch"``, ``"triton"``), ``form`` (``"auto"``,
+    ``"direct"``, ``"ghost"``), ``on_tokens`` (called with ``(state, tokens)`` after each module's
+    rule ran; the reweight stash keeps what it needs there).
+    Attributes filled in: ``sq [B]``, ``dots [P]``, ``pairs``, ``device`` (at ``start``), ``ran``
+    and ``layers`` (per hooked module name: what computed its numbers, e.g. ``"triton/direct"``).
     """
 
-    def __init__(
-        self,
-        layout: RowLayout,
-        tied: list[TiedGroup],
-        pairs: torch.Tensor | None,
-        backend: str,
-        form: str,
-        on_tokens: Callable[[ModState, Tokens], None] | None,
-    ) -> None:
-        self.layout = layout
-        self.tied = tied
-        self.pairs_in = pairs
-        self.backend = backend
-        self.form = form
-        self.on_tokens = on_tokens
-        self.started = False
-        self.device: torch.device | None = None
-        self.pairs: torch.Tensor | None = None
-        self.sq: torch.Tensor | None = None
-        self.dots: torch.Tensor | None = None
-        self.ran: set[str] = set()
-        #: per hooked module name: what computed its per-row numbers (e.g. "triton/direct")
-        self.layers: dict[str, str] = {}
+    layout: RowLayout
+    tied: list[TiedGroup]
+    pairs_in: torch.Tensor | None
+    backend: str
+    form: str
+    on_tokens: Callable[[ModState, Tokens], None] | None
+    started: bool = False
+    device: torch.device | None = None
+    pairs: torch.Tensor | None = None
+    sq: torch.Tensor | None = None
+    dots: torch.Tensor | None = None
+    ran: set[str] = field(default_factory=set)
+    layers: dict[str, str] = field(default_factory=dict)
 
     def start(self, states: list[ModState]) -> None:
         """At the first output gradient: fix B, the device, the pairs and zero totals."""

@@ -29,6 +29,7 @@ cosine 0 with every row (the convention of a zero vector).
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -100,7 +101,8 @@ class GradGram:
         self.requested_backend = backend
         self.form = form
         self.reweight_storage = reweight_storage
-        self._rows = RowLayout(cu_seqlens=cu_seqlens, num_rows=num_rows, module_rows=module_rows)
+        self._rows = RowLayout()
+        self._rows.update(cu_seqlens=cu_seqlens, num_rows=num_rows, module_rows=module_rows)
         self._states = hooked_states(model)
         self._stash: ReweightStash | None = stash if self.keep_for_reweight else None
         self._acc = Accumulator(
@@ -119,15 +121,10 @@ class GradGram:
         """Per hooked module name: what computed its per-row numbers (e.g. ``"triton/direct"``)."""
         return self._acc.layers
 
-    def set_rows(
-        self,
-        cu_seqlens: torch.Tensor | None = None,
-        num_rows: int | None = None,
-        module_rows: dict[str, torch.Tensor] | None = None,
-    ) -> None:
-        """Set the row layout (before the backward): packed ``cu_seqlens [B + 1]``, ``num_rows``,
-        and/or per-module ``module_rows``."""
-        self._rows.update(cu_seqlens=cu_seqlens, num_rows=num_rows, module_rows=module_rows)
+    def set_rows(self, **layout: Any) -> None:
+        """Set the row layout (before the backward): ``cu_seqlens=`` (packed ``[B + 1]``),
+        ``num_rows=`` and / or ``module_rows=`` (see ``RowLayout.update``)."""
+        self._rows.update(**layout)
 
     # ----------------------------------------------------------------------------- context
     def __enter__(self) -> GradGram:
@@ -236,17 +233,7 @@ class GradGram:
             self._stash.release()
 
 
-def per_sample_grad_gram(
-    model: nn.Module,
-    pairs: torch.Tensor | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    num_rows: int | None = None,
-    keep_for_reweight: bool = False,
-    backend: str = "auto",
-    form: str = "auto",
-    module_rows: dict[str, torch.Tensor] | None = None,
-    reweight_storage: str = "auto",
-) -> GradGram:
+def per_sample_grad_gram(model: nn.Module, *args: Any, **kwargs: Any) -> GradGram:
     """Context manager giving per-row gradient norms / pair dots from exactly one backward.
 
     Example::
@@ -257,16 +244,13 @@ def per_sample_grad_gram(
         gram.norms    # [B] float32
         gram.cosines  # [P] float32
 
-    See ``GradGram`` for the arguments and ``aimkp.engine.gram`` for how rows are found.
+    The arguments are those of ``GradGram`` (pairs, cu_seqlens, num_rows, keep_for_reweight,
+    backend, form, module_rows, reweight_storage); see ``aimkp.engine.rows`` for how rows are
+    found.
     """
-    return GradGram(
-        model,
-        pairs=pairs,
-        cu_seqlens=cu_seqlens,
-        num_rows=num_rows,
-        keep_for_reweight=keep_for_reweight,
-        backend=backend,
-        form=form,
-        module_rows=module_rows,
-        reweight_storage=reweight_storage,
-    )
+    return GradGram(model, *args, **kwargs)
+
+
+per_sample_grad_gram.__signature__ = inspect.signature(GradGram).replace(  # type: ignore[attr-defined]
+    return_annotation=GradGram
+)

@@ -13,9 +13,11 @@ otherwise a ValueError names the module and its shapes.
 
 Example (B = 2, packed rows of 2 and 3 tokens)::
 
-    layout = RowLayout(cu_seqlens=torch.tensor([0, 2, 5]))
+    layout = RowLayout()
+    layout.update(cu_seqlens=torch.tensor([0, 2, 5]))
     layout.start(leads=[(1, 5)])
-    layout.of("lm_head", (1, 5), "cpu")   # rows [0, 0, 1, 1, 1], offsets [0, 2, 5], max_len 3
+    layout.of("lm_head", "Linear", (1, 5), "cpu")
+    # -> rows [0, 0, 1, 1, 1], offsets [0, 2, 5], max_len 3
 """
 
 from __future__ import annotations
@@ -58,27 +60,17 @@ class RowsOfCall(NamedTuple):
 class RowLayout:
     """Maps a module's token axis to the batch's rows (see the module docstring).
 
-    Args:
-        cu_seqlens: ``[B + 1]`` row offsets of a packed ``[1, total_T, ...]`` batch, or None.
-        num_rows: B, when neither given by ``cu_seqlens`` nor inferable from the shapes.
-        module_rows: ``{module name (or prefix): cu_seqlens}`` for modules with their own layout.
-
-    ``update`` may change the layout until ``start`` fixes B (at the first output gradient).
+    ``update`` sets the layout and may change it until ``start`` fixes B (at the first output
+    gradient); a layout without any setting is padded rows, B inferred from the shapes.
     """
 
-    def __init__(
-        self,
-        cu_seqlens: torch.Tensor | None = None,
-        num_rows: int | None = None,
-        module_rows: dict[str, torch.Tensor] | None = None,
-    ) -> None:
+    def __init__(self) -> None:
         self.cu: torch.Tensor | None = None
         self.requested_rows: int | None = None
         self.module_rows: dict[str, torch.Tensor] = {}
         #: B, fixed by ``start`` (None before)
         self.num_rows: int | None = None
         self._cache: dict[tuple, RowsOfCall] = {}
-        self.update(cu_seqlens=cu_seqlens, num_rows=num_rows, module_rows=module_rows)
 
     @property
     def started(self) -> bool:
@@ -90,7 +82,10 @@ class RowLayout:
         num_rows: int | None = None,
         module_rows: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Set packed ``cu_seqlens``, ``num_rows`` and / or ``module_rows`` entries."""
+        """Set what is given: ``cu_seqlens [B + 1]`` (row offsets of a packed ``[1, total_T, ...]``
+        batch), ``num_rows`` (B, when neither given by ``cu_seqlens`` nor inferable from the
+        shapes), ``module_rows`` entries (``{module name (or prefix): cu_seqlens}`` for modules
+        with their own layout)."""
         if self.started:
             raise ValueError("set_rows must be called before the backward")
         if cu_seqlens is not None:

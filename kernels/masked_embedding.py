@@ -25,6 +25,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _row_tile(src_ptr, K, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's ``(BLOCK_R x BLOCK_D)`` tile of output rows / columns: the offsets, their
+    masks and the rows' sources (-1 past the end)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rmask = rows < K
+    cmask = cols < D
+    m2 = rmask[:, None] & cmask[None, :]
+    src = tl.load(src_ptr + rows, mask=rmask, other=-1)
+    return rows, cols, rmask, cmask, m2, src
+
+
+@triton.jit
 def _masked_embedding_forward_kernel(
     out_ptr,
     src_ptr,
@@ -42,12 +55,7 @@ def _masked_embedding_forward_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    rmask = rows < K
-    cmask = cols < D
-    m2 = rmask[:, None] & cmask[None, :]
-    src = tl.load(src_ptr + rows, mask=rmask, other=-1)
+    rows, cols, rmask, cmask, m2, src = _row_tile(src_ptr, K, D, BLOCK_R, BLOCK_D)
     is_w = (src >= 0) & (src < V)
     w_row = tl.where(is_w, src, 0).to(tl.int64)
     val = tl.load(
@@ -72,27 +80,11 @@ def _masked_embedding_forward_kernel(
 
 @triton.jit
 def _masked_embedding_backward_atomic_kernel(
-    grad_ptr,
-    src_ptr,
-    gw_ptr,
-    gi_ptr,
-    gf_ptr,
-    K,
-    D,
-    V,
-    M,
-    HAS_W: tl.constexpr,
-    HAS_I: tl.constexpr,
-    HAS_F: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    rmask = rows < K
-    cmask = cols < D
-    m2 = rmask[:, None] & cmask[None, :]
-    src = tl.load(src_ptr + rows, mask=rmask, other=-1)
+    grad_ptr, src_ptr, gw_ptr, gi_ptr, gf_ptr, K, D, V, M,
+    HAS_W: tl.constexpr, HAS_I: tl.constexpr, HAS_F: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    rows, cols, rmask, cmask, m2, src = _row_tile(src_ptr, K, D, BLOCK_R, BLOCK_D)
     g_raw = tl.load(grad_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=m2, other=0.0)
     g = g_raw.to(tl.float32)
     if HAS_W:
@@ -111,22 +103,10 @@ def _masked_embedding_backward_atomic_kernel(
 
 @triton.jit
 def _masked_embedding_backward_segments_kernel(
-    grad_ptr,
-    sorted_ptr,
-    perm_ptr,
-    seg_ptr,
-    gw_ptr,
-    gi_ptr,
-    gf_ptr,
-    D,
-    V,
-    M,
-    HAS_W: tl.constexpr,
-    HAS_I: tl.constexpr,
-    HAS_F: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+    grad_ptr, sorted_ptr, perm_ptr, seg_ptr, gw_ptr, gi_ptr, gf_ptr, D, V, M,
+    HAS_W: tl.constexpr, HAS_I: tl.constexpr, HAS_F: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
     seg = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < D

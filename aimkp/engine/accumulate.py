@@ -31,25 +31,20 @@ def tokens_of(st: ModState, layout: RowLayout) -> Tokens | None:
     if not calls:
         return None
     B = layout.num_rows
-    a_l, g_l, e_l, r_l = [], [], [], []
+    a_l, g_l, r_l = [], [], []
     for c in calls:
         n = math.prod(c.lead)
         a_l.append(_flat(c.a, c.lead, n, False))
         g_l.append(_flat(c.g, c.lead, n, True))
         r_l.append(layout.of(st.name, type(st.module).__name__, c.lead, c.g.device))
-        if c.extra is not None:
-            e_l.append(_flat(c.extra, c.lead, n, False))
     if len(calls) == 1:  # rows of one call are sorted by construction
         rows, offsets, max_len = r_l[0]
-        extra = e_l[0] if e_l else None
-        return Tokens(a_l[0], g_l[0], rows, offsets, B, extra, known_max_len=max_len)
+        return Tokens(a_l[0], g_l[0], rows, offsets, B, known_max_len=max_len)
     a, g, rows = torch.cat(a_l), torch.cat(g_l), torch.cat([r.rows for r in r_l])
-    extra = torch.cat(e_l) if e_l else None
     order = torch.argsort(rows, stable=True)
     a, g, rows = a[order], g[order], rows[order]
-    extra = extra[order] if extra is not None else None
     offsets, _ = offsets_of(rows, B)
-    return Tokens(a=a, g=g, rows=rows, offsets=offsets, num_rows=B, extra=extra)
+    return Tokens(a=a, g=g, rows=rows, offsets=offsets, num_rows=B)
 
 
 @dataclass

@@ -28,11 +28,10 @@ __all__ = ["Call", "HookSet", "ModState", "hooked_states"]
 
 @dataclass
 class Call:
-    """One forward call of a hooked module: input ``a``, rule extras, token shape ``lead``, and
-    the output gradient ``g`` once the backward delivered it."""
+    """One forward call of a hooked module: input ``a`` (what the rule captured), token shape
+    ``lead``, and the output gradient ``g`` once the backward delivered it."""
 
     a: torch.Tensor
-    extra: torch.Tensor | None
     lead: tuple[int, ...]
     g: torch.Tensor | None = None
 
@@ -136,9 +135,9 @@ class HookSet:
                     f"module '{st.name}' ran a forward after the backward started: run exactly one "
                     "forward + backward inside per_sample_grad_gram"
                 )
-            a, extra = st.rule.capture(module, st.rule.bind(module, args, kwargs), output)
+            a = st.rule.capture(module, st.rule.bind(module, args, kwargs), output)
             nf = st.rule.out_feature_dims(module)
-            call = Call(a, extra, tuple(output.shape[: output.dim() - nf]))
+            call = Call(a, tuple(output.shape[: output.dim() - nf]))
             st.calls.append(call)
             output.register_hook(lambda g, st=st, call=call: self.on_grad(st, call, g))
 

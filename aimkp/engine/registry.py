@@ -62,7 +62,6 @@ class Tokens:
         rows: ``[N]`` int64 row index of each token, non-decreasing.
         offsets: ``[B + 1]`` int64: the tokens of row ``r`` are ``offsets[r]:offsets[r + 1]``.
         num_rows: ``B``.
-        extra: rule-specific per-call data concatenated like ``a`` (may be None).
         known_max_len: the longest row's length when the caller already knows it (None: computed
             on first use of ``max_len``).
     """
@@ -72,7 +71,6 @@ class Tokens:
     rows: torch.Tensor
     offsets: torch.Tensor
     num_rows: int
-    extra: torch.Tensor | None = None
     known_max_len: int | None = None
 
     @property
@@ -100,8 +98,7 @@ class Tokens:
         counts = torch.bincount(rows, minlength=self.num_rows)
         offsets = torch.zeros_like(self.offsets)
         offsets[1:] = torch.cumsum(counts, 0)
-        extra = self.extra[keep] if self.extra is not None else None
-        return Tokens(self.a[keep], self.g[keep], rows, offsets, self.num_rows, extra)
+        return Tokens(self.a[keep], self.g[keep], rows, offsets, self.num_rows)
 
 
 def segment_sum(x: torch.Tensor, tok: Tokens) -> torch.Tensor:
@@ -148,7 +145,7 @@ class Rule:
     ``param_reweight`` per parameter name (see the module docstring).
 
     ``capture(module, args, output)`` returns what the forward hook keeps per call:
-    ``(a, extra)``, with ``a`` of shape ``[*lead, ...]`` whose leading dims (``lead``, the same as
+    ``a`` of shape ``[*lead, ...]`` whose leading dims (``lead``, the same as
     the output's without its last dim) are the token dims. The default keeps the first positional
     input.
     """
@@ -170,11 +167,9 @@ class Rule:
         itself by default; a field of it for modules returning a structure)."""
         return output
 
-    def capture(
-        self, module: nn.Module, args: tuple, output: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What to keep from one forward call: the layer input (detached) and rule extras."""
-        return args[0].detach(), None
+    def capture(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """What to keep from one forward call: the layer input (detached)."""
+        return args[0].detach()
 
     def trainable_names(self, module: nn.Module) -> list[str]:
         """The names in ``param_names`` whose parameter exists and requires grad."""

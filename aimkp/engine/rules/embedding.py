@@ -39,15 +39,13 @@ class EmbeddingRule(Rule):
 
     param_names = ("weight",)
 
-    def capture(
-        self, module: nn.Module, args: tuple, output: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def capture(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         if module.scale_grad_by_freq or module.sparse or module.max_norm is not None:
             raise ValueError(
                 f"{type(module).__name__}: scale_grad_by_freq / sparse / max_norm embeddings "
                 "have no per-sample gradient rule"
             )
-        return args[0].detach(), None
+        return args[0].detach()
 
     def _valid(self, module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         """Tokens whose gradient reaches ``weight`` (all but ``padding_idx``)."""

@@ -168,3 +168,28 @@ def test_reweight_nan_row_triton_interpreter() -> None:
     m.zero_grad(set_to_none=True)
     loss_of(x[scale != 0], torch.ones(3)).sum().backward()
     _assert_grads_equal(got, _grads(m))
+
+
+def test_without_grad_copy_nan_row_needs_empty_grad() -> None:
+    """keep_grad_before=False: exact when .grad was None on entering, a ValueError (and .grad
+    untouched) when an earlier gradient would be needed."""
+    torch.manual_seed(5)
+    m = Tiny()
+    ids = torch.randint(0, 11, (4, 5))
+    scale = torch.tensor([1.0, 0.0, 1.0, 1.0])
+
+    def run():
+        with aimkp.per_sample_grad_gram(
+            m, pairs=PAIRS, keep_for_reweight=True, keep_grad_before=False
+        ) as gram:
+            _row_loss(m, ids, _poison(4)).sum().backward()
+        return gram
+
+    m.zero_grad(set_to_none=True)
+    run().reweight(scale)
+    got = _grads(m)
+    m.zero_grad(set_to_none=True)
+    _assert_grads_equal(got, _clean_grads(m, ids, scale))
+    gram = run()  # .grad now holds the clean gradient from above
+    with pytest.raises(ValueError, match="keep_grad_before"):
+        gram.reweight(scale)

@@ -71,6 +71,10 @@ class GradGram:
             and output gradients), ``"rows"`` (per-row gradients, linear layers), or ``"auto"``
             (the smaller of the two per layer: per-row gradients for LoRA factors whose rows are
             longer than about r tokens).
+        keep_grad_before: with ``keep_for_reweight``, copy the trainable parameters' existing
+            ``.grad`` on entering (one ``.grad`` of memory when accumulating micro-steps, nothing
+            when ``.grad`` is None) so that ``reweight`` removes a non-finite row exactly; False
+            skips the copy, and then such a removal needs ``.grad`` to be None on entering.
 
     After the backward: ``norms [B]``, ``dots [P]``, ``cosines [P]`` (float32), ``finite_rows()``,
     ``backend`` (what ran: ``"torch"``, ``"triton"``, or ``"torch+triton"`` when some layers used
@@ -88,8 +92,9 @@ class GradGram:
         form: str = "auto",
         module_rows: dict[str, torch.Tensor] | None = None,
         reweight_storage: str = "auto",
+        keep_grad_before: bool = True,
     ) -> None:
-        stash = ReweightStash(reweight_storage)
+        stash = ReweightStash(reweight_storage, keep_grad_before)
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         if form not in _FORMS:
@@ -245,8 +250,8 @@ def per_sample_grad_gram(model: nn.Module, *args: Any, **kwargs: Any) -> GradGra
         gram.cosines  # [P] float32
 
     The arguments are those of ``GradGram`` (pairs, cu_seqlens, num_rows, keep_for_reweight,
-    backend, form, module_rows, reweight_storage); see ``aimkp.engine.rows`` for how rows are
-    found.
+    backend, form, module_rows, reweight_storage, keep_grad_before); see ``aimkp.engine.rows``
+    for how rows are found.
     """
     return GradGram(model, *args, **kwargs)
 

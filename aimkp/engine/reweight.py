@@ -12,7 +12,9 @@ Two exact ways, from what each rule stashed after the backward (``Rule.stash``):
   context was entered, so gradient accumulation across micro-steps stays exact.
 
 Cost of the second way's ``grad_before``: a copy of the trainable parameters' existing ``.grad``
-taken on entering (nothing when ``.grad`` is None, the first micro-step of an accumulation).
+taken on entering (nothing when ``.grad`` is None, the first micro-step of an accumulation). With
+``keep_grad_before=False`` no copy is taken; a non-finite row then can only be removed when
+``.grad`` was None on entering (otherwise ``reweight`` raises a ValueError and changes nothing).
 """
 
 from __future__ import annotations
@@ -34,14 +36,18 @@ class ReweightStash:
 
     Args:
         storage: ``"auto"``, ``"tokens"`` or ``"rows"`` (see ``GradGram``).
+        keep_grad_before: copy the existing ``.grad`` on entering (see the module docstring).
     """
 
-    def __init__(self, storage: str) -> None:
+    def __init__(self, storage: str, keep_grad_before: bool = True) -> None:
         if storage not in _STORAGES:
             raise ValueError(
                 f"reweight_storage must be 'auto', 'tokens' or 'rows', got {storage!r}"
             )
         self.storage = storage
+        self.keep_grad_before = keep_grad_before
+        #: names of parameters whose earlier .grad was not copied (keep_grad_before=False)
+        self.not_copied: list[str] = []
         self.entries: list[tuple[ModState, object]] = []
         #: id(parameter) -> (parameter, its .grad on entering: a copy, or None)
         self.grad_before: dict[int, tuple[nn.Parameter, torch.Tensor | None]] = {}
@@ -50,10 +56,15 @@ class ReweightStash:
     def snapshot(self, states: list[ModState]) -> None:
         """Copy the trainable parameters' ``.grad`` (on entering the context)."""
         for st in states:
-            for _, p in st.trainable():
-                if id(p) not in self.grad_before:
-                    before = p.grad.detach().clone() if p.grad is not None else None
-                    self.grad_before[id(p)] = (p, before)
+            for n, p in st.trainable():
+                if id(p) in self.grad_before:
+                    continue
+                before = None
+                if p.grad is not None and self.keep_grad_before:
+                    before = p.grad.detach().clone()
+                elif p.grad is not None:
+                    self.not_copied.append(f"{st.name}.{n}")
+                self.grad_before[id(p)] = (p, before)
 
     def keep(self, st: ModState, tok: Tokens) -> None:
         """After ``st``'s rule ran: keep what its reweight needs."""
@@ -84,6 +95,14 @@ class ReweightStash:
 
     def _rebuild(self, scale: torch.Tensor) -> None:
         """``.grad = grad_before + sum_{r: s_r != 0} s_r G_r`` for every stashed parameter."""
+        if self.not_copied:
+            names = ", ".join(self.not_copied[:3]) + (", ..." if len(self.not_copied) > 3 else "")
+            raise ValueError(
+                "reweight: a row's gradient is non-finite and .grad of "
+                f"{names} held an earlier gradient that keep_grad_before=False did not copy: "
+                "the row cannot be removed exactly (zero the grads before the context, or keep "
+                "keep_grad_before=True)"
+            )
         fresh: set[int] = set()
         for st, _ in self.entries:
             for _, p in st.trainable():
@@ -106,3 +125,4 @@ class ReweightStash:
         """Free the stash and the copies of ``.grad``."""
         self.entries.clear()
         self.grad_before.clear()
+        self.not_copied.clear()

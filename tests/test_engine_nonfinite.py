@@ -193,3 +193,30 @@ def test_without_grad_copy_nan_row_needs_empty_grad() -> None:
     gram = run()  # .grad now holds the clean gradient from above
     with pytest.raises(ValueError, match="keep_grad_before"):
         gram.reweight(scale)
+
+
+def test_reweight_zero_removes_nan_row_with_tied_weights() -> None:
+    """An embedding table tied to the head: both owners' stashes rebuild the one .grad."""
+    torch.manual_seed(6)
+    emb = nn.Embedding(11, 6)
+    head = nn.Linear(6, 11, bias=False)
+    head.weight = emb.weight
+    m = nn.ModuleDict({"emb": emb, "head": head})
+    ids = torch.randint(0, 11, (4, 5))
+
+    def loss_of(i: torch.Tensor, poison: torch.Tensor) -> torch.Tensor:
+        return m["head"](torch.tanh(m["emb"](i))).square().sum((1, 2)) * poison
+
+    m.zero_grad(set_to_none=True)
+    loss_of(ids[:2], torch.ones(2)).sum().backward()  # an earlier micro-step
+    before = emb.weight.grad.clone()
+    with aimkp.per_sample_grad_gram(m, pairs=PAIRS, keep_for_reweight=True) as gram:
+        loss_of(ids, _poison(4)).sum().backward()
+    assert gram.finite_rows().tolist() == [True, False, True, True]
+    scale = torch.tensor([2.0, 0.0, 1.0, 0.5])
+    gram.reweight(scale)
+    got = emb.weight.grad.clone()
+    emb.weight.grad = before
+    keep = scale != 0
+    (loss_of(ids[keep], torch.ones(3)) * scale[keep]).sum().backward()
+    _assert_grads_equal([got], [emb.weight.grad])

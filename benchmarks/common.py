@@ -164,9 +164,7 @@ def write_results(
     jpath = out_dir / f"{name}-{slug}.json"
     cpath = out_dir / f"{name}-{slug}.csv"
     jpath.write_text(json.dumps(rows, indent=1, default=str) + "\n")
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # every row's columns, first-seen order
     with cpath.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()

@@ -13,16 +13,23 @@ enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 inline std::size_t dtype_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
 
 // ---- scalar conversions (host), round-to-nearest-even, NaN/Inf preserved -----------------------
-inline float bf16_to_float(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
+// Bit casts (std::bit_cast is C++20; memcpy is the C++17 way without undefined behaviour).
+inline float float_of_bits(uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
 }
 
-inline uint16_t float_to_bf16(float f) {
+inline uint32_t bits_of_float(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float bf16_to_float(uint16_t h) { return float_of_bits(static_cast<uint32_t>(h) << 16); }
+
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u = bits_of_float(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // NaN
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
@@ -49,15 +56,12 @@ inline float half_to_float(uint16_t h) {
   } else {
     bits = sign | ((exp + 112u) << 23) | (mant << 13);
   }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
+  return float_of_bits(bits);
 }
 
 // F. Giesen's float_to_half_fast3_rtne (public domain); exact round-to-nearest-even.
 inline uint16_t float_to_half(float ff) {
-  uint32_t f;
-  std::memcpy(&f, &ff, 4);
+  uint32_t f = bits_of_float(ff);
   const uint32_t f32infty = 255u << 23;
   const uint32_t f16max = (127u + 16u) << 23;
   const uint32_t denorm_magic_u = ((127u - 15u) + (23u - 10u) + 1u) << 23;
@@ -67,13 +71,8 @@ inline uint16_t float_to_half(float ff) {
   if (f >= f16max) {
     o = (f > f32infty) ? 0x7e00 : 0x7c00;
   } else if (f < (113u << 23)) {
-    float fv, dm;
-    std::memcpy(&fv, &f, 4);
-    std::memcpy(&dm, &denorm_magic_u, 4);
-    fv += dm;
-    uint32_t r;
-    std::memcpy(&r, &fv, 4);
-    o = static_cast<uint16_t>(r - denorm_magic_u);
+    float fv = float_of_bits(f) + float_of_bits(denorm_magic_u);
+    o = static_cast<uint16_t>(bits_of_float(fv) - denorm_magic_u);
   } else {
     uint32_t mant_odd = (f >> 13) & 1u;
     f += (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu;

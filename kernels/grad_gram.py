@@ -26,6 +26,7 @@ fp32 ones with IEEE precision, always accumulating in fp32.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -79,79 +80,46 @@ def _tile_matmul(
 
 @triton.jit
 def _tile_of_row(
-    a_ptr, g_ptr, start, end, offs_o, offs_i, D_IN, D_OUT, stride_a, stride_g,
+    a_ptr, g_ptr, off_ptr, r, tile, N_TILES_I, D_IN, D_OUT, stride_a, stride_g,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, CAST_F32: tl.constexpr,
 ):  # fmt: skip
-    """One ``(BLOCK_O x BLOCK_I)`` tile of ``G_r = g_r^T a_r`` (contraction over the row's tokens
-    ``start:end``)."""
+    """Tile number ``tile`` (row-major grid of ``(BLOCK_O x BLOCK_I)`` tiles) of row r's
+    ``G_r = g_r^T a_r``: the contraction over the row's tokens ``offsets[r]:offsets[r + 1]``."""
+    offs_o = (tile // N_TILES_I) * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_i = (tile % N_TILES_I) * BLOCK_I + tl.arange(0, BLOCK_I)
     return _tile_matmul(
-        g_ptr, a_ptr, offs_o, offs_o < D_OUT, offs_i, offs_i < D_IN, start, end,
+        g_ptr, a_ptr, offs_o, offs_o < D_OUT, offs_i, offs_i < D_IN,
+        tl.load(off_ptr + r), tl.load(off_ptr + r + 1),
         1, stride_g, stride_a, 1, BLOCK_O, BLOCK_I, BLOCK_T, CAST_F32,
     )  # fmt: skip
 
 
 @triton.jit
 def _grad_gram_norm_kernel(
-    a_ptr,
-    g_ptr,
-    off_ptr,
-    partial_ptr,
-    D_IN,
-    D_OUT,
-    stride_a,
-    stride_g,
-    N_TILES_I,
-    N_TILES,
-    BLOCK_T: tl.constexpr,
-    BLOCK_O: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    CAST_F32: tl.constexpr,
-):
+    a_ptr, g_ptr, off_ptr, partial_ptr, D_IN, D_OUT, stride_a, stride_g, N_TILES_I, N_TILES,
+    BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, CAST_F32: tl.constexpr,
+):  # fmt: skip
     r = tl.program_id(0)
     tile = tl.program_id(1)
-    offs_o = (tile // N_TILES_I) * BLOCK_O + tl.arange(0, BLOCK_O)
-    offs_i = (tile % N_TILES_I) * BLOCK_I + tl.arange(0, BLOCK_I)
-    start = tl.load(off_ptr + r)
-    end = tl.load(off_ptr + r + 1)
-    acc = _tile_of_row(
-        a_ptr, g_ptr, start, end, offs_o, offs_i, D_IN, D_OUT, stride_a, stride_g,
-        BLOCK_T, BLOCK_O, BLOCK_I, CAST_F32,
-    )  # fmt: skip
+    acc = _tile_of_row(a_ptr, g_ptr, off_ptr, r, tile, N_TILES_I, D_IN, D_OUT, stride_a, stride_g,
+                       BLOCK_T, BLOCK_O, BLOCK_I, CAST_F32)  # fmt: skip
     tl.store(partial_ptr + r * N_TILES + tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 
 
 @triton.jit
 def _grad_gram_pair_kernel(
-    a_ptr,
-    g_ptr,
-    off_ptr,
-    pair_ptr,
-    partial_ptr,
-    D_IN,
-    D_OUT,
-    stride_a,
-    stride_g,
-    N_TILES_I,
-    N_TILES,
-    BLOCK_T: tl.constexpr,
-    BLOCK_O: tl.constexpr,
-    BLOCK_I: tl.constexpr,
+    a_ptr, g_ptr, off_ptr, pair_ptr, partial_ptr, D_IN, D_OUT, stride_a, stride_g, N_TILES_I,
+    N_TILES, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
     CAST_F32: tl.constexpr,
-):
+):  # fmt: skip
     p = tl.program_id(0)
     tile = tl.program_id(1)
-    offs_o = (tile // N_TILES_I) * BLOCK_O + tl.arange(0, BLOCK_O)
-    offs_i = (tile % N_TILES_I) * BLOCK_I + tl.arange(0, BLOCK_I)
     ri = tl.load(pair_ptr + 2 * p)
     rj = tl.load(pair_ptr + 2 * p + 1)
-    acc_i = _tile_of_row(
-        a_ptr, g_ptr, tl.load(off_ptr + ri), tl.load(off_ptr + ri + 1), offs_o, offs_i,
-        D_IN, D_OUT, stride_a, stride_g, BLOCK_T, BLOCK_O, BLOCK_I, CAST_F32,
-    )  # fmt: skip
-    acc_j = _tile_of_row(
-        a_ptr, g_ptr, tl.load(off_ptr + rj), tl.load(off_ptr + rj + 1), offs_o, offs_i,
-        D_IN, D_OUT, stride_a, stride_g, BLOCK_T, BLOCK_O, BLOCK_I, CAST_F32,
-    )  # fmt: skip
+    acc_i = _tile_of_row(a_ptr, g_ptr, off_ptr, ri, tile, N_TILES_I, D_IN, D_OUT, stride_a,
+                         stride_g, BLOCK_T, BLOCK_O, BLOCK_I, CAST_F32)  # fmt: skip
+    acc_j = _tile_of_row(a_ptr, g_ptr, off_ptr, rj, tile, N_TILES_I, D_IN, D_OUT, stride_a,
+                         stride_g, BLOCK_T, BLOCK_O, BLOCK_I, CAST_F32)  # fmt: skip
     tl.store(partial_ptr + p * N_TILES + tile, tl.sum(tl.sum(acc_i * acc_j, axis=1), axis=0))
 
 
@@ -208,10 +176,20 @@ def _block(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(1, n))))
 
 
-def _prepare(
-    a: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, bool]:
-    """Check the launchers' inputs; ``(a, g, offsets int64, on_gpu, cast_f32)``: the kernels get
+class GramInputs(NamedTuple):
+    """The launchers' checked inputs: ``a [N, d_in]`` / ``g [N, d_out]`` with unit column
+    stride, ``offsets [B + 1]`` int64 on their device, whether they are on a GPU, and whether the
+    kernels upcast operands to fp32 (``CAST_F32``)."""
+
+    a: torch.Tensor
+    g: torch.Tensor
+    offsets: torch.Tensor
+    on_gpu: bool
+    cast_f32: bool
+
+
+def _prepare(a: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor) -> GramInputs:
+    """Check the launchers' inputs (:class:`GramInputs`): the kernels get
     fp32 operands on the CPU interpreter (no bf16 dot there), for fp32 inputs and for mixed
     dtypes; bf16 / fp16 go to ``tl.dot`` as they are on CUDA."""
     if a.dim() != 2 or g.dim() != 2 or a.shape[0] != g.shape[0]:
@@ -230,7 +208,7 @@ def _prepare(
     off = offsets.to(device=a.device, dtype=torch.int64).contiguous()
     on_gpu = a.device.type == "cuda"
     cast = (not on_gpu) or a.dtype != g.dtype or a.dtype == torch.float32
-    return a, g, off, on_gpu, cast
+    return GramInputs(a, g, off, on_gpu, cast)
 
 
 def grad_gram_direct(
@@ -261,13 +239,15 @@ def grad_gram_direct(
     BT = 32 if on_gpu else 64
     n_ti = triton.cdiv(d_in, BI)
     n_tiles = triton.cdiv(d_out, BO) * n_ti
+    common = dict(
+        a_ptr=a, g_ptr=g, off_ptr=off, D_IN=d_in, D_OUT=d_out, stride_a=a.stride(0),
+        stride_g=g.stride(0), N_TILES_I=n_ti, N_TILES=n_tiles, BLOCK_T=BT, BLOCK_O=BO,
+        BLOCK_I=BI, CAST_F32=cast,
+    )  # fmt: skip
     sq = torch.zeros(B, dtype=torch.float32, device=dev)
     if B and N:
         partial = torch.full((B, n_tiles), float("nan"), dtype=torch.float32, device=dev)
-        _grad_gram_norm_kernel[(B, n_tiles)](
-            a, g, off, partial, d_in, d_out, a.stride(0), g.stride(0), n_ti, n_tiles,
-            BLOCK_T=BT, BLOCK_O=BO, BLOCK_I=BI, CAST_F32=cast,
-        )  # fmt: skip
+        _grad_gram_norm_kernel[(B, n_tiles)](partial_ptr=partial, **common)
         sq = partial.sum(1)
     if pairs is None:
         return sq, None
@@ -276,10 +256,7 @@ def grad_gram_direct(
     if P and N:
         pr = pairs.to(device=dev, dtype=torch.int64).contiguous()
         partial = torch.full((P, n_tiles), float("nan"), dtype=torch.float32, device=dev)
-        _grad_gram_pair_kernel[(P, n_tiles)](
-            a, g, off, pr, partial, d_in, d_out, a.stride(0), g.stride(0), n_ti, n_tiles,
-            BLOCK_T=BT, BLOCK_O=BO, BLOCK_I=BI, CAST_F32=cast,
-        )  # fmt: skip
+        _grad_gram_pair_kernel[(P, n_tiles)](pair_ptr=pr, partial_ptr=partial, **common)
         dots = partial.sum(1)
     return sq, dots
 
@@ -293,16 +270,8 @@ def grad_gram_ghost(
     """The same numbers as :func:`grad_gram_direct`, ghost form: ``sum_{t, s} (a_t . a_s)
     (g_t . g_s)`` over blocks of token pairs (cost ``~T^2 (d_in + d_out)`` per row or pair; wins
     when rows are short against ``d_in d_out / (d_in + d_out)``). Neither ``G_r`` nor the ``[T, T]``
-    Gram matrices are written to memory: one fp32 partial per program.
-
-    Args:
-        a: ``[N, d_in]`` layer inputs, tokens sorted by row (fp32 / bf16 / fp16).
-        g: ``[N, d_out]`` output gradients, same token order.
-        offsets: ``[B + 1]`` int row offsets into the tokens.
-        pairs: ``[P, 2]`` int row pairs, or None.
-
-    Returns:
-        ``(sq [B] float32, dots [P] float32 or None)``.
+    Gram matrices are written to memory: one fp32 partial per program. Arguments and result as
+    :func:`grad_gram_direct`.
     """
     a, g, off, on_gpu, cast = _prepare(a, g, offsets)
     N, d_in = a.shape
@@ -323,8 +292,9 @@ def grad_gram_ghost(
     if Q and N:
         partial = torch.full((Q, n_b * n_b), float("nan"), dtype=torch.float32, device=dev)
         _grad_gram_ghost_kernel[(Q, n_b, n_b)](
-            a, g, off, q_pairs.contiguous(), partial, d_in, d_out, a.stride(0), g.stride(0),
-            n_b, n_b * n_b, BLOCK_T=BT, BLOCK_S=BT, BLOCK_K=BK, CAST_F32=cast,
+            a_ptr=a, g_ptr=g, off_ptr=off, pair_ptr=q_pairs.contiguous(), partial_ptr=partial,
+            D_IN=d_in, D_OUT=d_out, stride_a=a.stride(0), stride_g=g.stride(0), N_BLOCKS_S=n_b,
+            N_PARTIAL=n_b * n_b, BLOCK_T=BT, BLOCK_S=BT, BLOCK_K=BK, CAST_F32=cast,
         )  # fmt: skip
         out = partial.sum(1)
     return out[:B], (out[B:] if pairs is not None else None)

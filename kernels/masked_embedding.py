@@ -17,9 +17,24 @@ Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests; sma
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _row_tile(src_ptr, K, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's ``(BLOCK_R x BLOCK_D)`` tile of output rows / columns: the offsets, their
+    masks and the rows' sources (-1 past the end)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rmask = rows < K
+    cmask = cols < D
+    m2 = rmask[:, None] & cmask[None, :]
+    src = tl.load(src_ptr + rows, mask=rmask, other=-1)
+    return rows, cols, rmask, cmask, m2, src
 
 
 @triton.jit
@@ -40,12 +55,7 @@ def _masked_embedding_forward_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    rmask = rows < K
-    cmask = cols < D
-    m2 = rmask[:, None] & cmask[None, :]
-    src = tl.load(src_ptr + rows, mask=rmask, other=-1)
+    rows, cols, rmask, cmask, m2, src = _row_tile(src_ptr, K, D, BLOCK_R, BLOCK_D)
     is_w = (src >= 0) & (src < V)
     w_row = tl.where(is_w, src, 0).to(tl.int64)
     val = tl.load(
@@ -70,27 +80,11 @@ def _masked_embedding_forward_kernel(
 
 @triton.jit
 def _masked_embedding_backward_atomic_kernel(
-    grad_ptr,
-    src_ptr,
-    gw_ptr,
-    gi_ptr,
-    gf_ptr,
-    K,
-    D,
-    V,
-    M,
-    HAS_W: tl.constexpr,
-    HAS_I: tl.constexpr,
-    HAS_F: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    rmask = rows < K
-    cmask = cols < D
-    m2 = rmask[:, None] & cmask[None, :]
-    src = tl.load(src_ptr + rows, mask=rmask, other=-1)
+    grad_ptr, src_ptr, gw_ptr, gi_ptr, gf_ptr, K, D, V, M,
+    HAS_W: tl.constexpr, HAS_I: tl.constexpr, HAS_F: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    rows, cols, rmask, cmask, m2, src = _row_tile(src_ptr, K, D, BLOCK_R, BLOCK_D)
     g_raw = tl.load(grad_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=m2, other=0.0)
     g = g_raw.to(tl.float32)
     if HAS_W:
@@ -109,22 +103,10 @@ def _masked_embedding_backward_atomic_kernel(
 
 @triton.jit
 def _masked_embedding_backward_segments_kernel(
-    grad_ptr,
-    sorted_ptr,
-    perm_ptr,
-    seg_ptr,
-    gw_ptr,
-    gi_ptr,
-    gf_ptr,
-    D,
-    V,
-    M,
-    HAS_W: tl.constexpr,
-    HAS_I: tl.constexpr,
-    HAS_F: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+    grad_ptr, sorted_ptr, perm_ptr, seg_ptr, gw_ptr, gi_ptr, gf_ptr, D, V, M,
+    HAS_W: tl.constexpr, HAS_I: tl.constexpr, HAS_F: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
     seg = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < D
@@ -157,119 +139,75 @@ def _masked_embedding_backward_segments_kernel(
         tl.store(gf_ptr + cols, acc, mask=cmask & (idvec < 0))
 
 
-def _blocks(d: int) -> tuple[int, int]:
+def _blocks(d: int) -> dict[str, int]:
     block_d = min(triton.next_power_of_2(max(d, 1)), 512)
-    block_r = max(1, 2048 // block_d)
-    return block_r, block_d
+    return dict(BLOCK_R=max(1, 2048 // block_d), BLOCK_D=block_d)
 
 
 def masked_embedding_forward(
+    out: torch.Tensor,
     src: torch.Tensor,
     weight: torch.Tensor,
-    image_features: torch.Tensor | None,
+    image: torch.Tensor | None,
     fill: torch.Tensor | None,
-    out: torch.Tensor,
 ) -> torch.Tensor:
-    """Gather ``out[k] = source row src[k]``. src ``[K]`` int64, weight ``[V, D]`` (unit column
-    stride), image_features ``[M, D]`` or None, fill ``[D]`` or None, out ``[K, D]`` contiguous."""
+    """Gather ``out[k] = source row src[k]``. out ``[K, D]`` contiguous, src ``[K]`` int64,
+    weight ``[V, D]`` and image ``[M, D]`` (or None) with unit column stride, fill ``[D]`` or
+    None."""
     k, d = out.shape
     if k == 0 or d == 0:
         return out
-    v = weight.shape[0]
-    img = image_features if image_features is not None else weight
-    m = image_features.shape[0] if image_features is not None else 0
-    fil = fill if fill is not None else weight
-    block_r, block_d = _blocks(d)
-    grid = (triton.cdiv(k, block_r), triton.cdiv(d, block_d))
+    blocks = _blocks(d)
+    grid = (triton.cdiv(k, blocks["BLOCK_R"]), triton.cdiv(d, blocks["BLOCK_D"]))
     _masked_embedding_forward_kernel[grid](
-        out,
-        src,
-        weight,
-        img,
-        fil,
-        k,
-        d,
-        v,
-        m,
-        weight.stride(0),
-        img.stride(0),
-        HAS_IMG=image_features is not None,
-        HAS_FILL=fill is not None,
-        BLOCK_R=block_r,
-        BLOCK_D=block_d,
-    )
+        out_ptr=out, src_ptr=src, w_ptr=weight,
+        img_ptr=image if image is not None else weight,
+        fill_ptr=fill if fill is not None else weight,
+        K=k, D=d, V=weight.shape[0], M=image.shape[0] if image is not None else 0,
+        w_stride=weight.stride(0), img_stride=(image if image is not None else weight).stride(0),
+        HAS_IMG=image is not None, HAS_FILL=fill is not None, **blocks,
+    )  # fmt: skip
     return out
 
 
 def masked_embedding_backward(
     grad: torch.Tensor,
     src: torch.Tensor,
+    segments: NamedTuple | None,
+    grad_weight: torch.Tensor | None,
+    grad_image: torch.Tensor | None,
+    grad_fill: torch.Tensor | None,
     num_rows: int,
     num_image_rows: int,
-    need_weight: bool,
-    need_image: bool,
-    need_fill: bool,
-    deterministic: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients ``(grad_weight [V, D], grad_image [M, D], grad_fill [D])`` from ``grad [K, D]``.
+) -> None:
+    """Accumulate ``grad [K, D]`` (contiguous) into the zeroed gradient buffers that are not None:
+    ``grad_weight [V, D]`` (float32 for the atomics, any dtype for segments), ``grad_image
+    [M, D]`` (``grad.dtype``), ``grad_fill [D]`` float32.
 
-    grad_weight and grad_image come back in ``grad.dtype`` (accumulated in fp32), grad_fill in
-    float32; an output that is not needed is None. ``deterministic`` uses the sorted segment
-    reduction, otherwise fp32 atomics.
+    ``segments`` (``sorted_src``, ``perm``, ``starts [S + 1]``, ``count``: see
+    ``aimkp.ops.masked_embedding.sorted_segments``) selects the deterministic sorted segment
+    reduction; None the fp32 atomics over ``src [K]``.
     """
     k, d = grad.shape
-    dev, dt = grad.device, grad.dtype
-    v, m = num_rows, num_image_rows
-    dummy32 = torch.empty(1, dtype=torch.float32, device=dev)
-    gf = torch.zeros(d, dtype=torch.float32, device=dev) if need_fill else None
-    block_r, block_d = _blocks(d)
-    if deterministic:
-        gw = torch.zeros(v, d, dtype=dt, device=dev) if need_weight else None
-        gi = torch.zeros(m, d, dtype=dt, device=dev) if need_image else None
-        if k == 0 or d == 0:
-            return gw, gi, gf
-        sorted_src, perm = torch.sort(src, stable=True)
-        _, counts = torch.unique_consecutive(sorted_src, return_counts=True)
-        seg = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=dev)
-        torch.cumsum(counts, 0, out=seg[1:])
-        grid = (counts.numel(), triton.cdiv(d, block_d))
-        _masked_embedding_backward_segments_kernel[grid](
-            grad,
-            sorted_src,
-            perm,
-            seg,
-            gw if gw is not None else grad,
-            gi if gi is not None else grad,
-            gf if gf is not None else dummy32,
-            d,
-            v,
-            m,
-            HAS_W=need_weight,
-            HAS_I=need_image,
-            HAS_F=need_fill,
-            BLOCK_R=block_r,
-            BLOCK_D=block_d,
-        )
-        return gw, gi, gf
-    gw32 = torch.zeros(v, d, dtype=torch.float32, device=dev) if need_weight else None
-    gi = torch.zeros(m, d, dtype=dt, device=dev) if need_image else None
-    if k > 0 and d > 0:
-        grid = (triton.cdiv(k, block_r), triton.cdiv(d, block_d))
-        _masked_embedding_backward_atomic_kernel[grid](
-            grad,
-            src,
-            gw32 if gw32 is not None else dummy32,
-            gi if gi is not None else grad,
-            gf if gf is not None else dummy32,
-            k,
-            d,
-            v,
-            m,
-            HAS_W=need_weight,
-            HAS_I=need_image,
-            HAS_F=need_fill,
-            BLOCK_R=block_r,
-            BLOCK_D=block_d,
-        )
-    gw = gw32.to(dt) if gw32 is not None else None
-    return gw, gi, gf
+    if k == 0 or d == 0:
+        return
+    dummy32 = torch.empty(1, dtype=torch.float32, device=grad.device)
+    common = dict(
+        grad_ptr=grad,
+        gw_ptr=grad_weight if grad_weight is not None else dummy32,
+        gi_ptr=grad_image if grad_image is not None else grad,
+        gf_ptr=grad_fill if grad_fill is not None else dummy32,
+        D=d, V=num_rows, M=num_image_rows,
+        HAS_W=grad_weight is not None, HAS_I=grad_image is not None, HAS_F=grad_fill is not None,
+        **_blocks(d),
+    )  # fmt: skip
+    n_cols = triton.cdiv(d, common["BLOCK_D"])
+    if segments is not None:
+        _masked_embedding_backward_segments_kernel[(segments.count, n_cols)](
+            sorted_ptr=segments.sorted_src, perm_ptr=segments.perm, seg_ptr=segments.starts,
+            **common,
+        )  # fmt: skip
+        return
+    _masked_embedding_backward_atomic_kernel[(triton.cdiv(k, common["BLOCK_R"]), n_cols)](
+        src_ptr=src, K=k, **common
+    )

@@ -1,7 +1,10 @@
 """Per-sample gradient engine: per-row gradient norms and pair inner products from one backward.
 
 - :func:`per_sample_grad_gram` / :class:`GradGram`: the context manager (``gram.py``).
-- :func:`register_rule`, :class:`Rule`, :class:`Tokens`: add a layer type (``registry.py``).
+- :func:`register_rule`, :class:`Rule`, :class:`Tokens`, :class:`GramRequest`: add a layer type
+  (``registry.py``).
+- Parts of the context: ``rows.py`` (row layout), ``hooks.py``, ``accumulate.py``,
+  ``reweight.py`` (exact reweight, also with a non-finite row: see ``GradGram.finite_rows``).
 - ``aimkp.engine.reference``: the two references (torch.func vmap over grad; a loop of one
   backward per row with cloned gradients).
 
@@ -19,10 +22,18 @@ row).
 """
 
 from aimkp.engine.gram import GradGram, per_sample_grad_gram
-from aimkp.engine.registry import Rule, Tokens, get_rule, register_rule, registered_rules
+from aimkp.engine.registry import (
+    GramRequest,
+    Rule,
+    Tokens,
+    get_rule,
+    register_rule,
+    registered_rules,
+)
 
 __all__ = [
     "GradGram",
+    "GramRequest",
     "Rule",
     "Tokens",
     "get_rule",

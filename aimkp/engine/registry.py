@@ -13,8 +13,17 @@ Adding a layer type::
 
     @register_rule(MyLayer)
     class MyLayerRule(Rule):
-        def gram(self, module, tok, pairs, backend, form): ...
-        def reweight_grads(self, module, tok, token_scale): ...
+        param_names = ("weight",)
+
+        def per_token(self, module, tok, name):  # [N, D]: token t's gradient of `name`
+            return tok.a * tok.g
+
+A rule only says what one parameter's gradient is made of. ``per_token`` suffices when row r's
+gradient of the parameter is the sum of per-token vectors (norm layers, biases): norms, pair dots
+and the reweight then come from the base class. A parameter whose per-row gradient is a matrix
+(``nn.Linear.weight``, an embedding table) overrides ``param_gram`` / ``param_reweight`` instead.
+The base class sums over the module's trainable parameters (``Rule.gram``,
+``Rule.reweight_grads``).
 
 Rules are looked up by the module's class (its MRO, so subclasses inherit a rule), then by the
 predicates registered with ``register_rule(predicate=...)`` (used for RMSNorm-like classes that
@@ -29,7 +38,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Rule", "Tokens", "register_rule", "get_rule", "registered_rules"]
+__all__ = [
+    "Gram",
+    "GramRequest",
+    "Rule",
+    "Tokens",
+    "get_rule",
+    "register_rule",
+    "registered_rules",
+    "segment_sum",
+    "vec_gram",
+]
 
 
 @dataclass
@@ -43,7 +62,8 @@ class Tokens:
         rows: ``[N]`` int64 row index of each token, non-decreasing.
         offsets: ``[B + 1]`` int64: the tokens of row ``r`` are ``offsets[r]:offsets[r + 1]``.
         num_rows: ``B``.
-        extra: rule-specific per-call data concatenated like ``a`` (may be None).
+        known_max_len: the longest row's length when the caller already knows it (None: computed
+            on first use of ``max_len``).
     """
 
     a: torch.Tensor
@@ -51,17 +71,15 @@ class Tokens:
     rows: torch.Tensor
     offsets: torch.Tensor
     num_rows: int
-    extra: torch.Tensor | None = None
+    known_max_len: int | None = None
 
     @property
     def max_len(self) -> int:
         """Length of the longest row (0 for no tokens)."""
-        if getattr(self, "_max_len", None) is None:
-            if self.offsets.numel() < 2:
-                self._max_len = 0
-            else:
-                self._max_len = int((self.offsets[1:] - self.offsets[:-1]).max().item())
-        return self._max_len
+        if self.known_max_len is None:
+            lengths = self.offsets[1:] - self.offsets[:-1]
+            self.known_max_len = int(lengths.max().item()) if lengths.numel() else 0
+        return self.known_max_len
 
     def padded(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Scatter per-token ``x [N, D]`` to ``[B, max_len, D]`` (zeros after each row's end)."""
@@ -74,12 +92,60 @@ class Tokens:
         out[self.rows, pos] = x.to(dtype)
         return out
 
+    def select(self, keep: torch.Tensor) -> Tokens:
+        """The tokens where ``keep [N]`` is True (same rows, offsets recomputed)."""
+        rows = self.rows[keep]
+        counts = torch.bincount(rows, minlength=self.num_rows)
+        offsets = torch.zeros_like(self.offsets)
+        offsets[1:] = torch.cumsum(counts, 0)
+        return Tokens(self.a[keep], self.g[keep], rows, offsets, self.num_rows)
+
+
+def segment_sum(x: torch.Tensor, tok: Tokens) -> torch.Tensor:
+    """Per-row sum of per-token ``x [N, D]`` -> ``[B, D]`` in fp32."""
+    out = torch.zeros((tok.num_rows, *x.shape[1:]), dtype=torch.float32, device=x.device)
+    if x.shape[0]:
+        out.index_add_(0, tok.rows, x.to(torch.float32))
+    return out
+
+
+def vec_gram(
+    s: torch.Tensor, pairs: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row gradient vectors ``s [B, D]`` -> squared norms ``[B]`` and pair dots ``[P]``."""
+    s = s.flatten(1) if s.dim() > 1 else s[:, None]
+    sq = s.square().sum(1)
+    dots = None
+    if pairs is not None:
+        dots = (s[pairs[:, 0]] * s[pairs[:, 1]]).sum(1)
+    return sq, dots
+
+
+@dataclass(frozen=True)
+class GramRequest:
+    """What the engine asks of a rule besides the module and its tokens.
+
+    Attributes:
+        pairs: ``[P, 2]`` int64 row pairs on the tokens' device, or None.
+        backend: ``"torch"`` or ``"triton"``.
+        form: ``"auto"``, ``"direct"`` or ``"ghost"`` (linear layers).
+    """
+
+    pairs: torch.Tensor | None
+    backend: str
+    form: str
+
+
+#: ``(sq [B], dots [P] or None, what ran)`` of one parameter or of a whole module.
+Gram = tuple[torch.Tensor, "torch.Tensor | None", str]
+
 
 class Rule:
-    """Base class of a per-layer rule. Subclasses implement ``gram`` and ``reweight_grads``.
+    """Base class of a per-layer rule: subclasses give ``per_token`` or ``param_gram`` /
+    ``param_reweight`` per parameter name (see the module docstring).
 
     ``capture(module, args, output)`` returns what the forward hook keeps per call:
-    ``(a, extra)``, with ``a`` of shape ``[*lead, ...]`` whose leading dims (``lead``, the same as
+    ``a`` of shape ``[*lead, ...]`` whose leading dims (``lead``, the same as
     the output's without its last dim) are the token dims. The default keeps the first positional
     input.
     """
@@ -101,31 +167,66 @@ class Rule:
         itself by default; a field of it for modules returning a structure)."""
         return output
 
-    def capture(
-        self, module: nn.Module, args: tuple, output: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What to keep from one forward call: the layer input (detached) and rule extras."""
-        return args[0].detach(), None
+    def capture(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """What to keep from one forward call: the layer input (detached)."""
+        return args[0].detach()
+
+    def trainable_names(self, module: nn.Module) -> list[str]:
+        """The names in ``param_names`` whose parameter exists and requires grad."""
+        out = []
+        for n in self.param_names:
+            p = getattr(module, n, None)
+            if isinstance(p, torch.Tensor) and p.requires_grad:
+                out.append(n)
+        return out
+
+    def per_token(self, module: nn.Module, tok: Tokens, name: str) -> torch.Tensor:
+        """``[N, D]``: token t's contribution to the gradient of parameter ``name`` (row r's
+        gradient is the sum over its tokens), for parameters without their own ``param_gram``."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-token gradient of {name!r}")
+
+    def param_gram(self, module: nn.Module, tok: Tokens, name: str, req: GramRequest) -> Gram:
+        """Per-row squared norms ``[B]`` and pair dots ``[P]`` (fp32) of one parameter's
+        gradient, and what ran (``"torch"``, ``"triton/direct"``, ``"torch/ghost"``, ...)."""
+        sq, dots = vec_gram(segment_sum(self.per_token(module, tok, name), tok), req.pairs)
+        return sq, dots, "torch"
 
     def gram(
-        self,
-        module: nn.Module,
-        tok: Tokens,
-        pairs: torch.Tensor | None,
-        backend: str,
-        form: str,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, str]:
-        """Per-row squared norms ``[B]`` and pair dots ``[P]`` (fp32) over the module's trainable
-        parameters, and what ran: ``"torch"`` or ``"triton"``, optionally with the form, as in
-        ``"triton/direct"`` or ``"torch/ghost"``."""
-        raise NotImplementedError
+        self, module: nn.Module, tok: Tokens, pairs: torch.Tensor | None, backend: str, form: str
+    ) -> Gram:
+        """The sum of ``param_gram`` over the module's trainable parameters; what ran is the
+        first parameter's that is not plain ``"torch"`` (else ``"torch"``)."""
+        req = GramRequest(pairs, backend, form)
+        dev = tok.g.device
+        sq = torch.zeros(tok.num_rows, dtype=torch.float32, device=dev)
+        dots = (
+            None if pairs is None else torch.zeros(pairs.shape[0], dtype=torch.float32, device=dev)
+        )
+        ran = "torch"
+        for name in self.trainable_names(module):
+            s2, d2, r = self.param_gram(module, tok, name, req)
+            sq += s2
+            if dots is not None:
+                dots += d2
+            ran = r if ran == "torch" else ran
+        return sq, dots, ran
+
+    def param_reweight(
+        self, module: nn.Module, tok: Tokens, name: str, scale: torch.Tensor
+    ) -> torch.Tensor:
+        """``sum_t scale[t] * (token t's gradient of parameter name)`` (fp32); ``tok`` holds only
+        tokens with a nonzero ``scale [N]``."""
+        return (self.per_token(module, tok, name) * scale[:, None]).sum(0)
 
     def reweight_grads(
         self, module: nn.Module, tok: Tokens, token_scale: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """``sum_t token_scale[t] * (gradient contribution of token t)`` per trainable parameter
-        name of the module (fp32), used by ``GradGram.reweight``."""
-        raise NotImplementedError
+        name of the module (fp32), used by ``GradGram.reweight``. Tokens with a zero scale are
+        masked out, never multiplied (a NaN there must not reach ``.grad``)."""
+        sel = token_scale != 0
+        sub, scale = tok.select(sel), token_scale[sel]
+        return {n: self.param_reweight(module, sub, n, scale) for n in self.trainable_names(module)}
 
     #: parameters whose per-row gradient ``factors`` can give (needed when a parameter is tied,
     #: i.e. owned by several hooked modules; see ``aimkp.engine.tied``).

@@ -33,11 +33,14 @@ Tiny example (embedding table ``W [3, 2]`` tied to a head ``y = W a``; one row o
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 
 from aimkp.engine.registry import Tokens
 
-__all__ = ["factor_cross"]
+__all__ = ["TiedGroup", "cross_terms", "factor_cross", "tied_groups"]
 
 # Bound on the fp32 elements of one chunk's [Q, T_x, T_y] / [Q, T_y, D] intermediates.
 _TILE_ELEMS = 1 << 24
@@ -88,3 +91,67 @@ def factor_cross(
             ku = torch.bmm(ux_p[i], uy_p[j].transpose(1, 2))
         out[q0 : q0 + chunk] = (ku * kv).sum((1, 2))
     return out
+
+
+@dataclass
+class TiedGroup:
+    """One trainable parameter owned by several hooked modules.
+
+    ``members``: ``(owner state, parameter name)`` per owner; ``factors`` collects, per owner
+    processed in this backward, its tokens and ``Rule.factors`` until all owners are in."""
+
+    label: str
+    members: list[tuple[Any, str]]
+    factors: dict[str, tuple[Tokens, tuple[torch.Tensor, torch.Tensor]]] = field(
+        default_factory=dict
+    )
+
+
+def tied_groups(states: list) -> list[TiedGroup]:
+    """Group the trainable parameters owned by several hooked modules (``ModState`` list); each
+    owner's rule must give the parameter's per-row ``factors``. Each owner's ``tied`` list gets
+    ``(group index, parameter name)``."""
+    owners: dict[int, list[tuple[Any, str]]] = {}
+    for st in states:
+        for n, p in st.module.named_parameters(recurse=False):
+            if p.requires_grad:
+                owners.setdefault(id(p), []).append((st, n))
+    groups: list[TiedGroup] = []
+    for members in owners.values():
+        if len(members) < 2:
+            continue
+        names = [f"{st.name}.{n}" for st, n in members]
+        for st, n in members:
+            if n not in st.rule.factor_params:
+                raise ValueError(
+                    f"trainable parameter '{st.name}.{n}' is shared by {names} (tied "
+                    f"weights) but rule {type(st.rule).__name__} cannot give its per-row "
+                    "factors (Rule.factor_params); untie or freeze it"
+                )
+        for st, n in members:
+            st.tied.append((len(groups), n))
+        groups.append(TiedGroup(" = ".join(names), members))
+    return groups
+
+
+def cross_terms(
+    grp: TiedGroup, num_rows: int, pairs: torch.Tensor | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the cross terms between the owners of ``grp`` add to ``(sq [B], dots [P])``."""
+    rows = torch.arange(num_rows, device=device)
+    q = [torch.stack([rows, rows], 1)]
+    if pairs is not None:
+        q += [pairs.to(device), pairs.to(device).flip(1)]
+    q_pairs = torch.cat(q)
+    owners = list(grp.factors.values())
+    sq = torch.zeros(num_rows, dtype=torch.float32, device=device)
+    P = 0 if pairs is None else pairs.shape[0]
+    dots = None if pairs is None else torch.zeros(P, dtype=torch.float32, device=device)
+    for m in range(len(owners)):
+        for n in range(m + 1, len(owners)):
+            (tx, fx), (ty, fy) = owners[m], owners[n]
+            c = factor_cross(tx, fx, ty, fy, q_pairs.to(tx.g.device)).to(device)
+            sq += 2 * c[:num_rows]
+            if dots is not None:
+                dots += c[num_rows : num_rows + P] + c[num_rows + P :]
+    return sq, dots

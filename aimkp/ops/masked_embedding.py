@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -212,161 +212,176 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device | str = "cpu") 
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
-def _row_major(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _row_major(t: Tensor | None) -> Tensor | None:
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _ptr(t: Tensor | None) -> int:
+    """Raw data pointer for aimkp._C (0 for an absent optional tensor)."""
+    return t.data_ptr() if t is not None else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Prepared launch arguments
+# ----------------------------------------------------------------------------------------------
+class ForwardLaunch(NamedTuple):
+    """One forward gather, ready for any backend: ``out [K, D]`` (uninitialised, fully written
+    by the kernel), ``src [K]`` int64 source rows, ``weight [V, D]`` / ``image [M, D]`` with unit
+    column stride, ``fill [D]`` contiguous (image / fill None when absent). The field names are
+    the Triton launcher's keywords."""
+
+    out: Tensor
+    src: Tensor
+    weight: Tensor
+    image: Tensor | None
+    fill: Tensor | None
+
+    @classmethod
+    def prepare(
+        cls, src: Tensor, weight: Tensor, image: Tensor | None, fill: Tensor | None
+    ) -> ForwardLaunch:
+        weight = _row_major(weight)
+        out = _empty(src.numel(), weight.shape[1], dtype=weight.dtype, device=weight.device)
+        fill = fill.contiguous() if fill is not None else None
+        return cls(out, src, weight, _row_major(image), fill)
+
+    def ext_kwargs(self) -> dict[str, int]:
+        """Keyword arguments of aimkp._C's ``masked_embedding_forward_*`` entry points."""
+        (k, d), img = self.out.shape, self.image
+        return dict(
+            out=self.out.data_ptr(), src=self.src.data_ptr(), K=k, D=d,
+            weight=self.weight.data_ptr(), V=self.weight.shape[0],
+            weight_stride=self.weight.stride(0), image=_ptr(img),
+            M=img.shape[0] if img is not None else 0,
+            image_stride=img.stride(0) if img is not None else 0, fill=_ptr(self.fill),
+            dtype=dtype_code(self.weight.dtype),
+        )  # fmt: skip
+
+
+class BackwardLaunch(NamedTuple):
+    """One backward segment reduction: ``grad [K, D]`` contiguous, ``src [K]`` int64, the table
+    and image sizes, which gradients are needed, and ``deterministic``."""
+
+    grad: Tensor
+    src: Tensor
+    num_rows: int
+    num_image_rows: int
+    need_weight: bool
+    need_image: bool
+    need_fill: bool
+    deterministic: bool
+
+    def zeros(self, rows: int, need: bool, dtype: torch.dtype | None = None) -> Tensor | None:
+        """A zero ``[rows, D]`` gradient buffer (``grad``'s dtype by default), or None."""
+        if not need:
+            return None
+        return self.grad.new_zeros(rows, self.grad.shape[1], dtype=dtype or self.grad.dtype)
+
+    def fill_buffer(self) -> Tensor | None:
+        """The fill gradient's fp32 ``[D]`` accumulator, or None."""
+        return (
+            self.grad.new_zeros(self.grad.shape[1], dtype=torch.float32) if self.need_fill else None
+        )
+
+
+class Segments(NamedTuple):
+    """``src`` sorted (stable) and cut into runs of equal ids: ``sorted_src [K]``, ``perm [K]``
+    (original index of each sorted entry), ``starts [S + 1]`` int64 run offsets, ``count`` S."""
+
+    sorted_src: Tensor
+    perm: Tensor
+    starts: Tensor
+    count: int
+
+
+def sorted_segments(src: Tensor) -> Segments:
+    """The deterministic backward's segments of ``src [K]`` (K > 0): one sort, one
+    ``unique_consecutive``, one cumsum."""
+    sorted_src, perm = torch.sort(src, stable=True)
+    _, counts = torch.unique_consecutive(sorted_src, return_counts=True)
+    starts = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=src.device)
+    torch.cumsum(counts, 0, out=starts[1:])
+    return Segments(sorted_src, perm, starts, counts.numel())
 
 
 # ----------------------------------------------------------------------------------------------
 # Backends
 # ----------------------------------------------------------------------------------------------
-def _forward_cpp(src: Tensor, weight: Tensor, image: Tensor | None, fill: Tensor | None) -> Tensor:
-    ext = load_ext()
-    weight = _row_major(weight)
-    image = _row_major(image) if image is not None else None
-    fill = fill.contiguous() if fill is not None else None
-    k, (v, d) = src.numel(), weight.shape
-    out = _empty(k, d, dtype=weight.dtype, device=weight.device)
-    ext.masked_embedding_forward_cpu(
-        out.data_ptr(),
-        src.data_ptr(),
-        k,
-        d,
-        weight.data_ptr(),
-        v,
-        weight.stride(0),
-        image.data_ptr() if image is not None else 0,
-        image.shape[0] if image is not None else 0,
-        image.stride(0) if image is not None else 0,
-        fill.data_ptr() if fill is not None else 0,
-        dtype_code(weight.dtype),
-        torch.get_num_threads(),  # the C++ kernels follow torch's intra-op thread setting
-    )
-    return out
-
-
-def _forward_cuda(src: Tensor, weight: Tensor, image: Tensor | None, fill: Tensor | None) -> Tensor:
-    ext = load_ext()
-    weight = _row_major(weight)
-    image = _row_major(image) if image is not None else None
-    fill = fill.contiguous() if fill is not None else None
-    k, (v, d) = src.numel(), weight.shape
-    out = _empty(k, d, dtype=weight.dtype, device=weight.device)
-    ext.masked_embedding_forward_cuda(
-        out.data_ptr(),
-        src.data_ptr(),
-        k,
-        d,
-        weight.data_ptr(),
-        v,
-        weight.stride(0),
-        image.data_ptr() if image is not None else 0,
-        image.shape[0] if image is not None else 0,
-        image.stride(0) if image is not None else 0,
-        fill.data_ptr() if fill is not None else 0,
-        dtype_code(weight.dtype),
-        _stream_of(weight),
-    )
-    return out
-
-
-def _forward_triton(
-    src: Tensor, weight: Tensor, image: Tensor | None, fill: Tensor | None
-) -> Tensor:
-    from aimkp.kernels.masked_embedding import masked_embedding_forward
-
-    weight = _row_major(weight)
-    image = _row_major(image) if image is not None else None
-    fill = fill.contiguous() if fill is not None else None
-    out = _empty(src.numel(), weight.shape[1], dtype=weight.dtype, device=weight.device)
-    return masked_embedding_forward(src, weight, image, fill, out)
-
-
 Grads = tuple[Tensor | None, Tensor | None, Tensor | None]
 
 
-def _backward_cpp(
-    grad: Tensor, src: Tensor, v: int, m: int, nw: bool, ni: bool, nf: bool, det: bool
-) -> Grads:
-    del det  # the C++ backward is always deterministic (atomic-free segment sums)
-    ext = load_ext()
-    k, d = grad.shape
-    sorted_src, perm = torch.sort(src, stable=True)
-    gw = _empty(v, d, dtype=grad.dtype) if nw else None
-    gi = _empty(m, d, dtype=grad.dtype) if ni else None
-    gf = torch.zeros(d, dtype=torch.float32) if nf else None
-    ext.masked_embedding_backward_cpu(
-        grad.data_ptr(),
-        k,
-        d,
-        sorted_src.data_ptr(),
-        perm.data_ptr(),
-        gw.data_ptr() if gw is not None else 0,
-        v,
-        gi.data_ptr() if gi is not None else 0,
-        m,
-        gf.data_ptr() if gf is not None else 0,
-        dtype_code(grad.dtype),
-        torch.get_num_threads(),
+def _forward_cpp(launch: ForwardLaunch) -> Tensor:
+    # the C++ kernels follow torch's intra-op thread setting
+    load_ext().masked_embedding_forward_cpu(**launch.ext_kwargs(), threads=torch.get_num_threads())
+    return launch.out
+
+
+def _forward_cuda(launch: ForwardLaunch) -> Tensor:
+    load_ext().masked_embedding_forward_cuda(
+        **launch.ext_kwargs(), stream=_stream_of(launch.weight)
     )
+    return launch.out
+
+
+def _forward_triton(launch: ForwardLaunch) -> Tensor:
+    from aimkp.kernels.masked_embedding import masked_embedding_forward
+
+    return masked_embedding_forward(**launch._asdict())
+
+
+def _backward_cpp(req: BackwardLaunch) -> Grads:
+    # always deterministic (atomic-free segment sums): req.deterministic changes nothing
+    k, d = req.grad.shape
+    sorted_src, perm = torch.sort(req.src, stable=True)
+    gw = _empty(req.num_rows, d, dtype=req.grad.dtype) if req.need_weight else None
+    gi = _empty(req.num_image_rows, d, dtype=req.grad.dtype) if req.need_image else None
+    gf = req.fill_buffer()
+    load_ext().masked_embedding_backward_cpu(
+        grad=req.grad.data_ptr(), K=k, D=d, sorted_src=sorted_src.data_ptr(),
+        perm=perm.data_ptr(), grad_weight=_ptr(gw), V=req.num_rows, grad_image=_ptr(gi),
+        M=req.num_image_rows, grad_fill=_ptr(gf), dtype=dtype_code(req.grad.dtype),
+        threads=torch.get_num_threads(),
+    )  # fmt: skip
     return gw, gi, gf
 
 
-def _backward_cuda(
-    grad: Tensor, src: Tensor, v: int, m: int, nw: bool, ni: bool, nf: bool, det: bool
-) -> Grads:
-    ext = load_ext()
-    k, d = grad.shape
-    dev, dt = grad.device, grad.dtype
-    code, stream = dtype_code(dt), _stream_of(grad)
-    gi = torch.zeros(m, d, dtype=dt, device=dev) if ni else None
-    gf = torch.zeros(d, dtype=torch.float32, device=dev) if nf else None
-    if det:
-        gw = torch.zeros(v, d, dtype=dt, device=dev) if nw else None
-        if k == 0:
-            return gw, gi, gf
-        sorted_src, perm = torch.sort(src, stable=True)
-        _, counts = torch.unique_consecutive(sorted_src, return_counts=True)
-        seg = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=dev)
-        torch.cumsum(counts, 0, out=seg[1:])
-        ext.masked_embedding_backward_segments_cuda(
-            grad.data_ptr(),
-            sorted_src.data_ptr(),
-            perm.data_ptr(),
-            seg.data_ptr(),
-            counts.numel(),
-            d,
-            gw.data_ptr() if gw is not None else 0,
-            v,
-            gi.data_ptr() if gi is not None else 0,
-            m,
-            gf.data_ptr() if gf is not None else 0,
-            code,
-            stream,
-        )
+def _backward_cuda(req: BackwardLaunch) -> Grads:
+    ext, (k, d) = load_ext(), req.grad.shape
+    gi, gf = req.zeros(req.num_image_rows, req.need_image), req.fill_buffer()
+    common = dict(
+        grad=req.grad.data_ptr(), D=d, V=req.num_rows, grad_image=_ptr(gi),
+        M=req.num_image_rows, grad_fill32=_ptr(gf), dtype=dtype_code(req.grad.dtype),
+        stream=_stream_of(req.grad),
+    )  # fmt: skip
+    if req.deterministic:
+        gw = req.zeros(req.num_rows, req.need_weight)
+        if k:
+            seg = sorted_segments(req.src)
+            ext.masked_embedding_backward_segments_cuda(
+                **common, sorted_src=seg.sorted_src.data_ptr(), perm=seg.perm.data_ptr(),
+                seg_start=seg.starts.data_ptr(), S=seg.count, grad_weight=_ptr(gw),
+            )  # fmt: skip
         return gw, gi, gf
-    gw32 = torch.zeros(v, d, dtype=torch.float32, device=dev) if nw else None
+    gw32 = req.zeros(req.num_rows, req.need_weight, torch.float32)
     ext.masked_embedding_backward_atomic_cuda(
-        grad.data_ptr(),
-        src.data_ptr(),
-        k,
-        d,
-        gw32.data_ptr() if gw32 is not None else 0,
-        v,
-        gi.data_ptr() if gi is not None else 0,
-        m,
-        gf.data_ptr() if gf is not None else 0,
-        code,
-        stream,
+        **common, src=req.src.data_ptr(), K=k, grad_weight32=_ptr(gw32)
     )
-    return (gw32.to(dt) if gw32 is not None else None), gi, gf
+    return (gw32.to(req.grad.dtype) if gw32 is not None else None), gi, gf
 
 
-def _backward_triton(
-    grad: Tensor, src: Tensor, v: int, m: int, nw: bool, ni: bool, nf: bool, det: bool
-) -> Grads:
+def _backward_triton(req: BackwardLaunch) -> Grads:
     from aimkp.kernels.masked_embedding import masked_embedding_backward
 
-    return masked_embedding_backward(grad, src, v, m, nw, ni, nf, det)
+    k, d = req.grad.shape
+    segments = sorted_segments(req.src) if req.deterministic and k and d else None
+    gw_dtype = req.grad.dtype if req.deterministic else torch.float32
+    gw = req.zeros(req.num_rows, req.need_weight, gw_dtype)
+    gi, gf = req.zeros(req.num_image_rows, req.need_image), req.fill_buffer()
+    masked_embedding_backward(
+        grad=req.grad, src=req.src, segments=segments, grad_weight=gw, grad_image=gi,
+        grad_fill=gf, num_rows=req.num_rows, num_image_rows=req.num_image_rows,
+    )  # fmt: skip
+    return (gw.to(req.grad.dtype) if gw is not None else None), gi, gf
 
 
 _FORWARD = {"cpp": _forward_cpp, "cuda": _forward_cuda, "triton": _forward_triton}
@@ -374,7 +389,7 @@ _BACKWARD = {"cpp": _backward_cpp, "cuda": _backward_cuda, "triton": _backward_t
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library custom ops
+# torch.library custom ops (called with keywords; the schemas' argument names are the keys)
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("aimkp::masked_embedding", mutates_args=())
 def _masked_embedding_op(
@@ -389,21 +404,27 @@ def _masked_embedding_op(
     deterministic: bool,
     backend: str,
 ) -> Tensor:
-    """Rows ``[K, D]`` (K = N, or len(index)); ids/keep flat ``[N]``; see module docstring."""
-    del deterministic  # used by the backward only
+    """Rows ``[K, D]`` (K = N, or len(index)); ids/keep flat ``[N]``; see module docstring.
+    ``deterministic`` is used by the backward only."""
     v = weight.shape[0]
     m = image_features.shape[0] if image_features is not None else 0
     _check_values(ids, v, m, image_token_id, ignore_index)
     src = _source_rows(ids, keep, index, v, image_token_id, ignore_index)
-    out = _FORWARD[backend](src, weight, image_features, fill)
+    out = _FORWARD[backend](ForwardLaunch.prepare(src, weight, image_features, fill))
     record_backend(OP, backend)
     return out
 
 
 @_masked_embedding_op.register_fake
-def _(ids, keep, index, weight, image_features, fill, image_token_id, ignore_index, det, backend):
+def _(ids: Tensor, keep: Tensor | None, index: Tensor | None, weight: Tensor, *_: Any) -> Tensor:
     k = index.shape[0] if index is not None else ids.shape[0]
     return weight.new_empty(k, weight.shape[1])
+
+
+#: the forward op's argument names, in schema order (autograd wants one gradient per input)
+_OP_INPUTS = tuple(a.name for a in torch.ops.aimkp.masked_embedding.default._schema.arguments)
+#: forward inputs that get a gradient -> the backward op's flag asking for it
+_DIFFERENTIABLE = {"weight": "need_weight", "image_features": "need_image", "fill": "need_fill"}
 
 
 @torch.library.custom_op("aimkp::masked_embedding_backward", mutates_args=())
@@ -426,15 +447,12 @@ def _masked_embedding_backward_op(
     d = grad.shape[1]
     src = _source_rows(ids, keep, index, num_rows, image_token_id, ignore_index)
     gw, gi, gf = _BACKWARD[backend](
-        grad.contiguous(),
-        src,
-        num_rows,
-        num_image_rows,
-        need_weight,
-        need_image,
-        need_fill,
-        deterministic,
-    )
+        BackwardLaunch(
+            grad=grad.contiguous(), src=src, num_rows=num_rows, num_image_rows=num_image_rows,
+            need_weight=need_weight, need_image=need_image, need_fill=need_fill,
+            deterministic=deterministic,
+        )
+    )  # fmt: skip
     empty = grad.new_zeros(0, d)
     return (
         gw if gw is not None else empty,
@@ -454,44 +472,28 @@ def _(grad, ids, keep, index, v, m, image_token_id, ignore_index, nw, ni, nf, de
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-    ids, keep, index, weight, image, fill, image_token_id, ignore_index, det, backend = inputs
-    ctx.save_for_backward(ids, keep, index)
-    ctx.num_rows = weight.shape[0]
-    ctx.num_image_rows = image.shape[0] if image is not None else 0
-    ctx.image_token_id, ctx.ignore_index = image_token_id, ignore_index
-    ctx.deterministic, ctx.backend = det, backend
+    args = dict(zip(_OP_INPUTS, inputs))
+    ctx.save_for_backward(args["ids"], args["keep"], args["index"])
+    image = args["image_features"]
+    ctx.options = dict(
+        num_rows=args["weight"].shape[0],
+        num_image_rows=image.shape[0] if image is not None else 0,
+        image_token_id=args["image_token_id"],
+        ignore_index=args["ignore_index"],
+        deterministic=args["deterministic"],
+        backend=args["backend"],
+    )
 
 
 def _backward(ctx: Any, grad: Tensor) -> tuple:
     ids, keep, index = ctx.saved_tensors
-    nw, ni, nf = ctx.needs_input_grad[3:6]
-    gw, gi, gf = torch.ops.aimkp.masked_embedding_backward(
-        grad,
-        ids,
-        keep,
-        index,
-        ctx.num_rows,
-        ctx.num_image_rows,
-        ctx.image_token_id,
-        ctx.ignore_index,
-        nw,
-        ni,
-        nf,
-        ctx.deterministic,
-        ctx.backend,
+    needs = dict(zip(_OP_INPUTS, ctx.needs_input_grad))
+    flags = {flag: needs[name] for name, flag in _DIFFERENTIABLE.items()}
+    got = torch.ops.aimkp.masked_embedding_backward(
+        grad=grad, ids=ids, keep=keep, index=index, **ctx.options, **flags
     )
-    return (
-        None,
-        None,
-        None,
-        gw if nw else None,
-        gi if ni else None,
-        gf if nf else None,
-        None,
-        None,
-        None,
-        None,
-    )
+    grads = {name: g for name, g in zip(_DIFFERENTIABLE, got) if needs[name]}
+    return tuple(grads.get(name) for name in _OP_INPUTS)
 
 
 torch.library.register_autograd("aimkp::masked_embedding", _backward, setup_context=_setup_context)
@@ -602,41 +604,23 @@ def masked_embedding(
         m = image_features.shape[0] if image_features is not None else 0
         _check_values(input_ids.reshape(-1), weight.shape[0], m, image_token_id, ignore_index)
         out = masked_embedding_reference(
-            input_ids, weight, keep, image_features, image_token_id, fill, ignore_index, compact
-        )
+            input_ids, weight, keep=keep, image_features=image_features,
+            image_token_id=image_token_id, fill=fill, ignore_index=ignore_index, compact=compact,
+        )  # fmt: skip
         record_backend(OP, "reference")
         return out
-    ids = input_ids.reshape(-1)
-    d = weight.shape[1]
+    op_args = dict(
+        ids=input_ids.reshape(-1), weight=weight, image_features=image_features, fill=fill,
+        image_token_id=image_token_id, ignore_index=ignore_index, deterministic=deterministic,
+        backend=chosen,
+    )  # fmt: skip
     if not compact:
         flat_keep = keep.reshape(-1) if keep is not None else None
-        out = torch.ops.aimkp.masked_embedding(
-            ids,
-            flat_keep,
-            None,
-            weight,
-            image_features,
-            fill,
-            image_token_id,
-            ignore_index,
-            deterministic,
-            chosen,
-        )
-        return out.reshape(*input_ids.shape, d)
+        out = torch.ops.aimkp.masked_embedding(keep=flat_keep, index=None, **op_args)
+        return out.reshape(*input_ids.shape, weight.shape[1])
     # Compact: the data-dependent index is computed here, outside the custom op.
     index, positions, cu_seqlens = compaction_index(input_ids, keep)
-    values = torch.ops.aimkp.masked_embedding(
-        ids,
-        None,
-        index,
-        weight,
-        image_features,
-        fill,
-        image_token_id,
-        ignore_index,
-        deterministic,
-        chosen,
-    )
+    values = torch.ops.aimkp.masked_embedding(keep=None, index=index, **op_args)
     return CompactEmbedding(values, positions, cu_seqlens, index)
 
 
@@ -709,15 +693,15 @@ class MaskedEmbedding(nn.Module):
         out = masked_embedding(
             input_ids,
             self.weight,
-            keep,
-            image_features,
+            keep=keep,
+            image_features=image_features,
             # Without features the image token is an ordinary id (how HF LLaVA calls it).
-            self.image_token_id if image_features is not None else None,
-            self.fill,
-            self.ignore_index,
-            compact,
-            self.deterministic,
-            self.backend,
+            image_token_id=self.image_token_id if image_features is not None else None,
+            fill=self.fill,
+            ignore_index=self.ignore_index,
+            compact=compact,
+            deterministic=self.deterministic,
+            backend=self.backend,
         )
         if self.padding_idx is None or not (torch.is_grad_enabled() and self.weight.requires_grad):
             return out

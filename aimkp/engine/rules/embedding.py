@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aimkp.engine.registry import Rule, Tokens, register_rule
+from aimkp.engine.registry import Gram, GramRequest, Rule, Tokens, register_rule
 
 
 def _ranges(starts: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,15 +39,13 @@ class EmbeddingRule(Rule):
 
     param_names = ("weight",)
 
-    def capture(
-        self, module: nn.Module, args: tuple, output: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def capture(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         if module.scale_grad_by_freq or module.sparse or module.max_norm is not None:
             raise ValueError(
                 f"{type(module).__name__}: scale_grad_by_freq / sparse / max_norm embeddings "
                 "have no per-sample gradient rule"
             )
-        return args[0].detach(), None
+        return args[0].detach()
 
     def _valid(self, module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         """Tokens whose gradient reaches ``weight`` (all but ``padding_idx``)."""
@@ -65,15 +63,8 @@ class EmbeddingRule(Rule):
         S.index_add_(0, inv, tok.g[keep].to(torch.float32))
         return uk, S, V
 
-    def gram(
-        self,
-        module: nn.Module,
-        tok: Tokens,
-        pairs: torch.Tensor | None,
-        backend: str,
-        form: str,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, str]:
-        B = tok.num_rows
+    def param_gram(self, module: nn.Module, tok: Tokens, name: str, req: GramRequest) -> Gram:
+        B, pairs = tok.num_rows, req.pairs
         uk, S, V = self._groups(module, tok)
         row_u = uk // V
         sq = torch.zeros(B, dtype=torch.float32, device=S.device)
@@ -108,12 +99,12 @@ class EmbeddingRule(Rule):
         keep = self._valid(module, ids)
         return torch.where(keep, ids, torch.zeros_like(ids)), tok.g * keep[:, None].to(tok.g.dtype)
 
-    def reweight_grads(
-        self, module: nn.Module, tok: Tokens, token_scale: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        V = module.weight.shape[0]
+    def param_reweight(
+        self, module: nn.Module, tok: Tokens, name: str, scale: torch.Tensor
+    ) -> torch.Tensor:
         ids = tok.a.reshape(-1).to(torch.int64)
-        sel = (token_scale != 0) & self._valid(module, ids)
-        out = torch.zeros(V, tok.g.shape[1], dtype=torch.float32, device=tok.g.device)
-        out.index_add_(0, ids[sel], tok.g[sel].to(torch.float32) * token_scale[sel, None])
-        return {"weight": out}
+        sel = self._valid(module, ids)
+        out = torch.zeros(module.weight.shape[0], tok.g.shape[1], dtype=torch.float32,
+                          device=tok.g.device)  # fmt: skip
+        out.index_add_(0, ids[sel], tok.g[sel].to(torch.float32) * scale[sel, None])
+        return out

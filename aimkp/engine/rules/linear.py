@@ -35,8 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from aimkp.engine.registry import Rule, Tokens, register_rule
-from aimkp.engine.rules._common import segment_sum, vec_gram
+from aimkp.engine.registry import Gram, GramRequest, Rule, Tokens, register_rule, segment_sum
 
 # Bound on the fp32 elements of one batched tile of per-row gradients (CPU direct form).
 _TILE_ELEMS = 1 << 24
@@ -104,47 +103,32 @@ class _RowGrads:
 class LinearRule(Rule):
     """``weight`` (direct or ghost form, see the module docstring) and ``bias`` (``sum_t g_t``)."""
 
-    def gram(
-        self,
-        module: nn.Module,
-        tok: Tokens,
-        pairs: torch.Tensor | None,
-        backend: str,
-        form: str,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, str]:
-        B = tok.num_rows
-        sq = torch.zeros(B, dtype=torch.float32, device=tok.g.device)
-        dots = None
-        if pairs is not None:
-            dots = torch.zeros(pairs.shape[0], dtype=torch.float32, device=tok.g.device)
-        ran = "torch"
-        w = module.weight
-        if w is not None and w.requires_grad:
-            d_out, d_in = w.shape
-            f = (
-                form
-                if form != "auto"
-                else choose_form(tok, d_in, d_out, len(pairs) if pairs is not None else 0)
-            )
-            if backend == "triton":
-                from aimkp.kernels.grad_gram import grad_gram_direct, grad_gram_ghost
+    def per_token(self, module: nn.Module, tok: Tokens, name: str) -> torch.Tensor:
+        """The bias: ``g_t``."""
+        return tok.g.to(torch.float32)
 
-                kernel = grad_gram_direct if f == "direct" else grad_gram_ghost
-                s2, d2 = kernel(tok.a, tok.g, tok.offsets, pairs)
-                ran = f"triton/{f}"
-            else:
-                s2, d2 = linear_weight_gram_torch(tok.padded(tok.a), tok.padded(tok.g), pairs, f)
-                ran = f"torch/{f}"
-            sq += s2
-            if dots is not None:
-                dots += d2
-        b = module.bias
-        if b is not None and b.requires_grad:
-            s2, d2 = vec_gram(segment_sum(tok.g, tok), pairs)
-            sq += s2
-            if dots is not None:
-                dots += d2
-        return sq, dots, ran
+    def param_gram(self, module: nn.Module, tok: Tokens, name: str, req: GramRequest) -> Gram:
+        if name != "weight":
+            return super().param_gram(module, tok, name, req)
+        d_out, d_in = module.weight.shape
+        pairs = req.pairs
+        f = req.form
+        if f == "auto":
+            f = choose_form(tok, d_in, d_out, len(pairs) if pairs is not None else 0)
+        if req.backend == "triton":
+            from aimkp.kernels.grad_gram import grad_gram_direct, grad_gram_ghost
+
+            kernel = grad_gram_direct if f == "direct" else grad_gram_ghost
+            return (*kernel(tok.a, tok.g, tok.offsets, pairs), f"triton/{f}")
+        sq, dots = linear_weight_gram_torch(tok.padded(tok.a), tok.padded(tok.g), pairs, f)
+        return sq, dots, f"torch/{f}"
+
+    def param_reweight(
+        self, module: nn.Module, tok: Tokens, name: str, scale: torch.Tensor
+    ) -> torch.Tensor:
+        if name != "weight":
+            return super().param_reweight(module, tok, name, scale)
+        return (tok.g.to(torch.float32) * scale[:, None]).t() @ tok.a.to(torch.float32)
 
     factor_params = ("weight",)
 
@@ -186,16 +170,4 @@ class LinearRule(Rule):
         out = {"weight": torch.einsum("b,boi->oi", d, stash.weight[sel])}
         if stash.bias is not None:
             out["bias"] = d @ stash.bias[sel]
-        return out
-
-    def reweight_grads(
-        self, module: nn.Module, tok: Tokens, token_scale: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        sel = token_scale != 0
-        gs = tok.g[sel].to(torch.float32) * token_scale[sel, None]
-        out: dict[str, torch.Tensor] = {}
-        if module.weight is not None and module.weight.requires_grad:
-            out["weight"] = gs.t() @ tok.a[sel].to(torch.float32)
-        if module.bias is not None and module.bias.requires_grad:
-            out["bias"] = gs.sum(0)
         return out

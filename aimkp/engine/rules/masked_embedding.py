@@ -49,9 +49,7 @@ class MaskedEmbeddingRule(EmbeddingRule):
         values = getattr(output, "values", None)
         return values if isinstance(values, torch.Tensor) else output
 
-    def capture(
-        self, module: nn.Module, args: tuple, output: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def capture(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         if module.fill is not None and module.fill.requires_grad:
             raise ValueError(
                 "MaskedEmbedding with a trainable fill: the per-sample gradient engine has no "
@@ -77,7 +75,7 @@ class MaskedEmbeddingRule(EmbeddingRule):
                 f"MaskedEmbedding: ids of shape {list(a.shape)} do not match its output "
                 f"{list(output.shape)}"
             )
-        return a, None
+        return a
 
     def _valid(self, module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         ok = ids >= 0

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from aimkp.engine.registry import Rule, Tokens, register_rule
-from aimkp.engine.rules._common import segment_sum, vec_gram
 
 
 class _NormRule(Rule):
@@ -34,44 +33,12 @@ class _NormRule(Rule):
         """Normalised input ``[N, D]`` (fp32) of tokens ``a [N, ...]``."""
         raise NotImplementedError
 
-    def _per_token(self, module: nn.Module, tok: Tokens) -> dict[str, torch.Tensor]:
+    def per_token(self, module: nn.Module, tok: Tokens, name: str) -> torch.Tensor:
+        """``weight``: ``xhat_t * g_t``; ``bias``: ``g_t`` (fp32)."""
         g = tok.g.to(torch.float32)
-        out = {}
-        w = getattr(module, "weight", None)
-        if isinstance(w, torch.Tensor) and w.requires_grad:
-            out["weight"] = self.xhat(module, tok.a).reshape(g.shape) * g
-        b = getattr(module, "bias", None)
-        if isinstance(b, torch.Tensor) and b.requires_grad:
-            out["bias"] = g
-        return out
-
-    def gram(
-        self,
-        module: nn.Module,
-        tok: Tokens,
-        pairs: torch.Tensor | None,
-        backend: str,
-        form: str,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, str]:
-        sq = torch.zeros(tok.num_rows, dtype=torch.float32, device=tok.g.device)
-        dots = None
-        if pairs is not None:
-            dots = torch.zeros(pairs.shape[0], dtype=torch.float32, device=tok.g.device)
-        for per_tok in self._per_token(module, tok).values():
-            s2, d2 = vec_gram(segment_sum(per_tok, tok), pairs)
-            sq += s2
-            if dots is not None:
-                dots += d2
-        return sq, dots, "torch"
-
-    def reweight_grads(
-        self, module: nn.Module, tok: Tokens, token_scale: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        sel = token_scale != 0
-        sub = Tokens(tok.a[sel], tok.g[sel], tok.rows[sel], tok.offsets, tok.num_rows)
-        return {
-            n: (v * token_scale[sel, None]).sum(0) for n, v in self._per_token(module, sub).items()
-        }
+        if name == "weight":
+            return self.xhat(module, tok.a).reshape(g.shape) * g
+        return g
 
 
 @register_rule(nn.LayerNorm)

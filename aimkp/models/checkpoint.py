@@ -162,7 +162,13 @@ def load_local(
     }
     if dtype is not None:
         kw["dtype"] = dtype
-    model = cls.from_pretrained(d, **kw)
+    try:
+        model = cls.from_pretrained(d, **kw)
+    except OSError as exc:  # no (or an unreadable) model.safetensors
+        raise CheckpointError(
+            f"{d}: cannot load the weights ({exc}); aimkp reads safetensors weights only "
+            "(pickled .bin weights could run code when loaded)"
+        ) from None
     tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
     if not getattr(tok, "chat_template", None):
         tmpl = _chat_template_file(d)

@@ -149,6 +149,8 @@ def test_verbose_shows_the_traceback_of_user_errors(tmp_path) -> None:
         main(["-v", "score", "--src", str(tmp_path / "no.txt"), "--pred", "p"])
     with pytest.raises(DataError, match="no such data file"):
         main(["score", "--src", str(tmp_path / "no.txt"), "--pred", "p", "-v"])
+    with pytest.raises(DataError, match="is not 'default'"):
+        main(["data", "info", "--data", str(tmp_path / "none"), "-v"])
 
 
 def test_internal_errors_keep_their_traceback(tmp_path, monkeypatch) -> None:

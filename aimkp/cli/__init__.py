@@ -16,6 +16,7 @@ import argparse
 import importlib
 import sys
 
+from aimkp.cli._common import VERBOSE_HELP, add_verbose
 from aimkp.errors import UsageError
 
 SUBCOMMANDS = {
@@ -27,12 +28,9 @@ SUBCOMMANDS = {
 }
 
 
-_VERBOSE_HELP = "debug logging; tracebacks for user errors too"
-
-
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object]:
     parser = argparse.ArgumentParser(prog="aimkp", description="AimKP multimodal keyphrase toolkit")
-    parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     words = [a for a in argv if not a.startswith("-")]
     wanted = words[0] if words and words[0] in SUBCOMMANDS else None
@@ -48,10 +46,7 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object]:
                 raise
             continue
         p = sub.add_parser(name, help=getattr(mod, "HELP", None), description=mod.__doc__)
-        # SUPPRESS: a -v before the subcommand is not reset by the subparser's default
-        p.add_argument(
-            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP
-        )
+        add_verbose(p)
         mod.add_arguments(p)
         if name == wanted:
             module = mod

@@ -5,6 +5,7 @@ Each raises :class:`aimkp.errors.UsageError` with a message naming the option an
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import pathlib
@@ -12,6 +13,16 @@ from collections.abc import Iterator
 from typing import Any
 
 from aimkp.errors import UsageError
+
+VERBOSE_HELP = "debug logging; tracebacks for user errors too"
+
+
+def add_verbose(parser: Any) -> None:
+    """``-v``; SUPPRESS: a ``-v`` given earlier (``aimkp -v train``) is not reset to False by a
+    subparser's default."""
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
+    )
 
 
 def check_device(spec: str | None) -> str | None:

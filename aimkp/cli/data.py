@@ -14,7 +14,13 @@ import argparse
 import collections
 import json
 
-from aimkp.cli._common import add_read_arguments, check_output_dir, check_output_file, read_options
+from aimkp.cli._common import (
+    add_read_arguments,
+    add_verbose,
+    check_output_dir,
+    check_output_file,
+    read_options,
+)
 
 HELP = "build the openclipart dataset, inspect or convert datasets"
 
@@ -22,6 +28,7 @@ HELP = "build the openclipart dataset, inspect or convert datasets"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     b = sub.add_parser("build-openclipart", help="render openclipart-svg into an MKP dataset")
+    add_verbose(b)
     b.add_argument("--out", required=True, help="output directory")
     b.add_argument("--root", default=None, help="SVG root (default /usr/share/openclipart/svg)")
     b.add_argument("--size", type=int, default=96, help="PNG side in pixels (default 96)")
@@ -44,12 +51,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--workers", type=int, default=None)
 
     i = sub.add_parser("info", help="read a dataset and report counts")
+    add_verbose(i)
     i.add_argument("--data", required=True, help="'default', 'synthetic[:seed]', file or dir")
     i.add_argument("--split", default="test")
     add_read_arguments(i)
     i.add_argument("--no-images", action="store_true", help="ignore the image field")
 
     c = sub.add_parser("convert", help="write a dataset as generic JSONL")
+    add_verbose(c)
     c.add_argument("--data", required=True)
     c.add_argument("--split", default="test")
     c.add_argument("--out", required=True)

@@ -13,6 +13,7 @@ import sys
 
 from aimkp.data import Record, load_dataset
 from aimkp.data.options import reader_options
+from aimkp.errors import DataError
 from aimkp.train.config import TrainConfig
 
 
@@ -37,4 +38,6 @@ def load_split(cfg: TrainConfig, split: str) -> list[Record]:
     recs = load_dataset(spec, split, **opts)
     if recs.stats.total_skipped:
         print(f"[aimkp train] {split}: {recs.stats.summary()}", file=sys.stderr, flush=True)
+    if split == "train" and not recs:
+        raise DataError(f"{recs.stats.summary()}: no training records")
     return list(recs)

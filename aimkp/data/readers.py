@@ -34,8 +34,11 @@ from typing import Any
 
 from aimkp.errors import DataError
 
+from .json_array import iter_json_array as _iter_json_array
+from .json_array import json_loads as _json_loads
 from .options import ON_BAD_RECORD, ON_MISSING_IMAGE
 from .record import ReadStats, Record
+from .text_io import open_text, utf8_checked
 
 logger = logging.getLogger("aimkp.data")
 
@@ -162,40 +165,6 @@ def _phrases_from_value(value: Any, where: str, field_name: str) -> list[str]:
     raise DataError(f"{where}: '{field_name}' must be a string or a list of strings")
 
 
-def _bad_utf8_at(text: str) -> int | None:
-    """Index of the first character of ``text`` (read with ``surrogateescape``) that stands for
-    a byte that was not UTF-8; None when there is none."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return exc.start
-    return None
-
-
-def _utf8_error(char: str, where: str, column: int | None = None) -> DataError:
-    byte = ord(char) - 0xDC00 if "\udc80" <= char <= "\udcff" else None
-    what = f"byte 0x{byte:02x}" if byte is not None else "a surrogate code point"
-    at = f" at column {column}" if column is not None else ""
-    return DataError(f"{where}: not valid UTF-8 ({what}{at}); save the file as UTF-8")
-
-
-def _utf8_checked(text: str, where: str) -> str:
-    """``text`` when it was valid UTF-8; a DataError naming ``where`` and the column otherwise."""
-    i = _bad_utf8_at(text)
-    if i is not None:
-        raise _utf8_error(text[i], where, i + 1)
-    return text
-
-
-def _open_text(path: Path) -> Any:
-    """The file as text; bytes that are not UTF-8 become lone surrogates that
-    :func:`_utf8_checked` reports with their line, instead of a decode error naming no line."""
-    try:
-        return open(path, encoding="utf-8", errors="surrogateescape")
-    except OSError as exc:
-        raise DataError(f"{path}: cannot open: {exc.strerror or exc}") from None
-
-
 class _BadRecords:
     """What to do with a malformed record: raise (``"error"``) or skip, log and count it."""
 
@@ -215,7 +184,7 @@ class _BadRecords:
 
 def _iter_lines(path: Path, parse: Any, bad: _BadRecords, stats: ReadStats) -> Iterator[Record]:
     """Records of a one-record-per-line file; ``parse(line, lineno, where)`` -> Record | None."""
-    with _open_text(path) as f:
+    with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             where = f"{path}:{lineno}"
             line = line.rstrip("\n").rstrip("\r")
@@ -223,7 +192,7 @@ def _iter_lines(path: Path, parse: Any, bad: _BadRecords, stats: ReadStats) -> I
                 stats.skip("blank line", where)
                 continue
             try:
-                rec = parse(_utf8_checked(line, where), lineno, where)
+                rec = parse(utf8_checked(line, where), lineno, where)
             except DataError as exc:
                 bad.handle(exc, where)
                 continue
@@ -232,7 +201,9 @@ def _iter_lines(path: Path, parse: Any, bad: _BadRecords, stats: ReadStats) -> I
                 yield rec
 
 
-def _cmkp_line(line: str, lineno: int, where: str, res: _ImageResolver, stats: ReadStats):  # noqa: ANN202
+def _cmkp_line(
+    line: str, lineno: int, where: str, res: _ImageResolver, stats: ReadStats
+) -> Record | None:
     parts = line.split(CMKP_SEP)
     if len(parts) not in (2, 3):
         raise DataError(
@@ -251,17 +222,10 @@ def _cmkp_line(line: str, lineno: int, where: str, res: _ImageResolver, stats: R
     return Record(id=str(lineno - 1), text=text, keyphrases=kps, image_path=img, meta=meta)
 
 
-def _jsonl_line(line: str, lineno: int, where: str, res: _ImageResolver, stats: ReadStats):  # noqa: ANN202
+def _jsonl_line(
+    line: str, lineno: int, where: str, res: _ImageResolver, stats: ReadStats
+) -> Record | None:
     return _record_from_obj(_json_loads(line, where), where, str(lineno - 1), res, stats)
-
-
-def _json_loads(text: str, where: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-    except (ValueError, RecursionError) as exc:  # an integer over 4300 digits, deep nesting
-        raise DataError(f"{where}: invalid JSON: {type(exc).__name__}: {exc}") from None
 
 
 def _record_from_obj(
@@ -297,91 +261,6 @@ def _record_from_obj(
     if isinstance(obj.get("image"), str) and "://" in obj["image"]:
         meta["image_url"] = obj["image"]
     return Record(id=str(rid), text=text.strip(), keyphrases=kps, image_path=img, meta=meta)
-
-
-class _JsonArray:
-    """The text of a JSON array file held a chunk at a time, with the line of any position."""
-
-    def __init__(self, f: Any, path: Path, chunk_size: int) -> None:
-        self.f, self.path, self.chunk_size = f, path, chunk_size
-        self.buf, self.pos, self.eof = "", 0, False
-        self.lines_before = 0  # newlines in the text already dropped from ``buf``
-        self.fill()
-
-    def line(self, pos: int | None = None) -> int:
-        """1-based line number of ``pos`` in ``buf`` (default: the current position)."""
-        return self.lines_before + self.buf.count("\n", 0, self.pos if pos is None else pos) + 1
-
-    def fill(self) -> None:
-        """Drop the consumed text, append the next chunk (checked to be UTF-8)."""
-        self.lines_before += self.buf.count("\n", 0, self.pos)
-        self.buf, self.pos = self.buf[self.pos :], 0
-        more = self.f.read(self.chunk_size)
-        self.eof = not more
-        bad = _bad_utf8_at(more)
-        if bad is not None:
-            self.buf += more[:bad]
-            raise _utf8_error(more[bad], f"{self.path}:{self.line(len(self.buf))}")
-        self.buf += more
-
-    def skip_ws(self) -> bool:
-        """Move past JSON whitespace; False at the end of the file."""
-        while True:
-            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
-                self.pos += 1
-            if self.pos < len(self.buf):
-                return True
-            if self.eof:
-                return False
-            self.fill()
-
-    def peek(self) -> str:
-        return self.buf[self.pos] if self.skip_ws() else ""
-
-    def decode(self, dec: json.JSONDecoder, where: str) -> Any:
-        """The JSON value at the current position (reading more text while it is incomplete)."""
-        while True:
-            try:
-                obj, self.pos = dec.raw_decode(self.buf, self.pos)
-                return obj
-            except json.JSONDecodeError as exc:
-                if self.eof:
-                    raise DataError(f"{where}: invalid JSON: {exc.msg}") from None
-                self.fill()
-            except (ValueError, RecursionError) as exc:  # huge integer, deep nesting
-                raise DataError(f"{where}: invalid JSON: {type(exc).__name__}: {exc}") from None
-
-
-def _iter_json_array(path: Path, chunk_size: int = 1 << 20) -> Iterator[tuple[str, int, Any]]:
-    """``(where, index, element)`` of a top-level JSON array, one at a time (bounded memory);
-    ``where`` is ``"FILE:LINE: record INDEX"``, the line the element starts on."""
-    dec = json.JSONDecoder()
-    with _open_text(path) as f:
-        arr = _JsonArray(f, path, chunk_size)
-        if arr.peek() != "[":
-            raise DataError(
-                f"{path}:{arr.line()}: expected a JSON array of records (file must start with '[')"
-            )
-        arr.pos += 1
-        if arr.peek() == "]":
-            return
-        index = 0
-        while True:
-            arr.peek()
-            where = f"{path}:{arr.line()}: record {index}"
-            yield where, index, arr.decode(dec, where)
-            index += 1
-            c = arr.peek()
-            if c == ",":
-                arr.pos += 1
-                continue
-            if c == "]":
-                return
-            if not c:
-                raise DataError(
-                    f"{path}:{arr.line()}: record {index}: unexpected end of file inside the array"
-                )
-            raise DataError(f"{path}:{arr.line()}: after record {index - 1}: expected ',' or ']'")
 
 
 def _iter_aimkp_json(

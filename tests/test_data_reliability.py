@@ -250,3 +250,20 @@ def test_readers_fuzzed(tmp_path_factory, lines, sep, ext, wrap, cut, skip) -> N
             and r.keyphrases
             and all(isinstance(k, str) for k in r.keyphrases)
         )
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(body=st.binary(max_size=200))
+def test_prediction_files_fuzzed(tmp_path_factory, body) -> None:
+    from aimkp.metrics import read_predictions
+
+    p = tmp_path_factory.mktemp("pred") / "p.txt"
+    p.write_bytes(body)
+    try:
+        preds = read_predictions(p)
+    except DataError as exc:
+        assert f"{p}:" in str(exc) and "not valid UTF-8" in str(exc)
+        return
+    assert all(isinstance(k, str) and k for line in preds for k in line)

@@ -104,10 +104,10 @@ def test_aimkp_json_errors_name_record(tmp_path) -> None:
     bad = _aimkp_obj(1)
     bad["conversations"] = [{"from": "human", "value": "x"}]
     p.write_text(json.dumps([_aimkp_obj(0), bad]))
-    with pytest.raises(ValueError, match=r"bad.json: record 1: 'conversations' has no turn"):
+    with pytest.raises(ValueError, match=r"bad.json:1: record 1: 'conversations' has no turn"):
         read_records(p)
     p.write_text('[{"id": 1, "text": "a", "keyphrases": ["x"]}, {"id": 2,')
-    with pytest.raises(ValueError, match=r"bad.json: record 1: invalid JSON"):
+    with pytest.raises(ValueError, match=r"bad.json:1: record 1: invalid JSON"):
         read_records(p)
     p.write_text('{"id": 1}')
     with pytest.raises(ValueError, match="JSON array"):
@@ -122,7 +122,7 @@ def test_aimkp_json_images_by_name(tmp_path) -> None:
     recs = read_records(p, image_dir=tmp_path / "imgs", on_missing_image="skip")
     assert len(recs) == 1 and recs[0].load_image().size == (8, 6)
     assert recs.stats.skipped["missing image"] == 1
-    assert recs.stats.examples["missing image"] == [f"{p}: record 1"]
+    assert recs.stats.examples["missing image"] == [f"{p}:1: record 1"]
 
 
 def test_jsonl_reader(tmp_path) -> None:
@@ -305,7 +305,7 @@ def test_json_and_jsonl_round_trip(tmp_path_factory, posts, chunk) -> None:
     (d / "a.json").write_text(json.dumps(arr, ensure_ascii=False, indent=1), encoding="utf-8")
     got = [
         readers_mod._record_from_obj(obj, "x", str(i), _NoImages(), ReadStats())
-        for i, obj in readers_mod._iter_json_array(d / "a.json", chunk_size=chunk)
+        for _, i, obj in readers_mod._iter_json_array(d / "a.json", chunk_size=chunk)
     ]
     assert [(r.id, r.text, r.keyphrases) for r in got] == [
         (r.id, r.text, r.keyphrases) for r in recs

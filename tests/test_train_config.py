@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from aimkp.cli import train as cli_train
+from aimkp.errors import UsageError
 from aimkp.train.config import TrainConfig
 from aimkp.train.loop import cosine_with_warmup, majority_keyphrases
 
@@ -82,16 +83,30 @@ def test_quick_fills_only_what_was_not_given() -> None:
         ("max_grad_norm", 0.0, "max_grad_norm"),
         ("gf_reduce", "max", "gf_reduce"),
         ("max_train_samples", 0, "max_train_samples"),
+        ("tau_text", 5.0, r"tau_text must be a finite number in \[-1, 1\]"),
+        ("tau_image", float("nan"), "tau_image"),
+        ("lora_dropout", 1.0, r"lora_dropout must be a finite number in \[0, 1\)"),
+        ("lr", 0.0, "lr"),
+        ("lr", float("inf"), "lr"),
+        ("projector_lr", float("nan"), "projector_lr"),
+        ("max_grad_norm", float("inf"), "max_grad_norm"),
+        ("on_bad_record", "ignore", "on_bad_record"),
+        ("on_missing_image", "warn", "on_missing_image"),
     ],
 )
 def test_validation_names_the_field(field: str, value: object, msg: str) -> None:
-    with pytest.raises(ValueError, match=msg):
+    with pytest.raises(UsageError, match=msg):
         TrainConfig(**{field: value}).validate()
 
 
 def test_cli_rejects_bad_values() -> None:
     with pytest.raises(SystemExit):
         _parse(["--method", "dpo"])
+    assert _parse(["--max-grad-norm", "none"]).max_grad_norm is None
+    with pytest.raises(UsageError, match="pass 'none' to disable clipping"):
+        _parse(["--max-grad-norm", "0"])  # 0 no longer silently turns clipping off
+    edge = TrainConfig(tau_text=-1.0, tau_image=1.0, lora_dropout=0.0).validate()
+    assert (edge.tau_text, edge.tau_image) == (-1.0, 1.0)
 
 
 def test_roundtrip(tmp_path) -> None:

@@ -2,6 +2,12 @@
 
 Each subcommand module defines ``HELP`` (one line), ``add_arguments(parser)`` and
 ``run(args) -> int``; it is imported only when its subcommand runs.
+
+Errors: a :class:`aimkp.errors.UsageError` (bad option, bad data, missing file; see
+:mod:`aimkp.errors` for the rule) raised anywhere in a subcommand is caught here once: one line
+``aimkp COMMAND: error: ...`` on stderr, exit status 2, no traceback. Any other exception is an
+internal error and propagates with its traceback. ``-v`` (before or after the subcommand) shows
+the traceback of user errors too.
 """
 
 from __future__ import annotations
@@ -9,6 +15,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from aimkp.cli._common import VERBOSE_HELP, add_verbose
+from aimkp.errors import UsageError
 
 SUBCOMMANDS = {
     "train": "aimkp.cli.train",
@@ -21,8 +30,10 @@ SUBCOMMANDS = {
 
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object]:
     parser = argparse.ArgumentParser(prog="aimkp", description="AimKP multimodal keyphrase toolkit")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    wanted = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    words = [a for a in argv if not a.startswith("-")]
+    wanted = words[0] if words and words[0] in SUBCOMMANDS else None
     module = None
     for name, modname in SUBCOMMANDS.items():
         if wanted is not None and name != wanted:
@@ -35,6 +46,7 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object]:
                 raise
             continue
         p = sub.add_parser(name, help=getattr(mod, "HELP", None), description=mod.__doc__)
+        add_verbose(p)
         mod.add_arguments(p)
         if name == wanted:
             module = mod
@@ -48,7 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     if module is None:
         parser.print_help()
         return 2
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except UsageError as exc:
+        if args.verbose:
+            raise
+        print(f"aimkp {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message on one line (newlines and runs of spaces collapsed)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

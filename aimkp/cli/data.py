@@ -2,8 +2,8 @@
 
 aimkp data build-openclipart --out DIR [--size 96] [--max N] [--min-freq 5] [--seed 0]
     render Debian's openclipart-svg into an MKP dataset (train/valid/test JSONL + PNGs)
-aimkp data info --data SPEC [--split test] [--on-missing-image skip]
-    read a dataset and say how many records were read / skipped and why
+aimkp data info --data SPEC [--split test] [--on-missing-image skip] [--on-bad-record skip]
+    read a dataset (images decoded in full) and say how many records were read / skipped and why
 aimkp data convert --data SPEC --split S --out FILE.jsonl
     write any readable dataset as generic JSONL
 """
@@ -13,7 +13,14 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import sys
+
+from aimkp.cli._common import (
+    add_read_arguments,
+    add_verbose,
+    check_output_dir,
+    check_output_file,
+    read_options,
+)
 
 HELP = "build the openclipart dataset, inspect or convert datasets"
 
@@ -21,6 +28,7 @@ HELP = "build the openclipart dataset, inspect or convert datasets"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     b = sub.add_parser("build-openclipart", help="render openclipart-svg into an MKP dataset")
+    add_verbose(b)
     b.add_argument("--out", required=True, help="output directory")
     b.add_argument("--root", default=None, help="SVG root (default /usr/share/openclipart/svg)")
     b.add_argument("--size", type=int, default=96, help="PNG side in pixels (default 96)")
@@ -43,72 +51,70 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--workers", type=int, default=None)
 
     i = sub.add_parser("info", help="read a dataset and report counts")
+    add_verbose(i)
     i.add_argument("--data", required=True, help="'default', 'synthetic[:seed]', file or dir")
     i.add_argument("--split", default="test")
-    i.add_argument("--image-dir", default=None)
-    i.add_argument("--on-missing-image", choices=["error", "skip"], default="error")
+    add_read_arguments(i)
     i.add_argument("--no-images", action="store_true", help="ignore the image field")
 
     c = sub.add_parser("convert", help="write a dataset as generic JSONL")
+    add_verbose(c)
     c.add_argument("--data", required=True)
     c.add_argument("--split", default="test")
     c.add_argument("--out", required=True)
-    c.add_argument("--image-dir", default=None)
-    c.add_argument("--on-missing-image", choices=["error", "skip"], default="error")
+    add_read_arguments(c)
     c.add_argument("--no-images", action="store_true")
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202 - RecordList
     from aimkp.data import load_dataset
 
-    kw = {}
-    if not (args.data == "synthetic" or args.data.startswith("synthetic:")):
-        kw = {
-            "image_dir": args.image_dir,
-            "on_missing_image": args.on_missing_image,
-            "with_images": not args.no_images,
-        }
-    return load_dataset(args.data, args.split, **kw)
+    return load_dataset(
+        args.data, args.split, **read_options(args, args.data, with_images=not args.no_images)
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        if args.data_command == "build-openclipart":
-            from aimkp.data import openclipart
+    if args.data_command == "build-openclipart":
+        return _build_openclipart(args)
+    if args.data_command == "convert":
+        check_output_file(args.out, "--out")
+    recs = _load(args)
+    if args.data_command == "info":
+        print(recs.stats.summary())
+        kp = collections.Counter(k for r in recs for k in r.keyphrases)
+        n = max(len(recs), 1)
+        print(
+            f"records {len(recs)}; with image {sum(r.has_image for r in recs)}; "
+            f"keyphrases/record {sum(len(r.keyphrases) for r in recs) / n:.2f}; "
+            f"distinct keyphrases {len(kp)}"
+        )
+        print("most common:", ", ".join(f"{k} ({c})" for k, c in kp.most_common(10)))
+        return 0
+    if args.data_command == "convert":
+        from aimkp.data import write_jsonl
 
-            stats = openclipart.build(
-                args.out,
-                root=args.root or openclipart.DEFAULT_ROOT,
-                size=args.size,
-                max_records=args.max,
-                n_valid=args.valid,
-                n_test=args.test,
-                min_freq=args.min_freq,
-                max_per_tagset=args.max_per_tagset,
-                seed=args.seed,
-                workers=args.workers,
-            )
-            print(json.dumps(stats, indent=2, sort_keys=True))
-            return 0
-        recs = _load(args)
-        if args.data_command == "info":
-            print(recs.stats.summary())
-            kp = collections.Counter(k for r in recs for k in r.keyphrases)
-            n = max(len(recs), 1)
-            print(
-                f"records {len(recs)}; with image {sum(r.has_image for r in recs)}; "
-                f"keyphrases/record {sum(len(r.keyphrases) for r in recs) / n:.2f}; "
-                f"distinct keyphrases {len(kp)}"
-            )
-            print("most common:", ", ".join(f"{k} ({c})" for k, c in kp.most_common(10)))
-            return 0
-        if args.data_command == "convert":
-            from aimkp.data import write_jsonl
-
-            write_jsonl(recs, args.out)
-            print(f"{recs.stats.summary()}; wrote {len(recs)} records to {args.out}")
-            return 0
-    except ValueError as exc:
-        print(f"aimkp data: error: {exc}", file=sys.stderr)
-        return 2
+        write_jsonl(recs, args.out)
+        print(f"{recs.stats.summary()}; wrote {len(recs)} records to {args.out}")
+        return 0
     raise AssertionError(args.data_command)
+
+
+def _build_openclipart(args: argparse.Namespace) -> int:
+    from aimkp.data import openclipart
+
+    check_output_dir(args.out, "--out")
+    stats = openclipart.build(
+        args.out,
+        root=args.root or openclipart.DEFAULT_ROOT,
+        size=args.size,
+        max_records=args.max,
+        n_valid=args.valid,
+        n_test=args.test,
+        min_freq=args.min_freq,
+        max_per_tagset=args.max_per_tagset,
+        seed=args.seed,
+        workers=args.workers,
+    )
+    print(json.dumps(stats, indent=2, sort_keys=True))
+    return 0

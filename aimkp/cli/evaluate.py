@@ -2,7 +2,8 @@
 
   aimkp evaluate --checkpoint DIR --data SPEC --split test --output DIR
                  [--settings clean,text_only,...|all] [--max-samples N] [--protocol cmkp|aimkp]
-                 [--seed 0] [--device cuda] [--decoding greedy]
+                 [--seed 0] [--device cuda] [--decoding greedy] [--image-dir DIR]
+                 [--on-missing-image error|skip] [--on-bad-record error|skip]
 
 Writes OUTPUT/robustness.{json,md,png}. Scoring an existing prediction file is ``aimkp score``.
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from aimkp.cli._common import add_read_arguments, check_device, check_output_dir, read_options
 
 HELP = "robustness report (clean, text-only, image-only, noisy, misaligned) for a checkpoint"
 
@@ -31,44 +34,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="corruption seed")
     parser.add_argument("--device", default=None)
     parser.add_argument("--decoding", default="greedy")
-    parser.add_argument("--image-dir", default=None)
-    parser.add_argument("--on-missing-image", choices=["error", "skip"], default="error")
+    add_read_arguments(parser)
     parser.add_argument("--no-plot", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     from aimkp.data import load_dataset
+    from aimkp.eval.predict import Predictor
     from aimkp.eval.robustness import markdown_table, resolve_settings, run_robustness
+    from aimkp.models import check_model_spec, load_model
 
-    try:
-        settings = resolve_settings(args.settings)
-        kw = {}
-        if not args.data.startswith("synthetic"):
-            kw = {"image_dir": args.image_dir, "on_missing_image": args.on_missing_image}
-        records = load_dataset(args.data, args.split, **kw)
-        print(records.stats.summary(), file=sys.stderr)
-        if args.max_samples is not None:
-            records = records[: args.max_samples]
-        try:
-            from aimkp.eval.predict import load_predictor
-        except ImportError as exc:
-            raise ValueError(
-                "aimkp.eval.predict.load_predictor is not available in this installation "
-                f"({exc}); score existing predictions with `aimkp score` instead"
-            ) from exc
-        predictor = load_predictor(args.checkpoint, device=args.device, decoding=args.decoding)
-        res = run_robustness(
-            predictor.predict,
-            records,
-            settings=settings,
-            out_dir=args.output,
-            seed=args.seed,
-            protocol=args.protocol,
-            plot=not args.no_plot,
-        )
-    except (ValueError, OSError) as exc:
-        print(f"aimkp evaluate: error: {exc}", file=sys.stderr)
-        return 2
+    check_output_dir(args.output, "--output")
+    check_device(args.device)
+    check_model_spec(args.checkpoint)
+    settings = resolve_settings(args.settings)
+    Predictor.check_options(decoding=args.decoding)
+    records = load_dataset(args.data, args.split, **read_options(args, args.data))
+    print(records.stats.summary(), file=sys.stderr)
+    if args.max_samples is not None:
+        records = records[: args.max_samples]
+    loaded = load_model(args.checkpoint, device=args.device)
+    predictor = Predictor(loaded, decoding=args.decoding, device=args.device)
+    res = run_robustness(
+        predictor.predict,
+        records,
+        settings=settings,
+        out_dir=args.output,
+        seed=args.seed,
+        protocol=args.protocol,
+        plot=not args.no_plot,
+    )
     print(markdown_table(res))
     print("wrote " + ", ".join(res["files"].values()))
     return 0

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
+
+from aimkp.errors import DataError
 
 HELP = "score ranked keyphrase predictions (CMKP or AimKP protocol)"
 
@@ -45,23 +46,19 @@ def run(args: argparse.Namespace) -> int:
     from aimkp.metrics import read_predictions, score
 
     t0 = time.perf_counter()
-    try:
-        recs = read_records(args.src, with_images=False)
-        if recs.stats.total_skipped:
-            raise ValueError(
-                f"{args.src}: {recs.stats.summary()}; lines would no longer align with "
-                f"{args.pred}: remove them from both files"
-            )
-        preds = read_predictions(args.pred)
-        if len(preds) != len(recs):
-            raise ValueError(
-                f"line count mismatch: {args.pred} has {len(preds)} prediction lines but "
-                f"{args.src} has {len(recs)} posts"
-            )
-        res = score(recs, preds, protocol=args.protocol)
-    except ValueError as exc:
-        print(f"aimkp score: error: {exc}", file=sys.stderr)
-        return 2
+    recs = read_records(args.src, with_images=False)
+    if recs.stats.total_skipped:
+        raise DataError(
+            f"{args.src}: {recs.stats.summary()}; lines would no longer align with "
+            f"{args.pred}: remove them from both files"
+        )
+    preds = read_predictions(args.pred)
+    if len(preds) != len(recs):
+        raise DataError(
+            f"line count mismatch: {args.pred} has {len(preds)} prediction lines but "
+            f"{args.src} has {len(recs)} posts"
+        )
+    res = score(recs, preds, protocol=args.protocol)
     res["src"] = str(args.src)
     res["pred"] = str(args.pred)
     res["seconds"] = round(time.perf_counter() - t0, 3)

@@ -13,6 +13,7 @@ import logging
 import os
 from typing import Any
 
+from aimkp.cli._common import add_read_arguments, check_device, check_output_dir, removed_if_empty
 from aimkp.train.config import ATTN, GF_REDUCE, MASK_MODES, METHODS, TrainConfig
 
 HELP = "train a model (AimKP: PMM + gradient-based filtering, or plain SFT)"
@@ -21,7 +22,9 @@ _D = TrainConfig()
 
 
 def _opt_float(s: str) -> float | None:
-    return None if s.lower() in ("none", "off", "0") else float(s)
+    """``none`` / ``off`` -> None; anything else a float (0 is refused by validation, so a typo
+    cannot silently turn clipping off)."""
+    return None if s.lower() in ("none", "off") else float(s)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,6 +39,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "checkpoint directory (LLaVA, Qwen2-VL, Qwen2.5-VL, Idefics3 / SmolVLM)",
     )
     g.add_argument("--data", default=_D.data, help="dataset spec (default, synthetic:SEED, path)")
+    g.add_argument(
+        "--valid-data",
+        default=None,
+        metavar="SPEC",
+        help="validation data (file or spec; its 'valid' split); required when --data is one file",
+    )
+    add_read_arguments(g)
     g.add_argument("--output", default=_D.output, help="run directory")
     g.add_argument("--max-train-samples", type=int, default=None)
     g.add_argument("--eval-max-samples", type=int, default=None)
@@ -118,7 +128,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--quick", action="store_true", help="demo-sized settings; explicitly given flags still win"
     )
-    g.add_argument("-v", "--verbose", action="store_true")
 
 
 def config_from_args(args: argparse.Namespace, argv_flags: set[str] | None = None) -> TrainConfig:
@@ -126,6 +135,10 @@ def config_from_args(args: argparse.Namespace, argv_flags: set[str] | None = Non
     fields: dict[str, Any] = {
         "model": args.model,
         "data": args.data,
+        "valid_data": args.valid_data,
+        "image_dir": args.image_dir,
+        "on_missing_image": args.on_missing_image,
+        "on_bad_record": args.on_bad_record,
         "output": args.output,
         "method": args.method,
         "epochs": args.epochs,
@@ -182,19 +195,18 @@ def _given_flags(argv: list[str] | None) -> set[str]:
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    try:
-        cfg = config_from_args(args, _given_flags(argv))
-    except ValueError as exc:
-        raise SystemExit(f"aimkp train: {exc}") from None
+    cfg = config_from_args(args, _given_flags(argv))
+    _check_before_training(cfg)
     import torch.distributed as dist
 
     from aimkp.train.loop import train
 
     try:
-        summary = train(cfg)
+        with removed_if_empty(cfg.output):  # a run that fails before writing leaves no directory
+            summary = train(cfg)
     finally:
         if dist.is_available() and dist.is_initialized():  # under torchrun
             dist.destroy_process_group()
@@ -205,3 +217,16 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
             f"checkpoints in {summary['output']}/best and /last"
         )
     return 0
+
+
+def _check_before_training(cfg: TrainConfig) -> None:
+    """The checks that need no data and no model: paths, device, model spec."""
+    from aimkp.models import check_model_spec
+
+    check_output_dir(cfg.output, "--output")
+    check_device(cfg.device)
+    check_model_spec(cfg.model)
+    if cfg.resume is not None:
+        from aimkp.train.state import find_train_state
+
+        find_train_state(cfg.resume)

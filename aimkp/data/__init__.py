@@ -23,6 +23,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from aimkp.errors import DataError
+
 from .readers import (
     iter_records,
     normalize_keyphrase,
@@ -65,7 +67,7 @@ def _split_file(directory: Path, split: str) -> Path:
     for c in cands:
         if c.is_file():
             return c
-    raise ValueError(
+    raise DataError(
         f"{directory}: no file for split {split!r} (looked for {', '.join(c.name for c in cands)})"
     )
 
@@ -80,26 +82,26 @@ def load_dataset(spec: str, split: str = "train", **kwargs: Any) -> RecordList:
             ``with_images``, ``check_images``) or, for synthetic, ``n`` and ``image_size``.
     """
     if not isinstance(spec, str) or not spec:
-        raise ValueError(f"dataset spec must be a non-empty string, got {spec!r}")
+        raise DataError(f"dataset spec must be a non-empty string, got {spec!r}")
     if spec in ("default", "openclipart"):
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+            raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
         path = _split_file(default_dataset_dir(), split)
         return read_records(path, **kwargs)
     if spec == "synthetic" or spec.startswith("synthetic:"):
         from . import synthetic
 
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+            raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
         seed_txt = spec.partition(":")[2] or "0"
         try:
             seed = int(seed_txt)
         except ValueError:
-            raise ValueError(f"synthetic spec {spec!r}: seed must be an integer") from None
+            raise DataError(f"synthetic spec {spec!r}: seed must be an integer") from None
         n = int(kwargs.pop("n", SYNTHETIC_SIZES[split]))
         size = int(kwargs.pop("image_size", 64))
         if kwargs:
-            raise ValueError(f"synthetic data takes n= and image_size= only, got {sorted(kwargs)}")
+            raise DataError(f"synthetic data takes n= and image_size= only, got {sorted(kwargs)}")
         recs = synthetic.generate(n, seed + _SPLIT_SEED_OFFSET[split], size, id_prefix=split)
         return RecordList(recs, ReadStats(source=spec, read=len(recs)))
     p = Path(os.path.expanduser(spec))
@@ -107,6 +109,6 @@ def load_dataset(spec: str, split: str = "train", **kwargs: Any) -> RecordList:
         return read_records(_split_file(p, split), **kwargs)
     if p.is_file():
         return read_records(p, **kwargs)
-    raise ValueError(
+    raise DataError(
         f"dataset spec {spec!r} is not 'default', 'synthetic[:seed]', a data file or a directory"
     )

@@ -25,6 +25,8 @@ import string
 import zlib
 from collections.abc import Callable
 
+from aimkp.errors import DataError, UsageError
+
 from .record import Record
 
 NOISE_LEVELS = {"gaussian": (0.1, 0.2, 0.4), "blur": (1.0, 2.0, 4.0)}
@@ -146,7 +148,7 @@ def misaligned(records: list[Record], seed: int = 0) -> list[Record]:
     rng = _rng(seed, "misaligned")
     with_img = [i for i, r in enumerate(records) if r.has_image]
     if len(with_img) == 1:
-        raise ValueError("misaligned needs at least two posts with an image")
+        raise DataError("misaligned needs at least two posts with an image")
     perm = derangement(len(with_img), rng) if with_img else []
     donor = {with_img[j]: with_img[perm[j]] for j in range(len(with_img))}
     out = []
@@ -197,5 +199,5 @@ DEFAULT_SETTINGS = (
 def apply_setting(name: str, records: list[Record], seed: int = 0) -> list[Record]:
     """Run the corruption called ``name`` (a key of :data:`SETTINGS`)."""
     if name not in SETTINGS:
-        raise ValueError(f"unknown setting {name!r}; known: {', '.join(SETTINGS)}")
+        raise UsageError(f"unknown setting {name!r}; known: {', '.join(SETTINGS)}")
     return SETTINGS[name](records, seed)

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aimkp.errors import UsageError
+
 logger = logging.getLogger("aimkp.data.openclipart")
 
 DEFAULT_ROOT = "/usr/share/openclipart/svg"
@@ -199,7 +201,7 @@ def collect(root: str | os.PathLike[str] = DEFAULT_ROOT) -> tuple[list[dict[str,
     """
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(
+        raise UsageError(
             f"{root}: not found; install the clip art with `apt-get install -y openclipart-svg`"
         )
     files = sorted(p for p in root.rglob("*.svg") if not p.is_symlink())
@@ -352,7 +354,7 @@ def build(
             (out / c["image"]).unlink()
         good = good[:max_records]
     if len(good) < n_valid + n_test + 1:
-        raise ValueError(f"only {len(good)} drawings left; fewer than valid + test + 1")
+        raise UsageError(f"only {len(good)} drawings left; fewer than valid + test + 1")
     splits = {
         "test": good[:n_test],
         "valid": good[n_test : n_test + n_valid],

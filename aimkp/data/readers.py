@@ -8,14 +8,22 @@
 - Generic JSONL (``.jsonl``): one ``{id, image, text, keyphrases}`` object per line; ``keyphrases``
   is a list of strings (or one string with ``;`` or ``,`` separators).
 
-A malformed line or record raises ``ValueError`` naming the file and the line (or record index)
-and the reason. A missing or unreadable image is an error too, unless
-``on_missing_image="skip"``: then the record is skipped and counted under its reason. Blank lines
-are counted as skipped (``"blank line"``), never dropped silently.
+A malformed line or record (bad JSON, a missing field, bytes that are not UTF-8) raises
+:class:`aimkp.errors.DataError` naming the file and the line (``f.jsonl:7: ...``; AimKP JSON:
+``f.json:12: record 3: ...``, the line where the record starts) and the reason; no other exception
+type leaves a reader for any file content. With ``on_bad_record="skip"`` such a record is skipped
+instead, logged as a warning with its location and counted (``"bad record"``); the rest of the
+file is read. A JSON array whose syntax breaks cannot be resynchronised: that stays an error.
+
+Images are decoded in full when a record is read (``check_images``): a missing or unreadable
+image (absent, not an image, cut short) is an error too, unless ``on_missing_image="skip"``: then
+the record is skipped and counted under its reason. Blank lines are counted as skipped
+(``"blank line"``), never dropped silently.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -24,12 +32,25 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from aimkp.errors import DataError
+
+from .json_array import iter_json_array as _iter_json_array
+from .json_array import json_loads as _json_loads
+from .options import ON_BAD_RECORD, ON_MISSING_IMAGE
 from .record import ReadStats, Record
+from .text_io import open_text, utf8_checked
 
 logger = logging.getLogger("aimkp.data")
 
 CMKP_SEP = "<sep>"
 FORMATS = ("cmkp", "aimkp_json", "jsonl")
+
+
+class ImageError(DataError):
+    """A record's image is missing or unreadable (governed by ``on_missing_image``, not by
+    ``on_bad_record``)."""
+
+
 _WS = re.compile(r"\s+")
 
 
@@ -56,7 +77,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         return "aimkp_json"
     if suffix == ".jsonl":
         return "jsonl"
-    raise ValueError(
+    raise DataError(
         f"{path}: cannot tell the format from the extension {suffix!r}; "
         "expected .txt (CMKP lines), .json (AimKP reference JSON) or .jsonl"
     )
@@ -73,10 +94,8 @@ class _ImageResolver:
         with_images: bool,
         check_images: bool,
     ) -> None:
-        if on_missing_image not in ("error", "skip"):
-            raise ValueError(
-                f"on_missing_image must be 'error' or 'skip', got {on_missing_image!r}"
-            )
+        if on_missing_image not in ON_MISSING_IMAGE:
+            raise DataError(f"on_missing_image must be 'error' or 'skip', got {on_missing_image!r}")
         self.base = Path(image_dir) if image_dir is not None else data_path.parent
         self.by_name = image_dir is not None
         self.on_missing = on_missing_image
@@ -88,9 +107,27 @@ class _ImageResolver:
         if not self.with_images or value is None or value == "":
             return True, None
         if not isinstance(value, str):
-            raise ValueError(
+            raise DataError(
                 f"{where}: 'image' must be a string or null, got {type(value).__name__}"
             )
+        try:  # a NUL byte or an over-long name makes the path itself unusable
+            cand, reason = self._check(value)
+        except (OSError, ValueError) as exc:
+            raise DataError(
+                f"{where}: 'image' {value[:80]!r} is not a usable path ({exc})"
+            ) from None
+        if reason is None:
+            return True, os.fspath(cand)
+        if self.on_missing == "skip":
+            stats.skip(reason, where)
+            return False, None
+        raise ImageError(
+            f"{where}: {reason}: {cand} (pass image_dir=..., or on_missing_image='skip' "
+            "to skip and count such records)"
+        )
+
+    def _check(self, value: str) -> tuple[Path, str | None]:
+        """The candidate path for an image field and why it is unusable (None: it is fine)."""
         if "://" in value:  # a URL: the image was downloaded under base by its file name
             cand = self.base / value.rsplit("/", 1)[-1]
         elif self.by_name:
@@ -99,30 +136,24 @@ class _ImageResolver:
                 cand = self.base / Path(value).name
         else:
             cand = Path(value) if os.path.isabs(value) else self.base / value
-        reason = None
         if not cand.is_file():
-            reason = "missing image"
-        elif self.check:
-            reason = _unreadable_reason(cand)
-        if reason is None:
-            return True, os.fspath(cand)
-        if self.on_missing == "skip":
-            stats.skip(reason, where)
-            return False, None
-        raise ValueError(
-            f"{where}: {reason}: {cand} (pass image_dir=..., or on_missing_image='skip' "
-            "to skip and count such records)"
-        )
+            return cand, "missing image"
+        return cand, _unreadable_reason(cand) if self.check else None
 
 
 def _unreadable_reason(path: Path) -> str | None:
-    from PIL import Image, UnidentifiedImageError
+    """``"unreadable image"`` unless the file decodes in full: ``verify`` checks the structure
+    (PNG chunk CRCs), ``load`` decodes every pixel, so a file cut short after a valid header is
+    caught here and not when training reaches it."""
+    from PIL import Image
 
     try:
         with Image.open(path) as im:
-            im.size  # noqa: B018 - reads the header only
-    except (UnidentifiedImageError, OSError):
-        return "unreadable image"
+            im.verify()
+        with Image.open(path) as im:  # verify leaves the image unusable: open it again
+            im.load()
+    except Exception:  # noqa: BLE001 - any decoder failure (OSError, SyntaxError, bombs) means
+        return "unreadable image"  # the file is not a usable image; the reason is counted
     return None
 
 
@@ -131,60 +162,96 @@ def _phrases_from_value(value: Any, where: str, field_name: str) -> list[str]:
         return split_keyphrases(value)
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return [p for p in (normalize_keyphrase(v) for v in value) if p]
-    raise ValueError(f"{where}: '{field_name}' must be a string or a list of strings")
+    raise DataError(f"{where}: '{field_name}' must be a string or a list of strings")
 
 
-def _iter_cmkp(path: Path, res: _ImageResolver, stats: ReadStats) -> Iterator[Record]:
-    with open(path, encoding="utf-8") as f:
+class _BadRecords:
+    """What to do with a malformed record: raise (``"error"``) or skip, log and count it."""
+
+    def __init__(self, policy: str, stats: ReadStats) -> None:
+        if policy not in ON_BAD_RECORD:
+            raise DataError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {policy!r}")
+        self.skip = policy == "skip"
+        self.stats = stats
+
+    def handle(self, exc: DataError, where: str) -> None:
+        """Re-raise ``exc`` unless skipping; image errors follow ``on_missing_image`` instead."""
+        if not self.skip or isinstance(exc, ImageError):
+            raise exc
+        self.stats.skip("bad record", where)
+        logger.warning("skipped bad record: %s", exc)
+
+
+def _iter_lines(path: Path, parse: Any, bad: _BadRecords, stats: ReadStats) -> Iterator[Record]:
+    """Records of a one-record-per-line file; ``parse(line, lineno, where)`` -> Record | None."""
+    with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             where = f"{path}:{lineno}"
             line = line.rstrip("\n").rstrip("\r")
             if not line.strip():
                 stats.skip("blank line", where)
                 continue
-            parts = line.split(CMKP_SEP)
-            if len(parts) not in (2, 3):
-                raise ValueError(
-                    f"{where}: expected 'text<sep>kp1;kp2<sep>image_url' (2 or 3 fields), "
-                    f"got {len(parts)} fields"
-                )
-            text = parts[0].strip()
-            kps = [p for p in (normalize_keyphrase(x) for x in parts[1].split(";")) if p]
-            if not kps:
-                raise ValueError(f"{where}: no keyphrases in the second field")
-            url = parts[2].strip() if len(parts) == 3 else ""
-            keep, img = res.resolve(url or None, where, stats)
-            if not keep:
+            try:
+                rec = parse(utf8_checked(line, where), lineno, where)
+            except DataError as exc:
+                bad.handle(exc, where)
                 continue
-            stats.read += 1
-            meta = {"image_url": url} if url else {}
-            yield Record(id=str(lineno - 1), text=text, keyphrases=kps, image_path=img, meta=meta)
+            if rec is not None:
+                stats.read += 1
+                yield rec
+
+
+def _cmkp_line(
+    line: str, lineno: int, where: str, res: _ImageResolver, stats: ReadStats
+) -> Record | None:
+    parts = line.split(CMKP_SEP)
+    if len(parts) not in (2, 3):
+        raise DataError(
+            f"{where}: expected 'text<sep>kp1;kp2<sep>image_url' (2 or 3 fields), "
+            f"got {len(parts)} fields"
+        )
+    text = parts[0].strip()
+    kps = [p for p in (normalize_keyphrase(x) for x in parts[1].split(";")) if p]
+    if not kps:
+        raise DataError(f"{where}: no keyphrases in the second field")
+    url = parts[2].strip() if len(parts) == 3 else ""
+    keep, img = res.resolve(url or None, where, stats)
+    if not keep:
+        return None
+    meta = {"image_url": url} if url else {}
+    return Record(id=str(lineno - 1), text=text, keyphrases=kps, image_path=img, meta=meta)
+
+
+def _jsonl_line(
+    line: str, lineno: int, where: str, res: _ImageResolver, stats: ReadStats
+) -> Record | None:
+    return _record_from_obj(_json_loads(line, where), where, str(lineno - 1), res, stats)
 
 
 def _record_from_obj(
     obj: Any, where: str, default_id: str, res: _ImageResolver, stats: ReadStats
 ) -> Record | None:
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     text = obj.get("text")
     if text is None:
         text = ""
     if not isinstance(text, str):
-        raise ValueError(f"{where}: 'text' must be a string")
+        raise DataError(f"{where}: 'text' must be a string")
     if "keyphrases" in obj:
         kps = _phrases_from_value(obj["keyphrases"], where, "keyphrases")
     elif "conversations" in obj:
         conv = obj["conversations"]
         if not isinstance(conv, list):
-            raise ValueError(f"{where}: 'conversations' must be a list of turns")
+            raise DataError(f"{where}: 'conversations' must be a list of turns")
         answers = [t.get("value") for t in conv if isinstance(t, dict) and t.get("from") == "gpt"]
         if not answers:
-            raise ValueError(f"{where}: 'conversations' has no turn from 'gpt'")
+            raise DataError(f"{where}: 'conversations' has no turn from 'gpt'")
         kps = _phrases_from_value(answers[0], where, "conversations[gpt].value")
     else:
-        raise ValueError(f"{where}: no 'keyphrases' and no 'conversations' field")
+        raise DataError(f"{where}: no 'keyphrases' and no 'conversations' field")
     if not kps:
-        raise ValueError(f"{where}: empty keyphrase list")
+        raise DataError(f"{where}: empty keyphrase list")
     rid = obj.get("id", default_id)
     keep, img = res.resolve(obj.get("image"), where, stats)
     if not keep:
@@ -196,86 +263,15 @@ def _record_from_obj(
     return Record(id=str(rid), text=text.strip(), keyphrases=kps, image_path=img, meta=meta)
 
 
-def _iter_jsonl(path: Path, res: _ImageResolver, stats: ReadStats) -> Iterator[Record]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            if not line.strip():
-                stats.skip("blank line", where)
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from exc
-            rec = _record_from_obj(obj, where, str(lineno - 1), res, stats)
-            if rec is not None:
-                stats.read += 1
-                yield rec
-
-
-def _iter_json_array(path: Path, chunk_size: int = 1 << 20) -> Iterator[tuple[int, Any]]:
-    """Decode the elements of a top-level JSON array one at a time (bounded memory)."""
-    dec = json.JSONDecoder()
-    with open(path, encoding="utf-8") as f:
-        buf = f.read(chunk_size)
-        pos = 0
-        eof = False
-
-        def fill() -> None:
-            nonlocal buf, pos, eof
-            more = f.read(chunk_size)
-            if not more:
-                eof = True
-            buf = buf[pos:] + more
-            pos = 0
-
-        def skip_ws() -> None:
-            nonlocal pos
-            while True:
-                while pos < len(buf) and buf[pos] in " \t\r\n":
-                    pos += 1
-                if pos < len(buf) or eof:
-                    return
-                fill()
-
-        skip_ws()
-        if pos >= len(buf) or buf[pos] != "[":
-            raise ValueError(f"{path}: expected a JSON array of records (file must start with '[')")
-        pos += 1
-        index = 0
-        skip_ws()
-        if pos < len(buf) and buf[pos] == "]":
-            return
-        while True:
-            skip_ws()
-            while True:
-                try:
-                    obj, end = dec.raw_decode(buf, pos)
-                    break
-                except json.JSONDecodeError as exc:
-                    if eof:
-                        raise ValueError(
-                            f"{path}: record {index}: invalid JSON: {exc.msg}"
-                        ) from exc
-                    fill()
-            pos = end
-            yield index, obj
-            index += 1
-            skip_ws()
-            if pos >= len(buf):
-                raise ValueError(f"{path}: record {index}: unexpected end of file inside the array")
-            if buf[pos] == ",":
-                pos += 1
-                continue
-            if buf[pos] == "]":
-                return
-            raise ValueError(f"{path}: after record {index - 1}: expected ',' or ']'")
-
-
-def _iter_aimkp_json(path: Path, res: _ImageResolver, stats: ReadStats) -> Iterator[Record]:
-    for index, obj in _iter_json_array(path):
-        where = f"{path}: record {index}"
-        rec = _record_from_obj(obj, where, str(index), res, stats)
+def _iter_aimkp_json(
+    path: Path, res: _ImageResolver, stats: ReadStats, bad: _BadRecords
+) -> Iterator[Record]:
+    for where, index, obj in _iter_json_array(path):
+        try:
+            rec = _record_from_obj(obj, where, str(index), res, stats)
+        except DataError as exc:
+            bad.handle(exc, where)
+            continue
         if rec is not None:
             stats.read += 1
             yield rec
@@ -286,6 +282,7 @@ def iter_records(
     *,
     image_dir: str | os.PathLike[str] | None = None,
     on_missing_image: str = "error",
+    on_bad_record: str = "error",
     with_images: bool = True,
     check_images: bool = True,
     fmt: str | None = None,
@@ -299,8 +296,11 @@ def iter_records(
             Default: paths are relative to the data file's directory.
         on_missing_image: ``"error"`` (default) raises on a missing/unreadable image; ``"skip"``
             skips the record and counts it in ``stats``.
+        on_bad_record: ``"error"`` (default) raises :class:`~aimkp.errors.DataError` on a
+            malformed record; ``"skip"`` logs it (file:line and reason), counts it under
+            ``"bad record"`` and reads on.
         with_images: False ignores the image field entirely (``image_path=None``), e.g. scoring.
-        check_images: open each image's header to catch unreadable files early.
+        check_images: decode each image in full to catch unreadable or truncated files early.
         fmt: force a format (``"cmkp"``, ``"aimkp_json"``, ``"jsonl"``) instead of the extension.
         stats: filled in as the iterator advances; a summary is logged at INFO when it ends.
 
@@ -308,15 +308,19 @@ def iter_records(
     """
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"{p}: no such data file")
+        raise DataError(f"{p}: no such data file")
     fmt = fmt or detect_format(p)
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+        raise DataError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     st = stats if stats is not None else ReadStats()
     st.source = os.fspath(p)
     res = _ImageResolver(p, image_dir, on_missing_image, with_images, check_images)
-    reader = {"cmkp": _iter_cmkp, "aimkp_json": _iter_aimkp_json, "jsonl": _iter_jsonl}[fmt]
-    return _logged(reader(p, res, st), st)
+    bad = _BadRecords(on_bad_record, st)
+    if fmt == "aimkp_json":
+        return _logged(_iter_aimkp_json(p, res, st, bad), st)
+    line = _cmkp_line if fmt == "cmkp" else _jsonl_line
+    parse = functools.partial(line, res=res, stats=st)
+    return _logged(_iter_lines(p, parse, bad, st), st)
 
 
 def _logged(it: Iterator[Record], st: ReadStats) -> Iterator[Record]:

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from aimkp.errors import DataError
+
 if TYPE_CHECKING:  # PIL is imported lazily: reading text and scoring never need it
     from PIL import Image
 
@@ -71,9 +73,9 @@ class Record:
                 rgb = _to_rgb(im)
                 return im.copy() if rgb is im else rgb  # decode before the file closes
         except FileNotFoundError as exc:
-            raise ValueError(f"record {self.id!r}: image not found: {self.image_path}") from exc
-        except (UnidentifiedImageError, OSError) as exc:
-            raise ValueError(
+            raise DataError(f"record {self.id!r}: image not found: {self.image_path}") from exc
+        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise DataError(
                 f"record {self.id!r}: cannot read image {self.image_path}: {exc}"
             ) from exc
 

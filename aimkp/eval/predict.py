@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from aimkp.errors import UsageError
+
 DECODINGS = ("greedy", "beam", "sample")
 MODALITIES = ("multimodal", "text", "image")
 _SPLIT = re.compile(r"[,;]")
@@ -62,20 +64,9 @@ class Predictor:
         modality: str = "multimodal",
         device: torch.device | str | None = None,
     ) -> None:
-        if decoding not in DECODINGS:
-            raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
-        if modality not in MODALITIES:
-            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
-        if batch_size < 1 or max_new_tokens < 1:
-            raise ValueError(
-                f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}"
-            )
-        if decoding == "beam" and num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-        if decoding == "sample" and (temperature <= 0 or not 0 < top_p <= 1):
-            raise ValueError(
-                f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}"
-            )
+        self.check_options(
+            decoding, num_beams, max_new_tokens, temperature, top_p, batch_size, modality
+        )
         self.loaded = loaded
         self.decoding = decoding
         self.num_beams = num_beams
@@ -86,6 +77,33 @@ class Predictor:
         self.batch_size = batch_size
         self.modality = modality
         self.device = torch.device(device) if device is not None else loaded.device
+
+    @staticmethod
+    def check_options(
+        decoding: str = "greedy",
+        num_beams: int = 4,
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        batch_size: int = 8,
+        modality: str = "multimodal",
+        **_: Any,
+    ) -> None:
+        """UsageError naming the first option out of range (no model needed)."""
+        if decoding not in DECODINGS:
+            raise UsageError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
+        if modality not in MODALITIES:
+            raise UsageError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        if batch_size < 1 or max_new_tokens < 1:
+            raise UsageError(
+                f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}"
+            )
+        if decoding == "beam" and num_beams < 1:
+            raise UsageError(f"num_beams must be >= 1, got {num_beams}")
+        if decoding == "sample" and (temperature <= 0 or not 0 < top_p <= 1):
+            raise UsageError(
+                f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}"
+            )
 
     def _gen_config(self) -> dict[str, Any]:
         tok = self.loaded.tokenizer

@@ -26,6 +26,7 @@ from typing import Any
 
 from aimkp.data import Record
 from aimkp.data.corrupt import DEFAULT_SETTINGS, SETTINGS, apply_setting
+from aimkp.errors import DataError, UsageError
 from aimkp.metrics import HEADLINE, PROTOCOLS, score
 
 logger = logging.getLogger("aimkp.eval")
@@ -47,11 +48,11 @@ def resolve_settings(settings: Sequence[str] | str | None) -> list[str]:
             names = list(SETTINGS) if name == "all" else [name]
             for n in names:
                 if n not in SETTINGS:
-                    raise ValueError(f"unknown setting {n!r}; known: all, {', '.join(SETTINGS)}")
+                    raise UsageError(f"unknown setting {n!r}; known: all, {', '.join(SETTINGS)}")
                 if n not in out:
                     out.append(n)
     if not out:
-        raise ValueError("no settings given")
+        raise UsageError("no settings given")
     return out
 
 
@@ -91,10 +92,10 @@ def run_robustness(
         metrics}, "seconds": {setting: s}, "files": {...}}``.
     """
     if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+        raise UsageError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
     records = list(records)
     if not records:
-        raise ValueError("no records to evaluate")
+        raise DataError("no records to evaluate")
     names = resolve_settings(settings)
     res: dict[str, Any] = {
         "protocol": protocol,

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from aimkp.errors import DataError, UsageError
+
 from .aimkp_protocol import score_aimkp
 from .cmkp import score_cmkp
 from .stem import stem_phrase, stem_word
@@ -54,10 +56,17 @@ def parse_prediction_line(line: str) -> list[str]:
 def read_predictions(path: str) -> list[list[str]]:
     """Read a prediction file (one line per post, phrases ranked) into ``[N][*]`` phrases."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            raw = f.read()
     except OSError as exc:
-        raise ValueError(f"{path}: cannot read predictions: {exc}") from exc
+        raise DataError(f"{path}: cannot read predictions: {exc}") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8"
+        ) from None
     return [parse_prediction_line(line) for line in text.splitlines()]
 
 
@@ -74,9 +83,9 @@ def score(
         protocol: ``"cmkp"`` or ``"aimkp"``.
     """
     if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+        raise UsageError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
     if len(records) != len(predictions):
-        raise ValueError(f"{len(predictions)} prediction lists for {len(records)} records")
+        raise DataError(f"{len(predictions)} prediction lists for {len(records)} records")
     targets = [r.keyphrases for r in records]
     if protocol == "cmkp":
         return score_cmkp([r.text for r in records], targets, predictions)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from aimkp.errors import UsageError
 from aimkp.models.adapter import (
     QUESTION,
     EncodedSample,
@@ -47,6 +48,7 @@ __all__ = [
     "LoadedModel",
     "MLLMAdapter",
     "get_adapter",
+    "check_model_spec",
     "load_model",
     "register_adapter",
     "save_checkpoint",
@@ -86,10 +88,55 @@ class LoadedModel:
 
 def _attn_name(attn: str) -> str:
     if attn not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"attn must be one of {sorted(ATTN_IMPLEMENTATIONS)}, got {attn!r}")
+        raise UsageError(f"attn must be one of {sorted(ATTN_IMPLEMENTATIONS)}, got {attn!r}")
     if attn == "flash" and importlib.util.find_spec("flash_attn") is None:
-        raise ValueError("attn='flash' needs the flash-attn package (pip install aimkp[flash])")
+        raise UsageError("attn='flash' needs the flash-attn package (pip install aimkp[flash])")
     return ATTN_IMPLEMENTATIONS[attn]
+
+
+def check_model_spec(spec: str | pathlib.Path) -> str:
+    """``spec`` as a string when it is a preset name or a local checkpoint directory (one with a
+    ``config.json``); a :class:`~aimkp.errors.UsageError` naming it otherwise. Reads no weights."""
+    from aimkp.models.presets import PRESETS
+
+    spec_s = str(spec)
+    if spec_s in PRESETS:
+        return spec_s
+    p = pathlib.Path(spec_s)
+    if not p.exists():
+        raise UsageError(
+            f"model spec {spec_s!r} is neither a preset ({sorted(PRESETS)}) nor a local directory "
+            "(nothing is downloaded)"
+        )
+    if not p.is_dir() or not (p / "config.json").is_file():
+        raise UsageError(f"{spec_s}: no config.json; not a model checkpoint directory")
+    _check_model_type(p / "config.json")
+    return spec_s
+
+
+def _check_model_type(config_file: pathlib.Path) -> None:
+    import json
+
+    from aimkp.models.adapter import adapter_class
+
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise UsageError(f"{config_file}: not a readable JSON object ({exc})") from None
+    try:
+        adapter_class(str(model_type))
+    except ValueError as exc:  # the registry's "no adapter for model_type ..." and nothing else
+        raise UsageError(f"{config_file}: {exc}") from None
+
+
+def _check_tokenizer(spec: str, model: nn.Module, tok: Any) -> None:
+    """A tokenizer whose ids run past the model's input embedding rows belongs to another model."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tok) > rows:
+        raise UsageError(
+            f"{spec}: the tokenizer has {len(tok)} tokens but the model's input embedding has "
+            f"{rows} rows: tokenizer and model do not belong together"
+        )
 
 
 def load_model(
@@ -117,22 +164,16 @@ def load_model(
     from aimkp.models.presets import PRESETS, build_preset
 
     impl = _attn_name(attn)
-    spec_s = str(spec)
+    spec_s = check_model_spec(spec)
     if spec_s in PRESETS:
         model, tok, proc = build_preset(spec_s, train_texts, seed=seed)
         preset: str | None = spec_s
         info: dict[str, Any] = {"source": f"preset:{spec_s}"}
-    elif pathlib.Path(spec_s).is_dir():
+    else:
         from aimkp.models.checkpoint import load_local
 
         model, tok, proc, preset, info = load_local(pathlib.Path(spec_s), dtype=dtype, attn=impl)
-    else:
-        from aimkp.models.presets import PRESETS as _P
-
-        raise ValueError(
-            f"model spec {spec_s!r} is neither a preset ({sorted(_P)}) nor a local directory "
-            "(nothing is downloaded)"
-        )
+        _check_tokenizer(spec_s, model, tok)
     model.set_attn_implementation(impl)
     if dtype is not None:
         model.to(dtype=dtype)

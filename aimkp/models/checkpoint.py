@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from aimkp.errors import CheckpointError
 from aimkp.models.adapter import adapter_class, unwrap_model
 
 META = "aimkp.json"
@@ -124,7 +125,7 @@ def read_meta(directory: str | pathlib.Path) -> dict[str, Any] | None:
     try:
         return json.loads(p.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{p}: line {exc.lineno}: not valid JSON ({exc.msg})") from exc
+        raise CheckpointError(f"{p}: line {exc.lineno}: not valid JSON ({exc.msg})") from exc
 
 
 def _chat_template_file(d: pathlib.Path) -> str | None:
@@ -137,7 +138,7 @@ def _chat_template_file(d: pathlib.Path) -> str | None:
         try:
             return json.loads(js.read_text()).get("chat_template")
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{js}: line {exc.lineno}: not valid JSON ({exc.msg})") from exc
+            raise CheckpointError(f"{js}: line {exc.lineno}: not valid JSON ({exc.msg})") from exc
     return None
 
 
@@ -149,14 +150,25 @@ def load_local(
 
     d = pathlib.Path(directory)
     if not (d / "config.json").is_file():
-        raise ValueError(f"{d}: no config.json; not a model checkpoint directory")
+        raise CheckpointError(f"{d}: no config.json; not a model checkpoint directory")
     meta = read_meta(d)
     config = AutoConfig.from_pretrained(d, local_files_only=True)
     cls = adapter_class(config.model_type).model_class
-    kw: dict[str, Any] = {"local_files_only": True, "attn_implementation": attn}
+    # safetensors only: pickled ``.bin`` weights could run code when loaded
+    kw: dict[str, Any] = {
+        "local_files_only": True,
+        "attn_implementation": attn,
+        "use_safetensors": True,
+    }
     if dtype is not None:
         kw["dtype"] = dtype
-    model = cls.from_pretrained(d, **kw)
+    try:
+        model = cls.from_pretrained(d, **kw)
+    except OSError as exc:  # no (or an unreadable) model.safetensors
+        raise CheckpointError(
+            f"{d}: cannot load the weights ({exc}); aimkp reads safetensors weights only "
+            "(pickled .bin weights could run code when loaded)"
+        ) from None
     tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
     if not getattr(tok, "chat_template", None):
         tmpl = _chat_template_file(d)
@@ -165,7 +177,7 @@ def load_local(
     try:
         proc = AutoImageProcessor.from_pretrained(d, local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{d}: cannot load the image processor ({exc})") from exc
+        raise CheckpointError(f"{d}: cannot load the image processor ({exc})") from exc
     preset = meta.get("preset") if meta else None
     info = {"source": str(d), "aimkp": meta}
     return model, tok, proc, preset, info

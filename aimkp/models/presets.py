@@ -41,6 +41,7 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
+from aimkp.errors import UsageError
 from aimkp.models.tokenizer import train_bpe_tokenizer
 
 IMAGE_SIZE = 64
@@ -305,7 +306,7 @@ def build_preset(
 ) -> tuple[nn.Module, Any, Any]:
     """Build preset ``name`` deterministically (``seed``) without touching the global RNG."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+        raise UsageError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
     texts = list(train_texts) if train_texts is not None else default_train_texts()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 from dataclasses import dataclass, field
 from typing import Any
+
+from aimkp.data.options import ON_BAD_RECORD, ON_MISSING_IMAGE
+from aimkp.errors import UsageError
 
 METHODS = ("aimkp", "sft")
 MASK_MODES = ("compact", "attention", "auto")
@@ -29,6 +33,10 @@ class TrainConfig:
 
     model: str = "tiny-llava"
     data: str = "default"
+    valid_data: str | None = None
+    image_dir: str | None = None
+    on_missing_image: str = "error"
+    on_bad_record: str = "error"
     output: str = "runs/train"
     method: str = "aimkp"
     epochs: int = 4
@@ -65,32 +73,62 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> TrainConfig:
-        """Raise ValueError naming the first bad field; returns self."""
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.mask_mode not in MASK_MODES:
-            raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
-        if self.attn not in ATTN:
-            raise ValueError(f"attn must be one of {ATTN}, got {self.attn!r}")
-        if self.gf_reduce not in GF_REDUCE:
-            raise ValueError(f"gf_reduce must be one of {GF_REDUCE}, got {self.gf_reduce!r}")
+        """Raise :class:`~aimkp.errors.UsageError` naming the first bad field; returns self."""
+        self._validate_choices()
+        self._validate_counts()
+        self._validate_rates()
+        self._validate_data()
+        return self
+
+    def _validate_choices(self) -> None:
+        for name, allowed in (
+            ("method", METHODS),
+            ("mask_mode", MASK_MODES),
+            ("attn", ATTN),
+            ("gf_reduce", GF_REDUCE),
+            ("on_missing_image", ON_MISSING_IMAGE),
+            ("on_bad_record", ON_BAD_RECORD),
+        ):
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    def _validate_counts(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "lora_r", "max_new_tokens", "log_every"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("lr", "projector_lr", "weight_decay", "lora_dropout"):
-            if float(getattr(self, name)) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("max_train_samples", "eval_max_samples", "stop_after_epochs", "num_threads"):
             v = getattr(self, name)
             if v is not None and int(v) < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {v!r}")
-        if self.grand_threshold is not None and self.grand_threshold <= 0:
-            raise ValueError(f"grand_threshold must be > 0 or None, got {self.grand_threshold!r}")
-        return self
+                raise UsageError(f"{name} must be >= 1 or None, got {v!r}")
+
+    def _validate_rates(self) -> None:
+        for name in ("lr", "projector_lr"):
+            _check_range(name, getattr(self, name), low=0.0, low_open=True)
+        _check_range("weight_decay", self.weight_decay, low=0.0)
+        _check_range("lora_dropout", self.lora_dropout, low=0.0, high=1.0, high_open=True)
+        _check_range("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0, high_open=True)
+        # the GF thresholds compare cosines: outside [-1, 1] they keep (or drop) every copy
+        for name in ("tau_text", "tau_image"):
+            _check_range(name, getattr(self, name), low=-1.0, high=1.0)
+        if self.max_grad_norm is not None:  # 0 would silently disable clipping: 'none' does that
+            _check_range(
+                "max_grad_norm",
+                self.max_grad_norm,
+                low=0.0,
+                low_open=True,
+                hint=(" (pass 'none' to disable clipping)"),
+            )
+        if self.grand_threshold is not None:
+            _check_range("grand_threshold", self.grand_threshold, low=0.0, low_open=True)
+
+    def _validate_data(self) -> None:
+        if self.valid_data is None and pathlib.Path(self.data).expanduser().is_file():
+            raise UsageError(
+                f"--data {self.data} is one file: it would be the training, validation and test "
+                "data at once (the best checkpoint chosen on training posts); pass the "
+                "validation posts with --valid-data FILE, or a directory with train/valid/test "
+                "files"
+            )
 
     def resolved_mask_mode(self) -> str:
         """``compact`` (default; ``auto`` is an alias kept for older run configs): hidden tokens
@@ -114,7 +152,7 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {unknown}")
+            raise UsageError(f"unknown TrainConfig fields: {unknown}")
         return cls(**d)
 
     def save(self, path: str | pathlib.Path) -> None:
@@ -151,3 +189,25 @@ class TrainConfig:
             "num_threads": 2,
             "baselines": True,
         }
+
+
+def _check_range(
+    name: str,
+    value: float,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    hint: str = "",
+) -> None:
+    """UsageError unless ``value`` is a finite number in the interval (bounds as marked)."""
+    v = float(value)
+    ok = math.isfinite(v)
+    ok = ok and (low is None or (v > low if low_open else v >= low))
+    ok = ok and (high is None or (v < high if high_open else v <= high))
+    if not ok:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        span = f"{'(' if low_open else '['}{lo}, {hi}{')' if high_open else ']'}"
+        raise UsageError(f"{name} must be a finite number in {span}, got {value!r}{hint}")

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from aimkp.train.config import TrainConfig
+from aimkp.train.data import load_split
 from aimkp.train.pmm import StrideTable
 from aimkp.train.state import (
     read_train_state,
@@ -160,7 +161,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training as configured; returns a summary dict (history, best score, paths)."""
     from tqdm.auto import tqdm
 
-    from aimkp.data import load_dataset
     from aimkp.models import load_model
     from aimkp.models.forward import use_masked_embedding_module
     from aimkp.models.lora import apply_lora
@@ -179,8 +179,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
 
     # ---- data
-    train_recs = list(load_dataset(cfg.data, "train"))[: cfg.max_train_samples]
-    valid_recs = list(load_dataset(cfg.data, "valid"))[: cfg.eval_max_samples]
+    train_recs = load_split(cfg, "train")[: cfg.max_train_samples]
+    valid_recs = load_split(cfg, "valid")[: cfg.eval_max_samples]
     if not train_recs:
         raise ValueError(f"dataset {cfg.data!r} has no training records")
 
@@ -246,7 +246,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         history = list(st["history"])
         log.info("resumed from %s at epoch %d, step %d", cfg.resume, start_epoch, step)
     elif cfg.baselines and main:
-        test_recs = list(load_dataset(cfg.data, "test"))[: cfg.eval_max_samples]
+        test_recs = load_split(cfg, "test")[: cfg.eval_max_samples]
         maj = majority_keyphrases(train_recs)
         baseline_rows["majority"] = score_predictions([list(maj) for _ in test_recs], test_recs)
         baseline_rows["untrained"] = evaluate(loaded, test_recs, cfg)
@@ -424,7 +424,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "loaded": loaded,
     }
     if baseline_rows and last_epoch == cfg.epochs:
-        test_recs = list(load_dataset(cfg.data, "test"))[: cfg.eval_max_samples]
+        test_recs = load_split(cfg, "test")[: cfg.eval_max_samples]
         if best_state is not None:
             from aimkp.train.state import load_trainable_state
 

@@ -8,13 +8,18 @@ optimizer step reached, the best validation score and the metrics history.
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
+import pickle
 import random
+import re
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
+from aimkp.errors import CheckpointError, UsageError
 from aimkp.train.pmm import StrideTable
 
 STATE_FILE = "train_state.pt"
@@ -33,14 +38,14 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))
     if missing or unexpected:
-        raise ValueError(
+        raise UsageError(
             f"trainable parameters differ from the checkpoint: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
     with torch.no_grad():
         for n, p in params.items():
             if p.shape != state[n].shape:
-                raise ValueError(
+                raise UsageError(
                     f"parameter {n}: shape {tuple(p.shape)} vs {tuple(state[n].shape)}"
                 )
             p.copy_(state[n].to(p.device, p.dtype))
@@ -117,13 +122,59 @@ def save_train_state(
     return path
 
 
-def read_train_state(directory: str | pathlib.Path) -> dict[str, Any]:
-    """Read ``train_state.pt`` from a run's ``last`` directory (or the run directory itself)."""
+def find_train_state(directory: str | pathlib.Path) -> pathlib.Path:
+    """``train_state.pt`` of a run's ``last`` directory (or of the directory itself)."""
     d = pathlib.Path(directory)
     for cand in (d / STATE_FILE, d / "last" / STATE_FILE):
         if cand.is_file():
-            return torch.load(cand, map_location="cpu", weights_only=False)
-    raise ValueError(f"no {STATE_FILE} under {d} or {d / 'last'}: nothing to resume from")
+            return cand
+    raise CheckpointError(f"no {STATE_FILE} under {d} or {d / 'last'}: nothing to resume from")
+
+
+def read_train_state(directory: str | pathlib.Path) -> dict[str, Any]:
+    """Read ``train_state.pt`` from a run's ``last`` directory (or the run directory itself).
+
+    Nothing in the file can run code: it is unpickled with ``weights_only=True``, which builds
+    tensors, numbers, strings and containers only, plus exactly the numpy types of the numpy RNG
+    state (:func:`_numpy_rng_types`). A file holding anything else is refused
+    (:class:`~aimkp.errors.CheckpointError`), whoever wrote it.
+    """
+    path = find_train_state(directory)
+    try:
+        with _allowed_globals(_numpy_rng_types()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        named = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"objects ({named.group(1)})" if named else "something (corrupt, or objects)"
+        raise CheckpointError(
+            f"{path}: refused: it holds {what} other than tensors, numbers, strings and "
+            "containers; aimkp never writes those, and they could run code on load"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:  # not a torch file, truncated, unreadable
+        raise CheckpointError(f"{path}: cannot read the training state ({exc})") from None
+    if not isinstance(state, dict) or state.get("format") != 1:
+        raise CheckpointError(f"{path}: not a training state written by aimkp (format 1)")
+    return state
+
+
+def _numpy_rng_types() -> list[Any]:
+    """What ``np.random.get_state()`` pickles as: its uint32 key array. Found from numpy itself
+    (``numpy.core`` on numpy 1, ``numpy._core`` on numpy 2)."""
+    reconstruct = np.ndarray((0,), dtype=np.uint32).__reduce__()[0]
+    return [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+@contextlib.contextmanager
+def _allowed_globals(types: list[Any]) -> Iterator[None]:
+    """``torch.serialization.safe_globals`` (torch >= 2.5); the process-wide ``add_safe_globals``
+    on older torch."""
+    ser = torch.serialization
+    if hasattr(ser, "safe_globals"):
+        with ser.safe_globals(types):
+            yield
+    else:
+        ser.add_safe_globals(types)
+        yield
 
 
 def restore_train_state(
@@ -139,7 +190,7 @@ def restore_train_state(
     if check_frozen:
         want, got = float(state["frozen_checksum"]), frozen_checksum(model)
         if abs(want - got) > 1e-9 * max(1.0, abs(want)):
-            raise ValueError(
+            raise UsageError(
                 "the frozen base model differs from the one the checkpoint was trained on "
                 f"(checksum {got!r} vs {want!r}): resume with the same --model and --seed"
             )

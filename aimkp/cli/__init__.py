@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "score": "aimkp.cli.score",
     "evaluate": "aimkp.cli.evaluate",
     "data": "aimkp.cli.data",
+    "export": "aimkp.cli.export",
 }
 
 

@@ -22,7 +22,11 @@ HELP = "generate keyphrases for a dataset split with a trained checkpoint"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from aimkp.eval.predict import DECODINGS, MODALITIES
 
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (local)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint directory (LoRA adapter, full or merged export) or a cached hub id",
+    )
     parser.add_argument("--data", default="default", help="dataset spec (default: default)")
     parser.add_argument("--split", default="test", help="split (default: test)")
     parser.add_argument("--out", required=True, help="output file, one line per record")
@@ -39,6 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _predict(args)
+    except (ValueError, OSError) as exc:  # bad data, a missing or unreadable checkpoint
+        print(f"aimkp predict: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _predict(args: argparse.Namespace) -> int:
     import torch
 
     from aimkp.data import load_dataset

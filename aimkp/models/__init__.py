@@ -4,7 +4,8 @@
 >>> loaded = load_model("tiny-llava")           # built offline; or a LOCAL HF checkpoint dir
 >>> sample = loaded.adapter.encode(record)      # EncodedSample with text / image spans
 
-``load_model`` never downloads: a spec is a preset name or a local directory.
+``load_model`` never downloads: a spec is a preset name, a local directory or a hub id
+(``org/name``) found in the local Hugging Face cache (:mod:`aimkp.models.hub`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from aimkp.models.forward import (
     flash_varlen_kwargs,
     forward_rows,
 )
+from aimkp.models.hub import looks_like_hub_id, resolve_hub_id
 
 ATTN_IMPLEMENTATIONS = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}
 
@@ -105,9 +107,10 @@ def load_model(
     a LOCAL checkpoint directory.
 
     Args:
-        spec: preset name, an aimkp checkpoint written by ``save_checkpoint``, or a local
-            Hugging Face LLaVA / Qwen2-VL / Qwen2.5-VL / Idefics3 (SmolVLM) directory. Nothing
-            is ever downloaded.
+        spec: preset name, an aimkp checkpoint written by ``save_checkpoint`` (full weights or
+            a peft adapter), a local Hugging Face LLaVA / Qwen2-VL / Qwen2.5-VL / Idefics3
+            (SmolVLM) directory, or a hub id (``llava-hf/llava-1.5-7b-hf``) resolved from the
+            local Hugging Face cache. Nothing is ever downloaded.
         train_texts: texts the preset tokenizer is trained on (default: the default dataset).
         dtype: parameter dtype (default float32 for presets, the checkpoint's otherwise).
         attn: ``"sdpa"``, ``"eager"`` or ``"flash"`` (flash-attn varlen; needs flash_attn).
@@ -126,12 +129,16 @@ def load_model(
         from aimkp.models.checkpoint import load_local
 
         model, tok, proc, preset, info = load_local(pathlib.Path(spec_s), dtype=dtype, attn=impl)
-    else:
-        from aimkp.models.presets import PRESETS as _P
+    elif looks_like_hub_id(spec_s):
+        from aimkp.models.checkpoint import load_local
 
+        snapshot = resolve_hub_id(spec_s)
+        model, tok, proc, preset, info = load_local(snapshot, dtype=dtype, attn=impl)
+        info["hub_id"] = spec_s
+    else:
         raise ValueError(
-            f"model spec {spec_s!r} is neither a preset ({sorted(_P)}) nor a local directory "
-            "(nothing is downloaded)"
+            f"model spec {spec_s!r} is neither a preset ({sorted(PRESETS)}), a local directory "
+            "nor a hub id org/name (nothing is downloaded)"
         )
     model.set_attn_implementation(impl)
     if dtype is not None:

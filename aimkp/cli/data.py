@@ -6,6 +6,9 @@ aimkp data info --data SPEC [--split test] [--on-missing-image skip]
     read a dataset and say how many records were read / skipped and why
 aimkp data convert --data SPEC --split S --out FILE.jsonl
     write any readable dataset as generic JSONL
+aimkp data convert --to hf --data SPEC [--split train,valid,test] --out DIR
+    write its splits as a Hugging Face DatasetDict (save_to_disk, images embedded; valid is
+    stored as validation), readable as --data hf:DIR
 """
 
 from __future__ import annotations
@@ -49,16 +52,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     i.add_argument("--on-missing-image", choices=["error", "skip"], default="error")
     i.add_argument("--no-images", action="store_true", help="ignore the image field")
 
-    c = sub.add_parser("convert", help="write a dataset as generic JSONL")
+    c = sub.add_parser("convert", help="write a dataset as generic JSONL or a HF DatasetDict")
     c.add_argument("--data", required=True)
-    c.add_argument("--split", default="test")
-    c.add_argument("--out", required=True)
+    c.add_argument(
+        "--split",
+        default=None,
+        help="split (default test); with --to hf comma-separated splits (default train,valid,test)",
+    )
+    c.add_argument("--to", choices=["jsonl", "hf"], default="jsonl", help="output format")
+    c.add_argument("--out", required=True, help="JSONL file, or directory with --to hf")
     c.add_argument("--image-dir", default=None)
     c.add_argument("--on-missing-image", choices=["error", "skip"], default="error")
     c.add_argument("--no-images", action="store_true")
 
 
-def _load(args: argparse.Namespace):  # noqa: ANN202 - RecordList
+def _load(args: argparse.Namespace, split: str | None = None):  # noqa: ANN202 - RecordList
     from aimkp.data import load_dataset
 
     kw = {}
@@ -68,7 +76,18 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - RecordList
             "on_missing_image": args.on_missing_image,
             "with_images": not args.no_images,
         }
-    return load_dataset(args.data, args.split, **kw)
+    return load_dataset(args.data, split or args.split or "test", **kw)
+
+
+def _convert_to_hf(args: argparse.Namespace) -> int:
+    from aimkp.data.hf import save_hf
+
+    names = [s.strip() for s in (args.split or "train,valid,test").split(",") if s.strip()]
+    splits = {name: _load(args, name) for name in names}
+    save_hf(splits, args.out)
+    counts = ", ".join(f"{name} {len(recs)}" for name, recs in splits.items())
+    print(f"wrote a DatasetDict ({counts} records) to {args.out}; read it as --data hf:{args.out}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
             )
             print(json.dumps(stats, indent=2, sort_keys=True))
             return 0
+        if args.data_command == "convert" and args.to == "hf":
+            return _convert_to_hf(args)
         recs = _load(args)
         if args.data_command == "info":
             print(recs.stats.summary())
@@ -108,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
             write_jsonl(recs, args.out)
             print(f"{recs.stats.summary()}; wrote {len(recs)} records to {args.out}")
             return 0
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         print(f"aimkp data: error: {exc}", file=sys.stderr)
         return 2
     raise AssertionError(args.data_command)

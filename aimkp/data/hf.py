@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .readers import normalize_keyphrase, split_keyphrases
+from .readers import _unreadable_reason, normalize_keyphrase, split_keyphrases
 from .record import ReadStats, Record, RecordList
 
 COLUMNS = ("id", "image", "text", "keyphrases")
@@ -109,7 +109,7 @@ class _Images:
         cand = Path(path) if os.path.isabs(path) else self.base / path
         reason = None if cand.is_file() else "missing image"
         if reason is None and self.check:
-            reason = _unreadable(cand)
+            reason = _unreadable_reason(cand)
         if reason is None:
             return True, None, os.fspath(cand)
         return self._bad(reason, f"{reason}: {cand}", where, stats)
@@ -128,17 +128,6 @@ class _Images:
             stats.skip(reason, where)
             return False, None, None
         raise ValueError(f"{where}: {what} (on_missing_image='skip' skips and counts such rows)")
-
-
-def _unreadable(path: Path) -> str | None:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.size  # noqa: B018 - reads the header only
-    except (UnidentifiedImageError, OSError):
-        return "unreadable image"
-    return None
 
 
 def _rows(ds: Any, batch_size: int = 256) -> Iterator[dict[str, Any]]:

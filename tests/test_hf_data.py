@@ -146,3 +146,14 @@ def test_convert_cli_to_hf_and_errors(tmp_path, capsys) -> None:
     (tmp_path / "empty").mkdir()
     assert main(["data", "info", "--data", f"hf:{tmp_path / 'empty'}"]) == 2
     assert "not a dataset saved with save_to_disk" in capsys.readouterr().err
+
+
+def test_convert_hf_to_jsonl_writes_embedded_images(tmp_path) -> None:
+    want = _with_text_only(load_dataset("default", "test")[:3])
+    to_hf(want).save_to_disk(str(tmp_path / "ds"))
+    out = tmp_path / "out" / "test.jsonl"
+    out.parent.mkdir()
+    assert main(["data", "convert", "--data", f"hf:{tmp_path / 'ds'}", "--out", str(out)]) == 0
+    got = load_dataset(str(out))
+    _assert_same_records(got, want)
+    assert got[0].image_path == str(out.parent / "images" / "000000.png")

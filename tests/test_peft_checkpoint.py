@@ -136,6 +136,22 @@ def test_predict_reads_adapter_checkpoint_after_run_dir_moved(saved, tmp_path, c
             (moved / sub).rename(run / sub)
 
 
+def test_merged_checkpoint_of_older_versions_loads(saved, tmp_path):
+    """Format 1 saved LoRA runs merged (full weights, aimkp.json without "weights")."""
+    from aimkp.models.checkpoint import merged_state_dict, save_full_weights, save_processors
+
+    loaded, want, _ = saved
+    old = tmp_path / "old"
+    old.mkdir()
+    save_full_weights(old, loaded.model, merged_state_dict(loaded.model))
+    save_processors(old, loaded)
+    meta = {"format": 1, "model_type": "llava", "preset": "tiny-llava", "lora": {"r": 8}}
+    (old / "aimkp.json").write_text(json.dumps(meta))
+    back = load_model(old)
+    assert back.preset == "tiny-llava"
+    _assert_same(_logits(back.model.eval(), back), want)
+
+
 def test_full_finetune_saves_full_weights(tmp_path):
     loaded = tiny("tiny-llava", lora=False)
     apply_lora(loaded, full=True)

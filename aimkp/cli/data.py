@@ -125,8 +125,9 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.data_command == "convert":
             from aimkp.data import write_jsonl
+            from aimkp.data.hf import write_embedded_images
 
-            write_jsonl(recs, args.out)
+            write_jsonl(write_embedded_images(recs, args.out), args.out)
             print(f"{recs.stats.summary()}; wrote {len(recs)} records to {args.out}")
             return 0
     except (ValueError, OSError) as exc:

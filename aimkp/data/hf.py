@@ -250,3 +250,21 @@ def save_hf(splits: dict[str, Sequence[Record]], directory: str | os.PathLike[st
     )
     dd.save_to_disk(os.fspath(directory))
     return Path(directory)
+
+
+def write_embedded_images(records: Sequence[Record], out_file: str | os.PathLike[str]) -> list:
+    """Records whose in-memory images (embedded in a HF dataset) are written as PNG files under
+    ``images/`` beside ``out_file``, their ``image_path`` relative to its directory (as the JSONL
+    reader resolves it), so a JSONL conversion loses no image. Other records are returned as
+    they are."""
+    folder = Path(out_file).parent / "images"
+    out = []
+    for i, rec in enumerate(records):
+        if rec.image is None:
+            out.append(rec)
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{i:06d}.png"
+        rec.load_image().save(folder / name, format="PNG")
+        out.append(rec.replace(image=None, image_path=f"images/{name}"))
+    return out

@@ -163,6 +163,10 @@ def test_full_finetune_saves_full_weights(tmp_path):
     assert json.loads((tmp_path / "ckpt" / "aimkp.json").read_text())["weights"] == "full"
     back = load_model(tmp_path / "ckpt")
     torch.testing.assert_close(back.adapter.lm_head.weight, loaded.adapter.lm_head.weight)
+    apply_lora(back, r=4, alpha=8)  # LoRA on top of it: the directory is now the base
+    with pytest.raises(ValueError, match="own base model"):
+        save_checkpoint(tmp_path / "ckpt", back)
+    assert (tmp_path / "ckpt" / "model.safetensors").is_file()  # the base was not touched
 
 
 def test_resume_state_from_before_modules_to_save_loads():

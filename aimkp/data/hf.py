@@ -18,6 +18,7 @@ used. A bad row raises ``ValueError`` naming the dataset directory, the split an
 from __future__ import annotations
 
 import io
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,6 +26,8 @@ from typing import Any
 
 from .readers import _unreadable_reason, normalize_keyphrase, split_keyphrases
 from .record import ReadStats, Record, RecordList
+
+logger = logging.getLogger("aimkp.data")
 
 COLUMNS = ("id", "image", "text", "keyphrases")
 SPLIT_NAMES = {"train": ("train",), "valid": ("validation", "valid"), "test": ("test",)}
@@ -201,6 +204,7 @@ def from_hf(
         if rec is not None:
             out.append(rec)
     stats.read = len(out)
+    logger.info(stats.summary())
     return RecordList(out, stats)
 
 

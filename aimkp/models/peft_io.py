@@ -8,7 +8,8 @@
 The base an adapter names (``base_model_name_or_path``) is the directory the model was loaded
 from, a hub id resolved from the local cache, or, for presets (built in memory, so nothing on disk
 to name), a copy of the INITIAL base saved once per run under ``OUTPUT/base``. Only the trainable
-part (LoRA factors, projector) is written per checkpoint: a 7B run writes megabytes, not 14 GB.
+part (LoRA factors, projector) is written per checkpoint: for LLaVA-1.5-7B at r=128, 341 M fp32
+parameters (1.4 GB) instead of 7.1 B merged ones (14 GB in fp16).
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ def _remove_stale(d: pathlib.Path, names: tuple[str, ...]) -> None:
 
 def save_adapter(d: pathlib.Path, model: nn.Module, base: str) -> None:
     """peft's ``save_pretrained`` with ``base_model_name_or_path = base`` (restored after)."""
+    if pathlib.Path(base).is_dir() and pathlib.Path(base).resolve() == d.resolve():
+        raise ValueError(f"{d}: is the adapter's own base model; save the adapter elsewhere")
     configs = model.peft_config.values()
     previous = [c.base_model_name_or_path for c in configs]
     for c in configs:
@@ -168,4 +171,5 @@ def export_merged(
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise ValueError(f"{out}: the export directory must differ from the checkpoint")
     loaded = load_model(src, dtype=dtype)
-    return save_checkpoint(out, loaded, extra_json={"exported_from": str(src.resolve())})
+    origin = str(src.resolve()) if src.is_dir() else str(checkpoint)  # a dir or a hub id
+    return save_checkpoint(out, loaded, extra_json={"exported_from": origin})

@@ -100,8 +100,10 @@ def test_cli_train_eval_best_and_predict(tmp_path, capsys) -> None:
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert len(rows) == 2 and "valid_F1@1" in rows[0] and "tokens_per_s" in rows[0]
     assert json.loads((out / "config.json").read_text())["method"] == "sft"
-    for d in ("best", "last"):
-        assert (out / d / "aimkp.json").is_file()
+    for d in ("best", "last"):  # LoRA: peft adapters naming the preset's base, saved once
+        assert (out / d / "aimkp.json").is_file() and (out / d / "adapter_config.json").is_file()
+        assert not (out / d / "model.safetensors").exists()
+    assert (out / "base" / "model.safetensors").is_file()
     preds = load_predictor(str(out / "best"), max_new_tokens=4).predict(
         __import__("aimkp.data", fromlist=["x"]).load_dataset("default", "test")[:2]
     )

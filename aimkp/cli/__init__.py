@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "score": "aimkp.cli.score",
     "evaluate": "aimkp.cli.evaluate",
     "data": "aimkp.cli.data",
+    "export": "aimkp.cli.export",
 }
 
 

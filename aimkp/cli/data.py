@@ -6,6 +6,9 @@ aimkp data info --data SPEC [--split test] [--on-missing-image skip] [--on-bad-r
     read a dataset (images decoded in full) and say how many records were read / skipped and why
 aimkp data convert --data SPEC --split S --out FILE.jsonl
     write any readable dataset as generic JSONL
+aimkp data convert --to hf --data SPEC [--split train,valid,test] --out DIR
+    write its splits as a Hugging Face DatasetDict (save_to_disk, images embedded; valid is
+    stored as validation), readable as --data hf:DIR
 """
 
 from __future__ import annotations
@@ -57,26 +60,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_read_arguments(i)
     i.add_argument("--no-images", action="store_true", help="ignore the image field")
 
-    c = sub.add_parser("convert", help="write a dataset as generic JSONL")
+    c = sub.add_parser("convert", help="write a dataset as generic JSONL or a HF DatasetDict")
     add_verbose(c)
     c.add_argument("--data", required=True)
-    c.add_argument("--split", default="test")
-    c.add_argument("--out", required=True)
+    c.add_argument(
+        "--split",
+        default=None,
+        help="split (default test); with --to hf comma-separated splits (default train,valid,test)",
+    )
+    c.add_argument("--to", choices=["jsonl", "hf"], default="jsonl", help="output format")
+    c.add_argument("--out", required=True, help="JSONL file, or directory with --to hf")
     add_read_arguments(c)
     c.add_argument("--no-images", action="store_true")
 
 
-def _load(args: argparse.Namespace):  # noqa: ANN202 - RecordList
+def _load(args: argparse.Namespace, split: str | None = None):  # noqa: ANN202 - RecordList
     from aimkp.data import load_dataset
 
     return load_dataset(
-        args.data, args.split, **read_options(args, args.data, with_images=not args.no_images)
+        args.data,
+        split or args.split or "test",
+        **read_options(args, args.data, with_images=not args.no_images),
     )
+
+
+def _convert_to_hf(args: argparse.Namespace) -> int:
+    from aimkp.data.hf import save_hf
+
+    names = [s.strip() for s in (args.split or "train,valid,test").split(",") if s.strip()]
+    splits = {name: _load(args, name) for name in names}
+    save_hf(splits, args.out)
+    counts = ", ".join(f"{name} {len(recs)}" for name, recs in splits.items())
+    print(f"wrote a DatasetDict ({counts} records) to {args.out}; read it as --data hf:{args.out}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     if args.data_command == "build-openclipart":
         return _build_openclipart(args)
+    if args.data_command == "convert" and args.to == "hf":
+        check_output_dir(args.out, "--out")
+        return _convert_to_hf(args)
     if args.data_command == "convert":
         check_output_file(args.out, "--out")
     recs = _load(args)
@@ -93,8 +117,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.data_command == "convert":
         from aimkp.data import write_jsonl
+        from aimkp.data.hf import write_embedded_images
 
-        write_jsonl(recs, args.out)
+        write_jsonl(write_embedded_images(recs, args.out), args.out)
         print(f"{recs.stats.summary()}; wrote {len(recs)} records to {args.out}")
         return 0
     raise AssertionError(args.data_command)

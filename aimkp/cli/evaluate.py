@@ -19,8 +19,12 @@ HELP = "robustness report (clean, text-only, image-only, noisy, misaligned) for 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory")
-    parser.add_argument("--data", default="default", help="'default', 'synthetic[:seed]', file/dir")
+    parser.add_argument(
+        "--checkpoint", required=True, help="checkpoint (LoRA adapter, full or merged export)"
+    )
+    parser.add_argument(
+        "--data", default="default", help="'default', 'synthetic[:seed]', file/dir, hf:DIR"
+    )
     parser.add_argument("--split", default="test")
     parser.add_argument("--output", required=True, help="report directory")
     parser.add_argument(

@@ -27,7 +27,11 @@ HELP = "generate keyphrases for a dataset split with a trained checkpoint"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from aimkp.eval.predict import DECODINGS, MODALITIES
 
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (local)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint directory (LoRA adapter, full or merged export) or a cached hub id",
+    )
     parser.add_argument("--data", default="default", help="dataset spec (default: default)")
     parser.add_argument("--split", default="test", help="split (default: test)")
     parser.add_argument("--out", required=True, help="output file, one line per record")

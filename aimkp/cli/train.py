@@ -35,10 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--preset",
         dest="model",
         default=_D.model,
-        help="preset name (tiny-llava, tiny-qwen2vl, tiny-qwen25vl, tiny-idefics3) or a local "
-        "checkpoint directory (LLaVA, Qwen2-VL, Qwen2.5-VL, Idefics3 / SmolVLM)",
+        help="preset name (tiny-llava, tiny-qwen2vl, tiny-qwen25vl, tiny-idefics3), a local "
+        "checkpoint directory (LLaVA, Qwen2-VL, Qwen2.5-VL, Idefics3 / SmolVLM) or a hub id "
+        "(org/name) in the local Hugging Face cache",
     )
-    g.add_argument("--data", default=_D.data, help="dataset spec (default, synthetic:SEED, path)")
+    g.add_argument(
+        "--data", default=_D.data, help="dataset spec (default, synthetic:SEED, path, hf:DIR)"
+    )
     g.add_argument(
         "--valid-data",
         default=None,

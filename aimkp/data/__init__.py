@@ -14,6 +14,9 @@
 - a file (``.jsonl``, ``.json``, CMKP ``.txt``): read as is (``split`` is ignored).
 - a directory holding ``{split}.jsonl`` / ``{split}.json`` / ``{split}.txt`` (or ``{split}_src.txt``
   as in the CMKP release).
+- ``"hf:DIR"``: a Hugging Face ``Dataset`` / ``DatasetDict`` saved with ``save_to_disk``
+  (:mod:`aimkp.data.hf`; ``valid`` is its ``validation`` split). :func:`from_hf` / :func:`to_hf`
+  convert between records and ``datasets.Dataset`` in Python.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 
 from aimkp.errors import DataError
 
+from .hf import from_hf, to_hf
 from .readers import (
     iter_records,
     normalize_keyphrase,
@@ -41,6 +45,8 @@ __all__ = [
     "iter_records",
     "read_records",
     "load_dataset",
+    "from_hf",
+    "to_hf",
     "write_jsonl",
     "normalize_keyphrase",
     "split_keyphrases",
@@ -76,7 +82,8 @@ def load_dataset(spec: str, split: str = "train", **kwargs: Any) -> RecordList:
     """Load one split of a dataset as a :class:`RecordList` (a ``list[Record]`` with ``.stats``).
 
     Args:
-        spec: ``"default"``, ``"synthetic[:seed]"``, a data file or a directory (module docstring).
+        spec: ``"default"``, ``"synthetic[:seed]"``, a data file, a directory or ``"hf:DIR"``
+            (module docstring).
         split: ``"train"``, ``"valid"`` or ``"test"`` (ignored for a single file).
         **kwargs: passed to :func:`iter_records` (``image_dir``, ``on_missing_image``,
             ``with_images``, ``check_images``) or, for synthetic, ``n`` and ``image_size``.
@@ -104,11 +111,16 @@ def load_dataset(spec: str, split: str = "train", **kwargs: Any) -> RecordList:
             raise DataError(f"synthetic data takes n= and image_size= only, got {sorted(kwargs)}")
         recs = synthetic.generate(n, seed + _SPLIT_SEED_OFFSET[split], size, id_prefix=split)
         return RecordList(recs, ReadStats(source=spec, read=len(recs)))
+    if spec.startswith("hf:"):
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
+        return from_hf(spec[3:], split, **kwargs)
     p = Path(os.path.expanduser(spec))
     if p.is_dir():
         return read_records(_split_file(p, split), **kwargs)
     if p.is_file():
         return read_records(p, **kwargs)
     raise DataError(
-        f"dataset spec {spec!r} is not 'default', 'synthetic[:seed]', a data file or a directory"
+        f"dataset spec {spec!r} is not 'default', 'synthetic[:seed]', a data file, a directory "
+        "or hf:DIR"
     )

@@ -4,7 +4,8 @@
 >>> loaded = load_model("tiny-llava")           # built offline; or a LOCAL HF checkpoint dir
 >>> sample = loaded.adapter.encode(record)      # EncodedSample with text / image spans
 
-``load_model`` never downloads: a spec is a preset name or a local directory.
+``load_model`` never downloads: a spec is a preset name, a local directory or a hub id
+(``org/name``) found in the local Hugging Face cache (:mod:`aimkp.models.hub`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from aimkp.models.adapter import (
     register_adapter,
     unwrap_model,
 )
-from aimkp.models.checkpoint import save_checkpoint
+from aimkp.models.checkpoint import ADAPTER_CONFIG, save_checkpoint
 from aimkp.models.forward import (
     RowBatch,
     RowLosses,
@@ -34,6 +35,7 @@ from aimkp.models.forward import (
     flash_varlen_kwargs,
     forward_rows,
 )
+from aimkp.models.hub import looks_like_hub_id, resolve_hub_id
 
 ATTN_IMPLEMENTATIONS = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}
 
@@ -103,14 +105,23 @@ def check_model_spec(spec: str | pathlib.Path) -> str:
     if spec_s in PRESETS:
         return spec_s
     p = pathlib.Path(spec_s)
-    if not p.exists():
+    if not p.exists() and looks_like_hub_id(spec_s):
+        p = resolve_hub_id(spec_s)  # the local cache only; a UsageError when it is not there
+    elif not p.exists():
         raise UsageError(
-            f"model spec {spec_s!r} is neither a preset ({sorted(PRESETS)}) nor a local directory "
-            "(nothing is downloaded)"
+            f"model spec {spec_s!r} is neither a preset ({sorted(PRESETS)}), a local directory "
+            "nor a hub id org/name in the local cache (nothing is downloaded)"
         )
-    if not p.is_dir() or not (p / "config.json").is_file():
-        raise UsageError(f"{spec_s}: no config.json; not a model checkpoint directory")
-    _check_model_type(p / "config.json")
+    if p.is_dir() and (p / "config.json").is_file():
+        _check_model_type(p / "config.json")
+    elif p.is_dir() and (p / ADAPTER_CONFIG).is_file():
+        from aimkp.models.peft_io import adapter_base_name, resolve_base
+
+        resolve_base(adapter_base_name(p), p)  # the base it names must be here too
+    else:
+        raise UsageError(
+            f"{spec_s}: no config.json and no {ADAPTER_CONFIG}; not a model checkpoint directory"
+        )
     return spec_s
 
 
@@ -152,9 +163,10 @@ def load_model(
     a LOCAL checkpoint directory.
 
     Args:
-        spec: preset name, an aimkp checkpoint written by ``save_checkpoint``, or a local
-            Hugging Face LLaVA / Qwen2-VL / Qwen2.5-VL / Idefics3 (SmolVLM) directory. Nothing
-            is ever downloaded.
+        spec: preset name, an aimkp checkpoint written by ``save_checkpoint`` (full weights or
+            a peft adapter), a local Hugging Face LLaVA / Qwen2-VL / Qwen2.5-VL / Idefics3
+            (SmolVLM) directory, or a hub id (``llava-hf/llava-1.5-7b-hf``) resolved from the
+            local Hugging Face cache. Nothing is ever downloaded.
         train_texts: texts the preset tokenizer is trained on (default: the default dataset).
         dtype: parameter dtype (default float32 for presets, the checkpoint's otherwise).
         attn: ``"sdpa"``, ``"eager"`` or ``"flash"`` (flash-attn varlen; needs flash_attn).
@@ -169,11 +181,18 @@ def load_model(
         model, tok, proc = build_preset(spec_s, train_texts, seed=seed)
         preset: str | None = spec_s
         info: dict[str, Any] = {"source": f"preset:{spec_s}"}
-    else:
+    elif pathlib.Path(spec_s).is_dir():
         from aimkp.models.checkpoint import load_local
 
         model, tok, proc, preset, info = load_local(pathlib.Path(spec_s), dtype=dtype, attn=impl)
         _check_tokenizer(spec_s, model, tok)
+    else:  # a hub id: check_model_spec found it in the local cache
+        from aimkp.models.checkpoint import load_local
+
+        snapshot = resolve_hub_id(spec_s)
+        model, tok, proc, preset, info = load_local(snapshot, dtype=dtype, attn=impl)
+        _check_tokenizer(spec_s, model, tok)
+        info["hub_id"] = spec_s
     model.set_attn_implementation(impl)
     if dtype is not None:
         model.to(dtype=dtype)

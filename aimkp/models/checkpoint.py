@@ -1,22 +1,29 @@
-"""Checkpoints: a (LoRA-)trained model saved merged, with tokenizer and image processor.
+"""Checkpoints: full weights, or (LoRA) a peft adapter beside a named base model.
 
-Layout of a checkpoint directory::
+A LoRA checkpoint is peft's own format, so ``PeftModel.from_pretrained(base, DIR)`` loads it::
 
-    config.json, model.safetensors     the model with LoRA merged into the base weights
-                                       (a standard HF checkpoint: from_pretrained loads it)
-    tokenizer.json, tokenizer_config.json, ...
-    preprocessor_config.json
-    aimkp.json                         {"format", "model_type", "adapter", "preset", "lora",
-                                        "extra"}
+    adapter_config.json              peft's LoraConfig; ``base_model_name_or_path`` names the base:
+                                     the local ``--model`` directory, a hub id, or (presets) the
+                                     copy of the initial base saved once per run in ``OUTPUT/base``
+    adapter_model.safetensors        the LoRA factors and the projector (``modules_to_save``)
+    tokenizer.json, ..., preprocessor_config.json
+    aimkp.json                       {"format", "weights": "peft", "base", "model_type", "adapter",
+                                      "preset", "lora", "extra"}
 
-``load_model(dir)`` (``aimkp.models.load_model``) reads it back with ``local_files_only=True``;
-it also reads plain local Hugging Face LLaVA / Qwen2-VL directories (no ``aimkp.json``).
+A full fine-tuning checkpoint (and ``aimkp export`` output, and checkpoints of format 1, which
+held LoRA merged) is a standard HF directory: ``config.json, model.safetensors``, tokenizer, image
+processor, ``aimkp.json`` with ``"weights": "full"``.
+
+``load_model(dir)`` (``aimkp.models.load_model``) reads either back with ``local_files_only=True``
+(an adapter merged into its base with peft's ``merge_and_unload``); it also reads plain local
+Hugging Face LLaVA / Qwen2-VL / Idefics3 directories (no ``aimkp.json``).
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
+import re
 from typing import Any
 
 import torch
@@ -26,7 +33,9 @@ from aimkp.errors import CheckpointError
 from aimkp.models.adapter import adapter_class, unwrap_model
 
 META = "aimkp.json"
-FORMAT = 1
+FORMAT = 2
+ADAPTER_CONFIG = "adapter_config.json"
+_MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[^.]+\.")
 
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -37,16 +46,37 @@ def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict of the base model with every active LoRA delta merged into its base weight.
+def is_peft_model(model: nn.Module) -> bool:
+    """True for a peft wrapper (``apply_lora`` with LoRA), False for a plain HF model."""
+    return bool(getattr(model, "peft_config", None))
 
-    Works on a peft-wrapped model without modifying it (training can go on afterwards).
+
+def _plain_key(key: str, trained: bool) -> str | None:
+    """The plain-model key of a peft-wrapped state key, or None when it has no place there.
+
+    ``trained``: the projector copy peft trains (``modules_to_save``) replaces the original;
+    otherwise the original (initial) projector is kept and the copy dropped."""
+    if ".lora_" in key:
+        return None
+    key = key.replace(".base_layer.", ".")
+    if ".original_module." in key:
+        return None if trained else key.replace(".original_module.", ".")
+    if _MODULES_TO_SAVE.search(key):
+        return _MODULES_TO_SAVE.sub(".", key) if trained else None
+    return key
+
+
+def merged_state_dict(model: nn.Module, trained: bool = True) -> dict[str, torch.Tensor]:
+    """State dict of the plain base model, from a plain or a peft-wrapped model (not modified).
+
+    ``trained=True``: every active LoRA delta merged into its base weight and the trained
+    projector copy in place of the original (what peft's ``merge_and_unload`` gives).
+    ``trained=False``: the initial base (LoRA and the projector copy dropped).
     Keys are those of the plain base model (``...q_proj.weight``, no ``base_layer`` / ``lora_``).
     """
     base = unwrap_model(model)
-    state = base.state_dict()
     deltas: dict[str, torch.Tensor] = {}
-    for name, layer in _lora_layers(base):
+    for name, layer in _lora_layers(base) if trained else []:
         if getattr(layer, "merged", False):
             continue
         for adapter_name in getattr(layer, "active_adapters", []):
@@ -56,10 +86,10 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             key = f"{name}.weight"
             deltas[key] = deltas[key] + d if key in deltas else d
     out: dict[str, torch.Tensor] = {}
-    for k, v in state.items():
-        if ".lora_" in k:
+    for k, v in base.state_dict().items():
+        k2 = _plain_key(k, trained)
+        if k2 is None:
             continue
-        k2 = k.replace(".base_layer.", ".")
         v = v.detach()
         if k2 in deltas:
             v = (v.float() + deltas[k2].float()).to(v.dtype)
@@ -76,24 +106,17 @@ def _lora_info(model: nn.Module) -> dict[str, Any] | None:
         "r": int(c.r),
         "alpha": float(c.lora_alpha),
         "dropout": float(c.lora_dropout),
-        "merged": True,
+        "merged": False,
     }
 
 
-def save_checkpoint(
-    directory: str | pathlib.Path, loaded: Any, extra_json: dict[str, Any] | None = None
-) -> pathlib.Path:
-    """Write ``loaded`` (a :class:`aimkp.models.LoadedModel`) to ``directory`` (merged weights).
-
-    ``extra_json`` (JSON-serialisable, e.g. the training config and metrics) is stored under
-    ``"extra"`` in ``aimkp.json``. Returns the directory.
-    """
-    d = pathlib.Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    base = unwrap_model(loaded.model)
-    state = merged_state_dict(loaded.model)
+def save_full_weights(
+    directory: pathlib.Path, model: nn.Module, state: dict[str, torch.Tensor]
+) -> None:
+    """``config.json`` + ``model.safetensors`` of ``state`` (plain keys) in ``directory``."""
+    base = unwrap_model(model)
     cls = adapter_class(base.config.model_type).model_class
-    # Save through a clean instance of the class so no peft module structure leaks in.
+    # Save through a clean instance of the class so no peft / aimkp module structure leaks in.
     with torch.device("meta"):
         clean = cls(base.config)
     missing = set(clean.state_dict()) - set(state)
@@ -101,19 +124,62 @@ def save_checkpoint(
         raise ValueError(f"merged state dict lacks {sorted(missing)[:5]}")
     clean.load_state_dict(state, assign=True, strict=True)
     clean.generation_config = base.generation_config
-    clean.save_pretrained(d, safe_serialization=True)
-    loaded.tokenizer.save_pretrained(d)
+    clean.save_pretrained(directory, safe_serialization=True)
+
+
+def save_processors(directory: pathlib.Path, loaded: Any) -> None:
+    """The tokenizer and image processor of ``loaded`` into ``directory``."""
+    loaded.tokenizer.save_pretrained(directory)
     if loaded.image_processor is not None:
-        loaded.image_processor.save_pretrained(d)
+        loaded.image_processor.save_pretrained(directory)
+
+
+def write_meta(directory: pathlib.Path, loaded: Any, **fields: Any) -> None:
+    """``aimkp.json``: format, model type, adapter, preset and ``fields``."""
+    base = unwrap_model(loaded.model)
     meta = {
         "format": FORMAT,
         "model_type": base.config.model_type,
         "adapter": type(loaded.adapter).__name__,
         "preset": loaded.preset,
-        "lora": _lora_info(loaded.model),
-        "extra": extra_json,
+        **fields,
     }
-    (d / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+    (directory / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def save_checkpoint(
+    directory: str | pathlib.Path,
+    loaded: Any,
+    extra_json: dict[str, Any] | None = None,
+    *,
+    base_dir: str | pathlib.Path | None = None,
+) -> pathlib.Path:
+    """Write ``loaded`` (a :class:`aimkp.models.LoadedModel`) to ``directory``.
+
+    With LoRA: peft's adapter format, naming the base (see the module docstring); a preset's base
+    is saved once per loaded model to ``base_dir`` (default: ``directory/base``; the training
+    loop passes ``OUTPUT/base`` for ``OUTPUT/best`` and ``OUTPUT/last``). Without LoRA: full
+    weights. ``extra_json`` (JSON-serialisable, e.g. the
+    training config and metrics) is stored under ``"extra"`` in ``aimkp.json``. Returns the
+    directory.
+    """
+    d = pathlib.Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    fields: dict[str, Any] = {"lora": _lora_info(loaded.model), "extra": extra_json}
+    if is_peft_model(loaded.model):
+        from aimkp.models.peft_io import base_reference, save_adapter
+
+        base = base_reference(loaded, pathlib.Path(base_dir) if base_dir else d / "base")
+        save_adapter(d, loaded.model, base)
+        fields.update(weights="peft", base=base)
+    else:
+        from aimkp.models.peft_io import remove_stale_adapter
+
+        remove_stale_adapter(d)
+        save_full_weights(d, loaded.model, merged_state_dict(loaded.model))
+        fields.update(weights="full")
+    save_processors(d, loaded)
+    write_meta(d, loaded, **fields)
     return d
 
 
@@ -146,11 +212,17 @@ def load_local(
     directory: pathlib.Path, *, dtype: torch.dtype | None = None, attn: str = "sdpa"
 ) -> tuple[nn.Module, Any, Any, str | None, dict[str, Any]]:
     """Load (model, tokenizer, image processor, preset, info) from a local directory, offline."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    from transformers import AutoConfig
 
     d = pathlib.Path(directory)
+    if (d / ADAPTER_CONFIG).is_file():
+        from aimkp.models.peft_io import load_adapter_checkpoint
+
+        return load_adapter_checkpoint(d, dtype=dtype, attn=attn)
     if not (d / "config.json").is_file():
-        raise CheckpointError(f"{d}: no config.json; not a model checkpoint directory")
+        raise CheckpointError(
+            f"{d}: no config.json and no {ADAPTER_CONFIG}; not a model checkpoint directory"
+        )
     meta = read_meta(d)
     config = AutoConfig.from_pretrained(d, local_files_only=True)
     cls = adapter_class(config.model_type).model_class
@@ -169,6 +241,16 @@ def load_local(
             f"{d}: cannot load the weights ({exc}); aimkp reads safetensors weights only "
             "(pickled .bin weights could run code when loaded)"
         ) from None
+    tok, proc = load_processors(d)
+    preset = meta.get("preset") if meta else None
+    info = {"source": str(d), "aimkp": meta}
+    return model, tok, proc, preset, info
+
+
+def load_processors(d: pathlib.Path) -> tuple[Any, Any]:
+    """(tokenizer, image processor) of a local directory, offline."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
     if not getattr(tok, "chat_template", None):
         tmpl = _chat_template_file(d)
@@ -178,6 +260,4 @@ def load_local(
         proc = AutoImageProcessor.from_pretrained(d, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{d}: cannot load the image processor ({exc})") from exc
-    preset = meta.get("preset") if meta else None
-    info = {"source": str(d), "aimkp": meta}
-    return model, tok, proc, preset, info
+    return tok, proc

@@ -1,7 +1,9 @@
 """LoRA set-up as in AimKP: every nn.Linear of the language model except lm_head.
 
-The vision tower stays frozen; the multimodal projector is trained (``train_projector``).
-``full=True`` trains the whole language model (with lm_head) and the projector instead.
+The vision tower stays frozen; the multimodal projector is trained (``train_projector``) as peft's
+``modules_to_save`` (a trainable copy beside the frozen original), so ``PeftModel.save_pretrained``
+writes it into the adapter and ``merge_and_unload`` puts it back. ``full=True`` trains the whole
+language model (with lm_head) and the projector instead.
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ def language_linear_names(model: nn.Module) -> list[str]:
         for n, m in lm.named_modules()
         if isinstance(m, nn.Linear) and n  # the decoder stack has no lm_head inside
     ]
+
+
+def module_name(model: nn.Module, module: nn.Module) -> str:
+    """The full name of ``module`` inside ``model`` (ValueError when it is not a submodule)."""
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    raise ValueError(f"{type(module).__name__} is not a submodule of {type(model).__name__}")
 
 
 def apply_lora(
@@ -71,11 +81,9 @@ def apply_lora(
             target_modules=language_linear_names(base),
             bias="none",
             init_lora_weights=init_lora_weights,
+            modules_to_save=[module_name(base, adapter.projector)] if train_projector else None,
         )
         out = get_peft_model(base, cfg)
-        if train_projector:
-            for p in get_adapter(out).projector.parameters():
-                p.requires_grad_(True)
     if loaded is not None:
         loaded.set_model(out)
     return out

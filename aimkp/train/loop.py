@@ -142,7 +142,8 @@ def _tb_writer(out: pathlib.Path):
 def _save_model(directory: pathlib.Path, loaded: Any, extra: dict[str, Any]) -> None:
     from aimkp.models.checkpoint import save_checkpoint
 
-    save_checkpoint(directory, loaded, extra_json=extra)
+    # LoRA: one copy of a preset's initial base per run, named by best/ and last/
+    save_checkpoint(directory, loaded, extra_json=extra, base_dir=directory.parent / "base")
 
 
 def _backend_names(loaded: Any, engine_backend: str | None) -> dict[str, str]:

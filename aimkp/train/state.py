@@ -32,9 +32,17 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def _saved_name(name: str, state: dict[str, torch.Tensor]) -> str:
+    """``name`` as a state saved before the projector became peft's ``modules_to_save`` knows it
+    (``...projector.modules_to_save.default.linear_1.weight`` was ``...projector.linear_1...``)."""
+    if name in state:
+        return name
+    return re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
+
+
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy saved trainable parameters into ``model`` (names and shapes must match)."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = {_saved_name(n, state): p for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))
     if missing or unexpected:
@@ -55,8 +63,11 @@ def frozen_checksum(model: torch.nn.Module) -> float:
     """A float64 checksum of the frozen parameters (position-weighted sums), to detect a resume
     onto a different base model."""
     total = 0.0
+    # peft's frozen copy of the projector (``original_module``) is left out, so the sum is the
+    # one of runs from before the projector became peft's ``modules_to_save``
+    named = [(n, p) for n, p in model.named_parameters() if ".original_module." not in n]
     with torch.no_grad():
-        for k, (_, p) in enumerate(model.named_parameters()):
+        for k, (_, p) in enumerate(named):
             if not p.requires_grad:
                 total += (k + 1) * float(p.detach().double().sum()) + float(
                     p.detach().double().abs().sum()

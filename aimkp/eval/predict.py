@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from aimkp.models import LoadedModel
 
 DECODINGS = ("greedy", "beam", "sample")
 MODALITIES = ("multimodal", "text", "image")
@@ -51,7 +54,7 @@ class Predictor:
 
     def __init__(
         self,
-        loaded: Any,
+        loaded: LoadedModel,
         decoding: str = "greedy",
         num_beams: int = 4,
         max_new_tokens: int = 32,

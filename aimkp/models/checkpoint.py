@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from aimkp.models.adapter import adapter_class, unwrap_model
+
+if TYPE_CHECKING:
+    from aimkp.models import LoadedModel
 
 META = "aimkp.json"
 FORMAT = 1
@@ -80,7 +83,7 @@ def _lora_info(model: nn.Module) -> dict[str, Any] | None:
 
 
 def save_checkpoint(
-    directory: str | pathlib.Path, loaded: Any, extra_json: dict[str, Any] | None = None
+    directory: str | pathlib.Path, loaded: LoadedModel, extra_json: dict[str, Any] | None = None
 ) -> pathlib.Path:
     """Write ``loaded`` (a :class:`aimkp.models.LoadedModel`) to ``directory`` (merged weights).
 

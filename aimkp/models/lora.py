@@ -6,11 +6,14 @@ The vision tower stays frozen; the multimodal projector is trained (``train_proj
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from aimkp.models.adapter import get_adapter, unwrap_model
+
+if TYPE_CHECKING:
+    from aimkp.models import LoadedModel
 
 
 def language_linear_names(model: nn.Module) -> list[str]:
@@ -26,7 +29,7 @@ def language_linear_names(model: nn.Module) -> list[str]:
 
 
 def apply_lora(
-    target: Any,
+    target: nn.Module | LoadedModel,
     r: int = 128,
     alpha: int = 256,
     dropout: float = 0.05,

@@ -2,7 +2,8 @@
 
 Defaults are the paper's reference set-up (LLaVA-1.5, LoRA r=128, alpha=256, dropout 0.05, lr 2e-4,
 projector lr 2e-5, cosine schedule with 3% warm-up, no weight decay, tau_text 0.1, tau_image 0.4).
-``TrainConfig.quick()`` returns the demo-sized settings used by ``make demo``.
+``TrainConfig.quick_overrides()`` returns the demo-sized settings used by ``make demo``
+(``aimkp train --quick``).
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 METHODS = ("aimkp", "sft")
 MASK_MODES = ("compact", "attention", "auto")
 ATTN = ("sdpa", "flash", "eager")
 GF_REDUCE = ("mean", "sum")
+# Fields older config.json files may hold that nothing reads any more (dropped on load).
+RETIRED_FIELDS = ("log_every", "extra")
 
 
 @dataclass
@@ -61,8 +64,6 @@ class TrainConfig:
     baselines: bool = False
     device: str | None = None
     num_threads: int | None = None
-    log_every: int = 10
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the first bad field; returns self."""
@@ -74,7 +75,7 @@ class TrainConfig:
             raise ValueError(f"attn must be one of {ATTN}, got {self.attn!r}")
         if self.gf_reduce not in GF_REDUCE:
             raise ValueError(f"gf_reduce must be one of {GF_REDUCE}, got {self.gf_reduce!r}")
-        for name in ("epochs", "batch_size", "grad_accum", "lora_r", "max_new_tokens", "log_every"):
+        for name in ("epochs", "batch_size", "grad_accum", "lora_r", "max_new_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("lr", "projector_lr", "weight_decay", "lora_dropout"):
@@ -111,6 +112,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """The config saved as ``d``; ValueError on unknown fields (except ones older versions
+        saved and nothing reads: ``log_every``, ``extra``, dropped)."""
+        d = {k: v for k, v in d.items() if k not in RETIRED_FIELDS}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

@@ -27,6 +27,7 @@ from aimkp.models.adapter import (
 )
 from aimkp.models.checkpoint import save_checkpoint
 from aimkp.models.forward import (
+    ForwardRecord,
     RowBatch,
     RowLosses,
     collate_rows,
@@ -39,6 +40,7 @@ ATTN_IMPLEMENTATIONS = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attent
 __all__ = [
     "QUESTION",
     "EncodedSample",
+    "ForwardRecord",
     "RowBatch",
     "RowLosses",
     "collate_rows",

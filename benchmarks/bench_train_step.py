@@ -40,10 +40,16 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from common import env_info, peak_memory_mb, print_table, time_fn, write_results  # noqa: E402
 
-from aimkp.train.gf import provisional_weights  # noqa: E402
 from aimkp.train.pmm import StrideTable  # noqa: E402
 from aimkp.train.reference import reference_step  # noqa: E402
-from aimkp.train.step import _collate, _forward, aimkp_step, build_rows, sft_step  # noqa: E402
+from aimkp.train.step import (  # noqa: E402
+    aimkp_step,
+    build_rows,
+    forward_backward,
+    plan_rows,
+    sft_step,
+    weighted_sum,
+)
 
 
 def build_llava7b_shaped(layers: int, vision_layers: int, device: str, texts: list[str]) -> Any:
@@ -181,18 +187,15 @@ def main() -> None:
 
         def run_plain_copies() -> None:
             zero()
-            batch, keeps = _collate(loaded, samples, rows, mode, device)
-            loss_sum, _ = _forward(loaded, batch, device, bf16)
-            w0 = provisional_weights(rows, n_total).to(loss_sum.device, loss_sum.dtype)
-            (loss_sum * w0).sum().backward()
-            last["plain-copies"] = sum(int(k.sum()) for k in keeps)
+            plan = plan_rows(loaded, samples, rows, n_total, mask_mode=mode, device=device)
+            forward_backward(loaded, plan.batch, weighted_sum(plan.w0), **kw_dev)
+            last["plain-copies"] = plan.n_input_tokens
 
         def run_aimkp() -> None:
             zero()
             last["aimkp"] = aimkp_step(
                 loaded, samples, idx, table, n_total, update_strides=False, **kw, **kw_dev
             )
-            last["aimkp_forward"] = dict(loaded.info.get("last_forward", {}))
 
         def run_reference() -> None:
             zero()
@@ -224,8 +227,8 @@ def main() -> None:
             "reference": last["reference"].n_input_tokens,
         }
         n_rows = {"sft": B, "plain-copies": len(rows), "aimkp": aim.n_rows, "reference": len(rows)}
-        fwd = loaded.info.get("last_forward", {})
-        row_layout = last["aimkp_forward"].get("layout") if mode == "compact" else None
+        ran = aim.ran
+        row_layout = ran.layout if mode == "compact" else None
         out_rows = []
         for name, r in results.items():
             ms = r["t"]["median_ms"]
@@ -248,8 +251,8 @@ def main() -> None:
                     "peak_mem_mb": r["mem"],
                     "kept_copy_rate": kept_rate if name in ("aimkp", "reference") else None,
                     "engine_backend": aim.engine_backend if name == "aimkp" else None,
-                    "embedding_backend": fwd.get("embedding_backend"),
-                    "attention": fwd.get("attention"),
+                    "embedding_backend": ran.embedding_backend,
+                    "attention": ran.attention,
                 }
             )
         layout = f" ({row_layout} rows)" if row_layout else ""
@@ -264,8 +267,8 @@ def main() -> None:
         need = 3.0 if config == "gpu-llava7b" else 2.0
         ratio_plain = t["aimkp"] / t["plain-copies"]
         print(
-            f"\nbackends: engine={aim.engine_backend}, embedding={fwd.get('embedding_backend')}, "
-            f"attention={fwd.get('attention')}"
+            f"\nbackends: engine={aim.engine_backend}, embedding={ran.embedding_backend}, "
+            f"attention={ran.attention}"
         )
         print(
             f"aimkp vs reference: {speedup:.2f}x samples/s (target >= {need:.0f}x): "

@@ -49,7 +49,7 @@ def test_compact_equals_attention_losses_and_grads(name, layout):
     b_c, out_c, g_c = _run(loaded, samples, keeps, rows, "compact", layout)
     assert b_c.layout == layout and (b_c.cu_seqlens is None) == (layout == "padded")
     b_a, out_a, g_a = _run(loaded, samples, keeps, rows, "attention")
-    assert loaded.info["last_forward"]["mode"] == "attention"
+    assert out_a.ran.mode == "attention" and out_c.ran.mode == "compact"
     assert b_c.num_rows == b_a.num_rows == len(rows)
     torch.testing.assert_close(out_c.loss_sum, out_a.loss_sum, rtol=LOSS_RTOL, atol=0)
     want_n = torch.tensor([samples[i].n_answer_tokens for i in rows])
@@ -98,7 +98,7 @@ def test_packing_equals_separate_rows():
 
 
 def test_position_jumps_without_mask_would_be_wrong():
-    """METHOD.md pitfall: with no explicit mask transformers splits at position jumps."""
+    """Packed-rows pitfall: with no explicit mask transformers splits at position jumps."""
     loaded = tiny("tiny-llava")
     s = loaded.adapter.encode(records()[0])
     keep = torch.ones(s.length, dtype=torch.bool)

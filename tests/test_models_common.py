@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -11,21 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-try:
-    from aimkp.data.record import Record
-except ImportError:  # the data package is another engineer's; the contract is all we need
-
-    @dataclass
-    class Record:  # type: ignore[no-redef]
-        id: str
-        text: str
-        keyphrases: list[str]
-        image_path: str | None = None
-        image: Any = None
-        meta: dict[str, Any] = field(default_factory=dict)
-
-        def load_image(self) -> Any:
-            return self.image
+from aimkp.data import Record
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -123,7 +123,7 @@ def test_aimkp_step_matches_reference():
     from aimkp.models.lora import apply_lora
     from aimkp.train.pmm import StrideTable
     from aimkp.train.reference import reference_step
-    from aimkp.train.step import aimkp_step, engine_module_rows
+    from aimkp.train.step import aimkp_step, plan_rows
 
     recs = _records(3, seed=2)
     loaded = load_model(NAME, train_texts=[r.text for r in recs], seed=2)
@@ -136,7 +136,7 @@ def test_aimkp_step_matches_reference():
         t.image[:] = 2
     kw = dict(tau_text=0.1, tau_image=0.9)
     res = aimkp_step(loaded, samples, [0, 1, 2], t_a, n_total, **kw)
-    mr = engine_module_rows(loaded, samples, res.rows)
+    mr = plan_rows(loaded, samples, res.rows, n_total).batch.module_rows
     proj = [n for n in mr if "connector" in n]
     assert proj and torch.equal(
         mr[proj[0]].diff(), torch.tensor([16 * (c.sample != 2) for c in res.rows])

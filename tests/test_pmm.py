@@ -30,7 +30,7 @@ def test_text_offsets_examples() -> None:
 
 
 def test_image_offsets_paper_counts() -> None:
-    # 24 x 24 LLaVA grid: 144, 36, 9, 1 tokens kept for g = 2, 4, 8, 16 (METHOD.md)
+    # 24 x 24 LLaVA grid: 144, 36, 9, 1 tokens kept for g = 2, 4, 8, 16 (PMM's image strides)
     assert [image_keep_offsets(24, 24, g).numel() for g in (2, 4, 8, 16)] == [144, 36, 9, 1]
     assert image_keep_offsets(24, 24, 16).tolist() == [15 * 24 + 15]
     assert image_keep_offsets(4, 4, 2).tolist() == [5, 7, 13, 15]

@@ -117,6 +117,12 @@ def test_roundtrip(tmp_path) -> None:
         TrainConfig.from_dict({"lr": 1.0, "bogus": 2})
 
 
+def test_old_configs_with_retired_fields_still_load() -> None:
+    """config.json files saved before ``log_every`` / ``extra`` were removed (resume reads them)."""
+    old = {**TrainConfig(lr=1e-3).to_dict(), "log_every": 10, "extra": {}}
+    assert TrainConfig.from_dict(old) == TrainConfig(lr=1e-3)
+
+
 def test_cosine_schedule() -> None:
     f = cosine_with_warmup(100, 10)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)

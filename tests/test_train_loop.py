@@ -127,3 +127,25 @@ def test_projector_gets_projector_lr(preset: str) -> None:
     trainable = {id(p) for p in loaded.model.parameters() if p.requires_grad}
     assert proj and by_lr[1e-5] == proj
     assert by_lr[1e-3] == trainable - proj
+
+
+def test_epoch_stats_add_and_row() -> None:
+    """EpochStats sums micro-steps by field; rates are NaN when no copy of that kind was made."""
+    import math
+
+    from aimkp.train.gf import decide
+    from aimkp.train.pmm import TEXT, Copy
+    from aimkp.train.stats import EpochStats
+    from aimkp.train.step import StepResult
+
+    rows = [Copy(0, None, 1), Copy(0, TEXT, 2), Copy(1, None, 1), Copy(1, TEXT, 2)]
+    d = decide(rows, torch.tensor([0.5, -0.5]), 6.0)
+    stats = EpochStats()
+    stats.add(StepResult(2.0, 2, 4, 6, 40, decision=d))
+    stats.add(StepResult(1.0, 1, 1, 2, 9))  # an SFT step: no decision
+    assert (stats.text_copies, stats.text_kept, stats.image_copies) == (2, 1, 0)
+    assert stats.train_loss == pytest.approx((2.0 * 6 + 1.0 * 2) / 8)
+    row = stats.as_row(epoch=1, step=5, lr=1e-3, seconds=2.0, n_samples=3)
+    assert list(row)[:4] == ["epoch", "step", "train_loss", "lr"]
+    assert row["tokens_per_s"] == 49 / 2.0 and row["text_kept_rate"] == 0.5
+    assert math.isnan(row["image_kept_rate"]) and row["grand_pruned"] == 0

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from aimkp.errors import UsageError
+
+if TYPE_CHECKING:
+    from aimkp.models import LoadedModel
 
 DECODINGS = ("greedy", "beam", "sample")
 MODALITIES = ("multimodal", "text", "image")
@@ -53,7 +56,7 @@ class Predictor:
 
     def __init__(
         self,
-        loaded: Any,
+        loaded: LoadedModel,
         decoding: str = "greedy",
         num_beams: int = 4,
         max_new_tokens: int = 32,

@@ -1,4 +1,5 @@
-"""Keyphrase scoring under the two protocols of ``/work/shared/METHOD.md``.
+"""Keyphrase scoring under the two evaluation protocols used for MKP results (CMKP's and
+AimKP's; see the two modules).
 
 >>> from aimkp.metrics import score
 >>> score(records, predictions, protocol="cmkp")["F1@1"]      # percent

@@ -29,6 +29,7 @@ from aimkp.models.adapter import (
 )
 from aimkp.models.checkpoint import ADAPTER_CONFIG, save_checkpoint
 from aimkp.models.forward import (
+    ForwardRecord,
     RowBatch,
     RowLosses,
     collate_rows,
@@ -42,6 +43,7 @@ ATTN_IMPLEMENTATIONS = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attent
 __all__ = [
     "QUESTION",
     "EncodedSample",
+    "ForwardRecord",
     "RowBatch",
     "RowLosses",
     "collate_rows",

@@ -19,6 +19,9 @@ decorate with ``@register_adapter("<config.model_type>")``):
   The row forward runs the (frozen) tower once per sample and the projector once per row, so
   each row's projector activations, and per-row gradients, are its own.
 - ``vision_tokens_per_image_token``: patches per image token (Qwen merges 2 x 2 -> 4).
+- :meth:`projector_rows` (only when some projector weights run before a merge): ``(module,
+  tokens per image token)`` for each projector module, the layout of the projector's tokens the
+  per-sample gradient engine needs (Qwen2-VL: its LayerNorm ``ln_q`` sees 4 per image token).
 - :meth:`position_ids`: positions of the UNMASKED sequence: ``[T]`` (1-D RoPE) or ``[3, T]``
   (Qwen's multimodal RoPE); kept tokens keep these values when others are hidden.
 - :meth:`generation_kwargs`: the extra inputs ``model.generate`` needs for a padded batch.
@@ -214,6 +217,16 @@ class MLLMAdapter:
         raise NotImplementedError
 
     vision_tokens_per_image_token: int = 1
+
+    def projector_rows(self) -> list[tuple[nn.Module, int]]:
+        """The projector's modules as the per-sample gradient engine must see them: ``(module,
+        tokens per image token)`` for the projector and each of its submodules, in
+        ``named_modules`` order. The row forward runs the projector once per row, so a module
+        sees ``multiplier * h * w`` tokens of each row with an image. Default: 1 for every
+        module (a projector that maps each image token's vision feature on its own, or that
+        merges before its weights); an adapter whose projector has weights BEFORE a merge of
+        k vision tokens into one image token lists those modules with multiplier k."""
+        return [(m, 1) for _, m in self.projector.named_modules()]
 
     def vision_hidden(
         self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None

@@ -24,13 +24,16 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from aimkp.errors import CheckpointError
 from aimkp.models.adapter import adapter_class, unwrap_model
+
+if TYPE_CHECKING:
+    from aimkp.models import LoadedModel
 
 META = "aimkp.json"
 FORMAT = 2
@@ -127,14 +130,14 @@ def save_full_weights(
     clean.save_pretrained(directory, safe_serialization=True)
 
 
-def save_processors(directory: pathlib.Path, loaded: Any) -> None:
+def save_processors(directory: pathlib.Path, loaded: LoadedModel) -> None:
     """The tokenizer and image processor of ``loaded`` into ``directory``."""
     loaded.tokenizer.save_pretrained(directory)
     if loaded.image_processor is not None:
         loaded.image_processor.save_pretrained(directory)
 
 
-def write_meta(directory: pathlib.Path, loaded: Any, **fields: Any) -> None:
+def write_meta(directory: pathlib.Path, loaded: LoadedModel, **fields: Any) -> None:
     """``aimkp.json``: format, model type, adapter, preset and ``fields``."""
     base = unwrap_model(loaded.model)
     meta = {
@@ -149,7 +152,7 @@ def write_meta(directory: pathlib.Path, loaded: Any, **fields: Any) -> None:
 
 def save_checkpoint(
     directory: str | pathlib.Path,
-    loaded: Any,
+    loaded: LoadedModel,
     extra_json: dict[str, Any] | None = None,
     *,
     base_dir: str | pathlib.Path | None = None,

@@ -31,14 +31,18 @@ first), in fp32, so the ``[tokens, vocab]`` logits tensor of a full LM head is n
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from aimkp.models.adapter import EncodedSample
+from aimkp.ops import MaskedEmbedding, last_backend, masked_embedding
+
+if TYPE_CHECKING:
+    from aimkp.models import LoadedModel
 
 MODES = ("compact", "attention")
 LAYOUTS = ("packed", "padded", "auto")
@@ -47,12 +51,34 @@ LAYOUTS = ("packed", "padded", "auto")
 VARLEN_ATTENTION = {"flash_attention_2", "flash_attention_3"}
 
 
+@dataclass(frozen=True)
+class ForwardRecord:
+    """What one :func:`forward_rows` call ran (for logs and benchmarks).
+
+    Attributes:
+        mode: ``"compact"`` or ``"attention"``.
+        layout: ``"packed"`` or ``"padded"``.
+        embedding: the embedding op (``"aimkp.ops.masked_embedding"``; a trainable table read
+            through the :class:`aimkp.ops.MaskedEmbedding` module calls the same op).
+        embedding_backend: the backend the op ran on (``aimkp.ops.last_backend``).
+        attention: the language model's attention implementation.
+    """
+
+    mode: str
+    layout: str
+    embedding: str
+    embedding_backend: str
+    attention: str
+
+
 @dataclass
 class RowLosses:
-    """Per-row answer losses: ``loss_sum [R]`` (fp32 sum of token CE), ``n_tokens [R]`` (int64)."""
+    """Per-row answer losses: ``loss_sum [R]`` (fp32 sum of token CE), ``n_tokens [R]`` (int64),
+    and ``ran``, the record of what the forward ran."""
 
     loss_sum: Tensor
     n_tokens: Tensor
+    ran: ForwardRecord
 
 
 @dataclass
@@ -82,6 +108,9 @@ class RowBatch:
             (``[R, T_max]`` full rows in attention mode, ``[R, K_max]`` compact rows).
         scatter_index: compact + padded only: LongTensor ``[K]``, slot of each kept token in
             the flattened ``[R * K_max]`` layout.
+        module_rows: the per-sample gradient engine's layout of the trainable modules whose
+            tokens are not the language model's rows: module name (in ``loaded.model``) ->
+            LongTensor ``[R+1]`` row offsets of its tokens (see :func:`engine_module_rows`).
     """
 
     mode: str
@@ -102,33 +131,14 @@ class RowBatch:
     n_kept: int
     layout: str = "padded"
     scatter_index: Tensor | None = None
+    module_rows: dict[str, Tensor] = field(default_factory=dict)
 
 
-def _masked_embedding() -> tuple[Any, str]:
-    """The public fused op (preferred) or, before it lands, its plain-PyTorch reference."""
-    try:
-        from aimkp.ops import masked_embedding
-
-        return masked_embedding, "aimkp.ops.masked_embedding"
-    except ImportError:
-        from aimkp.ops.masked_embedding_ref import masked_embedding_reference
-
-        return masked_embedding_reference, "masked_embedding_reference"
-
-
-def _is_masked_embedding(emb: Any) -> bool:
-    try:
-        from aimkp.ops import MaskedEmbedding
-    except ImportError:
-        return False
-    return isinstance(emb, MaskedEmbedding)
-
-
-def use_masked_embedding_module(loaded: Any) -> Any:
+def use_masked_embedding_module(loaded: LoadedModel) -> MaskedEmbedding:
     """Make the model's input embedding a :class:`aimkp.ops.MaskedEmbedding` sharing its weight
     (idempotent), so that row forwards read a TRAINABLE table through a module call the
     per-sample gradient engine can hook. Generation is unchanged (ids alone: a plain lookup)."""
-    from aimkp.ops import MaskedEmbedding, replace_input_embedding
+    from aimkp.ops import replace_input_embedding
 
     emb = loaded.adapter.embed_tokens
     if isinstance(emb, MaskedEmbedding):
@@ -195,7 +205,7 @@ def _check_inputs(
 
 
 def collate_rows(
-    loaded: Any,
+    loaded: LoadedModel,
     samples: Sequence[EncodedSample],
     keeps: Sequence[Tensor],
     row_sample: Sequence[int],
@@ -217,6 +227,9 @@ def collate_rows(
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     _check_inputs(samples, keeps, row_sample, mode)
+    module_rows = engine_module_rows(
+        loaded, samples, row_sample, keeps if mode == "compact" else None
+    )
     if device is None:
         device = loaded.adapter.embed_tokens.weight.device
     device = torch.device(device)
@@ -334,10 +347,59 @@ def collate_rows(
         n_kept=n_kept,
         layout=layout,
         scatter_index=dev(scatter_index),
+        module_rows=module_rows,
     )
 
 
-def _row_image_features(loaded: Any, batch: RowBatch) -> Tensor | None:
+def _offsets(counts: Sequence[int]) -> Tensor:
+    """LongTensor ``[len(counts) + 1]``: 0, then the running sums of ``counts``."""
+    cu = torch.zeros(len(counts) + 1, dtype=torch.int64)
+    cu[1:] = torch.cumsum(torch.tensor(list(counts), dtype=torch.int64), 0)
+    return cu
+
+
+def engine_module_rows(
+    loaded: LoadedModel,
+    samples: Sequence[EncodedSample],
+    row_sample: Sequence[int],
+    keeps: Sequence[Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """``module_rows`` for the per-sample gradient engine: name -> LongTensor ``[R+1]`` row
+    offsets, for each trainable module whose tokens are not laid out as the language model's
+    packed / padded rows (row ``r`` copies sample ``row_sample[r]``):
+
+    - every projector submodule the adapter declares (:meth:`MLLMAdapter.projector_rows`) sees
+      ``multiplier * h * w`` tokens of each row that has an image, in row order;
+    - ``lm_head`` (trainable with full fine-tuning) sees only the positions that predict answer
+      tokens, row by row (``n_answer_tokens`` each);
+    - a trainable input embedding read with ``compact=True`` (``keeps`` given: the rows' keep
+      masks) outputs the kept tokens of every row, packed (``keep.sum()`` each).
+
+    Only modules with trainable parameters of their own are listed.
+    """
+    adapter = loaded.adapter
+    names = {id(m): n for n, m in loaded.model.named_modules()}
+    img = []
+    for si in row_sample:
+        s = samples[si]
+        img.append(0 if s.grid is None or s.pixel_values is None else s.grid[0] * s.grid[1])
+    out: dict[str, Tensor] = {}
+    for module, multiplier in adapter.projector_rows():
+        name = names.get(id(module))
+        if name is not None and any(p.requires_grad for p in module.parameters(recurse=False)):
+            out[name] = _offsets([n * multiplier for n in img])
+    head = adapter.lm_head
+    head_name = names.get(id(head))
+    if head_name is not None and any(p.requires_grad for p in head.parameters()):
+        out[head_name] = _offsets([int(samples[si].n_answer_tokens) for si in row_sample])
+    emb = adapter.embed_tokens
+    emb_name = names.get(id(emb))
+    if keeps is not None and emb_name is not None and emb.weight.requires_grad:
+        out[emb_name] = _offsets([int(k.sum()) for k in keeps])
+    return out
+
+
+def _row_image_features(loaded: LoadedModel, batch: RowBatch) -> Tensor | None:
     """Vision features for every row, in row order: ``[sum over rows with an image of h*w, D]``.
 
     The vision tower (frozen in AimKP) runs once per distinct sample; the trainable projector
@@ -362,11 +424,11 @@ def _mask_for(attn_mask: Tensor | None, impl: str, dtype: torch.dtype) -> Tensor
     return add.masked_fill_(~attn_mask, torch.finfo(dtype).min)
 
 
-def forward_rows(loaded: Any, batch: RowBatch) -> RowLosses:
+def forward_rows(loaded: LoadedModel, batch: RowBatch) -> RowLosses:
     """Run the collated rows through the language model; per-row answer-token CE sums.
 
-    Returns :class:`RowLosses` (``loss_sum [R]`` fp32 with autograd, ``n_tokens [R]``).
-    ``loaded.info["last_forward"]`` records the embedding op and attention path that ran.
+    Returns :class:`RowLosses` (``loss_sum [R]`` fp32 with autograd, ``n_tokens [R]``, ``ran``:
+    the embedding op and attention path that ran).
     """
     adapter = loaded.adapter
     emb = adapter.embed_tokens
@@ -374,8 +436,9 @@ def forward_rows(loaded: Any, batch: RowBatch) -> RowLosses:
     feats = _row_image_features(loaded, batch)
     if feats is not None:
         feats = feats.to(weight.dtype)
-    op, op_name = _masked_embedding()
-    if _is_masked_embedding(emb):
+    op: Any = masked_embedding
+    op_name = "aimkp.ops.masked_embedding"
+    if isinstance(emb, MaskedEmbedding):
         # A trainable table is read through the module so that the per-sample gradient engine
         # (a forward hook on it) sees each row's tokens; the module calls the same fused op.
         def op(ids: Tensor, _w: Tensor, **kw: Any) -> Any:  # noqa: ANN401
@@ -423,18 +486,11 @@ def forward_rows(loaded: Any, batch: RowBatch) -> RowLosses:
     ce_tok = F.cross_entropy(logits, batch.targets, reduction="none")
     loss_sum = torch.zeros(batch.num_rows, dtype=torch.float32, device=ce_tok.device)
     loss_sum = loss_sum.index_add(0, batch.pred_row, ce_tok)
-    backend = None
-    try:
-        from aimkp.ops import last_backend
-
-        backend = last_backend("masked_embedding")
-    except ImportError:
-        backend = "reference"
-    loaded.info["last_forward"] = {
-        "mode": batch.mode,
-        "layout": batch.layout,
-        "embedding": op_name,
-        "embedding_backend": backend,
-        "attention": impl,
-    }
-    return RowLosses(loss_sum=loss_sum, n_tokens=batch.n_tokens)
+    ran = ForwardRecord(
+        mode=batch.mode,
+        layout=batch.layout,
+        embedding=op_name,
+        embedding_backend=str(last_backend("masked_embedding")),
+        attention=impl,
+    )
+    return RowLosses(loss_sum=loss_sum, n_tokens=batch.n_tokens, ran=ran)

@@ -8,11 +8,14 @@ language model (with lm_head) and the projector instead.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from aimkp.models.adapter import get_adapter, unwrap_model
+
+if TYPE_CHECKING:
+    from aimkp.models import LoadedModel
 
 
 def language_linear_names(model: nn.Module) -> list[str]:
@@ -36,7 +39,7 @@ def module_name(model: nn.Module, module: nn.Module) -> str:
 
 
 def apply_lora(
-    target: Any,
+    target: nn.Module | LoadedModel,
     r: int = 128,
     alpha: int = 256,
     dropout: float = 0.05,

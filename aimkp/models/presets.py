@@ -68,10 +68,8 @@ SMOLVLM_CHAT_TEMPLATE = (
 
 def default_train_texts() -> list[str]:
     """Texts + keyphrases of the default dataset's train split ([] when it is unavailable)."""
-    try:
-        from aimkp.data import load_dataset
-    except ImportError:
-        return []
+    from aimkp.data import load_dataset
+
     try:
         records = load_dataset("default", "train")
     except (OSError, ValueError):

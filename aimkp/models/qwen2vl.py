@@ -61,6 +61,13 @@ class Qwen2VLAdapter(MLLMAdapter):
     def vision_tokens_per_image_token(self) -> int:  # type: ignore[override]
         return self.merge * self.merge
 
+    def projector_rows(self) -> list[tuple[nn.Module, int]]:
+        """The merger's LayerNorm ``ln_q`` (RMSNorm in 2.5) runs on the vision tokens before the
+        2 x 2 merge (4 per image token); its MLP after it (1 per image token)."""
+        merger = self.projector
+        k = self.vision_tokens_per_image_token
+        return [(m, k if m is merger.ln_q else 1) for _, m in merger.named_modules()]
+
     def vision_hidden(
         self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None
     ) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """AimKP training: PMM stride schedule (:mod:`.pmm`), Gradient-based Filtering decisions
 (:mod:`.gf`), the one-backward AimKP step and the SFT step (:mod:`.step`), the published algorithm
-(:mod:`.reference`), the training loop (:mod:`.loop`) and resumable state (:mod:`.state`).
+(:mod:`.reference`), the training loop (:mod:`.loop`, a driver over set-up / resume in
+:mod:`.run`, one epoch in :mod:`.epoch` with totals in :mod:`.stats`, scoring in
+:mod:`.evaluation`, metrics rows in :mod:`.metrics_log`) and resumable state (:mod:`.state`).
 
 Heavy modules (transformers, the engine) are imported only when a step or the loop runs.
 """

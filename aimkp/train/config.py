@@ -2,7 +2,8 @@
 
 Defaults are the paper's reference set-up (LLaVA-1.5, LoRA r=128, alpha=256, dropout 0.05, lr 2e-4,
 projector lr 2e-5, cosine schedule with 3% warm-up, no weight decay, tau_text 0.1, tau_image 0.4).
-``TrainConfig.quick()`` returns the demo-sized settings used by ``make demo``.
+``TrainConfig.quick_overrides()`` returns the demo-sized settings used by ``make demo``
+(``aimkp train --quick``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import dataclasses
 import json
 import math
 import pathlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aimkp.data.options import ON_BAD_RECORD, ON_MISSING_IMAGE
@@ -21,6 +22,8 @@ METHODS = ("aimkp", "sft")
 MASK_MODES = ("compact", "attention", "auto")
 ATTN = ("sdpa", "flash", "eager")
 GF_REDUCE = ("mean", "sum")
+# Fields older config.json files may hold that nothing reads any more (dropped on load).
+RETIRED_FIELDS = ("log_every", "extra")
 
 
 @dataclass
@@ -69,8 +72,6 @@ class TrainConfig:
     baselines: bool = False
     device: str | None = None
     num_threads: int | None = None
-    log_every: int = 10
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> TrainConfig:
         """Raise :class:`~aimkp.errors.UsageError` naming the first bad field; returns self."""
@@ -93,7 +94,7 @@ class TrainConfig:
                 raise UsageError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
     def _validate_counts(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum", "lora_r", "max_new_tokens", "log_every"):
+        for name in ("epochs", "batch_size", "grad_accum", "lora_r", "max_new_tokens"):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("max_train_samples", "eval_max_samples", "stop_after_epochs", "num_threads"):
@@ -149,6 +150,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """The config saved as ``d``; ValueError on unknown fields (except ones older versions
+        saved and nothing reads: ``log_every``, ``extra``, dropped)."""
+        d = {k: v for k, v in d.items() if k not in RETIRED_FIELDS}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

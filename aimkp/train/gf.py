@@ -114,13 +114,18 @@ def decide(
     reduce: str = "mean",
     grand_threshold: float | None = None,
     orig_norms: torch.Tensor | None = None,
+    pairs: torch.Tensor | None = None,
+    provisional: torch.Tensor | None = None,
 ) -> GFDecision:
     """Filter decisions and row weights from the pair cosines (ordered as :func:`pairs_of`).
 
     ``orig_norms`` ([B], gradient norm of each sample's original mean-CE loss) is needed only with
-    ``grand_threshold``.
+    ``grand_threshold``. ``pairs`` (``pairs_of(rows)``) and ``provisional``
+    (``provisional_weights(rows, n_total, reduce)``) may be passed when the caller already has
+    them (the AimKP step does); they are computed from ``rows`` otherwise.
     """
-    pairs = pairs_of(rows)
+    if pairs is None:
+        pairs = pairs_of(rows)
     cosines = cosines.detach().float().cpu().reshape(-1)
     if cosines.numel() != pairs.shape[0]:
         raise ValueError(f"{pairs.shape[0]} copy pairs but {cosines.numel()} cosines")
@@ -146,7 +151,7 @@ def decide(
         if orig_norms is None or orig_norms.numel() != B:
             raise ValueError("GraNd pruning needs the [B] gradient norms of the originals")
         pruned = robust_z(orig_norms.detach().cpu()) > grand_threshold
-    w0 = provisional_weights(rows, n_total, reduce)
+    w0 = provisional_weights(rows, n_total, reduce) if provisional is None else provisional
     kept_count = [0] * B
     for r, c in enumerate(rows):
         kept_count[c.sample] += int(kept[r])

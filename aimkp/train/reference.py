@@ -13,16 +13,19 @@ gradient copies per sample. The decision and the PMM stride update are coded her
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from aimkp.train.pmm import IMAGE, TEXT, StrideTable, build_keep
 from aimkp.train.step import StepResult, autocast_ctx
 
+if TYPE_CHECKING:
+    from aimkp.models import LoadedModel
+
 
 def reference_step(
-    loaded: Any,
+    loaded: LoadedModel,
     samples: Sequence[Any],
     indices: Sequence[int],
     strides: StrideTable,

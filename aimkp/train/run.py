@@ -1,0 +1,254 @@
+"""Set-up of one training run: devices and ranks, data, model, optimizer and schedule, resume.
+
+:func:`set_up` builds a :class:`TrainRun` (everything the phases of the loop share) in a fixed
+order (seeding, data, model, trainable parameters, optimizer), so that a run is reproducible;
+:func:`resume` restores the saved training state into it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pathlib
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from aimkp.train.config import TrainConfig
+from aimkp.train.pmm import StrideTable
+
+if TYPE_CHECKING:
+    from aimkp.data import Record
+    from aimkp.models import EncodedSample, LoadedModel
+    from aimkp.train.distributed import DistContext
+
+log = logging.getLogger("aimkp.train")
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved with every ``last`` checkpoint and restored on resume."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    best_score: float | None = None
+    best_epoch: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class TrainRun:
+    """Everything the phases of one run share (built by :func:`set_up`)."""
+
+    cfg: TrainConfig
+    out: pathlib.Path
+    ctx: DistContext
+    device: torch.device
+    loaded: LoadedModel
+    train_records: list[Record]
+    valid_records: list[Record]
+    samples: list[EncodedSample]  # the encoded training records
+    strides: StrideTable | None  # AimKP's PMM schedule (None for SFT)
+    mask_mode: str
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    global_batch: int  # samples per optimizer step over all ranks
+    steps_per_epoch: int
+    progress: Progress = field(default_factory=Progress)
+    best_state: dict[str, torch.Tensor] | None = None  # trainable weights of the best epoch
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.loaded.model
+
+    @property
+    def is_main(self) -> bool:
+        return self.ctx.is_main
+
+    @property
+    def last_epoch(self) -> int:
+        """The epoch this invocation stops after (``stop_after_epochs`` caps ``epochs``)."""
+        cfg = self.cfg
+        return (
+            cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, cfg.stop_after_epochs)
+        )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int):
+    """LambdaLR factor: linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def build_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, projector: torch.nn.Module
+) -> torch.optim.Optimizer:
+    """AdamW; the projector's parameters (the adapter's ``projector`` module) at
+    ``projector_lr``, everything else trainable at ``lr``."""
+    in_proj = {id(p) for p in projector.parameters()}
+    main, proj = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (proj if id(p) in in_proj else main).append(p)
+    if not main and not proj:
+        raise ValueError("the model has no trainable parameters")
+    groups = []
+    if main:
+        groups.append({"params": main, "lr": cfg.lr})
+    if proj:
+        groups.append({"params": proj, "lr": cfg.projector_lr})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _load_records(cfg: TrainConfig) -> tuple[list[Record], list[Record]]:
+    from aimkp.train.data import load_split
+
+    train_recs = load_split(cfg, "train")[: cfg.max_train_samples]
+    valid_recs = load_split(cfg, "valid")[: cfg.eval_max_samples]
+    return train_recs, valid_recs
+
+
+def _load_trainable_model(
+    cfg: TrainConfig, train_recs: list[Record], device: torch.device
+) -> LoadedModel:
+    """The model with LoRA (or full fine-tuning) applied and the input embedding set up."""
+    from aimkp.models import load_model
+    from aimkp.models.forward import use_masked_embedding_module
+    from aimkp.models.lora import apply_lora
+
+    dtype = torch.bfloat16 if (cfg.bf16 and device.type == "cuda" and cfg.full_finetune) else None
+    loaded = load_model(
+        cfg.model,
+        train_texts=[r.text for r in train_recs] + [", ".join(r.keyphrases) for r in train_recs],
+        attn=cfg.attn,
+        device=device,
+        seed=cfg.seed,
+        dtype=dtype,
+    )
+    apply_lora(
+        loaded,
+        r=cfg.lora_r,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout,
+        train_projector=True,
+        full=cfg.full_finetune,
+    )
+    if cfg.full_finetune and cfg.freeze_embeddings:
+        loaded.adapter.embed_tokens.weight.requires_grad_(False)
+        log.info("full fine-tuning: input embedding frozen (--freeze-embeddings)")
+    elif loaded.adapter.embed_tokens.weight.requires_grad:
+        # the row forward then reads the table through the MaskedEmbedding module (same fused
+        # op), whose calls the per-sample gradient engine hooks
+        use_masked_embedding_module(loaded)
+        log.info("input embedding trainable, read through aimkp.ops.MaskedEmbedding")
+    return loaded
+
+
+def set_up(cfg: TrainConfig) -> TrainRun:
+    """Validate ``cfg``, join the ranks, seed, load data and model, build optimizer + schedule."""
+    from aimkp.train import distributed as D
+
+    cfg.validate()
+    out = pathlib.Path(cfg.output)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ctx = D.init_distributed(device)
+    device = D.rank_device(ctx, device)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
+    seed_everything(cfg.seed)
+    train_recs, valid_recs = _load_records(cfg)
+    loaded = _load_trainable_model(cfg, train_recs, device)
+    model = loaded.model
+    if ctx.enabled:
+        D.broadcast_trainable(model, ctx)
+        torch.manual_seed(cfg.seed + 7919 * ctx.rank)  # own dropout masks per rank
+    model.train()
+    samples = [loaded.adapter.encode(r) for r in train_recs]
+    mask_mode = cfg.resolved_mask_mode()
+    log.info("row mode: %s (--mask-mode %s, attention %s)", mask_mode, cfg.mask_mode, cfg.attn)
+    global_batch = cfg.effective_batch * ctx.world_size
+    steps_per_epoch = math.ceil(len(samples) / global_batch)
+    total_steps = steps_per_epoch * cfg.epochs
+    optimizer = build_optimizer(model, cfg, loaded.adapter.projector)
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(total_steps, warmup)
+    )
+    return TrainRun(
+        cfg=cfg,
+        out=out,
+        ctx=ctx,
+        device=device,
+        loaded=loaded,
+        train_records=train_recs,
+        valid_records=valid_recs,
+        samples=samples,
+        strides=StrideTable(len(samples)) if cfg.method == "aimkp" else None,
+        mask_mode=mask_mode,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        global_batch=global_batch,
+        steps_per_epoch=steps_per_epoch,
+    )
+
+
+def resume(run: TrainRun, directory: str) -> None:
+    """Restore weights, optimizer, schedule, strides, RNG and progress saved in ``directory``."""
+    from aimkp.train.state import read_train_state, restore_train_state
+
+    st = read_train_state(directory)
+    restore_train_state(
+        st,
+        model=run.model,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        strides=run.strides,
+    )
+    run.progress = Progress(
+        epoch=int(st["epoch"]),
+        step=int(st["step"]),
+        best_score=st["best_score"],
+        best_epoch=st["best_epoch"],
+        history=list(st["history"]),
+    )
+    log.info(
+        "resumed from %s at epoch %d, step %d", directory, run.progress.epoch, run.progress.step
+    )
+
+
+def log_start(run: TrainRun) -> None:
+    """One log line describing the run."""
+    cfg = run.cfg
+    n_trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    log.info(
+        "train: %s on %s, %d samples, %d trainable params, %d steps x %d samples "
+        "(%d ranks), device %s, %d CPU threads",
+        cfg.method,
+        cfg.model,
+        len(run.samples),
+        n_trainable,
+        run.steps_per_epoch * cfg.epochs,
+        run.global_batch,
+        run.ctx.world_size,
+        run.device,
+        torch.get_num_threads(),
+    )

@@ -13,7 +13,7 @@ import logging
 import os
 from typing import Any
 
-from aimkp.train.config import ATTN, GF_REDUCE, MASK_MODES, METHODS, TrainConfig
+from aimkp.train.config import ATTN, DTYPES, GF_REDUCE, MASK_MODES, METHODS, TrainConfig
 
 HELP = "train a model (AimKP: PMM + gradient-based filtering, or plain SFT)"
 
@@ -66,10 +66,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=MASK_MODES,
         default=_D.mask_mode,
         help="compact (default): hidden tokens dropped, kept ones keep their positions; rows "
-        "packed (varlen) with --attn flash, padded to the longest kept row otherwise; attention: "
-        "the reference formulation (full rows, hidden tokens masked); auto: same as compact",
+        "packed (varlen) with --attn varlen / flash, padded to the longest kept row otherwise; "
+        "attention: the reference formulation (full rows, hidden tokens masked); auto: same as "
+        "compact",
     )
-    g.add_argument("--attn", choices=ATTN, default=_D.attn)
+    g.add_argument(
+        "--attn",
+        choices=ATTN,
+        default=_D.attn,
+        help="auto (default): varlen on CUDA where torch has its varlen FlashAttention kernel, "
+        "sdpa otherwise; varlen: compact rows packed into one sequence (cu_seqlens) through "
+        "torch.nn.attention.varlen (CUDA, bf16/fp16) or a per-row reference (CPU); flash: "
+        "flash-attn's varlen kernel (needs flash-attn); sdpa / eager: rows padded",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=_D.epochs)
     g.add_argument("--batch-size", type=int, default=_D.batch_size, help="micro-batch size")
@@ -98,6 +107,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="with --full-finetune: keep the input embedding table frozen",
     )
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    g.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=_D.dtype,
+        help="dtype of the FROZEN base weights (auto: bfloat16 on CUDA, float32 on CPU); "
+        "trainable LoRA / projector weights and the optimizer state stay float32, computing "
+        "under autocast",
+    )
+    g.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute decoder activations in the backward (non-reentrant) to save memory",
+    )
     g.add_argument("--max-new-tokens", type=int, default=_D.max_new_tokens)
     g.add_argument("--device", default=None)
     g.add_argument(
@@ -148,6 +170,8 @@ def config_from_args(args: argparse.Namespace, argv_flags: set[str] | None = Non
         "mask_mode": args.mask_mode,
         "attn": args.attn,
         "bf16": args.bf16,
+        "dtype": args.dtype,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "max_train_samples": args.max_train_samples,
         "eval_max_samples": args.eval_max_samples,
         "eval_every_epoch": not args.no_eval,

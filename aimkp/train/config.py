@@ -15,7 +15,8 @@ from typing import Any
 
 METHODS = ("aimkp", "sft")
 MASK_MODES = ("compact", "attention", "auto")
-ATTN = ("sdpa", "flash", "eager")
+ATTN = ("auto", "sdpa", "varlen", "flash", "eager")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 GF_REDUCE = ("mean", "sum")
 
 
@@ -49,8 +50,10 @@ class TrainConfig:
     gf_reduce: str = "mean"
     grand_threshold: float | None = None
     mask_mode: str = "compact"
-    attn: str = "sdpa"
+    attn: str = "auto"
     bf16: bool = False
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False
     max_train_samples: int | None = None
     eval_max_samples: int | None = None
     eval_every_epoch: bool = True
@@ -72,6 +75,8 @@ class TrainConfig:
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
         if self.attn not in ATTN:
             raise ValueError(f"attn must be one of {ATTN}, got {self.attn!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.gf_reduce not in GF_REDUCE:
             raise ValueError(f"gf_reduce must be one of {GF_REDUCE}, got {self.gf_reduce!r}")
         for name in ("epochs", "batch_size", "grad_accum", "lora_r", "max_new_tokens", "log_every"):

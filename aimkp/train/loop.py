@@ -39,7 +39,7 @@ from aimkp.train.state import (
     save_train_state,
     trainable_state,
 )
-from aimkp.train.step import aimkp_step, sft_step
+from aimkp.train.step import aimkp_step, autocast_ctx, sft_step
 
 log = logging.getLogger("aimkp.train")
 
@@ -105,6 +105,13 @@ def score_predictions(preds: list[list[str]], records: Sequence[Any]) -> dict[st
     return out
 
 
+def _eval_amp(cfg: TrainConfig, device: torch.device) -> bool | torch.dtype:
+    """Autocast for decoding: a half frozen base computes with fp32 trainable weights."""
+    from aimkp.models import precision as P
+
+    return P.autocast_dtype(P.resolve_dtype(cfg.dtype, device), cfg.bf16)
+
+
 def evaluate(loaded: Any, records: Sequence[Any], cfg: TrainConfig) -> dict[str, float]:
     """Greedy decoding on ``records`` and CMKP scores; the model is left in train mode."""
     from aimkp.eval.predict import Predictor
@@ -114,7 +121,8 @@ def evaluate(loaded: Any, records: Sequence[Any], cfg: TrainConfig) -> dict[str,
     model.eval()
     try:
         pred = Predictor(loaded, decoding="greedy", max_new_tokens=cfg.max_new_tokens)
-        preds = pred.predict(list(records))
+        with autocast_ctx(loaded.device, _eval_amp(cfg, loaded.device)):
+            preds = pred.predict(list(records))
     finally:
         model.train(was_training)
     return score_predictions(preds, records)
@@ -151,9 +159,18 @@ def _backend_names(loaded: Any, engine_backend: str | None) -> dict[str, str]:
         "row_mode": str(fwd.get("mode", "?")),
         "row_layout": str(fwd.get("layout", "?")),
         "attention": str(fwd.get("attention", loaded.info.get("attn", "?"))),
+        **_varlen_kernel(loaded, fwd),
         "masked_embedding": f"{fwd.get('embedding', '?')} [{fwd.get('embedding_backend', '?')}]",
         "grad_engine": engine_backend or "- (no masked copies in this step)",
     }
+
+
+def _varlen_kernel(loaded: Any, fwd: dict[str, Any]) -> dict[str, str]:
+    """The varlen kernel behind packed rows (``--attn varlen`` / ``flash``), else nothing."""
+    from aimkp.models.attention import kernel_name
+
+    kernel = kernel_name(str(fwd.get("attention", loaded.info.get("attn", ""))))
+    return {} if kernel is None else {"varlen_kernel": kernel}
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -162,6 +179,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     from aimkp.data import load_dataset
     from aimkp.models import load_model
+    from aimkp.models import precision as P
     from aimkp.models.forward import use_masked_embedding_module
     from aimkp.models.lora import apply_lora
     from aimkp.train import distributed as D
@@ -202,6 +220,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         train_projector=True,
         full=cfg.full_finetune,
     )
+    # frozen base in --dtype, trainable weights fp32; optional activation checkpointing
+    amp = P.autocast_dtype(P.resolve_dtype(cfg.dtype, device), cfg.bf16)
+    P.cast_frozen_base(loaded, P.resolve_dtype(cfg.dtype, device))
+    if cfg.gradient_checkpointing:
+        P.enable_gradient_checkpointing(loaded)
     model = loaded.model
     if cfg.full_finetune and cfg.freeze_embeddings:
         loaded.adapter.embed_tokens.weight.requires_grad_(False)
@@ -304,7 +327,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         grand_threshold=cfg.grand_threshold,
                         mask_mode=mask_mode,
                         device=device,
-                        bf16=cfg.bf16,
+                        bf16=amp,
                     )
                     d = res.decision
                     n_txt += d.num_text_copies
@@ -319,7 +342,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         n_total,
                         mask_mode=mask_mode,
                         device=device,
-                        bf16=cfg.bf16,
+                        bf16=amp,
                     )
                 loss_sum += res.loss * res.n_answer_tokens
                 tok_ans += res.n_answer_tokens

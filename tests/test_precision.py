@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import requires_cuda
 from test_models_common import (
     _one_thread,  # noqa: F401 - autouse: single-threaded tests
     random_keeps,
@@ -101,3 +102,31 @@ def test_gradient_checkpointing_is_exact_with_engine_and_reweight():
     torch.testing.assert_close(got[4], want[4], rtol=0, atol=1e-6)  # cosines
     for name in want[5]:
         torch.testing.assert_close(got[5][name], want[5][name], rtol=1e-5, atol=1e-7)
+
+
+@requires_cuda
+def test_bf16_base_step_on_cuda_close_to_fp32():
+    """The LoRA step with a bf16 frozen base under bf16 autocast (what ``--dtype auto`` does on
+    CUDA): fp32 trainable weights and gradients, loss and cosines near the fp32 step's."""
+    fp32, bf16 = tiny("tiny-llava"), tiny("tiny-llava")
+    for m in (fp32, bf16):
+        m.model.to("cuda")
+    P.cast_frozen_base(bf16, P.resolve_dtype("auto", "cuda"))
+    samples = [fp32.adapter.encode(r) for r in records()]
+    res = {}
+    for name, m, amp in (("fp32", fp32, False), ("bf16", bf16, torch.bfloat16)):
+        table = StrideTable(len(samples))
+        table.text[:] = 2
+        table.image[:] = 2
+        n_total = float(sum(s.n_answer_tokens for s in samples))
+        idx = list(range(len(samples)))
+        res[name] = aimkp_step(m, samples, idx, table, n_total, device="cuda", bf16=amp)
+    assert all(
+        p.grad.dtype == torch.float32 and bool(torch.isfinite(p.grad).all())
+        for p in bf16.model.parameters()
+        if p.requires_grad
+    )
+    assert abs(res["bf16"].loss - res["fp32"].loss) <= 2e-2 * abs(res["fp32"].loss)
+    torch.testing.assert_close(
+        res["bf16"].decision.cosines, res["fp32"].decision.cosines, atol=5e-2, rtol=0
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import requires_cuda
 from test_models_common import (
     _one_thread,  # noqa: F401 - autouse: single-threaded tests
     random_keeps,
@@ -199,3 +200,43 @@ def test_varlen_rejects_dropout_and_cross_attention():
         A.varlen_attention_forward(
             None, q, q, q, None, cu_seq_lens_q=cu, cu_seq_lens_k=torch.tensor([0, 2, 4])
         )
+
+
+@requires_cuda
+def test_torch_kernel_equals_reference_on_cuda():
+    """torch's varlen FlashAttention (bf16) against the fp32 reference, forward and backward."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cu = torch.tensor([0, 37, 38, 300, 555], dtype=torch.int32, device="cuda")
+    shape_q, shape_kv = (555, 8, 64), (555, 2, 64)
+    q = torch.randn(shape_q, generator=g, device="cuda", requires_grad=True)
+    k, v = (torch.randn(shape_kv, generator=g, device="cuda", requires_grad=True) for _ in "kv")
+    half = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    got = A.packed_attention(*half, cu, 262, 0.125, A.pick_kernel(half[0]))
+    assert A.last_kernel() == A.TORCH_KERNEL
+    want = A.varlen_reference(q, k, v, cu, 0.125)
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+    dout = torch.randn(want.shape, generator=g, device="cuda")
+    got.backward(dout.bfloat16())
+    want.backward(dout)
+    for h, f in zip(half, (q, k, v)):
+        torch.testing.assert_close(h.grad.float(), f.grad, rtol=5e-2, atol=5e-2)
+
+
+@requires_cuda
+def test_packed_varlen_equals_padded_on_cuda_bf16():
+    """tiny-llava on CUDA under bf16 autocast: the torch kernel runs every decoder layer and
+    the per-row losses match padded SDPA rows to bf16 rounding."""
+    padded, packed = tiny("tiny-llava"), tiny("tiny-llava")
+    for m in (padded, packed):
+        m.model.to("cuda")
+    A.apply_attention(packed.model, A.VARLEN_IMPL)
+    samples = [padded.adapter.encode(r) for r in records()]
+    keeps, rows = random_keeps(samples, copies=2, seed=5)
+    out = {}
+    for name, m in (("padded", padded), ("packed", packed)):
+        batch = collate_rows(m, samples, keeps, rows, layout="auto")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out[name] = forward_rows(m, batch).loss_sum.float()
+        assert batch.layout == name
+    assert A.last_kernel() == A.TORCH_KERNEL
+    torch.testing.assert_close(out["packed"], out["padded"], rtol=2e-2, atol=0)

@@ -15,7 +15,8 @@ Configs: ``cpu-tiny`` (default on CPU): the ``tiny-llava`` preset, LoRA r=16, B=
 samples; ``gpu-llava7b`` (default on CUDA): a LLaVA-1.5-7B-shaped model built from configs with
 random weights (Llama 4096/11008/32 heads, 32k vocab, ``--layers`` decoder layers; CLIP
 ViT-L/14-336 shape with ``--vision-layers`` layers, 576 image tokens), LoRA r=128 on every
-language linear layer + projector, bf16 autocast, B=8.
+language linear layer + projector (fp32), frozen base in bf16 (``--dtype auto``), bf16
+autocast, B=8.
 
 Every sample is visited at strides text=2 / image=2 (all three copies present: the AimKP step's
 most expensive state; the stride table is not advanced between repetitions).
@@ -52,6 +53,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from common import env_info, peak_memory_mb, print_table, time_fn, write_results  # noqa: E402
 
 from aimkp.models.attention import apply_attention, last_kernel, resolve_attention  # noqa: E402
+from aimkp.models.precision import cast_frozen_base  # noqa: E402
 from aimkp.train.gf import provisional_weights  # noqa: E402
 from aimkp.train.pmm import StrideTable  # noqa: E402
 from aimkp.train.reference import reference_step  # noqa: E402
@@ -174,7 +176,7 @@ def main() -> None:
     if args.memory_plan:
         import memory_plan
 
-        memory_plan.main(rest)
+        memory_plan.main(rest + (["--no-write"] if args.no_write else []))
         return
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -196,12 +198,16 @@ def main() -> None:
         bf16 = False
         shape = "tiny-llava (Llama 128x2, CLIP 64x2, 8x8 image tokens), LoRA r=16, fp32"
     else:
-        loaded = build_llava7b_shaped(args.layers, args.vision_layers, device, texts)
+        loaded = build_llava7b_shaped(
+            args.layers, args.vision_layers, device, texts, dtype=torch.float32
+        )
         apply_lora(loaded, r=128, alpha=256, dropout=0.0)
+        if device.startswith("cuda"):  # as `aimkp train --dtype auto` (autocast is CUDA-only)
+            cast_frozen_base(loaded, torch.bfloat16)
         bf16 = True
         shape = (
             f"LLaVA-1.5-7B-shaped (Llama 4096x{args.layers} layers, CLIP-L/14-336 x"
-            f"{args.vision_layers}, 576 image tokens), LoRA r=128, bf16"
+            f"{args.vision_layers}, 576 image tokens), LoRA r=128 (fp32), frozen base bf16"
         )
     loaded.model.train()
     samples = [loaded.adapter.encode(r) for r in recs]

@@ -81,8 +81,9 @@ def _install() -> list[str]:
     copy = (
         "import importlib.util, shutil, os; "
         "spec = importlib.util.find_spec('aimkp._C'); "
-        f"shutil.copy2(spec.origin, os.path.join({str(REPO / 'aimkp')!r}, "
-        "os.path.basename(spec.origin))); print('extension:', spec.origin)"
+        f"dst = os.path.join({str(REPO / 'aimkp')!r}, os.path.basename(spec.origin)); "
+        "same = os.path.exists(dst) and os.path.samefile(spec.origin, dst); "
+        "same or shutil.copy2(spec.origin, dst); print('extension:', spec.origin)"
     )
     return ["bash", "-c",
             f"{PY} -m pip install -q --no-deps --no-build-isolation {REPO} && "

@@ -130,3 +130,11 @@ def test_bf16_base_step_on_cuda_close_to_fp32():
     torch.testing.assert_close(
         res["bf16"].decision.cosines, res["fp32"].decision.cosines, atol=5e-2, rtol=0
     )
+
+
+def test_cli_half_dtype_on_cpu_is_a_one_line_user_error(capsys):
+    from aimkp.cli import main
+
+    rc = main(["train", "--device", "cpu", "--dtype", "bfloat16", "--output", "/nonexistent"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "needs a CUDA device" in err[0], err

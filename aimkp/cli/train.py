@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from typing import Any
 
 from aimkp.train.config import ATTN, DTYPES, GF_REDUCE, MASK_MODES, METHODS, TrainConfig
@@ -204,6 +205,18 @@ def _given_flags(argv: list[str] | None) -> set[str]:
     return out
 
 
+def _check_device_options(cfg: TrainConfig) -> None:
+    """Options that depend on the device (``--dtype`` half needs CUDA), before anything loads."""
+    import torch
+
+    from aimkp.models.attention import resolve_attention
+    from aimkp.models.precision import resolve_dtype
+
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    resolve_dtype(cfg.dtype, device)
+    resolve_attention(cfg.attn, device)
+
+
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -211,8 +224,10 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     )
     try:
         cfg = config_from_args(args, _given_flags(argv))
+        _check_device_options(cfg)
     except ValueError as exc:
-        raise SystemExit(f"aimkp train: {exc}") from None
+        print(f"aimkp train: {exc}", file=sys.stderr)  # a user error: one line, exit 2
+        return 2
     import torch.distributed as dist
 
     from aimkp.train.loop import train

@@ -154,6 +154,7 @@ def _torch_varlen(
     elif scale is not None:
         q = q * (scale * q.shape[-1] ** 0.5)  # the kernel applies 1 / sqrt(D)
     cu = cu.to(device=q.device, dtype=torch.int32)
+    q, k, v = (t.contiguous() for t in (q, k, v))  # [K, H, D] from transposed [1, H, K, D]
     return fn(q, k, v, cu, cu, max_len, max_len, **kw)
 
 
@@ -204,6 +205,11 @@ def varlen_attention_forward(
     if cu_k is not None and not torch.equal(cu_k, cu):
         raise ValueError("varlen attention here is self-attention: cu_seq_lens_k == cu_seq_lens_q")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [K, H, D]
+    if q.is_cuda and q.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+        # what SDPA does under autocast: an fp32 residual stream (fp32 base + --bf16) makes
+        # RoPE's q / k fp32 even though the projections ran in the autocast dtype
+        half = torch.get_autocast_dtype("cuda")
+        q, k, v = (t.to(half) for t in (q, k, v))
     max_len = kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max())
     out = packed_attention(q, k, v, cu, int(max_len), scaling, pick_kernel(q))
     return out.unsqueeze(0), None

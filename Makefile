@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.aimkp-installed
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format bench gpu-wheels gpu-check clean
 
 # Creates the virtual environment, installs the local CPU build of torch only when torch is missing,
 # then builds and installs aimkp (editable, with the C++/CUDA extension) and its extras.
@@ -40,6 +40,22 @@ bench: setup
 	$(BIN)/python benchmarks/bench_masked_embedding.py
 	$(BIN)/python benchmarks/bench_grad_gram.py
 	$(BIN)/python benchmarks/bench_train_step.py
+
+# Wheels the GPU machine lacks (Python 3.12 there; it has their dependencies: click, joblib, regex,
+# tqdm, numpy, scipy, opt-einsum), into the ignored .whl/ that travels with the checkout.
+GPU_WHEELS ?= nltk==3.10.4 opacus==1.6.0
+gpu-wheels:
+	mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+
+# Everything a GPU shows in at most 8 minutes (one H100 / H200): carried wheels, the sm_90 build,
+# CUDA tests, compute-sanitizer, the benchmarks' GPU configs; OUT/gpu_check.json says what ran.
+# Without CUDA every GPU step is skipped (exit 0). No venv: the GPU machine's python3 has torch.
+OUT ?= gpu-check-out
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --out $(OUT)
 
 clean:
 	rm -rf build dist *.egg-info aimkp/_C*.so $(VENV)

@@ -18,7 +18,16 @@ if not torch.cuda.is_available():
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA_REASON = "needs a CUDA device"
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests skipped for want of CUDA also carry the ``requires_cuda`` marker, so that
+    ``pytest -m requires_cuda`` (``make gpu-check``) selects exactly them."""
+    for item in items:
+        if any(m.kwargs.get("reason") == CUDA_REASON for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.requires_cuda)
 
 
 @pytest.fixture

@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from typing import Any
 
 from aimkp.cli._common import add_read_arguments, check_device, check_output_dir, removed_if_empty
-from aimkp.train.config import ATTN, GF_REDUCE, MASK_MODES, METHODS, TrainConfig
+from aimkp.train.config import ATTN, DTYPES, GF_REDUCE, MASK_MODES, METHODS, TrainConfig
 
 HELP = "train a model (AimKP: PMM + gradient-based filtering, or plain SFT)"
 
@@ -79,10 +80,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=MASK_MODES,
         default=_D.mask_mode,
         help="compact (default): hidden tokens dropped, kept ones keep their positions; rows "
-        "packed (varlen) with --attn flash, padded to the longest kept row otherwise; attention: "
-        "the reference formulation (full rows, hidden tokens masked); auto: same as compact",
+        "packed (varlen) with --attn varlen / flash, padded to the longest kept row otherwise; "
+        "attention: the reference formulation (full rows, hidden tokens masked); auto: same as "
+        "compact",
     )
-    g.add_argument("--attn", choices=ATTN, default=_D.attn)
+    g.add_argument(
+        "--attn",
+        choices=ATTN,
+        default=_D.attn,
+        help="auto (default): varlen on CUDA where torch has its varlen FlashAttention kernel, "
+        "sdpa otherwise; varlen: compact rows packed into one sequence (cu_seqlens) through "
+        "torch.nn.attention.varlen (CUDA, bf16/fp16) or a per-row reference (CPU); flash: "
+        "flash-attn's varlen kernel (needs flash-attn); sdpa / eager: rows padded",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=_D.epochs)
     g.add_argument("--batch-size", type=int, default=_D.batch_size, help="micro-batch size")
@@ -111,6 +121,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="with --full-finetune: keep the input embedding table frozen",
     )
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    g.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=_D.dtype,
+        help="dtype of the FROZEN base weights (auto: bfloat16 on CUDA, float32 on CPU); "
+        "trainable LoRA / projector weights and the optimizer state stay float32, computing "
+        "under autocast",
+    )
+    g.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute decoder activations in the backward (non-reentrant) to save memory",
+    )
     g.add_argument("--max-new-tokens", type=int, default=_D.max_new_tokens)
     g.add_argument("--device", default=None)
     g.add_argument(
@@ -164,6 +187,8 @@ def config_from_args(args: argparse.Namespace, argv_flags: set[str] | None = Non
         "mask_mode": args.mask_mode,
         "attn": args.attn,
         "bf16": args.bf16,
+        "dtype": args.dtype,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "max_train_samples": args.max_train_samples,
         "eval_max_samples": args.eval_max_samples,
         "eval_every_epoch": not args.no_eval,
@@ -185,7 +210,6 @@ def config_from_args(args: argparse.Namespace, argv_flags: set[str] | None = Non
 
 def _given_flags(argv: list[str] | None) -> set[str]:
     """Config field names whose flag appears on the command line (``--lr 1e-3`` -> ``lr``)."""
-    import sys
 
     argv = sys.argv[1:] if argv is None else argv
     out = set()
@@ -194,6 +218,18 @@ def _given_flags(argv: list[str] | None) -> set[str]:
             name = a[2:].split("=", 1)[0].replace("-", "_")
             out.add({"preset": "model", "threads": "num_threads"}.get(name, name))
     return out
+
+
+def _check_device_options(cfg: TrainConfig) -> None:
+    """Options that depend on the device (``--dtype`` half needs CUDA), before anything loads."""
+    import torch
+
+    from aimkp.models.attention import resolve_attention
+    from aimkp.models.precision import resolve_dtype
+
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    resolve_dtype(cfg.dtype, device)
+    resolve_attention(cfg.attn, device)
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
@@ -228,6 +264,7 @@ def _check_before_training(cfg: TrainConfig) -> None:
 
     check_output_dir(cfg.output, "--output")
     check_device(cfg.device)
+    _check_device_options(cfg)
     check_model_spec(cfg.model)
     if cfg.resume is not None:
         from aimkp.train.state import find_train_state

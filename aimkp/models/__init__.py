@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +26,7 @@ from aimkp.models.adapter import (
     register_adapter,
     unwrap_model,
 )
+from aimkp.models.attention import apply_attention
 from aimkp.models.checkpoint import ADAPTER_CONFIG, save_checkpoint
 from aimkp.models.forward import (
     ForwardRecord,
@@ -37,8 +37,6 @@ from aimkp.models.forward import (
     forward_rows,
 )
 from aimkp.models.hub import looks_like_hub_id, resolve_hub_id
-
-ATTN_IMPLEMENTATIONS = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}
 
 __all__ = [
     "QUESTION",
@@ -90,12 +88,10 @@ class LoadedModel:
         return self.adapter.embed_tokens.weight.device
 
 
-def _attn_name(attn: str) -> str:
-    if attn not in ATTN_IMPLEMENTATIONS:
-        raise UsageError(f"attn must be one of {sorted(ATTN_IMPLEMENTATIONS)}, got {attn!r}")
-    if attn == "flash" and importlib.util.find_spec("flash_attn") is None:
-        raise UsageError("attn='flash' needs the flash-attn package (pip install aimkp[flash])")
-    return ATTN_IMPLEMENTATIONS[attn]
+def _attn_name(attn: str, device: torch.device | str | None = None) -> str:
+    from aimkp.models.attention import resolve_attention
+
+    return resolve_attention(attn, device)
 
 
 def check_model_spec(spec: str | pathlib.Path) -> str:
@@ -171,13 +167,15 @@ def load_model(
             local Hugging Face cache. Nothing is ever downloaded.
         train_texts: texts the preset tokenizer is trained on (default: the default dataset).
         dtype: parameter dtype (default float32 for presets, the checkpoint's otherwise).
-        attn: ``"sdpa"``, ``"eager"`` or ``"flash"`` (flash-attn varlen; needs flash_attn).
+        attn: ``"auto"`` (varlen on CUDA where torch has the kernel, else sdpa), ``"sdpa"``,
+            ``"varlen"`` (packed rows through :mod:`aimkp.models.attention`), ``"eager"`` or
+            ``"flash"`` (flash-attn varlen; needs flash_attn).
         device: where to move the model.
         seed: initialisation seed of presets.
     """
     from aimkp.models.presets import PRESETS, build_preset
 
-    impl = _attn_name(attn)
+    impl = _attn_name(attn, device)
     spec_s = check_model_spec(spec)
     if spec_s in PRESETS:
         model, tok, proc = build_preset(spec_s, train_texts, seed=seed)
@@ -195,7 +193,7 @@ def load_model(
         model, tok, proc, preset, info = load_local(snapshot, dtype=dtype, attn=impl)
         _check_tokenizer(spec_s, model, tok)
         info["hub_id"] = spec_s
-    model.set_attn_implementation(impl)
+    apply_attention(model, impl)
     if dtype is not None:
         model.to(dtype=dtype)
     if device is not None:

@@ -43,12 +43,13 @@ from aimkp.ops import MaskedEmbedding, last_backend, masked_embedding
 
 if TYPE_CHECKING:
     from aimkp.models import LoadedModel
+from aimkp.models.attention import VARLEN_IMPL
 
 MODES = ("compact", "attention")
 LAYOUTS = ("packed", "padded", "auto")
 # Attention implementations that take packed rows as ``cu_seq_lens_q/k`` + ``max_length_q/k``
-# (flash-attn varlen) instead of a 4-D mask.
-VARLEN_ATTENTION = {"flash_attention_2", "flash_attention_3"}
+# (flash-attn varlen, aimkp's registered varlen attention) instead of a 4-D mask.
+VARLEN_ATTENTION = {"flash_attention_2", "flash_attention_3", VARLEN_IMPL}
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,8 @@ class RowBatch:
         cu_seqlens: IntTensor ``[R+1]`` row offsets in the packed sequence (compact), else None.
         max_seqlen: longest packed row (compact) or ``T_max`` (attention).
         attn_mask: BoolTensor 4-D (True = may attend): compact ``[1, 1, K, K]`` block-diagonal
-            causal, attention ``[R, 1, T, T]``; None on the flash path.
+            causal, attention ``[R, 1, T, T]``; None on the flash path; ``[1, K]`` all True
+            on aimkp's varlen path.
         pred_index: LongTensor ``[A]`` flat index into the hidden states (``[K]`` compact,
             ``[R * T_max]`` attention) of each position that predicts an answer token.
         pred_row: LongTensor ``[A]`` row of each such position.
@@ -279,7 +281,11 @@ def collate_rows(
             layout = "packed" if adapter.attn_implementation in VARLEN_ATTENTION else "padded"
         if layout == "packed":
             attn_mask = None
-            if adapter.attn_implementation not in VARLEN_ATTENTION:
+            if adapter.attn_implementation == VARLEN_IMPL:
+                # an all-kept 2-D mask: transformers then infers no packed sequences from the
+                # jumping position ids, and SDPA's mask builder returns None
+                attn_mask = torch.ones(1, K, dtype=torch.bool)
+            elif adapter.attn_implementation not in VARLEN_ATTENTION:
                 # built on the device: the dense mask is K x K
                 seg = torch.repeat_interleave(torch.arange(R), counts.long()).to(device)
                 causal = torch.ones(K, K, dtype=torch.bool, device=device).tril_()

@@ -20,7 +20,8 @@ from aimkp.errors import UsageError
 
 METHODS = ("aimkp", "sft")
 MASK_MODES = ("compact", "attention", "auto")
-ATTN = ("sdpa", "flash", "eager")
+ATTN = ("auto", "sdpa", "varlen", "flash", "eager")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 GF_REDUCE = ("mean", "sum")
 # Fields older config.json files may hold that nothing reads any more (dropped on load).
 RETIRED_FIELDS = ("log_every", "extra")
@@ -60,8 +61,10 @@ class TrainConfig:
     gf_reduce: str = "mean"
     grand_threshold: float | None = None
     mask_mode: str = "compact"
-    attn: str = "sdpa"
+    attn: str = "auto"
     bf16: bool = False
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False
     max_train_samples: int | None = None
     eval_max_samples: int | None = None
     eval_every_epoch: bool = True
@@ -86,6 +89,7 @@ class TrainConfig:
             ("method", METHODS),
             ("mask_mode", MASK_MODES),
             ("attn", ATTN),
+            ("dtype", DTYPES),
             ("gf_reduce", GF_REDUCE),
             ("on_missing_image", ON_MISSING_IMAGE),
             ("on_bad_record", ON_BAD_RECORD),

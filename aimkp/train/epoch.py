@@ -42,7 +42,7 @@ def micro_step(run: TrainRun, indices: Sequence[int], n_total: float) -> StepRes
             n_total,
             mask_mode=run.mask_mode,
             device=run.device,
-            bf16=cfg.bf16,
+            bf16=run.amp,
         )
     return aimkp_step(
         run.loaded,
@@ -56,7 +56,7 @@ def micro_step(run: TrainRun, indices: Sequence[int], n_total: float) -> StepRes
         grand_threshold=cfg.grand_threshold,
         mask_mode=run.mask_mode,
         device=run.device,
-        bf16=cfg.bf16,
+        bf16=run.amp,
     )
 
 
@@ -105,10 +105,14 @@ def backend_names(res: StepResult) -> dict[str, str]:
     ran = res.ran
     if ran is None:
         raise ValueError("the step result has no record of its row forward")
+    from aimkp.models.attention import kernel_name
+
+    kernel = kernel_name(ran.attention)
     return {
         "row_mode": ran.mode,
         "row_layout": ran.layout,
         "attention": ran.attention,
+        **({} if kernel is None else {"varlen_kernel": kernel}),
         "masked_embedding": f"{ran.embedding} [{ran.embedding_backend}]",
         "grad_engine": res.engine_backend or "- (no masked copies in this step)",
     }

@@ -7,6 +7,10 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import torch
+
+from aimkp.train.step import autocast_ctx
+
 if TYPE_CHECKING:
     from aimkp.data import Record
     from aimkp.models import LoadedModel
@@ -31,6 +35,13 @@ def score_predictions(preds: list[list[str]], records: Sequence[Record]) -> Scor
     return out
 
 
+def _eval_amp(cfg: TrainConfig, device: torch.device) -> bool | torch.dtype:
+    """Autocast for decoding: a half frozen base computes with fp32 trainable weights."""
+    from aimkp.models import precision as P
+
+    return P.autocast_dtype(P.resolve_dtype(cfg.dtype, device), cfg.bf16)
+
+
 def evaluate(loaded: LoadedModel, records: Sequence[Record], cfg: TrainConfig) -> Scores:
     """Greedy decoding on ``records`` and CMKP scores; the model is left in train mode."""
     from aimkp.eval.predict import Predictor
@@ -40,7 +51,8 @@ def evaluate(loaded: LoadedModel, records: Sequence[Record], cfg: TrainConfig) -
     model.eval()
     try:
         pred = Predictor(loaded, decoding="greedy", max_new_tokens=cfg.max_new_tokens)
-        preds = pred.predict(list(records))
+        with autocast_ctx(loaded.device, _eval_amp(cfg, loaded.device)):
+            preds = pred.predict(list(records))
     finally:
         model.train(was_training)
     return score_predictions(preds, records)

@@ -69,6 +69,13 @@ class TrainRun:
         return self.ctx.is_main
 
     @property
+    def amp(self) -> bool | torch.dtype:
+        """The step's autocast: the frozen base's half dtype (``--dtype``), else ``--bf16``."""
+        from aimkp.models import precision as P
+
+        return P.autocast_dtype(P.resolve_dtype(self.cfg.dtype, self.device), self.cfg.bf16)
+
+    @property
     def last_epoch(self) -> int:
         """The epoch this invocation stops after (``stop_after_epochs`` caps ``epochs``)."""
         cfg = self.cfg
@@ -130,6 +137,7 @@ def _load_trainable_model(
 ) -> LoadedModel:
     """The model with LoRA (or full fine-tuning) applied and the input embedding set up."""
     from aimkp.models import load_model
+    from aimkp.models import precision as P
     from aimkp.models.forward import use_masked_embedding_module
     from aimkp.models.lora import apply_lora
 
@@ -150,6 +158,10 @@ def _load_trainable_model(
         train_projector=True,
         full=cfg.full_finetune,
     )
+    # the frozen base in --dtype (trainable weights stay fp32); optional activation checkpointing
+    P.cast_frozen_base(loaded, P.resolve_dtype(cfg.dtype, device))
+    if cfg.gradient_checkpointing:
+        P.enable_gradient_checkpointing(loaded)
     if cfg.full_finetune and cfg.freeze_embeddings:
         loaded.adapter.embed_tokens.weight.requires_grad_(False)
         log.info("full fine-tuning: input embedding frozen (--freeze-embeddings)")

@@ -79,11 +79,14 @@ class StepRows:
         return int(sum(int(k.sum()) for k in self.keeps))
 
 
-def autocast_ctx(device: Device, bf16: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when asked, else a no-op context."""
+def autocast_ctx(device: Device, bf16: bool | torch.dtype) -> contextlib.AbstractContextManager:
+    """Autocast on CUDA when asked (``bf16`` True: bf16; a dtype: that dtype, the frozen base's
+    half dtype of ``--dtype``), else a no-op context."""
     device = torch.device(device)
     if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast(
+            "cuda", dtype=bf16 if isinstance(bf16, torch.dtype) else torch.bfloat16
+        )
     return contextlib.nullcontext()
 
 

@@ -1,0 +1,261 @@
+"""Everything a GPU can show about aimkp, in one command (``make gpu-check OUT=DIR``).
+
+Steps, each with its own timeout inside an 8-minute budget (one H100 / H200):
+
+1. ``env``          versions, the device (``nvidia-smi -L``);
+2. ``wheels``       carried wheels for what the GPU machine lacks (``make gpu-wheels`` fills the
+                    ignored ``.whl/``: nltk, opacus) installed into ``/tmp/site`` (``PYTHONPATH``
+                    of every later step);
+3. ``install``      ``pip install --no-deps --no-build-isolation .`` with the CUDA sources built
+                    for sm_90 only (``AIMKP_CUDA_ARCHS=90``, ``MAX_JOBS=16``); the built
+                    extension is copied into the checkout so the tests import it;
+4. ``cuda_tests``   the CUDA-only tests (``-m requires_cuda``);
+5. ``bench_masked_embedding``, ``bench_grad_gram``, ``bench_train_step``, ``memory_plan``: the
+                    benchmarks at their GPU configurations (7B-shaped, few layers), result files
+                    written into DIR (``AIMKP_BENCH_OUT``);
+6. ``sanitizer``    a short subset of the CUDA kernel tests under ``compute-sanitizer --tool
+                    memcheck`` (last: it gets what is left of the budget).
+
+``DIR/gpu_check.json``: ``{"device", "budget_s", "total_s", "steps": [{"name", "status"
+(ran | skipped | failed), "seconds", "reason"}]}``; each step's output goes to
+``DIR/gpu_check.log``. Without CUDA (or with ``--dry-run``) every GPU step is ``skipped`` with its
+reason and the command exits 0; on a GPU it exits 1 when a step failed.
+
+Usage::
+
+    python benchmarks/gpu_check.py --out DIR [--dry-run] [--budget-s 470]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SITE = "/tmp/site"
+PY = sys.executable
+# the kernel tests that run under compute-sanitizer: the CUDA C++ masked-embedding op, forward
+# and backward, both layouts (a few seconds natively; memcheck slows CUDA code 10-100x)
+SANITIZER_TESTS = ["tests/test_masked_embedding.py", "-m", "requires_cuda", "-k", "cuda"]
+
+
+@dataclasses.dataclass
+class Step:
+    """One check: a command (or a callable building it), its timeout and whether it needs CUDA."""
+
+    name: str
+    timeout_s: int
+    command: Callable[[], list[str] | None]
+    needs_cuda: bool = True
+    needs: str | None = None  # an executable that must be on PATH
+
+
+def _pytest(*args: str) -> list[str]:
+    return [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+
+
+def _bench(script: str, *args: str) -> list[str]:
+    return [PY, str(REPO / "benchmarks" / script), *args]
+
+
+def _wheels() -> list[str] | None:
+    wheels = sorted(glob.glob(str(REPO / ".whl" / "*.whl")))
+    if not wheels:
+        return None  # nothing carried: skipped
+    return [PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+            "--upgrade", "--target", SITE, *wheels]  # fmt: skip
+
+
+def _install() -> list[str]:
+    # pip builds in a temporary copy; the extension it installed is then copied beside the
+    # checkout's sources (which tests and benchmarks import first)
+    copy = (
+        "import importlib.util, shutil, os; "
+        "spec = importlib.util.find_spec('aimkp._C'); "
+        f"dst = os.path.join({str(REPO / 'aimkp')!r}, os.path.basename(spec.origin)); "
+        "same = os.path.exists(dst) and os.path.samefile(spec.origin, dst); "
+        "same or shutil.copy2(spec.origin, dst); print('extension:', spec.origin)"
+    )
+    return ["bash", "-c",
+            f"{PY} -m pip install -q --no-deps --no-build-isolation {REPO} && "
+            f"cd /tmp && {PY} -c \"{copy}\""]  # fmt: skip
+
+
+def steps() -> list[Step]:
+    """The checks in order, most informative first (their timeouts sum to more than the
+    budget: whatever is left of it caps each step, the last ones first)."""
+    return [
+        Step("env", 60, lambda: [PY, "-c", _ENV], needs_cuda=False),
+        Step("wheels", 30, _wheels),
+        Step("install", 120, _install),
+        Step("cuda_tests", 75, lambda: _pytest("-x", "-m", "requires_cuda", "tests")),
+        Step(
+            "bench_masked_embedding",
+            40,
+            lambda: _bench(
+                "bench_masked_embedding.py",
+                "--dtype",
+                "bfloat16",
+                "--rep",
+                "20",
+                "--providers",
+                "aimkp,aimkp-cuda,eager",
+            ),  # fmt: skip
+        ),
+        Step("bench_grad_gram", 50, lambda: _bench("bench_grad_gram.py", "--quick")),
+        Step(
+            "bench_train_step",
+            90,
+            lambda: _bench(
+                "bench_train_step.py",
+                "--config",
+                "gpu-llava7b",
+                "--layers",
+                "2",
+                "--vision-layers",
+                "2",
+                "--quick",
+                "--mask-mode",
+                "compact",
+            ),  # fmt: skip
+        ),
+        Step(
+            "memory_plan",
+            40,
+            lambda: _bench(
+                "bench_train_step.py", "--config", "gpu-llava7b", "--memory-plan", "--samples", "2"
+            ),  # fmt: skip
+        ),
+        Step(
+            "sanitizer",
+            60,
+            lambda: [
+                "compute-sanitizer",
+                "--tool",
+                "memcheck",
+                "--error-exitcode",
+                "3",
+                *_pytest("-x", *SANITIZER_TESTS),
+            ],  # fmt: skip
+            needs="compute-sanitizer",
+        ),
+    ]
+
+
+_ENV = (
+    "import platform, importlib.metadata as md, torch\n"
+    "def v(n):\n"
+    " try: return md.version(n)\n"
+    " except md.PackageNotFoundError: return 'missing'\n"
+    "print('python', platform.python_version(), 'torch', torch.__version__, 'transformers', "
+    "v('transformers'), 'triton', v('triton'), 'peft', v('peft'), 'nltk', v('nltk'), "
+    "'opacus', v('opacus'))\n"
+    "print('cuda', torch.cuda.is_available(), torch.version.cuda)\n"
+    "if torch.cuda.is_available(): print(torch.cuda.get_device_name(0))\n"
+)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def _skip_reason(step: Step, cuda: bool, dry_run: bool, left: float) -> str | None:
+    if step.needs_cuda and dry_run:
+        return "dry run: GPU steps are not run"
+    if step.needs_cuda and not cuda:
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    if step.needs and shutil.which(step.needs) is None:
+        return f"{step.needs} is not on PATH"
+    if left < 10:
+        return f"the {int(left)} s left of the budget are too few"
+    return None
+
+
+def run_step(step: Step, timeout: float, env: dict[str, str], log) -> tuple[str, str]:
+    """(status, reason) of one command; its output appended to ``log``."""
+    cmd = step.command()
+    if cmd is None:
+        return "skipped", "nothing to do (no carried wheels in .whl/)"
+    log.write(f"\n===== {step.name}: {' '.join(cmd)}\n")
+    log.flush()
+    try:
+        p = subprocess.run(
+            cmd, cwd=REPO, env=env, timeout=timeout, stdout=log, stderr=subprocess.STDOUT
+        )
+    except subprocess.TimeoutExpired:
+        return "failed", f"timed out after {timeout:.0f} s"
+    except OSError as exc:
+        return "failed", f"could not start: {exc}"
+    if p.returncode != 0:
+        return "failed", f"exit status {p.returncode} (see gpu_check.log)"
+    return "ran", ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", required=True, help="directory for gpu_check.json, log, results")
+    ap.add_argument("--dry-run", action="store_true", help="skip every GPU step (CPU check)")
+    ap.add_argument("--budget-s", type=float, default=470.0, help="all steps together")
+    args = ap.parse_args(argv)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cuda = _cuda_available()
+    env = dict(os.environ)
+    env.update(
+        AIMKP_BENCH_OUT=str(out.resolve()),
+        AIMKP_CUDA_ARCHS="90",
+        MAX_JOBS="16",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(p for p in (SITE, env.get("PYTHONPATH", "")) if p),
+    )
+    t_start = time.perf_counter()
+    results = []
+    with (out / "gpu_check.log").open("w") as log:
+        for step in steps():
+            left = args.budget_s - (time.perf_counter() - t_start)
+            t0 = time.perf_counter()
+            reason = _skip_reason(step, cuda, args.dry_run, left)
+            if reason is not None:
+                status = "skipped"
+            else:
+                status, reason = run_step(step, min(step.timeout_s, left), env, log)
+            seconds = round(time.perf_counter() - t0, 2)
+            results.append(
+                {"name": step.name, "status": status, "seconds": seconds, "reason": reason}
+            )
+            print(f"[gpu-check] {step.name}: {status} ({seconds:.0f} s) {reason}", flush=True)
+    report = {
+        "device": _device_name(cuda),
+        "budget_s": args.budget_s,
+        "total_s": round(time.perf_counter() - t_start, 2),
+        "steps": results,
+    }
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"[gpu-check] wrote {out / 'gpu_check.json'}")
+    failed = [r["name"] for r in results if r["status"] == "failed"]
+    return 1 if failed and cuda and not args.dry_run else 0
+
+
+def _device_name(cuda: bool) -> str:
+    if not cuda:
+        return "no CUDA device"
+    import torch
+
+    return torch.cuda.get_device_name(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

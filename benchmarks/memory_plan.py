@@ -1,0 +1,480 @@
+"""Memory plan of the AimKP step at the LLaVA-1.5-7B shape, measured on one decoder layer.
+
+What the exact reweight keeps until the filter decides (the engine's stash: per LoRA layer the
+tokens - inputs and output gradients - or the per-row gradients) is the engine's memory risk at
+scale. This builds the 7B shapes with ONE decoder layer (Llama 4096 / 11008 / 32 heads, vocab
+32,064 as llava-1.5-7b-hf) and one CLIP ViT-L/14-336 layer (1024 / 16 heads, 576 image tokens),
+LoRA r=128 on every language linear layer + the projector, random weights, fp32 on the CPU, and
+measures for a few samples (strides 2 / 2: original + text copy + image copy per sample):
+
+- the AimKP step's peak memory above the weights (torch profiler's CPU memory timeline, as in
+  ``benchmarks/common.py``; CUDA: the allocator's peak), for each engine reweight storage
+  (``tokens``, ``rows``, ``auto``) and for the reference algorithm (``aimkp/train/reference.py``);
+- what the engine keeps per decoder layer: the stash tensors' bytes counted directly (storage
+  de-duplicated), and the activations autograd saves inside that layer (saved-tensor hooks,
+  weights excluded).
+
+It then extrapolates to 32 layers and B samples (default 8: 24 rows) in bf16, next to 80 GB and
+141 GB (``extrapolate``): everything that scales with tokens is scaled linearly from the measured
+samples (rows, kept tokens and image tokens per sample are the same for every sample of the
+default data to within their text lengths); bf16 halves the element size of activations and of
+the ``tokens`` stash (a dtype change: under bf16 autocast those tensors are bf16), and not of the
+``rows`` stash (the engine keeps per-row gradients in fp32) nor of trainable weights, their
+gradients and AdamW state (fp32). Frozen weights are counted for the 32-layer model in bf16.
+
+Usage::
+
+    python benchmarks/bench_train_step.py --config gpu-llava7b --memory-plan [--samples 1]
+    python benchmarks/memory_plan.py --samples 2 --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+GB = 1e9
+LAYERS_7B = 32
+DEVICE_GB = (80, 141)
+STORAGES = ("tokens", "rows", "auto")
+
+
+def tensor_bytes(obj: Any, seen: set[int] | None = None) -> dict[str, int]:
+    """Bytes of the tensors reachable from ``obj`` (tensors, dataclasses, tuples / lists /
+    dicts, plain objects' attributes), each storage once: ``{"float": ..., "other": ...}``."""
+    seen = set() if seen is None else seen
+    out = {"float": 0, "other": 0}
+
+    def walk(x: Any, depth: int = 0) -> None:
+        if depth > 4 or x is None:
+            return
+        if isinstance(x, torch.Tensor):
+            ptr = x.untyped_storage().data_ptr()
+            if ptr in seen or x.numel() == 0:
+                return
+            seen.add(ptr)
+            out["float" if x.is_floating_point() else "other"] += x.untyped_storage().nbytes()
+            return
+        if isinstance(x, (list, tuple)):
+            for y in x:
+                walk(y, depth + 1)
+        elif isinstance(x, dict):
+            for y in x.values():
+                walk(y, depth + 1)
+        elif dataclasses.is_dataclass(x) or hasattr(x, "__dict__"):
+            for y in vars(x).values():
+                walk(y, depth + 1)
+
+    walk(obj)
+    return out
+
+
+@dataclasses.dataclass
+class StashCount:
+    """Stash bytes of one step: per decoder layer 0 and elsewhere, by stash kind."""
+
+    layer_tokens: int = 0  # Tokens kept (activation dtype: halves in bf16)
+    layer_rows: int = 0  # per-row gradients (fp32 always)
+    layer_shared: int = 0  # of layer_tokens: storages autograd also saved (layer inputs)
+    other: int = 0  # projector and any module outside the decoder layers
+    kinds: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def count_stash(gram: Any, layer_prefix: str, saved: set[int]) -> StashCount | None:
+    """What ``gram`` keeps for ``reweight`` (None where this engine exposes no stash list);
+    ``saved``: storages autograd saved in the layer (the stash shares the layer inputs)."""
+    stash = getattr(gram, "_stash", None)  # the engine's ReweightStash (private: a benchmark)
+    if stash is None:
+        return None
+    c = StashCount()
+    seen: set[int] = set()
+    for st, kept in stash.entries:
+        before = set(seen)
+        b = tensor_bytes(kept, seen)
+        n = b["float"] + b["other"]
+        kind = "rows" if "RowGrads" in type(kept).__name__ else "tokens"
+        c.kinds[kind] = c.kinds.get(kind, 0) + n
+        if layer_prefix in f"{st.name}.":
+            if kind == "rows":
+                c.layer_rows += n
+            else:
+                c.layer_tokens += n
+                shared = (seen - before) & saved
+                c.layer_shared += tensor_bytes(
+                    [t for t in _tensors(kept) if t.untyped_storage().data_ptr() in shared]
+                )["float"]
+        else:
+            c.other += n
+    return c
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """The tensor attributes of one stash entry (a / g / rows / offsets / extra, or G / S)."""
+    vals = vars(obj).values() if hasattr(obj, "__dict__") else obj
+    return [v for v in vals if isinstance(v, torch.Tensor)]
+
+
+@contextlib.contextmanager
+def saved_in_layer(layer: torch.nn.Module, params: set[int]) -> Iterator[dict[str, int]]:
+    """Bytes autograd saves for the backward while ``layer`` runs forward (weights excluded)."""
+    inside = [False]
+    seen: set[int] = set()
+    out: dict[str, Any] = {"bytes": 0, "scores": 0, "ptrs": seen}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if inside[0] and isinstance(t, torch.Tensor):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in seen and ptr not in params:
+                seen.add(ptr)
+                # [.., H, T, T] attention probabilities: the CPU's math SDPA keeps them, the
+                # GPU's FlashAttention kernels keep none (O(T) statistics)
+                square = t.dim() == 4 and t.shape[-1] == t.shape[-2] >= 16
+                out["scores" if square else "bytes"] += t.untyped_storage().nbytes()
+        return t
+
+    h1 = layer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
+    h2 = layer.register_forward_hook(lambda *a: inside.__setitem__(0, False))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield out
+    finally:
+        h1.remove()
+        h2.remove()
+
+
+@contextlib.contextmanager
+def engine_storage(storage: str, counts: list, saved: set[int]) -> Iterator[None]:
+    """Make ``aimkp_step``'s engine keep ``storage`` and record its stash after the backward."""
+    import aimkp.engine as E
+
+    real = E.per_sample_grad_gram
+
+    class Counting:
+        def __init__(self, gram: Any, prefix: str) -> None:
+            self.gram, self.prefix = gram, prefix
+
+        def __enter__(self) -> Any:
+            return self.gram.__enter__()
+
+        def __exit__(self, *exc: Any) -> Any:
+            r = self.gram.__exit__(*exc)
+            counts.append(count_stash(self.gram, self.prefix, saved))
+            return r
+
+    def patched(model: Any, **kw: Any) -> Any:
+        return Counting(real(model, reweight_storage=storage, **kw), engine_storage.prefix)
+
+    E.per_sample_grad_gram = patched
+    try:
+        yield
+    finally:
+        E.per_sample_grad_gram = real
+
+
+engine_storage.prefix = ".layers.0."
+
+
+def param_split(model: torch.nn.Module, layer: torch.nn.Module) -> dict[str, int]:
+    """Parameter counts: frozen / trainable, inside decoder layer 0 and elsewhere."""
+    in_layer = {id(p) for p in layer.parameters()}
+    out = {"frozen_layer": 0, "frozen_other": 0, "train_layer": 0, "train_other": 0}
+    for p in model.parameters():
+        key = ("train" if p.requires_grad else "frozen") + (
+            "_layer" if id(p) in in_layer else "_other"
+        )
+        out[key] += p.numel()
+    return out
+
+
+def extrapolate(m: dict[str, Any], layers: int, batch: int) -> dict[str, float]:
+    """GB at ``layers`` decoder layers and ``batch`` samples in bf16 (see the module doc).
+
+    ``m``: measured bytes at 1 layer and ``m["samples"]`` samples: ``peak`` (step above the
+    weights), ``saved`` (activations saved in layer 0), ``stash_tokens`` / ``stash_rows``
+    (layer 0's stash by kind), ``stash_other``, and the parameter split ``params``."""
+    scale = batch / m["samples"]
+    p = m["params"]
+    half = 2 / m.get("act_bytes", 4)  # measured in fp32 (CPU): bf16 halves; measured bf16: 1
+    weights = (p["frozen_layer"] * layers + p["frozen_other"]) * 2
+    trainable = p["train_layer"] * layers + p["train_other"]
+    state = trainable * 4 * 4  # fp32 weight, gradient, AdamW exp_avg and exp_avg_sq
+    # upper bound of what is live at once: autograd's saved activations (freed layer by layer in
+    # the backward) + the stash not shared with them (kept from the backward to the reweight)
+    own_tokens = m["stash_tokens"] - m.get("stash_shared", 0)
+    per_layer = (m["saved"] + own_tokens) * half + m["stash_rows"]
+    measured_layer = m["saved"] + own_tokens + m["stash_rows"]
+    # vision, logits, engine work: the measured peak less the parts counted (and less the CPU's
+    # attention probabilities, which a GPU's FlashAttention never stores)
+    counted = measured_layer + m.get("saved_scores", 0) + m["stash_other"]
+    rest = max(0.0, m["peak"] - counted) * half
+    if m.get("ckpt_held") is not None:
+        # checkpointing: every layer keeps its input (the checkpoint) and the hooked layers'
+        # inputs the engine holds until their gradients arrive; one layer's activations are
+        # recomputed at a time (a one-off term, in "other")
+        per_layer = m["ckpt_held"] * half + m["stash_rows"]
+        rest += m["saved"] * half
+    clones = m.get("clones_per_layer", 0) * layers + m.get("clones_other", 0)
+    layer_part = per_layer * layers * (1 if m.get("per_sample") else scale)
+    steady = m["stash_other"] + rest if m.get("per_sample") else (m["stash_other"] + rest) * scale
+    total = weights + state + layer_part + steady + clones
+    return {
+        "weights_gb": weights / GB,
+        "trainable_state_gb": state / GB,
+        "layers_gb": layer_part / GB,
+        "other_gb": (steady + clones) / GB,
+        "total_gb": total / GB,
+    }
+
+
+def _build(args: argparse.Namespace) -> tuple[Any, list, list[str]]:
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+    from bench_train_step import build_llava7b_shaped
+
+    from aimkp.data import load_dataset
+    from aimkp.models.lora import apply_lora
+
+    recs = [r for r in load_dataset("default", "train") if r.image_path or r.image][: args.samples]
+    texts = [r.text for r in recs] + [", ".join(r.keyphrases) for r in recs]
+    torch.manual_seed(0)
+    loaded = build_llava7b_shaped(1, 1, args.device, texts, dtype=torch.float32)
+    apply_lora(loaded, r=128, alpha=256, dropout=0.0)
+    if args.device != "cpu":  # as a 7B LoRA run on CUDA: frozen base bf16, trainable fp32
+        from aimkp.models.precision import cast_frozen_base
+
+        cast_frozen_base(loaded, torch.bfloat16)
+    from aimkp.models.attention import apply_attention, resolve_attention
+
+    # packed rows as on the GPU (there: torch's varlen kernel; here: the per-row reference)
+    apply_attention(loaded.model, resolve_attention(args.attn, args.device))
+    loaded.model.train()
+    samples = [loaded.adapter.encode(r) for r in recs]
+    return loaded, samples, texts
+
+
+def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One AimKP step per reweight storage and one reference step; measured bytes per row."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+    from common import peak_memory_mb
+
+    from aimkp.train.pmm import StrideTable
+    from aimkp.train.reference import reference_step
+    from aimkp.train.step import aimkp_step
+
+    loaded, samples, _ = _build(args)
+    model = loaded.model
+    layer = loaded.adapter.language_model.layers[0]
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    split = param_split(model, layer)
+    idx = list(range(len(samples)))
+    n_total = float(sum(s.n_answer_tokens for s in samples))
+    table = StrideTable(len(samples))
+    table.text[:] = 2
+    table.image[:] = 2
+    train = [p for p in model.parameters() if p.requires_grad]
+    bf16 = args.device != "cpu"
+    rows: list[dict[str, Any]] = []
+
+    def zero() -> None:
+        for p in train:
+            p.grad = None
+
+    def step(storage: str | None) -> dict[str, Any]:
+        counts: list = []
+        saved: dict[str, Any] = {}
+        res: dict[str, Any] = {}
+
+        def run() -> None:
+            zero()
+            with saved_in_layer(layer, params) as s:
+                saved_ptrs = s["ptrs"]
+                if storage is None:
+                    res["r"] = reference_step(
+                        loaded, samples, idx, table, n_total, mask_mode="compact",
+                        update_strides=False, device=args.device, bf16=bf16,
+                    )[0]  # fmt: skip
+                else:
+                    with engine_storage(storage, counts, saved_ptrs):
+                        res["r"] = aimkp_step(
+                            loaded, samples, idx, table, n_total, update_strides=False,
+                            device=args.device, bf16=bf16,
+                        )  # fmt: skip
+            saved.update({k: v for k, v in s.items() if k != "ptrs"})
+
+        t0 = time.perf_counter()
+        peak_mb = peak_memory_mb(run, args.device) or float("nan")
+        c = counts[-1] if counts else None
+        return {
+            "storage": storage or "reference",
+            "samples": len(samples),
+            "rows": res["r"].n_rows,
+            "input_tokens": res["r"].n_input_tokens,
+            "peak": peak_mb * 2**20,
+            "saved": saved.get("bytes", 0),
+            "saved_scores": saved.get("scores", 0),
+            "stash_tokens": c.layer_tokens if c else 0,
+            "stash_rows": c.layer_rows if c else 0,
+            "stash_shared": c.layer_shared if c else 0,
+            "stash_other": c.other if c else 0,
+            "stash_counted": c is not None or storage is None,
+            "seconds": time.perf_counter() - t0,
+            "params": split,
+            "act_bytes": 2 if bf16 else 4,
+        }
+
+    for storage in args.storages:
+        rows.append(step(storage))
+        print(f"  measured {storage}: {rows[-1]['seconds']:.0f} s", flush=True)
+    auto = next((r for r in rows if r["storage"] == "auto"), None)
+    if args.checkpointing and auto is not None:
+        # under non-reentrant checkpointing autograd's saved tensors inside the layer are the
+        # checkpoint's (not seen by the outer hooks); what the layer holds is measured as the
+        # peak minus the parts measured without it (vision, logits, engine work: "rest")
+        from aimkp.models.precision import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(loaded)
+        r = step("auto")
+        r["storage"] = "auto+ckpt"
+        # extrapolated from counted parts (a 1-layer peak cannot show what checkpointing saves
+        # across layers): the layer input (hidden size per token) and the engine's held inputs
+        # (the tokens stash's storages shared with autograd's saved activations)
+        tokens = next((x for x in rows if x["storage"] == "tokens"), None)
+        hidden = loaded.adapter.language_model.config.hidden_size
+        r["ckpt_held"] = r["input_tokens"] * hidden * r["act_bytes"] + (
+            tokens["stash_shared"] if tokens else 0
+        )
+        r["saved"], r["saved_scores"] = auto["saved"], auto["saved_scores"]
+        rows.append(r)
+        print(f"  measured auto with checkpointing: {r['seconds']:.0f} s", flush=True)
+        model.gradient_checkpointing_disable()
+    if not args.no_reference:
+        r = step(None)
+        # the reference clones every trainable gradient once per copy (3 per sample) and keeps
+        # an accumulator: counted from the parameter split, at the measured layer count
+        r["per_sample"] = True
+        r["clones_per_layer"] = split["train_layer"] * 4 * 4  # 3 copies + accumulator, fp32
+        r["clones_other"] = split["train_other"] * 4 * 4
+        measured_clones = r["clones_per_layer"] + r["clones_other"]
+        r["peak"] = max(0.0, r["peak"] - measured_clones)
+        r["saved"] /= len(samples)  # one sample at a time: its own activations
+        r["saved_scores"] /= len(samples)
+        rows.append(r)
+        print(f"  measured reference: {r['seconds']:.0f} s", flush=True)
+    return rows
+
+
+def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Print the measured table and the extrapolation; rows for the results files."""
+    mb = 2**20
+    print(
+        f"\nMeasured: LLaVA-1.5-7B shapes, 1 decoder layer + 1 CLIP layer, LoRA r=128, "
+        f"{rows[0]['samples']} sample(s) ({rows[0]['rows']} rows, {rows[0]['input_tokens']} "
+        f"kept tokens), {args.device}, fp32"
+    )
+    hdr = (
+        f"{'storage':<10}{'peak MB':>10}{'saved/layer':>13}{'scores/layer':>14}"
+        f"{'stash/layer':>13}{'shared':>8}{'stash other':>13}"
+    )
+    print(hdr)
+    for r in rows:
+        stash = (r["stash_tokens"] + r["stash_rows"]) / mb
+        print(
+            f"{r['storage']:<10}{r['peak'] / mb:>10.0f}{r['saved'] / mb:>13.0f}"
+            f"{r.get('saved_scores', 0) / mb:>14.0f}{stash:>13.0f}"
+            f"{r.get('stash_shared', 0) / mb:>8.0f}{r['stash_other'] / mb:>13.0f}"
+        )
+    print(
+        "(MB = 2^20 bytes; saved: autograd's saved activations in the decoder layer, attention "
+        "probabilities apart in scores (the CPU math kernel's; FlashAttention keeps none, so "
+        "they are left out below); stash: what the engine keeps for the reweight, shared: of it, "
+        "storages autograd also saved)"
+    )
+    print(
+        f"\nExtrapolated: {LAYERS_7B} layers, B={args.batch} samples "
+        f"({args.batch * rows[0]['rows'] // rows[0]['samples']} rows), bf16 (GB)"
+    )
+    cols = ["weights_gb", "trainable_state_gb", "layers_gb", "other_gb", "total_gb"]
+    names = {"trainable_state_gb": "train state"}
+    print(
+        f"{'storage':<17}" + "".join(f"{names.get(c, c[:-3]):>12}" for c in cols)
+        + "   fits 80 / 141 GB   largest B at 80 / 141 GB"
+    )  # fmt: skip
+    plans = list(rows)
+    # the correction way (ENGINE_NOTES' second): provisional weights, then a forward + backward
+    # over only the samples with a rejected copy; nothing kept for a reweight
+    no_stash = {"stash_tokens": 0, "stash_rows": 0, "stash_other": 0, "stash_shared": 0}
+    base = next(r for r in rows if r["storage"] == "auto")
+    plans.append({**base, **no_stash, "storage": "correction"})
+    ckpt = next((r for r in rows if r["storage"] == "auto+ckpt"), None)
+    if ckpt is not None:
+        plans.append({**ckpt, **no_stash, "storage": "correction+ckpt"})
+    out = []
+    for r in plans:
+        e = extrapolate(r, LAYERS_7B, args.batch)
+        fits = " / ".join("yes" if e["total_gb"] <= g else "no" for g in DEVICE_GB)
+        most = " / ".join(_batch_text(largest_batch(r, g)) for g in DEVICE_GB)
+        print(
+            f"{r['storage']:<17}" + "".join(f"{e[c]:>12.1f}" for c in cols)
+            + f"   {fits:>16}   {most:>24}"
+        )  # fmt: skip
+        e["largest_batch_80gb"], e["largest_batch_141gb"] = (largest_batch(r, g) for g in DEVICE_GB)
+        out.append({**{k: v for k, v in r.items() if k != "params"}, **r["params"], **e})
+    print(
+        "(correction: no stash; its extra cost is a forward + backward over the samples with a "
+        "rejected copy, i.e. that fraction of a step in time. ckpt rows: extrapolated from "
+        "counted parts, see extrapolate())"
+    )
+    return out
+
+
+MAX_BATCH = 256
+
+
+def largest_batch(m: dict[str, Any], gb: float) -> int:
+    """The most samples per micro-batch (up to 256) whose extrapolated 32-layer step fits
+    ``gb`` (the reference runs one sample at a time: any batch that fits once)."""
+    b = 0
+    while b < MAX_BATCH and extrapolate(m, LAYERS_7B, b + 1)["total_gb"] <= gb:
+        b += 1
+    return b
+
+
+def _batch_text(b: int) -> str:
+    return "any" if b == MAX_BATCH else str(b)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--samples", type=int, default=1, help="samples measured (3 rows each)")
+    ap.add_argument("--batch", type=int, default=8, help="samples of the extrapolated step")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--storages", nargs="+", choices=STORAGES, default=list(STORAGES))
+    ap.add_argument("--attn", choices=["varlen", "sdpa"], default="varlen", help="row layout")
+    ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument(
+        "--no-checkpointing", dest="checkpointing", action="store_false",
+        help="skip the auto storage run with gradient checkpointing",
+    )  # fmt: skip
+    ap.add_argument("--config", default="gpu-llava7b", help=argparse.SUPPRESS)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+    from common import env_info, write_results
+
+    t0 = time.perf_counter()
+    rows = report(measure(args), args)
+    print(f"\n{time.perf_counter() - t0:.0f} s on {env_info(args.device)['device']}")
+    if not args.no_write:
+        env = env_info(args.device)
+        for p in write_results("memory_plan-llava7b", [{**env, **r} for r in rows]):
+            print(f"wrote {p}")
+
+
+if __name__ == "__main__":
+    main()

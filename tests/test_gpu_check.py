@@ -1,0 +1,89 @@
+"""``make gpu-check``'s script on a machine without CUDA: every GPU step is skipped with its
+reason, the JSON says so, and the command exits 0."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GPU_STEPS = {
+    "wheels",
+    "install",
+    "cuda_tests",
+    "sanitizer",
+    "bench_masked_embedding",
+    "bench_grad_gram",
+    "bench_train_step",
+    "memory_plan",
+}
+
+
+def _run(out: pathlib.Path, *flags: str) -> tuple[int, dict]:
+    p = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--out", str(out), *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (out / "gpu_check.json").is_file(), p.stdout + p.stderr
+    return p.returncode, json.loads((out / "gpu_check.json").read_text())
+
+
+def _check(report: dict, reason: str) -> None:
+    by_name = {s["name"]: s for s in report["steps"]}
+    assert set(by_name) == GPU_STEPS | {"env"}
+    assert by_name["env"]["status"] == "ran"
+    for name in GPU_STEPS:
+        step = by_name[name]
+        assert step["status"] == "skipped", step
+        assert reason in step["reason"]
+        assert step["seconds"] >= 0
+    assert report["total_s"] <= report["budget_s"]
+
+
+def test_dry_run_skips_every_gpu_step(tmp_path):
+    rc, report = _run(tmp_path, "--dry-run")
+    assert rc == 0
+    _check(report, "dry run")
+
+
+def test_without_cuda_every_gpu_step_has_its_reason():
+    """What a plain run (no --dry-run) skips on a machine without CUDA, and why."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    reasons = {s.name: gpu_check._skip_reason(s, False, False, 400.0) for s in gpu_check.steps()}
+    assert reasons.pop("env") is None
+    assert set(reasons) == GPU_STEPS
+    assert all("no CUDA device" in r for r in reasons.values())
+    # on a GPU machine: run, unless a tool is missing or the budget is spent
+    step = next(s for s in gpu_check.steps() if s.name == "cuda_tests")
+    assert gpu_check._skip_reason(step, True, False, 400.0) is None
+    assert "too few" in gpu_check._skip_reason(step, True, False, 5.0)
+
+
+def test_requires_cuda_marker_selects_the_cuda_tests():
+    """``-m requires_cuda`` (the GPU step) selects the tests that skip without CUDA, not none."""
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "requires_cuda",
+            "tests/test_masked_embedding.py",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    ids = [ln for ln in p.stdout.splitlines() if "::" in ln]
+    assert ids and all("cuda" in i for i in ids), p.stdout

@@ -1,0 +1,77 @@
+"""The memory plan's counting (benchmarks/memory_plan.py) on tiny-llava: stash bytes per decoder
+layer by storage kind, saved activations per layer, and the extrapolation arithmetic."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import pytest
+import torch
+from test_models_common import (
+    _one_thread,  # noqa: F401 - autouse: single-threaded tests
+    records,
+    tiny,
+)
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import memory_plan as M  # noqa: E402
+
+from aimkp.train.pmm import StrideTable  # noqa: E402
+from aimkp.train.step import aimkp_step  # noqa: E402
+
+
+def test_tensor_bytes_counts_each_storage_once():
+    a = torch.zeros(10, 4)
+    view = a[2:5]
+    ids = torch.zeros(3, dtype=torch.long)
+    got = M.tensor_bytes({"x": [a, view], "y": (ids, None)})
+    assert got == {"float": 160, "other": 24}
+
+
+@pytest.mark.parametrize("storage", ["tokens", "rows"])
+def test_stash_and_saved_counts_on_tiny_llava(storage):
+    loaded = tiny("tiny-llava")
+    samples = [loaded.adapter.encode(r) for r in records()[:2]]
+    table = StrideTable(2)
+    table.text[:] = 2
+    table.image[:] = 2
+    layer = loaded.adapter.language_model.layers[0]
+    params = {p.untyped_storage().data_ptr() for p in loaded.model.parameters()}
+    counts: list = []
+    with M.saved_in_layer(layer, params) as saved:
+        with M.engine_storage(storage, counts, saved["ptrs"]):
+            res = aimkp_step(loaded, samples, [0, 1], table, 20.0, update_strides=False)
+    (c,) = counts
+    assert saved["bytes"] > 0 and c is not None
+    lora = [m for n, m in layer.named_modules() if n.endswith(("lora_A.default", "lora_B.default"))]
+    if storage == "rows":  # per-row fp32 gradients of every LoRA factor of the layer
+        want = sum(res.n_rows * m.weight.numel() * 4 for m in lora)
+        assert c.layer_rows == want and c.layer_tokens == 0
+    else:  # inputs + output gradients; the inputs are what autograd saved too
+        assert c.layer_rows == 0 and c.layer_tokens > c.layer_shared > 0
+    assert c.other > 0  # the projector
+
+
+def test_extrapolate_arithmetic():
+    mb = 2**20
+    m = {
+        "samples": 1,
+        "peak": 1000 * mb,
+        "saved": 400 * mb,
+        "saved_scores": 0,
+        "stash_tokens": 300 * mb,
+        "stash_shared": 100 * mb,
+        "stash_rows": 0,
+        "stash_other": 50 * mb,
+        "act_bytes": 4,
+        "params": {"frozen_layer": 10, "frozen_other": 6, "train_layer": 2, "train_other": 1},
+    }
+    e = M.extrapolate(m, layers=32, batch=8)
+    per_layer = (400 + 200) * mb / 2  # bf16 halves activations and the tokens stash
+    rest = (1000 - 600 - 50) * mb / 2
+    assert e["layers_gb"] == pytest.approx(per_layer * 32 * 8 / M.GB)
+    assert e["other_gb"] == pytest.approx((50 * mb + rest) * 8 / M.GB)
+    assert e["weights_gb"] == pytest.approx((10 * 32 + 6) * 2 / M.GB)
+    assert e["trainable_state_gb"] == pytest.approx((2 * 32 + 1) * 16 / M.GB)
+    assert M.largest_batch(m, e["total_gb"]) == 8

@@ -14,11 +14,17 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_engine import PAIRS, assert_close_rel, check_against_loop, lora_mlp, row_loss_padded
 from torch import nn
 
 import aimkp
 from aimkp.engine.reference import gram_from_grads, loop_per_row_grads
+from tests.engine.test_engine import (
+    PAIRS,
+    assert_close_rel,
+    check_against_loop,
+    lora_mlp,
+    row_loss_padded,
+)
 
 
 class EmbNormNet(nn.Module):

@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine import PAIRS, assert_close_rel, check_against_loop, flat_grads, row_loss_padded
 from torch import nn
 
 import aimkp
 from aimkp.engine.reference import loop_per_row_grads
+from tests.engine.test_engine import (
+    PAIRS,
+    assert_close_rel,
+    check_against_loop,
+    flat_grads,
+    row_loss_padded,
+)
 
 
 class TiedLM(nn.Module):

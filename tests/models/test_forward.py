@@ -6,14 +6,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_models_common import (
+
+from aimkp.models import collate_rows, flash_varlen_kwargs, forward_rows
+from tests.helpers.models import (
     _one_thread,  # noqa: F401 - autouse: single-threaded tests
     random_keeps,
     records,
     tiny,
 )
-
-from aimkp.models import collate_rows, flash_varlen_kwargs, forward_rows
 
 PRESETS = ["tiny-llava", "tiny-qwen2vl"]
 ALL_PRESETS = [*PRESETS, "tiny-qwen25vl"]

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import requires_cuda
-from test_models_common import (
+
+import aimkp.models.attention as A
+from aimkp.models import collate_rows, forward_rows
+from tests.conftest import requires_cuda
+from tests.helpers.models import (
     _one_thread,  # noqa: F401 - autouse: single-threaded tests
     random_keeps,
     records,
     tiny,
 )
-
-import aimkp.models.attention as A
-from aimkp.models import collate_rows, forward_rows
 
 PRESETS = ["tiny-llava", "tiny-qwen2vl", "tiny-idefics3"]
 LOSS_RTOL = 1e-5

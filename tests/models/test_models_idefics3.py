@@ -8,18 +8,18 @@ import copy
 import pytest
 import torch
 from PIL import Image
-from test_forward import GRAD_RTOL, LOSS_RTOL, _run
-from test_models_common import (
+
+from aimkp.models import QUESTION, collate_rows, forward_rows, load_model, save_checkpoint
+from aimkp.models.idefics3 import Idefics3Adapter
+from tests.helpers.models import (
     Record,
     _one_thread,  # noqa: F401 - autouse: single-threaded tests
     random_keeps,
     records,
     tiny,
 )
-from test_train_step import _grads, _records, _zero
-
-from aimkp.models import QUESTION, collate_rows, forward_rows, load_model, save_checkpoint
-from aimkp.models.idefics3 import Idefics3Adapter
+from tests.models.test_forward import GRAD_RTOL, LOSS_RTOL, _run
+from tests.train.test_train_step import _grads, _records, _zero
 
 NAME = "tiny-idefics3"
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import aimkp
-from tests.engine.test_engine import assert_close_rel, check_against_loop, flat_grads
+from tests.helpers.engine import assert_close_rel, check_against_loop, flat_grads
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

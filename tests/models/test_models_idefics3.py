@@ -18,8 +18,11 @@ from tests.helpers.models import (
     records,
     tiny,
 )
-from tests.models.test_forward import GRAD_RTOL, LOSS_RTOL, _run
-from tests.train.test_train_step import _grads, _records, _zero
+from tests.helpers.rows import GRAD_RTOL, LOSS_RTOL
+from tests.helpers.rows import run_rows as _run
+from tests.helpers.train import trainable_grads as _grads
+from tests.helpers.train import varied_records as _records
+from tests.helpers.train import zero_trainable_grads as _zero
 
 NAME = "tiny-idefics3"
 

@@ -9,14 +9,14 @@ import torch
 from aimkp.models import precision as P
 from aimkp.train.pmm import StrideTable
 from aimkp.train.step import aimkp_step
-from tests.conftest import requires_cuda
+from tests.helpers.cuda import requires_cuda
 from tests.helpers.models import (
     _one_thread,  # noqa: F401 - autouse: single-threaded tests
     random_keeps,
     records,
     tiny,
 )
-from tests.models.test_varlen_attention import _engine_run
+from tests.helpers.rows import engine_run_rows as _engine_run
 
 
 def test_resolve_dtype():

@@ -21,7 +21,7 @@ from aimkp.ops import (
     masked_embedding_reference,
     reset_backends,
 )
-from tests.conftest import poison, requires_cuda
+from tests.helpers.cuda import poison, requires_cuda
 
 # The module (the package attribute of the same name is the function).
 me = importlib.import_module("aimkp.ops.masked_embedding")

@@ -16,7 +16,7 @@ from aimkp.ops import (
     replace_input_embedding,
 )
 from aimkp.ops.masked_embedding_ref import compaction_index
-from tests.conftest import requires_cuda
+from tests.helpers.cuda import requires_cuda
 
 V, D, T = 20, 12, 9
 

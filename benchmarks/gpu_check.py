@@ -45,7 +45,7 @@ SITE = "/tmp/site"
 PY = sys.executable
 # the kernel tests that run under compute-sanitizer: the CUDA C++ masked-embedding op, forward
 # and backward, both layouts (a few seconds natively; memcheck slows CUDA code 10-100x)
-SANITIZER_TESTS = ["tests/test_masked_embedding.py", "-m", "requires_cuda", "-k", "cuda"]
+SANITIZER_TESTS = ["tests/ops/test_masked_embedding.py", "-m", "requires_cuda", "-k", "cuda"]
 
 
 @dataclasses.dataclass

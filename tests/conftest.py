@@ -12,14 +12,13 @@ import pathlib
 import pytest
 import torch
 
+from tests.helpers.cuda import CUDA_REASON
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-
-CUDA_REASON = "needs a CUDA device"
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -36,13 +35,6 @@ def shared_dir() -> pathlib.Path:
     if not SHARED.is_dir():
         pytest.skip("../shared is not present beside this checkout")
     return SHARED
-
-
-def poison(t: torch.Tensor) -> torch.Tensor:
-    """Fill a freshly allocated output with NaN (or the dtype's max for integers) in place."""
-    if t.dtype.is_floating_point:
-        return t.fill_(float("nan"))
-    return t.fill_(torch.iinfo(t.dtype).max)
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -182,8 +182,27 @@ class _BadRecords:
         logger.warning("skipped bad record: %s", exc)
 
 
+def _parsed(
+    bad: _BadRecords, stats: ReadStats, where: str, parse: Callable[..., Record | None], *args: Any
+) -> Record | None:
+    """``parse(*args)`` counted in ``stats.read``; None when it skips the record or raises a
+    DataError that ``bad`` (``--on-bad-record skip``) swallows."""
+    try:
+        rec = parse(*args)
+    except DataError as exc:
+        bad.handle(exc, where)
+        return None
+    if rec is not None:
+        stats.read += 1
+    return rec
+
+
 def _iter_lines(path: Path, parse: Any, bad: _BadRecords, stats: ReadStats) -> Iterator[Record]:
     """Records of a one-record-per-line file; ``parse(line, lineno, where)`` -> Record | None."""
+
+    def parse_line(line: str, lineno: int, where: str) -> Record | None:
+        return parse(utf8_checked(line, where), lineno, where)
+
     with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             where = f"{path}:{lineno}"
@@ -191,13 +210,8 @@ def _iter_lines(path: Path, parse: Any, bad: _BadRecords, stats: ReadStats) -> I
             if not line.strip():
                 stats.skip("blank line", where)
                 continue
-            try:
-                rec = parse(utf8_checked(line, where), lineno, where)
-            except DataError as exc:
-                bad.handle(exc, where)
-                continue
+            rec = _parsed(bad, stats, where, parse_line, line, lineno, where)
             if rec is not None:
-                stats.read += 1
                 yield rec
 
 
@@ -267,13 +281,8 @@ def _iter_aimkp_json(
     path: Path, res: _ImageResolver, stats: ReadStats, bad: _BadRecords
 ) -> Iterator[Record]:
     for where, index, obj in _iter_json_array(path):
-        try:
-            rec = _record_from_obj(obj, where, str(index), res, stats)
-        except DataError as exc:
-            bad.handle(exc, where)
-            continue
+        rec = _parsed(bad, stats, where, _record_from_obj, obj, where, str(index), res, stats)
         if rec is not None:
-            stats.read += 1
             yield rec
 
 

@@ -12,8 +12,10 @@ lower-cased, de-duplicated keeping order, empty pieces dropped.
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,6 +40,25 @@ def parse_keyphrases(text: str) -> list[str]:
             seen.add(kp)
             out.append(kp)
     return out
+
+
+def _check_options(o: Any) -> None:
+    """UsageError naming the first of ``o``'s generation options (attributes named as
+    :class:`Predictor`'s arguments) that is out of range."""
+    if o.decoding not in DECODINGS:
+        raise UsageError(f"decoding must be one of {DECODINGS}, got {o.decoding!r}")
+    if o.modality not in MODALITIES:
+        raise UsageError(f"modality must be one of {MODALITIES}, got {o.modality!r}")
+    if o.batch_size < 1 or o.max_new_tokens < 1:
+        raise UsageError(
+            f"batch_size and max_new_tokens must be >= 1, got {o.batch_size}, {o.max_new_tokens}"
+        )
+    if o.decoding == "beam" and o.num_beams < 1:
+        raise UsageError(f"num_beams must be >= 1, got {o.num_beams}")
+    if o.decoding == "sample" and (o.temperature <= 0 or not 0 < o.top_p <= 1):
+        raise UsageError(
+            f"sampling needs temperature > 0 and 0 < top_p <= 1, got {o.temperature}, {o.top_p}"
+        )
 
 
 class Predictor:
@@ -67,9 +88,6 @@ class Predictor:
         modality: str = "multimodal",
         device: torch.device | str | None = None,
     ) -> None:
-        self.check_options(
-            decoding, num_beams, max_new_tokens, temperature, top_p, batch_size, modality
-        )
         self.loaded = loaded
         self.decoding = decoding
         self.num_beams = num_beams
@@ -79,34 +97,18 @@ class Predictor:
         self.seed = seed
         self.batch_size = batch_size
         self.modality = modality
+        _check_options(self)
         self.device = torch.device(device) if device is not None else loaded.device
 
-    @staticmethod
-    def check_options(
-        decoding: str = "greedy",
-        num_beams: int = 4,
-        max_new_tokens: int = 32,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        batch_size: int = 8,
-        modality: str = "multimodal",
-        **_: Any,
-    ) -> None:
-        """UsageError naming the first option out of range (no model needed)."""
-        if decoding not in DECODINGS:
-            raise UsageError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
-        if modality not in MODALITIES:
-            raise UsageError(f"modality must be one of {MODALITIES}, got {modality!r}")
-        if batch_size < 1 or max_new_tokens < 1:
-            raise UsageError(
-                f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}"
-            )
-        if decoding == "beam" and num_beams < 1:
-            raise UsageError(f"num_beams must be >= 1, got {num_beams}")
-        if decoding == "sample" and (temperature <= 0 or not 0 < top_p <= 1):
-            raise UsageError(
-                f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}"
-            )
+    @classmethod
+    def check_options(cls, **options: Any) -> None:
+        """UsageError naming the first option out of range (no model needed). ``options`` are
+        ``__init__``'s keyword arguments; missing ones take its defaults, unknown ones are
+        ignored."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        probe = SimpleNamespace(**{p.name: p.default for p in params if p.default is not p.empty})
+        vars(probe).update(options)
+        _check_options(probe)
 
     def _gen_config(self) -> dict[str, Any]:
         tok = self.loaded.tokenizer

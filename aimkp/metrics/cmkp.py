@@ -57,7 +57,7 @@ def _stem_text(
     (lower-cased) letter; a text word whose first letter starts no word of any target or
     prediction phrase can never be part of a match, and stemming it (the bulk of the cold cost)
     is skipped. Exactness is
-    checked against full stemming in tests/test_metrics_cmkp.py.
+    checked against full stemming in tests/metrics/test_metrics_cmkp.py.
     """
     firsts = {w[:1] for x in targets for w in x} | {w[:1] for x in preds for w in x}
     return tuple(stem_word(w) if w[:1].lower() in firsts else None for w in text.split())

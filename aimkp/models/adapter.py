@@ -9,6 +9,8 @@ decorate with ``@register_adapter("<config.model_type>")``):
 
 - ``model_class``: the ``*ForConditionalGeneration`` class (used to load local checkpoints).
 - ``image_token_id``: the id of the placeholder token that image features replace.
+- ``projector_path`` / ``vision_tower_path`` (and ``language_model_path`` when the decoder is not
+  at ``model.language_model``): where those modules sit in the ``*ForConditionalGeneration``.
 - :meth:`preprocess_image`: PIL image -> ``dict(pixel_values=..., image_grid_thw=...|None)``
   and the image-token grid ``(h, w)`` (``h * w`` image tokens).
 - :meth:`image_segment`: the token ids of the image segment of the prompt for ``n`` image tokens
@@ -22,8 +24,8 @@ decorate with ``@register_adapter("<config.model_type>")``):
 - :meth:`projector_rows` (only when some projector weights run before a merge): ``(module,
   tokens per image token)`` for each projector module, the layout of the projector's tokens the
   per-sample gradient engine needs (Qwen2-VL: its LayerNorm ``ln_q`` sees 4 per image token).
-- :meth:`position_ids`: positions of the UNMASKED sequence: ``[T]`` (1-D RoPE) or ``[3, T]``
-  (Qwen's multimodal RoPE); kept tokens keep these values when others are hidden.
+- :meth:`position_ids`: positions of the UNMASKED sequence: ``[T]`` (1-D RoPE, the default) or
+  ``[3, T]`` (Qwen's multimodal RoPE); kept tokens keep these values when others are hidden.
 - :meth:`generation_kwargs`: the extra inputs ``model.generate`` needs for a padded batch.
 - Optionally ``image_marker``: the string the architecture's chat template writes for an image
   (used to locate the image when a template only accepts structured content).
@@ -153,6 +155,10 @@ class MLLMAdapter:
     model_type: str = ""
     model_class: type | None = None
     image_marker: str = "<image>"
+    # Dotted paths inside the unwrapped ``*ForConditionalGeneration`` module (``get_submodule``).
+    language_model_path: str = "model.language_model"
+    projector_path: str = ""
+    vision_tower_path: str = ""
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any) -> None:
         self.model = model
@@ -172,7 +178,7 @@ class MLLMAdapter:
     @property
     def language_model(self) -> nn.Module:
         """The decoder stack (takes ``inputs_embeds``, returns ``last_hidden_state``)."""
-        return self.base.model.language_model
+        return self.base.get_submodule(self.language_model_path)
 
     @property
     def lm_head(self) -> nn.Module:
@@ -184,11 +190,17 @@ class MLLMAdapter:
 
     @property
     def projector(self) -> nn.Module:
-        raise NotImplementedError
+        """The trainable multimodal projector (at ``projector_path``)."""
+        if not self.projector_path:
+            raise NotImplementedError
+        return self.base.get_submodule(self.projector_path)
 
     @property
     def vision_tower(self) -> nn.Module:
-        raise NotImplementedError
+        """The frozen vision encoder (at ``vision_tower_path``)."""
+        if not self.vision_tower_path:
+            raise NotImplementedError
+        return self.base.get_submodule(self.vision_tower_path)
 
     @property
     def image_token_id(self) -> int:
@@ -206,6 +218,29 @@ class MLLMAdapter:
         if tok.eos_token_id is not None:
             return int(tok.eos_token_id)
         return 0
+
+    def run_image_processor(self, image: Any, **kwargs: Any) -> Any:
+        """The model's own image processor on an RGB copy of a PIL image (``return_tensors="pt"``);
+        ValueError when the model was loaded without one."""
+        if self.image_processor is None:
+            raise ValueError("this model was loaded without an image processor")
+        return self.image_processor(images=image.convert("RGB"), return_tensors="pt", **kwargs)
+
+    @staticmethod
+    def flat_image_features(out: Any) -> torch.Tensor:
+        """``get_image_features``' ``pooler_output`` (a tensor, or a list per image) ->
+        ``[P, Dv]``."""
+        feats = out.pooler_output
+        if isinstance(feats, (list, tuple)):
+            feats = torch.cat(list(feats), dim=0)
+        return feats.reshape(-1, feats.shape[-1])
+
+    @staticmethod
+    def batch_pixel_values(samples: Sequence[EncodedSample]) -> torch.Tensor | None:
+        """The ``pixel_values`` of the samples that have an image, concatenated on dim 0; None when
+        no sample has one."""
+        pvs = [s.pixel_values for s in samples if s.pixel_values is not None]
+        return torch.cat(pvs, dim=0) if pvs else None
 
     # ----------------------------------------------------------------- to supply
     def preprocess_image(self, image: Any) -> tuple[dict[str, torch.Tensor | None], tuple]:
@@ -247,8 +282,9 @@ class MLLMAdapter:
     def position_ids(
         self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Positions of the unmasked sequence ``input_ids [T]``: ``[T]`` or ``[3, T]``."""
-        raise NotImplementedError
+        """Positions of the unmasked sequence ``input_ids [T]``: ``[T]`` or ``[3, T]``.
+        Default: 1-D RoPE, ``arange(T)``."""
+        return torch.arange(input_ids.shape[-1], dtype=torch.long)
 
     def generation_kwargs(
         self, samples: Sequence[EncodedSample], input_ids: torch.Tensor

@@ -36,18 +36,9 @@ class Idefics3Adapter(MLLMAdapter):
 
     model_class = Idefics3ForConditionalGeneration
     image_marker = "<image>"
-
-    @property
-    def language_model(self) -> nn.Module:
-        return self.base.model.text_model
-
-    @property
-    def projector(self) -> nn.Module:
-        return self.base.model.connector
-
-    @property
-    def vision_tower(self) -> nn.Module:
-        return self.base.model.vision_model
+    language_model_path = "model.text_model"
+    projector_path = "model.connector"
+    vision_tower_path = "model.vision_model"
 
     @property
     def scale(self) -> int:
@@ -78,14 +69,9 @@ class Idefics3Adapter(MLLMAdapter):
 
     def preprocess_image(self, image: Any) -> tuple[dict[str, torch.Tensor | None], tuple]:
         """PIL image -> ``pixel_values [1, 3, S, S]`` (S = vision ``image_size``), grid."""
-        if self.image_processor is None:
-            raise ValueError("this model was loaded without an image processor")
         size = int(self.config.vision_config.image_size)
-        out = self.image_processor(
-            images=image.convert("RGB"),
-            do_image_splitting=False,
-            max_image_size={"longest_edge": size},
-            return_tensors="pt",
+        out = self.run_image_processor(
+            image, do_image_splitting=False, max_image_size={"longest_edge": size}
         )
         pv = torch.as_tensor(out["pixel_values"])
         pv = pv.reshape(-1, *pv.shape[-3:])
@@ -113,10 +99,7 @@ class Idefics3Adapter(MLLMAdapter):
         pv = pixel_values.reshape(-1, *pixel_values.shape[-3:])
         with swapped_module(model, "connector", nn.Identity()):
             out = model.get_image_features(pixel_values=pv.unsqueeze(1), return_dict=True)
-        feats = out.pooler_output
-        if isinstance(feats, (list, tuple)):
-            feats = torch.cat(list(feats), dim=0)
-        return feats.reshape(-1, feats.shape[-1])
+        return self.flat_image_features(out)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """The connector per image: ``[N * P, Dv]`` -> pixel shuffle -> linear ->
@@ -130,16 +113,9 @@ class Idefics3Adapter(MLLMAdapter):
         out = self.projector(hidden.reshape(-1, p, hidden.shape[-1]))
         return out.reshape(-1, out.shape[-1])
 
-    def position_ids(
-        self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        return torch.arange(input_ids.shape[-1], dtype=torch.long)
-
     def generation_kwargs(
         self, samples: Sequence[EncodedSample], input_ids: torch.Tensor
     ) -> dict[str, Any]:
         """``pixel_values [n_images, 1, 3, S, S]`` of the samples with an image, in order."""
-        pvs = [s.pixel_values for s in samples if s.pixel_values is not None]
-        if not pvs:
-            return {}
-        return {"pixel_values": torch.cat(pvs, dim=0).unsqueeze(1).to(input_ids.device)}
+        pv = self.batch_pixel_values(samples)
+        return {} if pv is None else {"pixel_values": pv.unsqueeze(1).to(input_ids.device)}

@@ -23,14 +23,8 @@ class LlavaAdapter(MLLMAdapter):
 
     model_class = LlavaForConditionalGeneration
     image_marker = "<image>"
-
-    @property
-    def projector(self) -> nn.Module:
-        return self.base.model.multi_modal_projector
-
-    @property
-    def vision_tower(self) -> nn.Module:
-        return self.base.model.vision_tower
+    projector_path = "model.multi_modal_projector"
+    vision_tower_path = "model.vision_tower"
 
     def _grid(self) -> tuple[int, int]:
         cfg = self.config
@@ -44,9 +38,7 @@ class LlavaAdapter(MLLMAdapter):
         return side, side
 
     def preprocess_image(self, image: Any) -> tuple[dict[str, torch.Tensor | None], tuple]:
-        if self.image_processor is None:
-            raise ValueError("this model was loaded without an image processor")
-        out = self.image_processor(images=image.convert("RGB"), return_tensors="pt")
+        out = self.run_image_processor(image)
         pv = torch.as_tensor(out["pixel_values"])
         if pv.ndim == 3:
             pv = pv.unsqueeze(0)
@@ -70,20 +62,10 @@ class LlavaAdapter(MLLMAdapter):
                 vision_feature_select_strategy=cfg.vision_feature_select_strategy,
                 return_dict=True,
             )
-        feats = out.pooler_output
-        if isinstance(feats, (list, tuple)):
-            feats = torch.cat(list(feats), dim=0)
-        return feats.reshape(-1, feats.shape[-1])
-
-    def position_ids(
-        self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        return torch.arange(input_ids.shape[-1], dtype=torch.long)
+        return self.flat_image_features(out)
 
     def generation_kwargs(
         self, samples: Sequence[EncodedSample], input_ids: torch.Tensor
     ) -> dict[str, Any]:
-        pvs = [s.pixel_values for s in samples if s.pixel_values is not None]
-        if not pvs:
-            return {}
-        return {"pixel_values": torch.cat(pvs, dim=0).to(input_ids.device)}
+        pv = self.batch_pixel_values(samples)
+        return {} if pv is None else {"pixel_values": pv.to(input_ids.device)}

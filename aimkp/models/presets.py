@@ -46,6 +46,15 @@ from aimkp.models.tokenizer import train_bpe_tokenizer
 
 IMAGE_SIZE = 64
 PATCH = 8
+# The 2-layer ViT shared by the tiny-llava (CLIP) and tiny-idefics3 (SigLIP-style) presets.
+TINY_VIT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=IMAGE_SIZE,
+    patch_size=PATCH,
+)
 
 QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -112,15 +121,7 @@ def build_tiny_llava(texts: Iterable[str] | None) -> tuple[nn.Module, Any, Any]:
         unk_token="<unk>",
         extra_special=["<image>"],
     )
-    vision = CLIPVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH,
-        projection_dim=64,
-    )
+    vision = CLIPVisionConfig(**TINY_VIT, projection_dim=64)
     text = _tiny_llama_text_config(tok)
     cfg = LlavaConfig(
         vision_config=vision,
@@ -244,14 +245,7 @@ def build_tiny_idefics3(texts: Iterable[str] | None) -> tuple[nn.Module, Any, An
         extra_special=specials[3:],
         chat_template=SMOLVLM_CHAT_TEMPLATE,
     )
-    vision = Idefics3VisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH,
-    )
+    vision = Idefics3VisionConfig(**TINY_VIT)
     text = _tiny_llama_text_config(tok)
     cfg = Idefics3Config(
         vision_config=vision,

@@ -27,23 +27,15 @@ class Qwen2VLAdapter(MLLMAdapter):
 
     model_class = Qwen2VLForConditionalGeneration
     image_marker = "<|vision_start|><|image_pad|><|vision_end|>"
-
-    @property
-    def projector(self) -> nn.Module:
-        return self.base.model.visual.merger
-
-    @property
-    def vision_tower(self) -> nn.Module:
-        return self.base.model.visual
+    projector_path = "model.visual.merger"
+    vision_tower_path = "model.visual"
 
     @property
     def merge(self) -> int:
         return int(self.config.vision_config.spatial_merge_size)
 
     def preprocess_image(self, image: Any) -> tuple[dict[str, torch.Tensor | None], tuple]:
-        if self.image_processor is None:
-            raise ValueError("this model was loaded without an image processor")
-        out = self.image_processor(images=image.convert("RGB"), return_tensors="pt")
+        out = self.run_image_processor(image)
         thw = torch.as_tensor(out["image_grid_thw"]).long().reshape(1, 3)
         if int(thw[0, 0]) != 1:
             raise ValueError(f"expected one temporal patch for an image, got grid {thw.tolist()}")

@@ -15,7 +15,7 @@ torch.compile: the dense path is one graph (``fullgraph=True`` works): the fake 
 stays eager under compile. The compact path computes its index with ``nonzero`` outside the op:
 dynamo breaks the graph there by default, or, with
 ``torch._dynamo.config.capture_dynamic_output_shape_ops = True``, treats K as an unbacked symbol
-and compiles one graph (both tested in tests/test_masked_embedding_torch.py).
+and compiles one graph (both tested in tests/ops/test_masked_embedding_torch.py).
 
 Example::
 

@@ -69,6 +69,15 @@ def _span(sample: Any, name: str) -> tuple[int, int] | None:
     return (s, e) if e > s else None
 
 
+def _required_span(sample: Any, name: str, what: str) -> tuple[int, int]:
+    """``sample.<name>`` as ``(s, e)``; ValueError "<text|image> copy requested for <what>" when
+    the span is empty."""
+    span = _span(sample, name)
+    if span is None:
+        raise ValueError(f"{name.split('_')[0]} copy requested for {what}")
+    return span
+
+
 def has_text(sample: Any) -> bool:
     """Whether the encoded sample has a non-empty text span (so a text copy can exist)."""
     return _span(sample, "text_span") is not None
@@ -92,18 +101,12 @@ def build_keep(sample: Any, kind: str | None, g: int = 1) -> torch.Tensor:
     if kind is None:
         return keep
     if kind == TEXT:
-        span = _span(sample, "text_span")
-        if span is None:
-            raise ValueError("text copy requested for a sample with an empty text span")
-        s, e = span
+        s, e = _required_span(sample, "text_span", "a sample with an empty text span")
         keep[s:e] = False
         keep[s + text_keep_offsets(e - s, g)] = True
         return keep
     if kind == IMAGE:
-        span = _span(sample, "image_span")
-        if span is None:
-            raise ValueError("image copy requested for a sample without image tokens")
-        s, e = span
+        s, e = _required_span(sample, "image_span", "a sample without image tokens")
         h, w = (int(x) for x in sample.grid)
         if h * w != e - s:
             raise ValueError(f"image grid {h}x{w} does not match the image span length {e - s}")

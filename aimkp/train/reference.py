@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from aimkp.train.pmm import IMAGE, TEXT, StrideTable, build_keep
+from aimkp.train.pmm import IMAGE, TEXT, StrideTable, build_keep, has_image, has_text
 from aimkp.train.step import StepResult, autocast_ctx
 
 if TYPE_CHECKING:
@@ -60,18 +60,10 @@ def reference_step(
         gt, gv = int(strides.text[idx]), int(strides.image[idx])
         kinds: list[str | None] = [None]
         gs = [1]
-        if (
-            abs(gt) > 1
-            and sample.text_span is not None
-            and sample.text_span[1] > sample.text_span[0]
-        ):
+        if abs(gt) > 1 and has_text(sample):
             kinds.append(TEXT)
             gs.append(abs(gt))
-        if (
-            abs(gv) > 1
-            and sample.image_span is not None
-            and sample.image_span[1] > sample.image_span[0]
-        ):
+        if abs(gv) > 1 and has_image(sample):
             kinds.append(IMAGE)
             gs.append(abs(gv))
         n_i = int(sample.n_answer_tokens)

@@ -8,18 +8,21 @@ import copy
 import pytest
 import torch
 from PIL import Image
-from test_forward import GRAD_RTOL, LOSS_RTOL, _run
-from test_models_common import (
+
+from aimkp.models import QUESTION, collate_rows, forward_rows, load_model, save_checkpoint
+from aimkp.models.idefics3 import Idefics3Adapter
+from tests.helpers.models import (
     Record,
     _one_thread,  # noqa: F401 - autouse: single-threaded tests
     random_keeps,
     records,
     tiny,
 )
-from test_train_step import _grads, _records, _zero
-
-from aimkp.models import QUESTION, collate_rows, forward_rows, load_model, save_checkpoint
-from aimkp.models.idefics3 import Idefics3Adapter
+from tests.helpers.rows import GRAD_RTOL, LOSS_RTOL
+from tests.helpers.rows import run_rows as _run
+from tests.helpers.train import trainable_grads as _grads
+from tests.helpers.train import varied_records as _records
+from tests.helpers.train import zero_trainable_grads as _zero
 
 NAME = "tiny-idefics3"
 

@@ -6,13 +6,6 @@ import copy
 
 import pytest
 import torch
-from test_models_common import (
-    TEXTS,
-    Record,
-    _one_thread,  # noqa: F401 - autouse: single-threaded tests
-    records,
-    tiny,
-)
 
 from aimkp.models import (
     QUESTION,
@@ -24,6 +17,13 @@ from aimkp.models import (
 )
 from aimkp.models.checkpoint import merged_state_dict
 from aimkp.models.lora import apply_lora, language_linear_names
+from tests.helpers.models import (
+    TEXTS,
+    Record,
+    _one_thread,  # noqa: F401 - autouse: single-threaded tests
+    records,
+    tiny,
+)
 
 PRESETS = ["tiny-llava", "tiny-qwen2vl"]
 

@@ -6,37 +6,19 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_models_common import (
+
+from aimkp.models import collate_rows, flash_varlen_kwargs, forward_rows
+from tests.helpers.models import (
     _one_thread,  # noqa: F401 - autouse: single-threaded tests
     random_keeps,
     records,
     tiny,
 )
-
-from aimkp.models import collate_rows, flash_varlen_kwargs, forward_rows
+from tests.helpers.rows import GRAD_RTOL, LOSS_RTOL
+from tests.helpers.rows import run_rows as _run
 
 PRESETS = ["tiny-llava", "tiny-qwen2vl"]
 ALL_PRESETS = [*PRESETS, "tiny-qwen25vl"]
-
-# fp32 throughout. The two modes reorder the same reductions (packed vs padded attention, the
-# softmax over a different number of masked entries), so differences are rounding only:
-# losses (sums of <= 10 token CEs around 6) to 1e-5 relative, gradients to 1e-4 relative to the
-# largest entry of each tensor (sums over ~300 tokens of products of O(1) values).
-LOSS_RTOL = 1e-5
-GRAD_RTOL = 1e-4
-
-
-def _run(loaded, samples, keeps, rows, mode, layout="packed"):
-    loaded.model.zero_grad(set_to_none=True)
-    batch = collate_rows(loaded, samples, keeps, rows, mode=mode, device="cpu", layout=layout)
-    out = forward_rows(loaded, batch)
-    out.loss_sum.sum().backward()
-    grads = {
-        n: p.grad.detach().clone()
-        for n, p in loaded.model.named_parameters()
-        if p.requires_grad and p.grad is not None
-    }
-    return batch, out, grads
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from conftest import requires_cuda
 from torch import nn
 
 from aimkp.ops import (
@@ -17,6 +16,7 @@ from aimkp.ops import (
     replace_input_embedding,
 )
 from aimkp.ops.masked_embedding_ref import compaction_index
+from tests.helpers.cuda import requires_cuda
 
 V, D, T = 20, 12, 9
 

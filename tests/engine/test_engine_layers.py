@@ -2,7 +2,7 @@
 transformers class), the Triton kernels (under TRITON_INTERPRET=1 on CPU), bf16 / fp16 activations,
 and hypothesis-drawn shapes for the row / hook logic.
 
-Tolerances: fp32 relative error <= 1e-4 (see tests/test_engine.py). Low precision: the engine
+Tolerances: fp32 relative error <= 1e-4 (see tests/helpers/engine.py). Low precision: the engine
 reads bf16 / fp16 layer inputs and output gradients and accumulates in fp32; its error against the
 fp32 model's exact per-row numbers must be at most 2x that of the same per-row loop run in the low
 precision (flash-attention's rule), plus 1e-3 of the scale for rounding noise in near-zero entries.
@@ -14,11 +14,17 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_engine import PAIRS, assert_close_rel, check_against_loop, lora_mlp, row_loss_padded
 from torch import nn
 
 import aimkp
 from aimkp.engine.reference import gram_from_grads, loop_per_row_grads
+from tests.helpers.engine import (
+    PAIRS,
+    assert_close_rel,
+    check_against_loop,
+    lora_mlp,
+    row_loss_padded,
+)
 
 
 class EmbNormNet(nn.Module):

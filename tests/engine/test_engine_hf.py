@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_engine import assert_close_rel, check_against_loop, flat_grads
 
 import aimkp
+from tests.helpers.engine import assert_close_rel, check_against_loop, flat_grads
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -8,7 +8,7 @@ import pathlib
 import subprocess
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 GPU_STEPS = {
     "wheels",
     "install",
@@ -78,7 +78,7 @@ def test_requires_cuda_marker_selects_the_cuda_tests():
             "no:cacheprovider",
             "-m",
             "requires_cuda",
-            "tests/test_masked_embedding.py",
+            "tests/ops/test_masked_embedding.py",
         ],  # fmt: skip
         capture_output=True,
         text=True,

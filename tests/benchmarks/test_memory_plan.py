@@ -8,13 +8,14 @@ import sys
 
 import pytest
 import torch
-from test_models_common import (
+
+from tests.helpers.models import (
     _one_thread,  # noqa: F401 - autouse: single-threaded tests
     records,
     tiny,
 )
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
 import memory_plan as M  # noqa: E402
 
 from aimkp.train.pmm import StrideTable  # noqa: E402

@@ -11,7 +11,6 @@ import logging
 
 import pytest
 import torch
-from conftest import poison, requires_cuda
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +21,7 @@ from aimkp.ops import (
     masked_embedding_reference,
     reset_backends,
 )
+from tests.helpers.cuda import poison, requires_cuda
 
 # The module (the package attribute of the same name is the function).
 me = importlib.import_module("aimkp.ops.masked_embedding")

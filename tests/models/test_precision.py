@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import requires_cuda
-from test_models_common import (
+
+from aimkp.models import precision as P
+from aimkp.train.pmm import StrideTable
+from aimkp.train.step import aimkp_step
+from tests.helpers.cuda import requires_cuda
+from tests.helpers.models import (
     _one_thread,  # noqa: F401 - autouse: single-threaded tests
     random_keeps,
     records,
     tiny,
 )
-from test_varlen_attention import _engine_run
-
-from aimkp.models import precision as P
-from aimkp.train.pmm import StrideTable
-from aimkp.train.step import aimkp_step
+from tests.helpers.rows import engine_run_rows as _engine_run
 
 
 def test_resolve_dtype():

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 
@@ -22,6 +21,18 @@ from aimkp.train.gf import provisional_weights
 from aimkp.train.pmm import StrideTable
 from aimkp.train.reference import reference_step
 from aimkp.train.step import aimkp_step, build_rows, sft_step
+from tests.helpers.train import (
+    trainable_grads as _grads,
+)
+from tests.helpers.train import (
+    trainable_params as _params,
+)
+from tests.helpers.train import (
+    varied_records as _records,
+)
+from tests.helpers.train import (
+    zero_trainable_grads as _zero,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,26 +43,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-WORDS = "red blue green circle square tree cat dog house sun moon star flower car boat".split()
-
-
-def _records(n: int, seed: int = 0, with_image: bool = True):
-    from PIL import Image
-
-    from aimkp.data import Record
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        img = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
-        # vary the lengths: odd text sizes, one record without an image
-        text = " ".join(rng.choice(WORDS, 3 + (i % 4)))
-        kps = [str(k) for k in rng.choice(WORDS, 1 + i % 2, replace=False)]
-        has_img = with_image and i != 2
-        out.append(Record(id=str(i), text=text, keyphrases=kps, image=img if has_img else None))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -66,19 +57,6 @@ def setup():
     apply_lora(loaded, r=8, alpha=16, dropout=0.0)
     samples = [loaded.adapter.encode(r) for r in recs]
     return loaded, samples
-
-
-def _params(loaded):
-    return [p for p in loaded.model.parameters() if p.requires_grad]
-
-
-def _grads(loaded):
-    return [p.grad.detach().clone() for p in _params(loaded)]
-
-
-def _zero(loaded):
-    for p in _params(loaded):
-        p.grad = None
 
 
 def test_gradient_matches_reference_with_rejections(setup) -> None:

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import requires_cuda
-from test_models_common import (
+
+import aimkp.models.attention as A
+from aimkp.models import collate_rows, forward_rows
+from tests.helpers.cuda import requires_cuda
+from tests.helpers.models import (
     _one_thread,  # noqa: F401 - autouse: single-threaded tests
     random_keeps,
     records,
     tiny,
 )
-
-import aimkp.models.attention as A
-from aimkp.models import collate_rows, forward_rows
+from tests.helpers.rows import engine_run_rows as _engine_run
 
 PRESETS = ["tiny-llava", "tiny-qwen2vl", "tiny-idefics3"]
 LOSS_RTOL = 1e-5
@@ -97,31 +98,6 @@ def test_resolve_attention_and_kernel_choice():
     assert A.kernel_name("sdpa") is None and A.kernel_name("flash_attention_2") == "flash-attn"
     # this machine's torch (2.13) ships the kernel; the GPU machine's 2.11 too (since 2.10)
     assert A.torch_varlen_attn() is not None
-
-
-def _engine_run(loaded, samples, keeps, rows, layout):
-    """One forward + backward under the engine; per-row losses, grads, norms, cosines, and the
-    gradients after reweighting every copy (odd rows) by 0.5."""
-    from aimkp.engine import per_sample_grad_gram
-
-    loaded.model.zero_grad(set_to_none=True)
-    batch = collate_rows(loaded, samples, keeps, rows, layout=layout)
-    pairs = torch.tensor([[r - 1, r] for r in range(1, len(rows), 2)])
-    with per_sample_grad_gram(
-        loaded.model,
-        pairs=pairs,
-        cu_seqlens=batch.cu_seqlens,
-        num_rows=len(rows),
-        keep_for_reweight=True,
-        module_rows=batch.module_rows,
-    ) as gram:
-        out = forward_rows(loaded, batch)
-        out.loss_sum.sum().backward()
-    params = {n: p for n, p in loaded.model.named_parameters() if p.requires_grad}
-    grads = {n: p.grad.detach().clone() for n, p in params.items()}
-    gram.reweight(torch.tensor([1.0 if r % 2 == 0 else 0.5 for r in range(len(rows))]))
-    reweighted = {n: p.grad.detach().clone() for n, p in params.items()}
-    return batch, out, grads, gram.norms.clone(), gram.cosines.clone(), reweighted
 
 
 def _assert_grads_close(got, want):

@@ -14,7 +14,7 @@ from torch import nn
 import aimkp
 from aimkp.engine.reference import gram_from_grads, loop_per_row_grads
 from aimkp.ops import MaskedEmbedding
-from tests.test_engine import assert_close_rel, flat_grads
+from tests.helpers.engine import assert_close_rel, flat_grads
 
 V, D, IMG, PAD = 13, 6, 11, 0
 PAIRS = torch.tensor([[0, 1], [0, 2], [1, 2], [3, 0]])

@@ -8,16 +8,16 @@ import json
 import pytest
 import torch
 from PIL import Image
-from test_models_common import (
+
+from aimkp.eval.predict import Predictor, load_predictor, parse_keyphrases
+from aimkp.models import collate_rows, forward_rows, load_model, save_checkpoint
+from tests.helpers.models import (
     Record,
     _one_thread,  # noqa: F401 - autouse: single-threaded tests
     image,
     records,
     tiny,
 )
-
-from aimkp.eval.predict import Predictor, load_predictor, parse_keyphrases
-from aimkp.models import collate_rows, forward_rows, load_model, save_checkpoint
 
 MEMO = [
     ("mm", "wildflower hour in the spring meadow", ["wildflower hour", "spring"], 0),

@@ -2,17 +2,23 @@
 sharing the input embedding's table (ids x dense factors), two linear layers sharing a weight
 (dense x dense), the fused MaskedEmbedding tied to a head, and a tiny Hugging Face model with
 ``tie_word_embeddings=True``; against a loop of one backward per row (fp32, relative error
-<= 1e-4, as in tests/test_engine.py), with ``reweight`` and the docstring example."""
+<= 1e-4, as in tests/helpers/engine.py), with ``reweight`` and the docstring example."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_engine import PAIRS, assert_close_rel, check_against_loop, flat_grads, row_loss_padded
 from torch import nn
 
 import aimkp
 from aimkp.engine.reference import loop_per_row_grads
+from tests.helpers.engine import (
+    PAIRS,
+    assert_close_rel,
+    check_against_loop,
+    flat_grads,
+    row_loss_padded,
+)
 
 
 class TiedLM(nn.Module):

@@ -9,17 +9,17 @@ import json
 
 import pytest
 import torch
-from test_models_common import (
-    _one_thread,  # noqa: F401 - autouse: single-threaded tests
-    records,
-    tiny,
-)
 
 from aimkp.cli import main
 from aimkp.eval.predict import Predictor
 from aimkp.models import load_model, save_checkpoint
 from aimkp.models.lora import apply_lora
 from aimkp.train.state import frozen_checksum, load_trainable_state, trainable_state
+from tests.helpers.models import (
+    _one_thread,  # noqa: F401 - autouse: single-threaded tests
+    records,
+    tiny,
+)
 
 FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "config.json")
 

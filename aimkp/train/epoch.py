@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
 
 from aimkp.train import distributed as D
+from aimkp.train.nonfinite import grads_finite
 from aimkp.train.run import TrainRun
 from aimkp.train.stats import EpochStats
 from aimkp.train.step import StepResult, aimkp_step, sft_step
@@ -72,18 +74,27 @@ def accumulate(run: TrainRun, global_idx: Sequence[int]) -> Iterator[StepResult]
         yield micro_step(run, idx[m : m + bs], n_total)
 
 
-def optimizer_step(run: TrainRun) -> None:
-    """Gradients summed over the ranks, clipped, one AdamW + schedule step, gradients cleared."""
+def optimizer_step(run: TrainRun, used_rows: int) -> bool:
+    """Gradients summed over the ranks, clipped, one AdamW + schedule step, gradients cleared.
+
+    ``used_rows``: this rank's rows that reached ``.grad``. A step whose summed gradient is
+    non-finite, or that used no row on any rank, is skipped (no AdamW step; the schedule still
+    advances so the learning rate follows the data position); returns False then."""
     model = run.model
     D.all_reduce_grads(model.parameters(), run.ctx)
-    if run.cfg.max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], run.cfg.max_grad_norm
-        )
-    run.optimizer.step()
-    run.scheduler.step()
+    params = [p for p in model.parameters() if p.requires_grad]
+    (used_total,) = D.all_reduce_sum([used_rows], run.ctx)
+    ok = run.skip_guard.step_ok(used_total > 0 and grads_finite(params), run.progress.step)
+    if ok:
+        if run.cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, run.cfg.max_grad_norm)
+        run.optimizer.step()
+    with warnings.catch_warnings():  # a skipped first step: "scheduler.step() before optimizer"
+        warnings.simplefilter("ignore", UserWarning)
+        run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.progress.step += 1
+    return ok
 
 
 class BackendLog:
@@ -134,10 +145,13 @@ def run_epoch(run: TrainRun, epoch: int, backends: BackendLog) -> tuple[EpochSta
         disable=not run.is_main,
     )
     for s in bar:
+        used = 0
         for res in accumulate(run, order[s * gb : (s + 1) * gb]):
             stats.add(res)
             backends(res)
-        optimizer_step(run)
+            used += res.n_rows - res.nonfinite_rows
+        if not optimizer_step(run, used):
+            stats.nonfinite_skipped_steps += 1
         bar.set_postfix(**stats.progress(time.perf_counter() - t0))
     bar.close()
     if run.strides is not None:

@@ -136,7 +136,9 @@ def save_model(run: TrainRun, name: str, extra: dict[str, Any]) -> None:
     """``OUTPUT/<name>``: the model (LoRA: a peft adapter naming one copy of a preset's initial
     base per run, ``OUTPUT/base``)."""
     from aimkp.models.checkpoint import save_checkpoint
+    from aimkp.train.nonfinite import check_finite_weights
 
+    check_finite_weights(run.model, str(run.out / name))
     save_checkpoint(run.out / name, run.loaded, extra_json=extra, base_dir=run.out / "base")
 
 
@@ -169,6 +171,8 @@ def summarize(run: TrainRun) -> dict[str, Any]:
         "best_epoch": p.best_epoch,
         "output": str(run.out),
         "steps": p.step,
+        "nonfinite_rows": sum(int(r.get("nonfinite_rows", 0)) for r in p.history),
+        "nonfinite_skipped_steps": sum(int(r.get("nonfinite_skipped_steps", 0)) for r in p.history),
         "model": run.model,
         "loaded": run.loaded,
     }

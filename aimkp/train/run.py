@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from aimkp.train.config import TrainConfig
+from aimkp.train.nonfinite import SkipGuard
 from aimkp.train.pmm import StrideTable
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ class TrainRun:
     steps_per_epoch: int
     progress: Progress = field(default_factory=Progress)
     best_state: dict[str, torch.Tensor] | None = None  # trainable weights of the best epoch
+    skip_guard: SkipGuard = field(default_factory=lambda: SkipGuard(10))  # non-finite steps
 
     @property
     def model(self) -> torch.nn.Module:
@@ -220,6 +222,7 @@ def set_up(cfg: TrainConfig) -> TrainRun:
         scheduler=scheduler,
         global_batch=global_batch,
         steps_per_epoch=steps_per_epoch,
+        skip_guard=SkipGuard(cfg.max_skipped_steps),
     )
 
 

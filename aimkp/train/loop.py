@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from aimkp.train.checkpoints import check_free_space, save_last, save_model
 from aimkp.train.config import TrainConfig
 from aimkp.train.epoch import BackendLog, run_epoch
 from aimkp.train.evaluation import (
@@ -40,6 +41,7 @@ from aimkp.train.run import (
     seed_everything,
     set_up,
 )
+from aimkp.train.signals import StopRequest
 from aimkp.train.stats import EpochStats
 
 __all__ = [
@@ -62,9 +64,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     baselines = start(run)
     metrics = MetricsLog(run.out, enabled=run.is_main)
     backends = BackendLog()
-    for epoch in range(run.progress.epoch, run.last_epoch):
-        stats, seconds = run_epoch(run, epoch, backends)
-        end_epoch(run, epoch, stats.all_reduce(run.ctx), seconds, metrics)
+    with StopRequest() as stop:
+        for epoch in range(run.progress.epoch, run.last_epoch):
+            stats, seconds = run_epoch(run, epoch, backends, stop)
+            end_epoch(run, epoch, stats.all_reduce(run.ctx), seconds, metrics)
     metrics.close()
     summary = summarize(run)
     if baselines and run.last_epoch == cfg.epochs:
@@ -83,6 +86,7 @@ def start(run: TrainRun) -> dict[str, dict[str, float]]:
         baselines = baseline_scores(run.loaded, run.train_records, load_test_split(cfg), cfg)
     if run.is_main:
         cfg.save(run.out / "config.json")
+        check_free_space(run)
     log_start(run)
     return baselines
 
@@ -93,12 +97,13 @@ def end_epoch(
     """Metrics row; on rank 0 also validation, best / last checkpoints and logs. The other
     ranks wait for rank 0 at the barrier."""
     row = epoch_row(run, epoch, stats, seconds)
+    run.progress.epoch, run.progress.epoch_step = epoch + 1, 0
     if run.is_main:
         if run.cfg.eval_every_epoch and run.valid_records:
             row.update(validate_and_select(run, epoch))
         run.progress.history.append(row)
         metrics.write(row, run.progress.history)
-        save_last(run, epoch)
+        save_last(run)
     else:
         run.progress.history.append(row)
     run.ctx.barrier()
@@ -130,37 +135,6 @@ def validate_and_select(run: TrainRun, epoch: int) -> dict[str, float]:
         run.best_state = trainable_state(run.model)
         save_model(run, "best", {"epoch": epoch + 1, "valid": ev})
     return {f"valid_{k}": v for k, v in ev.items()}
-
-
-def save_model(run: TrainRun, name: str, extra: dict[str, Any]) -> None:
-    """``OUTPUT/<name>``: the model (LoRA: a peft adapter naming one copy of a preset's initial
-    base per run, ``OUTPUT/base``)."""
-    from aimkp.models.checkpoint import save_checkpoint
-    from aimkp.train.nonfinite import check_finite_weights
-
-    check_finite_weights(run.model, str(run.out / name))
-    save_checkpoint(run.out / name, run.loaded, extra_json=extra, base_dir=run.out / "base")
-
-
-def save_last(run: TrainRun, epoch: int) -> None:
-    """``OUTPUT/last``: the model and the full training state to resume from."""
-    from aimkp.train.state import save_train_state
-
-    p = run.progress
-    save_model(run, "last", {"epoch": epoch + 1})
-    save_train_state(
-        run.out / "last",
-        model=run.model,
-        optimizer=run.optimizer,
-        scheduler=run.scheduler,
-        strides=run.strides,
-        epoch=epoch + 1,
-        step=p.step,
-        best_score=p.best_score,
-        best_epoch=p.best_epoch,
-        history=p.history,
-        config=run.cfg.to_dict(),
-    )
 
 
 def summarize(run: TrainRun) -> dict[str, Any]:

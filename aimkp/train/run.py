@@ -34,7 +34,9 @@ class Progress:
     """Where the run stands; saved with every ``last`` checkpoint and restored on resume."""
 
     epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps taken
+    step: int = 0  # optimizer steps taken (skipped non-finite ones included)
+    epoch_step: int = 0  # optimizer steps done in epoch ``epoch`` (a mid-epoch checkpoint)
+    partial: dict[str, Any] | None = None  # that epoch's totals so far (resumed mid-epoch)
     best_score: float | None = None
     best_epoch: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -244,9 +246,15 @@ def resume(run: TrainRun, directory: str) -> None:
         best_score=st["best_score"],
         best_epoch=st["best_epoch"],
         history=list(st["history"]),
+        epoch_step=int(st.get("epoch_step", 0)),
+        partial=st.get("partial"),
     )
     log.info(
-        "resumed from %s at epoch %d, step %d", directory, run.progress.epoch, run.progress.step
+        "resumed from %s at epoch %d, step %d (%d into the epoch)",
+        directory,
+        run.progress.epoch,
+        run.progress.step,
+        run.progress.epoch_step,
     )
 
 

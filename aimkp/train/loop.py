@@ -19,6 +19,7 @@ test-split comparison with the majority and untrained baselines.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from aimkp.train.checkpoints import check_free_space, save_last, save_model
@@ -59,7 +60,15 @@ log = logging.getLogger("aimkp.train")
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run training as configured; returns a summary dict (history, best score, paths)."""
+    """Run training as configured; returns a summary dict (history, best score, paths). The run
+    directory is locked for the run (rank 0; a second run into it is refused)."""
+    from aimkp.train.run_lock import run_lock
+
+    with run_lock(cfg.output, enabled=int(os.environ.get("RANK", "0") or 0) == 0):
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> dict[str, Any]:
     run = set_up(cfg)
     baselines = start(run)
     metrics = MetricsLog(run.out, enabled=run.is_main)

@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if module is None:
         parser.print_help()
         return 2
+    args.argv = argv  # which flags were given (``aimkp train --resume DIR`` keeps the others)
     try:
         return int(module.run(args) or 0)
     except UsageError as exc:

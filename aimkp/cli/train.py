@@ -163,8 +163,8 @@ def _help(name: str) -> str:
     return next(f for f in dataclasses.fields(TrainConfig) if f.name == name).metadata["help"]
 
 
-def _names(s: str) -> tuple[str, ...]:
-    return tuple(n.strip().replace("-", "_") for n in s.split(",") if n.strip())
+def _names(s: str) -> list[str]:
+    return [n.strip().replace("-", "_") for n in s.split(",") if n.strip()]
 
 
 def add_reliability_arguments(p: argparse.ArgumentParser) -> None:
@@ -182,7 +182,7 @@ def add_reliability_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--allow-changed",
         type=_names,
-        default=(),
+        default=[],
         metavar="NAMES",
         help=_help("allow_changed") + " (comma-separated, e.g. lr,epochs)",
     )
@@ -196,6 +196,26 @@ def reliability_fields(args: argparse.Namespace) -> dict[str, Any]:
         "keep_last": args.keep_last,
         "allow_changed": args.allow_changed,
     }
+
+
+def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
+    """``--resume DIR``: the saved run's options for every flag not given (``given``: the
+    field names whose flags were), the output defaulting to the resumed run directory."""
+    import json
+    import pathlib
+
+    from aimkp.train.resume_check import resumed_fields
+    from aimkp.train.state import find_train_state, read_train_state
+
+    state_file = find_train_state(cfg.resume)
+    run_dir = state_file.parent.parent if state_file.parent.name == "last" else state_file.parent
+    saved_json = pathlib.Path(run_dir) / "config.json"
+    try:
+        saved = json.loads(saved_json.read_text())
+    except (OSError, ValueError):  # no (readable) config.json: the one in the training state
+        saved = read_train_state(cfg.resume)["config"]
+    fields = resumed_fields(cfg.to_dict(), given, saved, str(run_dir))
+    return TrainConfig(**fields).validate()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,7 +282,11 @@ def _given_flags(argv: list[str] | None) -> set[str]:
     for a in argv:
         if a.startswith("--"):
             name = a[2:].split("=", 1)[0].replace("-", "_")
-            out.add({"preset": "model", "threads": "num_threads"}.get(name, name))
+            out.add(
+                {"preset": "model", "threads": "num_threads", "no_eval": "eval_every_epoch"}.get(
+                    name, name
+                )
+            )
     return out
 
 
@@ -283,7 +307,10 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    cfg = config_from_args(args, _given_flags(argv))
+    given = _given_flags(argv if argv is not None else getattr(args, "argv", None))
+    cfg = config_from_args(args, given)
+    if cfg.resume is not None:
+        cfg = resumed_config(cfg, given)
     _check_before_training(cfg)
     import torch.distributed as dist
 

@@ -88,8 +88,8 @@ class TrainConfig:
         default=None,
         metadata={"help": "with --save-every: keep the K newest OUTPUT/step-NNNNNN checkpoints"},
     )
-    allow_changed: tuple[str, ...] = field(
-        default=(),
+    allow_changed: list[str] = field(
+        default_factory=list,
         metadata={"help": "options --resume may take changed from the saved run (safe ones only)"},
     )
 

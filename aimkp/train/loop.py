@@ -69,8 +69,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig) -> dict[str, Any]:
+    state, changes = read_resume_state(cfg)  # options checked before anything loads
     run = set_up(cfg)
-    baselines = start(run)
+    run.resumed_changes = changes
+    baselines = start(run, state)
     metrics = MetricsLog(run.out, enabled=run.is_main)
     backends = BackendLog()
     with StopRequest() as stop:
@@ -84,13 +86,26 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     return summary
 
 
-def start(run: TrainRun) -> dict[str, dict[str, float]]:
-    """Resume from ``cfg.resume``, or score the baselines on the test split before training
-    (when asked, on rank 0); save ``config.json``. Returns the baselines' scores ({} if none)."""
+def read_resume_state(cfg: TrainConfig) -> tuple[dict[str, Any] | None, list[str]]:
+    """With ``--resume``: the saved training state and the accepted option changes (UsageError
+    naming every refused one, see :mod:`aimkp.train.resume_check`)."""
+    if not cfg.resume:
+        return None, []
+    from aimkp.train.resume_check import check_resume_options
+    from aimkp.train.state import read_train_state
+
+    state = read_train_state(cfg.resume)
+    return state, check_resume_options(state["config"], cfg)
+
+
+def start(run: TrainRun, state: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
+    """Resume from the saved ``state``, or score the baselines on the test split before
+    training (when asked, on rank 0); save ``config.json``. Returns the baselines' scores ({}
+    if none)."""
     cfg = run.cfg
     baselines: dict[str, dict[str, float]] = {}
-    if cfg.resume:
-        resume(run, cfg.resume)
+    if state is not None:
+        resume(run, state, str(cfg.resume))
     elif cfg.baselines and run.is_main:
         baselines = baseline_scores(run.loaded, run.train_records, load_test_split(cfg), cfg)
     if run.is_main:
@@ -129,6 +144,10 @@ def epoch_row(run: TrainRun, epoch: int, stats: EpochStats, seconds: float) -> d
     )
     if run.strides is not None:
         row.update(run.strides.summary())
+    if run.resumed_changes:  # options changed by this resume (--allow-changed), recorded once
+        row["resumed"] = "; ".join(run.resumed_changes)
+        log.info("resumed with changed options: %s", row["resumed"])
+        run.resumed_changes = []
     return row
 
 

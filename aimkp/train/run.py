@@ -62,6 +62,7 @@ class TrainRun:
     steps_per_epoch: int
     progress: Progress = field(default_factory=Progress)
     best_state: dict[str, torch.Tensor] | None = None  # trainable weights of the best epoch
+    resumed_changes: list[str] = field(default_factory=list)  # accepted by --allow-changed
     skip_guard: SkipGuard = field(default_factory=lambda: SkipGuard(10))  # non-finite steps
 
     @property
@@ -228,11 +229,11 @@ def set_up(cfg: TrainConfig) -> TrainRun:
     )
 
 
-def resume(run: TrainRun, directory: str) -> None:
-    """Restore weights, optimizer, schedule, strides, RNG and progress saved in ``directory``."""
-    from aimkp.train.state import read_train_state, restore_train_state
+def resume(run: TrainRun, st: dict[str, Any], directory: str) -> None:
+    """Restore weights, optimizer, schedule, strides, RNG and progress from the training state
+    ``st`` read from ``directory``."""
+    from aimkp.train.state import restore_train_state
 
-    st = read_train_state(directory)
     restore_train_state(
         st,
         model=run.model,

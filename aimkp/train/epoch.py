@@ -3,10 +3,11 @@
 Per epoch a permutation seeded with ``seed + epoch`` (so resuming reproduces the order); per
 optimizer step the same global batch on every rank, ``grad_accum`` micro-batches of
 ``batch_size`` samples of this rank's share, every loss weight divided by the answer tokens of
-the whole global batch (:func:`accumulate`); then gradient all-reduce, clipping, AdamW and the
-schedule (:func:`optimizer_step`). Hooks for later work sit between these two calls in
-:func:`run_epoch` (a mid-epoch checkpoint every N steps, per-step logging) or inside
-:func:`optimizer_step` (skipping a non-finite step).
+the whole global batch (:func:`accumulate`); then gradient all-reduce, the non-finite guard (a
+non-finite or empty step is skipped), clipping, AdamW and the schedule (:func:`optimizer_step`);
+then :func:`after_step` (a mid-epoch ``last`` every ``--save-every`` steps, SIGINT / SIGTERM:
+save and exit; per-step logging belongs here too). A run resumed mid-epoch starts at
+``progress.epoch_step`` with the epoch's partial totals (:func:`resume_point`).
 """
 
 from __future__ import annotations

@@ -206,6 +206,7 @@ def without_samples(
     keep = [b for b in range(int(bad.numel())) if not bool(bad[b])]
     res = step(keep) if keep else StepResult(0.0, 0, 0, 0, 0)
     res.nonfinite_rows += n_rows - res.n_rows
+    res.n_rows = n_rows  # as in an engine step: the micro-step's rows, excluded ones included
     log.warning("non-finite loss in %d sample(s) of a micro-step: excluded", int(bad.sum()))
     return res
 

@@ -2,7 +2,8 @@
 say how to resume and exit 130 / 143 (128 + the signal's number, the shell's convention).
 
 The handler only records the signal; the loop looks at it after each optimizer step
-(:meth:`StopRequest.agreed`, the same answer on every rank under torchrun).
+(:meth:`StopRequest.agreed`, the same answer on every rank under torchrun). A second SIGINT
+raises ``KeyboardInterrupt`` at once (``last`` then keeps its previous, whole, state).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class StopRequest:
         self._previous.clear()
 
     def _record(self, signum: int, frame: object) -> None:
+        if self.signum is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
         self.signum = signum
 
     def agreed(self, ctx: D.DistContext) -> int | None:

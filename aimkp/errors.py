@@ -11,7 +11,7 @@ Both subclass ``ValueError`` so callers (and tests) that caught ``ValueError`` k
 
 from __future__ import annotations
 
-__all__ = ["UsageError", "DataError", "CheckpointError"]
+__all__ = ["UsageError", "DataError", "CheckpointError", "NonFiniteError", "NONFINITE_EXIT"]
 
 
 class UsageError(ValueError):
@@ -25,3 +25,14 @@ class DataError(UsageError):
 
 class CheckpointError(UsageError):
     """A checkpoint or training-state file that cannot be (safely) read back."""
+
+
+#: exit status of a run stopped by :class:`NonFiniteError`
+NONFINITE_EXIT = 3
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped because values went non-finite (too many skipped steps in a row, or a
+    non-finite weight about to be saved). Not a user error in the sense of :class:`UsageError`
+    (the options may be fine and the data too), but not a bug either: ``aimkp.cli.main`` prints
+    one line and exits :data:`NONFINITE_EXIT` (3)."""

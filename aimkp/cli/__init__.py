@@ -17,7 +17,7 @@ import importlib
 import sys
 
 from aimkp.cli._common import VERBOSE_HELP, add_verbose
-from aimkp.errors import UsageError
+from aimkp.errors import NONFINITE_EXIT, NonFiniteError, UsageError
 
 SUBCOMMANDS = {
     "train": "aimkp.cli.train",
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if module is None:
         parser.print_help()
         return 2
+    args.argv = argv  # which flags were given (``aimkp train --resume DIR`` keeps the others)
     try:
         return int(module.run(args) or 0)
     except UsageError as exc:
@@ -68,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"aimkp {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except NonFiniteError as exc:  # training diverged: one line, exit 3
+        if args.verbose:
+            raise
+        print(f"aimkp {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return NONFINITE_EXIT
 
 
 def one_line(exc: BaseException) -> str:

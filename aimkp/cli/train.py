@@ -9,6 +9,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -154,6 +155,70 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--quick", action="store_true", help="demo-sized settings; explicitly given flags still win"
     )
+    add_reliability_arguments(p)
+
+
+# --- reliability (issue 11): non-finite steps, mid-epoch checkpoints, resume checks -----------
+def _help(name: str) -> str:
+    return next(f for f in dataclasses.fields(TrainConfig) if f.name == name).metadata["help"]
+
+
+def _names(s: str) -> list[str]:
+    return [n.strip().replace("-", "_") for n in s.split(",") if n.strip()]
+
+
+def add_reliability_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of the reliability fields of :class:`TrainConfig` (help from their metadata)."""
+    g = p.add_argument_group("reliability")
+    g.add_argument(
+        "--max-skipped-steps",
+        type=int,
+        default=_D.max_skipped_steps,
+        metavar="K",
+        help=_help("max_skipped_steps"),
+    )
+    g.add_argument("--save-every", type=int, default=None, metavar="N", help=_help("save_every"))
+    g.add_argument("--keep-last", type=int, default=None, metavar="K", help=_help("keep_last"))
+    g.add_argument(
+        "--allow-changed",
+        type=_names,
+        default=[],
+        metavar="NAMES",
+        help=_help("allow_changed") + " (comma-separated, e.g. lr,epochs)",
+    )
+
+
+def reliability_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The reliability fields of :class:`TrainConfig` from the parsed flags."""
+    return {
+        "max_skipped_steps": args.max_skipped_steps,
+        "save_every": args.save_every,
+        "keep_last": args.keep_last,
+        "allow_changed": args.allow_changed,
+    }
+
+
+def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
+    """``--resume DIR``: the saved run's options for every flag not given (``given``: the
+    field names whose flags were), the output defaulting to the resumed run directory."""
+    import json
+    import pathlib
+
+    from aimkp.train.resume_check import resumed_fields
+    from aimkp.train.state import find_train_state, read_train_state
+
+    state_file = find_train_state(cfg.resume)
+    run_dir = state_file.parent.parent if state_file.parent.name == "last" else state_file.parent
+    saved_json = pathlib.Path(run_dir) / "config.json"
+    try:
+        saved = json.loads(saved_json.read_text())
+    except (OSError, ValueError):  # no (readable) config.json: the one in the training state
+        saved = read_train_state(cfg.resume)["config"]
+    fields = resumed_fields(cfg.to_dict(), given, saved, str(run_dir))
+    return TrainConfig(**fields).validate()
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def config_from_args(args: argparse.Namespace, argv_flags: set[str] | None = None) -> TrainConfig:
@@ -199,6 +264,7 @@ def config_from_args(args: argparse.Namespace, argv_flags: set[str] | None = Non
         "baselines": args.baselines,
         "device": args.device,
         "num_threads": args.threads,
+        **reliability_fields(args),
     }
     if args.quick:
         given = argv_flags or set()
@@ -216,7 +282,11 @@ def _given_flags(argv: list[str] | None) -> set[str]:
     for a in argv:
         if a.startswith("--"):
             name = a[2:].split("=", 1)[0].replace("-", "_")
-            out.add({"preset": "model", "threads": "num_threads"}.get(name, name))
+            out.add(
+                {"preset": "model", "threads": "num_threads", "no_eval": "eval_every_epoch"}.get(
+                    name, name
+                )
+            )
     return out
 
 
@@ -237,7 +307,10 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    cfg = config_from_args(args, _given_flags(argv))
+    given = _given_flags(argv if argv is not None else getattr(args, "argv", None))
+    cfg = config_from_args(args, given)
+    if cfg.resume is not None:
+        cfg = resumed_config(cfg, given)
     _check_before_training(cfg)
     import torch.distributed as dist
 
@@ -254,6 +327,10 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
             f"[aimkp train] done: {summary['steps']} steps, best valid score "
             f"{summary['best_score']} at epoch {summary['best_epoch']}; "
             f"checkpoints in {summary['output']}/best and /last"
+        )
+        print(
+            f"[aimkp train] non-finite: {summary['nonfinite_rows']} rows excluded, "
+            f"{summary['nonfinite_skipped_steps']} steps skipped"
         )
     return 0
 

@@ -50,12 +50,14 @@ def _has_full_weights(d: pathlib.Path) -> bool:
 def save_base_copy(loaded: Any, base_dir: pathlib.Path) -> pathlib.Path:
     """The initial base model (LoRA and the trained projector copy left out) + tokenizer + image
     processor, saved with ``save_pretrained`` into ``base_dir`` once per loaded model."""
+    from aimkp.atomic import atomic_dir
+
     if loaded.info.get("saved_base") == str(base_dir) and _has_full_weights(base_dir):
         return base_dir
-    base_dir.mkdir(parents=True, exist_ok=True)
-    save_full_weights(base_dir, loaded.model, merged_state_dict(loaded.model, trained=False))
-    save_processors(base_dir, loaded)
-    write_meta(base_dir, loaded, weights="full", lora=None, extra={"role": "initial base model"})
+    with atomic_dir(base_dir) as tmp:  # written whole or not at all
+        save_full_weights(tmp, loaded.model, merged_state_dict(loaded.model, trained=False))
+        save_processors(tmp, loaded)
+        write_meta(tmp, loaded, weights="full", lora=None, extra={"role": "initial base model"})
     loaded.info["saved_base"] = str(base_dir)
     return base_dir
 

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 import pathlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aimkp.data.options import ON_BAD_RECORD, ON_MISSING_IMAGE
@@ -75,6 +75,23 @@ class TrainConfig:
     baselines: bool = False
     device: str | None = None
     num_threads: int | None = None
+    # --- reliability (issue 11): non-finite steps, mid-epoch checkpoints, resume checks ---
+    max_skipped_steps: int = field(
+        default=10,
+        metadata={"help": "stop the run after this many non-finite optimizer steps in a row"},
+    )
+    save_every: int | None = field(
+        default=None,
+        metadata={"help": "also write OUTPUT/last every N optimizer steps (mid-epoch)"},
+    )
+    keep_last: int | None = field(
+        default=None,
+        metadata={"help": "with --save-every: keep the K newest OUTPUT/step-NNNNNN checkpoints"},
+    )
+    allow_changed: list[str] = field(
+        default_factory=list,
+        metadata={"help": "options --resume may take changed from the saved run (safe ones only)"},
+    )
 
     def validate(self) -> TrainConfig:
         """Raise :class:`~aimkp.errors.UsageError` naming the first bad field; returns self."""
@@ -101,7 +118,16 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum", "lora_r", "max_new_tokens"):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("max_train_samples", "eval_max_samples", "stop_after_epochs", "num_threads"):
+        if int(self.max_skipped_steps) < 1:
+            raise UsageError(f"max_skipped_steps must be >= 1, got {self.max_skipped_steps!r}")
+        for name in (
+            "max_train_samples",
+            "eval_max_samples",
+            "stop_after_epochs",
+            "num_threads",
+            "save_every",
+            "keep_last",
+        ):
             v = getattr(self, name)
             if v is not None and int(v) < 1:
                 raise UsageError(f"{name} must be >= 1 or None, got {v!r}")

@@ -3,22 +3,29 @@
 Per epoch a permutation seeded with ``seed + epoch`` (so resuming reproduces the order); per
 optimizer step the same global batch on every rank, ``grad_accum`` micro-batches of
 ``batch_size`` samples of this rank's share, every loss weight divided by the answer tokens of
-the whole global batch (:func:`accumulate`); then gradient all-reduce, clipping, AdamW and the
-schedule (:func:`optimizer_step`). Hooks for later work sit between these two calls in
-:func:`run_epoch` (a mid-epoch checkpoint every N steps, per-step logging) or inside
-:func:`optimizer_step` (skipping a non-finite step).
+the whole global batch (:func:`accumulate`); then gradient all-reduce, the non-finite guard (a
+non-finite or empty step is skipped), clipping, AdamW and the schedule (:func:`optimizer_step`);
+then :func:`after_step` (a mid-epoch ``last`` every ``--save-every`` steps, SIGINT / SIGTERM:
+save and exit; per-step logging belongs here too). A run resumed mid-epoch starts at
+``progress.epoch_step`` with the epoch's partial totals (:func:`resume_point`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import signal
+import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
 
 from aimkp.train import distributed as D
-from aimkp.train.run import TrainRun
+from aimkp.train.nonfinite import grads_finite
+from aimkp.train.run import Progress, TrainRun
+from aimkp.train.signals import StopRequest, exit_status
 from aimkp.train.stats import EpochStats
 from aimkp.train.step import StepResult, aimkp_step, sft_step
 
@@ -72,18 +79,27 @@ def accumulate(run: TrainRun, global_idx: Sequence[int]) -> Iterator[StepResult]
         yield micro_step(run, idx[m : m + bs], n_total)
 
 
-def optimizer_step(run: TrainRun) -> None:
-    """Gradients summed over the ranks, clipped, one AdamW + schedule step, gradients cleared."""
+def optimizer_step(run: TrainRun, used_rows: int) -> bool:
+    """Gradients summed over the ranks, clipped, one AdamW + schedule step, gradients cleared.
+
+    ``used_rows``: this rank's rows that reached ``.grad``. A step whose summed gradient is
+    non-finite, or that used no row on any rank, is skipped (no AdamW step; the schedule still
+    advances so the learning rate follows the data position); returns False then."""
     model = run.model
     D.all_reduce_grads(model.parameters(), run.ctx)
-    if run.cfg.max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], run.cfg.max_grad_norm
-        )
-    run.optimizer.step()
-    run.scheduler.step()
+    params = [p for p in model.parameters() if p.requires_grad]
+    (used_total,) = D.all_reduce_sum([used_rows], run.ctx)
+    ok = run.skip_guard.step_ok(used_total > 0 and grads_finite(params), run.progress.step)
+    if ok:
+        if run.cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, run.cfg.max_grad_norm)
+        run.optimizer.step()
+    with warnings.catch_warnings():  # a skipped first step: "scheduler.step() before optimizer"
+        warnings.simplefilter("ignore", UserWarning)
+        run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.progress.step += 1
+    return ok
 
 
 class BackendLog:
@@ -118,28 +134,69 @@ def backend_names(res: StepResult) -> dict[str, str]:
     }
 
 
-def run_epoch(run: TrainRun, epoch: int, backends: BackendLog) -> tuple[EpochStats, float]:
-    """Train one epoch; returns this rank's totals and the epoch's wall time (seconds,
-    including the strides' reconcile across ranks)."""
+def run_epoch(
+    run: TrainRun, epoch: int, backends: BackendLog, stop: StopRequest | None = None
+) -> tuple[EpochStats, float]:
+    """Train one epoch (from ``run.progress.epoch_step`` when resumed mid-epoch); returns this
+    rank's totals and the epoch's wall time (seconds, including the strides' reconcile across
+    ranks and, resumed, the time before the interruption)."""
     from tqdm.auto import tqdm
 
-    cfg, gb = run.cfg, run.global_batch
+    cfg, gb, p = run.cfg, run.global_batch, run.progress
     order = epoch_order(run, epoch)
-    t0 = time.perf_counter()
-    stats = EpochStats()
+    stats, t0 = resume_point(p)
     bar = tqdm(
-        range(run.steps_per_epoch),
+        range(p.epoch_step, run.steps_per_epoch),
         desc=f"epoch {epoch + 1}/{cfg.epochs}",
         leave=False,
         disable=not run.is_main,
     )
     for s in bar:
+        used = 0
         for res in accumulate(run, order[s * gb : (s + 1) * gb]):
             stats.add(res)
             backends(res)
-        optimizer_step(run)
+            used += res.n_rows - res.nonfinite_rows
+        if not optimizer_step(run, used):
+            stats.nonfinite_skipped_steps += 1
+        p.epoch_step = s + 1
         bar.set_postfix(**stats.progress(time.perf_counter() - t0))
+        after_step(run, stats, time.perf_counter() - t0, stop)
     bar.close()
     if run.strides is not None:
         run.strides.reconcile()
     return stats, time.perf_counter() - t0
+
+
+def resume_point(p: Progress) -> tuple[EpochStats, float]:
+    """The epoch's totals so far and its start time (``perf_counter``), from a mid-epoch
+    checkpoint's ``partial`` (fresh totals and now otherwise)."""
+    partial = dict(p.partial or {})
+    seconds = float(partial.pop("seconds", 0.0))
+    p.partial = None
+    return EpochStats(**partial), time.perf_counter() - seconds
+
+
+def after_step(run: TrainRun, stats: EpochStats, seconds: float, stop: StopRequest | None) -> None:
+    """The hooks after each optimizer step: on SIGINT / SIGTERM save ``OUTPUT/last`` and exit
+    (130 / 143); every ``--save-every`` steps a mid-epoch ``OUTPUT/last`` (the epoch's last
+    step is saved by the end of the epoch)."""
+    from aimkp.train.checkpoints import save_last
+
+    p, cfg = run.progress, run.cfg
+    signum = None if stop is None else stop.agreed(run.ctx)
+    periodic = cfg.save_every is not None and p.step % cfg.save_every == 0
+    if signum is None and not (periodic and p.epoch_step < run.steps_per_epoch):
+        return
+    if run.is_main:
+        save_last(run, {**dataclasses.asdict(stats), "seconds": seconds})
+    run.ctx.barrier()
+    if signum is not None:
+        if run.is_main:
+            print(
+                f"[aimkp train] stopped by {signal.Signals(signum).name} after step {p.step}; "
+                f"saved {run.out / 'last'}; resume with: aimkp train --resume {run.out}",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise SystemExit(exit_status(signum))

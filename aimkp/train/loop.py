@@ -19,8 +19,10 @@ test-split comparison with the majority and untrained baselines.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
+from aimkp.train.checkpoints import check_free_space, save_last, save_model
 from aimkp.train.config import TrainConfig
 from aimkp.train.epoch import BackendLog, run_epoch
 from aimkp.train.evaluation import (
@@ -40,6 +42,7 @@ from aimkp.train.run import (
     seed_everything,
     set_up,
 )
+from aimkp.train.signals import StopRequest
 from aimkp.train.stats import EpochStats
 
 __all__ = [
@@ -57,14 +60,25 @@ log = logging.getLogger("aimkp.train")
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run training as configured; returns a summary dict (history, best score, paths)."""
+    """Run training as configured; returns a summary dict (history, best score, paths). The run
+    directory is locked for the run (rank 0; a second run into it is refused)."""
+    from aimkp.train.run_lock import run_lock
+
+    with run_lock(cfg.output, enabled=int(os.environ.get("RANK", "0") or 0) == 0):
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> dict[str, Any]:
+    state, changes = read_resume_state(cfg)  # options checked before anything loads
     run = set_up(cfg)
-    baselines = start(run)
+    run.resumed_changes = changes
+    baselines = start(run, state)
     metrics = MetricsLog(run.out, enabled=run.is_main)
     backends = BackendLog()
-    for epoch in range(run.progress.epoch, run.last_epoch):
-        stats, seconds = run_epoch(run, epoch, backends)
-        end_epoch(run, epoch, stats.all_reduce(run.ctx), seconds, metrics)
+    with StopRequest() as stop:
+        for epoch in range(run.progress.epoch, run.last_epoch):
+            stats, seconds = run_epoch(run, epoch, backends, stop)
+            end_epoch(run, epoch, stats.all_reduce(run.ctx), seconds, metrics)
     metrics.close()
     summary = summarize(run)
     if baselines and run.last_epoch == cfg.epochs:
@@ -72,17 +86,31 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return summary
 
 
-def start(run: TrainRun) -> dict[str, dict[str, float]]:
-    """Resume from ``cfg.resume``, or score the baselines on the test split before training
-    (when asked, on rank 0); save ``config.json``. Returns the baselines' scores ({} if none)."""
+def read_resume_state(cfg: TrainConfig) -> tuple[dict[str, Any] | None, list[str]]:
+    """With ``--resume``: the saved training state and the accepted option changes (UsageError
+    naming every refused one, see :mod:`aimkp.train.resume_check`)."""
+    if not cfg.resume:
+        return None, []
+    from aimkp.train.resume_check import check_resume_options
+    from aimkp.train.state import read_train_state
+
+    state = read_train_state(cfg.resume)
+    return state, check_resume_options(state["config"], cfg)
+
+
+def start(run: TrainRun, state: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
+    """Resume from the saved ``state``, or score the baselines on the test split before
+    training (when asked, on rank 0); save ``config.json``. Returns the baselines' scores ({}
+    if none)."""
     cfg = run.cfg
     baselines: dict[str, dict[str, float]] = {}
-    if cfg.resume:
-        resume(run, cfg.resume)
+    if state is not None:
+        resume(run, state, str(cfg.resume))
     elif cfg.baselines and run.is_main:
         baselines = baseline_scores(run.loaded, run.train_records, load_test_split(cfg), cfg)
     if run.is_main:
         cfg.save(run.out / "config.json")
+        check_free_space(run)
     log_start(run)
     return baselines
 
@@ -93,12 +121,13 @@ def end_epoch(
     """Metrics row; on rank 0 also validation, best / last checkpoints and logs. The other
     ranks wait for rank 0 at the barrier."""
     row = epoch_row(run, epoch, stats, seconds)
+    run.progress.epoch, run.progress.epoch_step = epoch + 1, 0
     if run.is_main:
         if run.cfg.eval_every_epoch and run.valid_records:
             row.update(validate_and_select(run, epoch))
         run.progress.history.append(row)
         metrics.write(row, run.progress.history)
-        save_last(run, epoch)
+        save_last(run)
     else:
         run.progress.history.append(row)
     run.ctx.barrier()
@@ -115,6 +144,10 @@ def epoch_row(run: TrainRun, epoch: int, stats: EpochStats, seconds: float) -> d
     )
     if run.strides is not None:
         row.update(run.strides.summary())
+    if run.resumed_changes:  # options changed by this resume (--allow-changed), recorded once
+        row["resumed"] = "; ".join(run.resumed_changes)
+        log.info("resumed with changed options: %s", row["resumed"])
+        run.resumed_changes = []
     return row
 
 
@@ -132,35 +165,6 @@ def validate_and_select(run: TrainRun, epoch: int) -> dict[str, float]:
     return {f"valid_{k}": v for k, v in ev.items()}
 
 
-def save_model(run: TrainRun, name: str, extra: dict[str, Any]) -> None:
-    """``OUTPUT/<name>``: the model (LoRA: a peft adapter naming one copy of a preset's initial
-    base per run, ``OUTPUT/base``)."""
-    from aimkp.models.checkpoint import save_checkpoint
-
-    save_checkpoint(run.out / name, run.loaded, extra_json=extra, base_dir=run.out / "base")
-
-
-def save_last(run: TrainRun, epoch: int) -> None:
-    """``OUTPUT/last``: the model and the full training state to resume from."""
-    from aimkp.train.state import save_train_state
-
-    p = run.progress
-    save_model(run, "last", {"epoch": epoch + 1})
-    save_train_state(
-        run.out / "last",
-        model=run.model,
-        optimizer=run.optimizer,
-        scheduler=run.scheduler,
-        strides=run.strides,
-        epoch=epoch + 1,
-        step=p.step,
-        best_score=p.best_score,
-        best_epoch=p.best_epoch,
-        history=p.history,
-        config=run.cfg.to_dict(),
-    )
-
-
 def summarize(run: TrainRun) -> dict[str, Any]:
     p = run.progress
     return {
@@ -169,6 +173,8 @@ def summarize(run: TrainRun) -> dict[str, Any]:
         "best_epoch": p.best_epoch,
         "output": str(run.out),
         "steps": p.step,
+        "nonfinite_rows": sum(int(r.get("nonfinite_rows", 0)) for r in p.history),
+        "nonfinite_skipped_steps": sum(int(r.get("nonfinite_skipped_steps", 0)) for r in p.history),
         "model": run.model,
         "loaded": run.loaded,
     }

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from aimkp.train.config import TrainConfig
+from aimkp.train.nonfinite import SkipGuard
 from aimkp.train.pmm import StrideTable
 
 if TYPE_CHECKING:
@@ -33,7 +34,9 @@ class Progress:
     """Where the run stands; saved with every ``last`` checkpoint and restored on resume."""
 
     epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps taken
+    step: int = 0  # optimizer steps taken (skipped non-finite ones included)
+    epoch_step: int = 0  # optimizer steps done in epoch ``epoch`` (a mid-epoch checkpoint)
+    partial: dict[str, Any] | None = None  # that epoch's totals so far (resumed mid-epoch)
     best_score: float | None = None
     best_epoch: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -59,6 +62,8 @@ class TrainRun:
     steps_per_epoch: int
     progress: Progress = field(default_factory=Progress)
     best_state: dict[str, torch.Tensor] | None = None  # trainable weights of the best epoch
+    resumed_changes: list[str] = field(default_factory=list)  # accepted by --allow-changed
+    skip_guard: SkipGuard = field(default_factory=lambda: SkipGuard(10))  # non-finite steps
 
     @property
     def model(self) -> torch.nn.Module:
@@ -220,14 +225,15 @@ def set_up(cfg: TrainConfig) -> TrainRun:
         scheduler=scheduler,
         global_batch=global_batch,
         steps_per_epoch=steps_per_epoch,
+        skip_guard=SkipGuard(cfg.max_skipped_steps),
     )
 
 
-def resume(run: TrainRun, directory: str) -> None:
-    """Restore weights, optimizer, schedule, strides, RNG and progress saved in ``directory``."""
-    from aimkp.train.state import read_train_state, restore_train_state
+def resume(run: TrainRun, st: dict[str, Any], directory: str) -> None:
+    """Restore weights, optimizer, schedule, strides, RNG and progress from the training state
+    ``st`` read from ``directory``."""
+    from aimkp.train.state import restore_train_state
 
-    st = read_train_state(directory)
     restore_train_state(
         st,
         model=run.model,
@@ -241,9 +247,15 @@ def resume(run: TrainRun, directory: str) -> None:
         best_score=st["best_score"],
         best_epoch=st["best_epoch"],
         history=list(st["history"]),
+        epoch_step=int(st.get("epoch_step", 0)),
+        partial=st.get("partial"),
     )
     log.info(
-        "resumed from %s at epoch %d, step %d", directory, run.progress.epoch, run.progress.step
+        "resumed from %s at epoch %d, step %d (%d into the epoch)",
+        directory,
+        run.progress.epoch,
+        run.progress.step,
+        run.progress.epoch_step,
     )
 
 

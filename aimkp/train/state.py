@@ -107,8 +107,14 @@ def save_train_state(
     best_epoch: int | None,
     history: list[dict[str, Any]],
     config: dict[str, Any],
+    epoch_step: int = 0,
+    partial: dict[str, Any] | None = None,
 ) -> pathlib.Path:
-    """Write ``train_state.pt`` under ``directory`` (created); returns its path."""
+    """Write ``train_state.pt`` under ``directory`` (created); returns its path.
+
+    ``epoch``: epochs completed; ``epoch_step``: optimizer steps done in the next epoch (a
+    mid-epoch checkpoint, > 0) with ``partial`` its totals so far (``EpochStats`` fields and
+    ``seconds``)."""
     d = pathlib.Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {
@@ -125,6 +131,8 @@ def save_train_state(
         "best_epoch": best_epoch,
         "history": history,
         "config": config,
+        "epoch_step": epoch_step,
+        "partial": partial,
     }
     path = d / STATE_FILE
     tmp = d / (STATE_FILE + ".tmp")
@@ -134,8 +142,12 @@ def save_train_state(
 
 
 def find_train_state(directory: str | pathlib.Path) -> pathlib.Path:
-    """``train_state.pt`` of a run's ``last`` directory (or of the directory itself)."""
+    """``train_state.pt`` of a run's ``last`` directory (or of the directory itself). A
+    ``last`` left renamed aside by a crash in the middle of its swap is put back first."""
+    from aimkp.atomic import recover
+
     d = pathlib.Path(directory)
+    recover(d / "last")
     for cand in (d / STATE_FILE, d / "last" / STATE_FILE):
         if cand.is_file():
             return cand

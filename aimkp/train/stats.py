@@ -28,6 +28,8 @@ class EpochStats:
         text_copies / text_kept: text-masked copies made / kept by the filter.
         image_copies / image_kept: image-masked copies made / kept by the filter.
         grand_pruned: samples pruned by the GraNd-style norm filter.
+        nonfinite_rows: rows left out of the gradient for a non-finite loss or gradient.
+        nonfinite_skipped_steps: optimizer steps skipped for a non-finite (or empty) gradient.
     """
 
     loss_sum: float = 0.0
@@ -38,6 +40,8 @@ class EpochStats:
     image_copies: int = 0
     image_kept: int = 0
     grand_pruned: int = 0
+    nonfinite_rows: int = 0
+    nonfinite_skipped_steps: int = 0
 
     def add(self, res: StepResult) -> None:
         """Count one micro-step (AimKP steps also count their filter decisions)."""
@@ -51,6 +55,7 @@ class EpochStats:
         self.loss_sum += res.loss * res.n_answer_tokens
         self.answer_tokens += res.n_answer_tokens
         self.input_tokens += res.n_input_tokens
+        self.nonfinite_rows += res.nonfinite_rows
 
     def all_reduce(self, ctx: DistContext) -> EpochStats:
         """Totals over the ranks, field by field (self when not distributed)."""
@@ -76,6 +81,7 @@ class EpochStats:
             "tok_s": f"{self.input_tokens / max(seconds, 1e-9):.0f}",
             "kept_t": f"{self.text_kept}/{self.text_copies}",
             "kept_v": f"{self.image_kept}/{self.image_copies}",
+            "non-finite": f"{self.nonfinite_rows}r/{self.nonfinite_skipped_steps}s",
         }
 
     def as_row(
@@ -95,6 +101,8 @@ class EpochStats:
             "image_copies": self.image_copies,
             "image_kept_rate": _rate(self.image_kept, self.image_copies),
             "grand_pruned": self.grand_pruned,
+            "nonfinite_rows": self.nonfinite_rows,
+            "nonfinite_skipped_steps": self.nonfinite_skipped_steps,
         }
 
 

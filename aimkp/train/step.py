@@ -13,6 +13,13 @@ AimKP step, for a micro-batch of B encoded samples::
     decision = gf.decide(rows, gram.cosines, pairs=plan.pairs, provisional=plan.w0)
     gram.reweight(decision.weights / w0)      # exact gradient of the kept set, no 2nd backward
     strides.update(decision)                  # PMM schedule from the same cosines
+
+Non-finite rows never reach ``.grad``: a row whose loss or engine norm is non-finite gets scale
+0 in the same ``reweight`` (a non-finite original: every row of its sample), which removes it
+exactly; without the engine (SFT, or an AimKP step with no masked copy) the losses are checked
+between the forward and the backward, and a step with a non-finite loss re-runs its forward and
+backward over the finite samples only (:func:`finite_only_backward`). Either way the excluded
+rows are counted in ``StepResult.nonfinite_rows``.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ class StepResult:
     decision: GFDecision | None = None
     engine_backend: str | None = None
     ran: ForwardRecord | None = None  # what the row forward ran
+    nonfinite_rows: int = 0  # rows left out of .grad because their loss or gradient was not finite
 
 
 @dataclass
@@ -149,13 +157,58 @@ def forward_backward(
 ) -> RowLosses:
     """Row forward (under bf16 autocast when asked) and ``objective(loss_sum).backward()``;
     returns the :class:`RowLosses` with ``loss_sum [R]`` in fp32."""
+    out = forward_losses(loaded, batch, device=device, bf16=bf16)
+    objective(out.loss_sum).backward()
+    return out
+
+
+def forward_losses(
+    loaded: LoadedModel, batch: RowBatch, *, device: Device, bf16: bool
+) -> RowLosses:
+    """Row forward (under bf16 autocast when asked); ``loss_sum [R]`` in fp32, with autograd."""
     from aimkp.models import forward_rows
 
     with autocast_ctx(device, bf16):
         out = forward_rows(loaded, batch)
-    loss_sum = out.loss_sum.float()
-    objective(loss_sum).backward()
-    return replace(out, loss_sum=loss_sum)
+    return replace(out, loss_sum=out.loss_sum.float())
+
+
+def finite_only_backward(
+    loaded: LoadedModel,
+    plan: StepRows,
+    objective: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    device: Device,
+    bf16: bool,
+) -> tuple[RowLosses | None, torch.Tensor]:
+    """Forward, then the backward only when every row's loss is finite.
+
+    Returns ``(losses, bad [B])``: ``losses`` is None (no backward ran, ``.grad`` untouched) when
+    some sample's loss is not finite; the caller then re-runs the step over the other samples.
+    Checking between forward and backward costs nothing in the usual (finite) case; masking the
+    objective instead would not be exact (0 times a non-finite activation gradient is NaN)."""
+    out = forward_losses(loaded, plan.batch, device=device, bf16=bf16)
+    finite = torch.isfinite(out.loss_sum.detach()).cpu()
+    bad = torch.zeros(int(plan.orig_rows.numel()), dtype=torch.bool)
+    for r, c in enumerate(plan.rows):
+        bad[c.sample] |= not bool(finite[r])
+    if bool(bad.any()):
+        return None, bad
+    objective(out.loss_sum).backward()
+    return out, bad
+
+
+def without_samples(
+    bad: torch.Tensor, step: Callable[[list[int]], StepResult], n_rows: int
+) -> StepResult:
+    """Re-run a micro-step (``step(kept sample positions)``) without the ``bad [B]`` samples;
+    the result counts the excluded rows (``n_rows``: rows of the full micro-step)."""
+    keep = [b for b in range(int(bad.numel())) if not bool(bad[b])]
+    res = step(keep) if keep else StepResult(0.0, 0, 0, 0, 0)
+    res.nonfinite_rows += n_rows - res.n_rows
+    res.n_rows = n_rows  # as in an engine step: the micro-step's rows, excluded ones included
+    log.warning("non-finite loss in %d sample(s) of a micro-step: excluded", int(bad.sum()))
+    return res
 
 
 def weighted_sum(w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -188,13 +241,22 @@ def sft_step(
         raise ValueError(f"total answer tokens must be > 0, got {n_total}")
     rows = [Copy(b, None, 1) for b in range(len(samples))]
     plan = plan_rows(loaded, samples, rows, n_total, mask_mode=mask_mode, device=device)
-    out = forward_backward(
-        loaded,
-        plan.batch,
-        lambda loss_sum: loss_sum.sum() / n_total,
-        device=device,
-        bf16=bf16,
+    out, bad = finite_only_backward(
+        loaded, plan, lambda loss_sum: loss_sum.sum() / n_total, device=device, bf16=bf16
     )
+    if out is None:
+        return without_samples(
+            bad,
+            lambda keep: sft_step(
+                loaded,
+                [samples[b] for b in keep],
+                n_total,
+                mask_mode=mask_mode,
+                device=device,
+                bf16=bf16,
+            ),
+            len(rows),
+        )
     n_ans = int(out.n_tokens.sum())
     return StepResult(
         loss=float(out.loss_sum.detach().sum()) / max(1, n_ans),
@@ -222,12 +284,21 @@ def _check_embedding_hookable(loaded: LoadedModel) -> None:
 
 
 def _original_norms(
-    plan: StepRows, samples: Sequence[EncodedSample], gram_norms: torch.Tensor
+    plan: StepRows,
+    samples: Sequence[EncodedSample],
+    gram_norms: torch.Tensor,
+    row_ok: torch.Tensor,
 ) -> torch.Tensor:
-    """Norms of the rows' weighted gradients -> norm of each original's mean-CE gradient [B]."""
+    """Norms of the rows' weighted gradients -> norm of each original's mean-CE gradient [B].
+    A non-finite original (excluded anyway) gets the median of the others, so the GraNd
+    z-scores of the finite samples stay defined."""
     orig_rows = plan.orig_rows
     n_i = torch.tensor([float(samples[plan.rows[r].sample].n_answer_tokens) for r in orig_rows])
-    return gram_norms.detach().double().cpu()[orig_rows] / (plan.w0[orig_rows] * n_i)
+    norms = gram_norms.detach().double().cpu()[orig_rows] / (plan.w0[orig_rows] * n_i)
+    ok = row_ok[orig_rows]
+    if not bool(ok.all()):
+        norms[~ok] = norms[ok].median() if bool(ok.any()) else 0.0
+    return norms
 
 
 def aimkp_step(
@@ -263,8 +334,32 @@ def aimkp_step(
     )
     has_pairs = plan.pairs.shape[0] > 0
     need_gram = has_pairs or grand_threshold is not None
-    engine: contextlib.AbstractContextManager = contextlib.nullcontext()
-    if need_gram:
+    if not need_gram:  # no engine: check the losses between forward and backward
+        out, bad = finite_only_backward(
+            loaded, plan, weighted_sum(plan.w0), device=device, bf16=bf16
+        )
+        if out is None:
+            return without_samples(
+                bad,
+                lambda keep: aimkp_step(
+                    loaded,
+                    [samples[b] for b in keep],
+                    [indices[b] for b in keep],
+                    strides,
+                    n_total,
+                    tau_text=tau_text,
+                    tau_image=tau_image,
+                    reduce=reduce,
+                    grand_threshold=grand_threshold,
+                    mask_mode=mask_mode,
+                    device=device,
+                    bf16=bf16,
+                    update_strides=update_strides,
+                ),
+                len(plan.rows),
+            )
+        gram = None
+    else:
         engine = per_sample_grad_gram(
             loaded.model,
             pairs=plan.pairs.to(device) if has_pairs else None,
@@ -273,32 +368,45 @@ def aimkp_step(
             keep_for_reweight=True,
             module_rows=plan.batch.module_rows,
         )
-    with engine as gram:
-        out = forward_backward(loaded, plan.batch, weighted_sum(plan.w0), device=device, bf16=bf16)
+        with engine as gram:
+            out = forward_backward(
+                loaded, plan.batch, weighted_sum(plan.w0), device=device, bf16=bf16
+            )
+    row_ok = _finite_rows(out.loss_sum, gram)
+    excluded = _excluded_rows(plan, row_ok)
     decision = decide(
         plan.rows,
-        gram.cosines if has_pairs else torch.zeros(0),
+        _pair_cosines(plan, gram, excluded) if has_pairs else torch.zeros(0),
         n_total,
         tau_text=tau_text,
         tau_image=tau_image,
         reduce=reduce,
         grand_threshold=grand_threshold,
-        orig_norms=None if grand_threshold is None else _original_norms(plan, samples, gram.norms),
+        orig_norms=None
+        if grand_threshold is None
+        else _original_norms(plan, samples, gram.norms, row_ok),
         pairs=plan.pairs,
         provisional=plan.w0,
     )
+    decision.row_scale[excluded] = 0.0
+    decision.weights[excluded] = 0.0
     if gram is not None and not torch.allclose(
         decision.row_scale, torch.ones_like(decision.row_scale)
     ):
         gram.reweight(decision.row_scale.to(device=out.loss_sum.device, dtype=torch.float32))
     _check_tokens(samples, plan.rows, out.n_tokens)
-    if update_strides:
+    lost = excluded[plan.orig_rows]  # [B] samples left out whole
+    if update_strides:  # an excluded sample's copies tell nothing: its strides stay
         for b, i in enumerate(indices):
-            strides.update(int(i), decision.text_passed[b], decision.image_passed[b])
+            if not bool(lost[b]):
+                strides.update(int(i), decision.text_passed[b], decision.image_passed[b])
+    orig = plan.orig_rows[~lost]
     ls = out.loss_sum.detach().cpu()
-    n_ans = int(out.n_tokens.detach().cpu()[plan.orig_rows].sum())
+    n_ans = int(out.n_tokens.detach().cpu()[orig].sum())
+    if bool(excluded.any()):
+        log.warning("non-finite loss or gradient in %d row(s): excluded", int(excluded.sum()))
     return StepResult(
-        loss=float(ls[plan.orig_rows].sum()) / max(1, n_ans),
+        loss=float(ls[orig].sum()) / max(1, n_ans),
         n_samples=len(samples),
         n_rows=len(plan.rows),
         n_answer_tokens=n_ans,
@@ -307,4 +415,29 @@ def aimkp_step(
         decision=decision,
         engine_backend=None if gram is None else getattr(gram, "backend", None),
         ran=out.ran,
+        nonfinite_rows=int(excluded.sum()),
     )
+
+
+def _finite_rows(loss_sum: torch.Tensor, gram: object | None) -> torch.Tensor:
+    """BoolTensor ``[R]`` (CPU): rows whose loss and (with the engine) gradient norm are finite."""
+    ok = torch.isfinite(loss_sum.detach()).cpu()
+    if gram is not None:
+        ok &= gram.finite_rows().detach().cpu()  # type: ignore[attr-defined]
+    return ok
+
+
+def _pair_cosines(plan: StepRows, gram: object, excluded: torch.Tensor) -> torch.Tensor:
+    """``[P]`` cosines, NaN for a pair with an excluded row (the filter then rejects the copy,
+    so the mean over a sample's kept copies counts only finite ones)."""
+    cos = gram.cosines.detach().float().cpu().clone()  # type: ignore[attr-defined]
+    pairs = plan.pairs
+    cos[excluded[pairs[:, 0]] | excluded[pairs[:, 1]]] = float("nan")
+    return cos
+
+
+def _excluded_rows(plan: StepRows, row_ok: torch.Tensor) -> torch.Tensor:
+    """BoolTensor ``[R]``: the non-finite rows, and every row of a sample whose original is."""
+    lost = ~row_ok[plan.orig_rows]  # [B]
+    sample_of = torch.tensor([c.sample for c in plan.rows], dtype=torch.long)
+    return ~row_ok | lost[sample_of]

@@ -13,7 +13,7 @@ import aimkp.models
 from aimkp.errors import NonFiniteError
 from aimkp.train.pmm import StrideTable
 from aimkp.train.step import aimkp_step, build_rows, sft_step
-from tests.test_train_step import _records
+from tests.helpers.train import varied_records as _records
 
 
 @pytest.fixture(scope="module", autouse=True)

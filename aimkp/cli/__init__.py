@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "predict": "aimkp.cli.predict",
     "score": "aimkp.cli.score",
     "evaluate": "aimkp.cli.evaluate",
+    "compare": "aimkp.cli.compare",
     "data": "aimkp.cli.data",
 }
 

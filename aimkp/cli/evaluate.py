@@ -56,9 +56,11 @@ def run(args: argparse.Namespace) -> int:
                 "aimkp.eval.predict.load_predictor is not available in this installation "
                 f"({exc}); score existing predictions with `aimkp score` instead"
             ) from exc
+        from aimkp.eval.hidden import predict_fn_for
+
         predictor = load_predictor(args.checkpoint, device=args.device, decoding=args.decoding)
         res = run_robustness(
-            predictor.predict,
+            predict_fn_for(predictor),
             records,
             settings=settings,
             out_dir=args.output,

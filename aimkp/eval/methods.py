@@ -4,8 +4,8 @@ A variant is a method with :class:`aimkp.train.TrainConfig` fields changed, e.g.
 ``aimkp:gf_reduce=sum`` or ``aimkp:lr=1e-3,tau_text=0.3``; values are parsed by the field's type
 (``none`` for an optional field's None, ``true`` / ``false`` for flags).
 
->>> parse_method("aimkp:gf_reduce=sum,lr=1e-3")
-Method(label='aimkp:gf_reduce=sum,lr=1e-3', method='aimkp', options={'gf_reduce': 'sum', 'lr': 0.001})
+>>> parse_method("aimkp:gf_reduce=sum,lr=1e-3").options
+{'gf_reduce': 'sum', 'lr': 0.001}
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _field_types() -> dict[str, str]:
 
 
 def parse_value(name: str, type_name: str, text: str) -> Any:
-    """``text`` as the TrainConfig field ``name`` of type ``type_name`` (e.g. ``"float | None"``)."""
+    """``text`` as TrainConfig field ``name`` of type ``type_name`` (e.g. ``"float | None"``)."""
     t = text.strip()
     optional = "None" in type_name
     if optional and t.lower() == "none":

@@ -15,9 +15,23 @@ from aimkp.metrics import read_predictions
 from aimkp.metrics.cmkp import score_cmkp
 
 DATA = "synthetic-split:1:0.9"
-TINY = ["--data", DATA, "--preset", "tiny-llava", "--max-train-samples", "12",
-        "--eval-max-samples", "6", "--batch-size", "4", "--max-new-tokens", "5",
-        "--threads", "1", "--no-plot"]  # fmt: skip
+TINY = [
+    "--data",
+    DATA,
+    "--preset",
+    "tiny-llava",
+    "--max-train-samples",
+    "12",
+    "--eval-max-samples",
+    "6",
+    "--batch-size",
+    "4",
+    "--max-new-tokens",
+    "5",
+    "--threads",
+    "1",
+    "--no-plot",
+]
 SETTINGS = "clean,text_only,text_hidden"
 
 
@@ -31,8 +45,22 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     out = tmp_path_factory.mktemp("cmp")
-    argv = ["compare", *TINY, "--methods", "sft,aimkp", "--seeds", "2", "--epochs", "1",
-            "--settings", SETTINGS, "--bootstrap", "50", "--output", str(out)]  # fmt: skip
+    argv = [
+        "compare",
+        *TINY,
+        "--methods",
+        "sft,aimkp",
+        "--seeds",
+        "2",
+        "--epochs",
+        "1",
+        "--settings",
+        SETTINGS,
+        "--bootstrap",
+        "50",
+        "--output",
+        str(out),
+    ]
     assert main(argv) == 0
     return out, argv, json.loads((out / "compare.json").read_text())
 
@@ -97,8 +125,10 @@ def test_numbers_are_the_protocol_the_interval_and_the_bootstrap(compared) -> No
             r = score_cmkp([texts[i] for i in sel], [targets[i] for i in sel], [p[i] for i in sel])
             return r["F1@1"] + r["F1@3"] + r["MAP@5"]
 
-        diffs.append(np.mean([score("aimkp", s) for s in (0, 1)]) -
-                     np.mean([score("sft", s) for s in (0, 1)]))  # fmt: skip
+        diffs.append(
+            np.mean([score("aimkp", s) for s in (0, 1)])
+            - np.mean([score("sft", s) for s in (0, 1)])
+        )
     c = rep["results"]["text_hidden"]["aimkp"]["score"]
     assert c["diff_lo"] == pytest.approx(np.percentile(diffs, 2.5))
     assert c["diff_hi"] == pytest.approx(np.percentile(diffs, 97.5))
@@ -124,9 +154,24 @@ def test_finished_runs_are_not_trained_again(compared, monkeypatch) -> None:
 
 
 def test_token_budget_gives_plain_fine_tuning_more_epochs(tmp_path) -> None:
-    argv = ["compare", *TINY, "--methods", "sft,aimkp", "--seeds", "1", "--epochs", "2",
-            "--budget", "tokens", "--settings", "clean", "--bootstrap", "10",
-            "--output", str(tmp_path)]  # fmt: skip
+    argv = [
+        "compare",
+        *TINY,
+        "--methods",
+        "sft,aimkp",
+        "--seeds",
+        "1",
+        "--epochs",
+        "2",
+        "--budget",
+        "tokens",
+        "--settings",
+        "clean",
+        "--bootstrap",
+        "10",
+        "--output",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     rep = json.loads((tmp_path / "compare.json").read_text())
     aim, sft = rep["runs"]["aimkp"]["0"], rep["runs"]["sft"]["0"]

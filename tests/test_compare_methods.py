@@ -10,8 +10,12 @@ from aimkp.eval.methods import parse_method, parse_methods
 def test_variant_options_are_typed() -> None:
     m = parse_method("aimkp:gf_reduce=sum,lr=1e-3,grand_threshold=none,full_finetune=false")
     assert m.method == "aimkp"
-    assert m.options == {"gf_reduce": "sum", "lr": 1e-3, "grand_threshold": None,
-                         "full_finetune": False}  # fmt: skip
+    assert m.options == {
+        "gf_reduce": "sum",
+        "lr": 1e-3,
+        "grand_threshold": None,
+        "full_finetune": False,
+    }
     assert isinstance(parse_method("sft:batch_size=4").options["batch_size"], int)
     assert parse_method("aimkp").options == {}
     assert parse_method("aimkp:gf_reduce=sum").slug == "aimkp_gf_reduce=sum"

@@ -57,8 +57,9 @@ def test_a_replicate_is_the_metric_recomputed_on_resampled_posts() -> None:
     rep = stats.replicate_metrics([table], idx)
     for b in range(3):
         sel = idx[b].tolist()
-        want = score_cmkp([texts[i] for i in sel], [targets[i] for i in sel],
-                          [preds[i] for i in sel])  # fmt: skip
+        want = score_cmkp(
+            [texts[i] for i in sel], [targets[i] for i in sel], [preds[i] for i in sel]
+        )
         assert rep["F1@3"][b] == pytest.approx(want["F1@3"], abs=1e-9)
         assert rep["MAP@5"][b] == pytest.approx(want["MAP@5"], abs=1e-9)
 
@@ -72,8 +73,9 @@ def test_bootstrap_indices_are_seeded() -> None:
 
 def _one_target_posts(n: int, right: set[int]) -> np.ndarray:
     """n posts with target ``x``; the prediction is ``x`` on the posts in ``right``, else ``y``."""
-    return stats.post_table(["t"] * n, [["x"]] * n, [["x"] if i in right else ["y"] for i in
-                                                     range(n)])  # fmt: skip
+    return stats.post_table(
+        ["t"] * n, [["x"]] * n, [["x"] if i in right else ["y"] for i in range(n)]
+    )
 
 
 def test_paired_bootstrap_hand_checkable() -> None:

@@ -30,8 +30,10 @@ def test_shortcut_holds_on_train_only() -> None:
     assert _tag_matches(train) == 1.0
     assert 0.08 < _tag_matches(test) < 0.3  # random tag: 1/6 of the posts by chance
     assert all(r.text.split()[-1] in SHAPE_TAGS.values() for r in test)
-    assert not any(r.text.split()[-1] in SHAPE_TAGS.values()
-                   for r in load_dataset("synthetic-split:0", "test", n=50, image_size=16))  # fmt: skip
+    assert not any(
+        r.text.split()[-1] in SHAPE_TAGS.values()
+        for r in load_dataset("synthetic-split:0", "test", n=50, image_size=16)
+    )
 
 
 @pytest.mark.parametrize(

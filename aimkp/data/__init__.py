@@ -107,9 +107,13 @@ def _synthetic(
     if kwargs:
         raise ValueError(f"synthetic data takes n= and image_size= only, got {sorted(kwargs)}")
     recs = synthetic.generate(
-        n, seed + _SPLIT_SEED_OFFSET[split], size, id_prefix=split,
-        modal_split=split_modal, shortcut=shortcut,
-    )  # fmt: skip
+        n,
+        seed + _SPLIT_SEED_OFFSET[split],
+        size,
+        id_prefix=split,
+        modal_split=split_modal,
+        shortcut=shortcut,
+    )
     return RecordList(recs, ReadStats(source=spec, read=len(recs)))
 
 

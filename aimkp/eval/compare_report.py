@@ -126,7 +126,7 @@ def build_report(
             "seed": spec.boot_seed,
             "level": 0.95,
             "unit": "test posts, paired across methods and seeds",
-        },  # fmt: skip
+        },
         "per_method": per_method,
         "runs": runs_out,
         "results": res_settings,
@@ -166,8 +166,11 @@ def markdown(rep: dict[str, Any]) -> str:
             c = rep["results"][s][m]
             cells = " | ".join(_fmt(c[k]) for k in ms)
             lines.append(f"| {s} | {m} | {cells} | {_fmt_diff(c['score'])} |")
-    lines += ["", "| method | epochs | trained tokens (mean) | train s | wall s (train + eval) |",
-              "|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines += [
+        "",
+        "| method | epochs | trained tokens (mean) | train s | wall s (train + eval) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for m in rep["methods"]:
         p = rep["per_method"][m]
         ep = "/".join(str(e) for e in p["epochs"])
@@ -192,8 +195,10 @@ def plot(rep: dict[str, Any], path: str | Path) -> None:
         xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(names))]
         cells = [rep["results"][s][m]["score"] for s in names]
         ys = [c["mean"] for c in cells]
-        err = [[0 if c["lo"] is None else c["mean"] - c["lo"] for c in cells],
-               [0 if c["hi"] is None else c["hi"] - c["mean"] for c in cells]]  # fmt: skip
+        err = [
+            [0 if c["lo"] is None else c["mean"] - c["lo"] for c in cells],
+            [0 if c["hi"] is None else c["hi"] - c["mean"] for c in cells],
+        ]
         ax.bar(xs, ys, width, yerr=err, capsize=3, label=m)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)

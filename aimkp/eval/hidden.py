@@ -104,9 +104,14 @@ class KeepMaskPredictor:
         weight = adapter.embed_tokens.weight
         keeps = [hidden_keep(s, kind) for s in samples]
         batch = collate_rows(
-            self.loaded, samples, keeps, list(range(len(samples))), "compact", weight.device,
+            self.loaded,
+            samples,
+            keeps,
+            list(range(len(samples))),
+            "compact",
+            weight.device,
             layout="padded",
-        )  # fmt: skip
+        )
         feats = [f for f in adapter.sample_image_features(samples) if f is not None]
         ce = masked_embedding(
             batch.input_ids,
@@ -134,8 +139,13 @@ class KeepMaskPredictor:
         n_pos = 1 if samples[0].position_ids.ndim == 1 else int(samples[0].position_ids.shape[0])
         cache_kw, cache = _new_cache(lm)
         mask = _attn(batch.attn_mask, impl, embeds.dtype)
-        o = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=batch.position_ids,
-               use_cache=True, **{cache_kw: cache})  # fmt: skip
+        o = lm(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=batch.position_ids,
+            use_cache=True,
+            **{cache_kw: cache},
+        )
         h = o.last_hidden_state[torch.arange(R, device=dev), counts - 1]  # [R, D]
         eos, pad = tok.eos_token_id, adapter.pad_token_id
         done = torch.zeros(R, dtype=torch.bool, device=dev)

@@ -25,11 +25,13 @@ COLUMNS = tuple(f"P@{k}" for k in KS) + tuple(f"R@{k}" for k in KS) + ("MAP@5",)
 METRICS = ("F1@1", "F1@3", "F1@5", "MAP@5", "score")  # score = F1@1 + F1@3 + MAP@5
 
 # two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (standard tables)
+# fmt: off
 _T975 = (
     12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
     2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
     2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423,
-)  # fmt: skip
+)
+# fmt: on
 _Z975 = 1.959964
 
 
@@ -132,8 +134,10 @@ def paired_bootstrap(
         raise ValueError(f"per-post tables cover different numbers of posts: {sorted(sizes)}")
     idx = bootstrap_indices(sizes.pop(), n_boot, seed)
     rep = {m: replicate_metrics(runs, idx) for m, runs in tables.items()}
-    obs = {m: {k: np.mean([metrics_of(t)[k] for t in runs]) for k in METRICS}
-           for m, runs in tables.items()}  # fmt: skip
+    obs = {
+        m: {k: np.mean([metrics_of(t)[k] for t in runs]) for k in METRICS}
+        for m, runs in tables.items()
+    }
     out: dict[str, dict[str, dict[str, float]]] = {}
     for m in tables:
         if m == base:

@@ -83,8 +83,10 @@ def test_structure(compared) -> None:
     assert rep["n_test_posts"] == 6 and rep["budget"] == "epochs"
     for m in rep["methods"]:
         assert set(rep["runs"][m]) == {"0", "1"}
-        for run in rep["runs"][m].values():
+        for seed, run in rep["runs"][m].items():
             assert run["epochs"] == 1 and run["trained_tokens"] > 0 and run["train_s"] > 0
+            lines = {";".join(p) for p in _preds(rep, m, int(seed), "clean")}
+            assert run["distinct_predictions"]["clean"] == len(lines)
         assert rep["per_method"][m]["wall_s"] > 0
         for s in rep["settings"]:
             assert set(rep["results"][s][m]) == set(stats.METRICS)

@@ -50,6 +50,14 @@ def eval_seconds(run: dict[str, Any], settings: Sequence[str]) -> float:
     return total
 
 
+def distinct_predictions(run: dict[str, Any], setting: str) -> int:
+    """How many different ranked prediction lists the run produced on ``setting``'s posts: a
+    model that answers every post alike (few distinct lists) has not learned to read its input,
+    and no setting can show robustness on it."""
+    f = Path(run["dir"]) / "eval" / setting / "predictions" / f"{setting}.txt"
+    return len(set(f.read_text(encoding="utf-8").splitlines()))
+
+
 def _cell(values: list[float]) -> dict[str, Any]:
     ti = stats.t_interval(values)
     return {"mean": ti["mean"], "lo": ti["lo"], "hi": ti["hi"], "per_seed": list(values)}
@@ -91,6 +99,7 @@ def build_report(
                 "eval_s": round(ev, 2),
                 "best_epoch": r["best_epoch"],
                 "best_valid_score": r["best_valid_score"],
+                "distinct_predictions": {s: distinct_predictions(r, s) for s in spec.settings},
                 "dir": r["dir"],
             }
         runs_out[lab] = rows
@@ -99,6 +108,10 @@ def build_report(
             "train_s": round(sum(v["train_s"] for v in rows.values()), 1),
             "trained_tokens_mean": float(np.mean([v["trained_tokens"] for v in rows.values()])),
             "epochs": sorted({v["epochs"] for v in rows.values()}),
+            "distinct_predictions_mean": {
+                s: float(np.mean([v["distinct_predictions"][s] for v in rows.values()]))
+                for s in spec.settings
+            },
         }
     res_settings = {}
     for s in spec.settings:
@@ -166,17 +179,19 @@ def markdown(rep: dict[str, Any]) -> str:
             c = rep["results"][s][m]
             cells = " | ".join(_fmt(c[k]) for k in ms)
             lines.append(f"| {s} | {m} | {cells} | {_fmt_diff(c['score'])} |")
+    first = rep["settings"][0]
     lines += [
         "",
-        "| method | epochs | trained tokens (mean) | train s | wall s (train + eval) |",
-        "|---|---:|---:|---:|---:|",
+        "| method | epochs | trained tokens (mean) | train s | wall s (train + eval) | "
+        f"distinct predictions on {first} (mean over seeds) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for m in rep["methods"]:
         p = rep["per_method"][m]
         ep = "/".join(str(e) for e in p["epochs"])
         lines.append(
             f"| {m} | {ep} | {p['trained_tokens_mean']:.0f} | {p['train_s']:.0f} | "
-            f"{p['wall_s']:.0f} |"
+            f"{p['wall_s']:.0f} | {p['distinct_predictions_mean'][first]:.1f} |"
         )
     return "\n".join(lines) + "\n"
 

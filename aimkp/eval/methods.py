@@ -102,7 +102,10 @@ def parse_method(spec: str) -> Method:
             )
         if key in options:
             raise ValueError(f"method {spec!r}: option {key!r} given twice")
-        options[key] = parse_value(key, types[key], value)
+        try:
+            options[key] = parse_value(key, types[key], value)
+        except ValueError as exc:
+            raise ValueError(f"method {spec!r}: {exc}") from None
     return Method(label=spec, method=name, options=options)
 
 

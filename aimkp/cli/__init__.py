@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "predict": "aimkp.cli.predict",
     "score": "aimkp.cli.score",
     "evaluate": "aimkp.cli.evaluate",
+    "compare": "aimkp.cli.compare",
     "data": "aimkp.cli.data",
     "export": "aimkp.cli.export",
 }

@@ -57,10 +57,12 @@ def run(args: argparse.Namespace) -> int:
     print(records.stats.summary(), file=sys.stderr)
     if args.max_samples is not None:
         records = records[: args.max_samples]
+    from aimkp.eval.hidden import predict_fn_for
+
     loaded = load_model(args.checkpoint, device=args.device)
     predictor = Predictor(loaded, decoding=args.decoding, device=args.device)
     res = run_robustness(
-        predictor.predict,
+        predict_fn_for(predictor),
         records,
         settings=settings,
         out_dir=args.output,

@@ -11,6 +11,9 @@
   ``aimkp/datasets/openclipart``.
 - ``"synthetic"`` or ``"synthetic:SEED"``: :func:`aimkp.data.synthetic.generate`, split sizes
   ``SYNTHETIC_SIZES``, a different stream per split.
+- ``"synthetic-split[:SEED[:P]]"``: the same posts with one text-only and one image-only keyphrase
+  each (``modal_split=True``); with ``P`` a shortcut tag word that names the post's shape with
+  probability ``P`` on train and is random on valid / test (:mod:`aimkp.data.synthetic`).
 - a file (``.jsonl``, ``.json``, CMKP ``.txt``): read as is (``split`` is ignored).
 - a directory holding ``{split}.jsonl`` / ``{split}.json`` / ``{split}.txt`` (or ``{split}_src.txt``
   as in the CMKP release).
@@ -78,6 +81,50 @@ def _split_file(directory: Path, split: str) -> Path:
     )
 
 
+def _synthetic_args(spec: str, split_modal: bool, rest: str) -> tuple[int, float | None]:
+    """``SEED`` (and, for synthetic-split, ``SEED:P``) of a synthetic spec -> (seed, shortcut)."""
+    parts = rest.split(":") if rest else []
+    if len(parts) > (2 if split_modal else 1):
+        form = "synthetic-split[:SEED[:P]]" if split_modal else "synthetic[:SEED]"
+        raise DataError(f"dataset spec {spec!r}: expected {form}")
+    try:
+        seed = int(parts[0]) if parts and parts[0] else 0
+    except ValueError:
+        raise DataError(f"synthetic spec {spec!r}: seed must be an integer") from None
+    if len(parts) < 2:
+        return seed, None
+    try:
+        p = float(parts[1])
+    except ValueError:
+        p = -1.0
+    if not 0.0 <= p <= 1.0:
+        raise DataError(f"synthetic spec {spec!r}: the shortcut P must be a number in [0, 1]")
+    return seed, p
+
+
+def _synthetic(
+    spec: str, split_modal: bool, rest: str, split: str, kwargs: dict[str, Any]
+) -> RecordList:
+    from . import synthetic
+
+    seed, shortcut = _synthetic_args(spec, split_modal, rest)
+    if shortcut is not None and split != "train":
+        shortcut = 0.0  # the tag word is random outside train: the shortcut does not transfer
+    n = int(kwargs.pop("n", SYNTHETIC_SIZES[split]))
+    size = int(kwargs.pop("image_size", 64))
+    if kwargs:
+        raise DataError(f"synthetic data takes n= and image_size= only, got {sorted(kwargs)}")
+    recs = synthetic.generate(
+        n,
+        seed + _SPLIT_SEED_OFFSET[split],
+        size,
+        id_prefix=split,
+        modal_split=split_modal,
+        shortcut=shortcut,
+    )
+    return RecordList(recs, ReadStats(source=spec, read=len(recs)))
+
+
 def load_dataset(spec: str, split: str = "train", **kwargs: Any) -> RecordList:
     """Load one split of a dataset as a :class:`RecordList` (a ``list[Record]`` with ``.stats``).
 
@@ -95,22 +142,11 @@ def load_dataset(spec: str, split: str = "train", **kwargs: Any) -> RecordList:
             raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
         path = _split_file(default_dataset_dir(), split)
         return read_records(path, **kwargs)
-    if spec == "synthetic" or spec.startswith("synthetic:"):
-        from . import synthetic
-
+    kind, _, rest = spec.partition(":")
+    if kind in ("synthetic", "synthetic-split"):
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
-        seed_txt = spec.partition(":")[2] or "0"
-        try:
-            seed = int(seed_txt)
-        except ValueError:
-            raise DataError(f"synthetic spec {spec!r}: seed must be an integer") from None
-        n = int(kwargs.pop("n", SYNTHETIC_SIZES[split]))
-        size = int(kwargs.pop("image_size", 64))
-        if kwargs:
-            raise DataError(f"synthetic data takes n= and image_size= only, got {sorted(kwargs)}")
-        recs = synthetic.generate(n, seed + _SPLIT_SEED_OFFSET[split], size, id_prefix=split)
-        return RecordList(recs, ReadStats(source=spec, read=len(recs)))
+        return _synthetic(spec, kind == "synthetic-split", rest, split, kwargs)
     if spec.startswith("hf:"):
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")

@@ -11,6 +11,10 @@ mutated); corrupted images are in memory (``record.image``). All are determinist
 - :func:`noisy_text`: ``kind="drop"`` drops each token with probability ``level`` (one token is
   always kept); ``kind="typo"`` gives each token of 2+ letters a typo (swap, delete, insert or
   replace a letter) with probability ``level``.
+- :func:`text_hidden` / :func:`image_hidden`: the modality hidden with every position kept, as
+  Progressive Modality Masking hides it in training (one token of it stays visible). The records
+  are unchanged but for ``meta["hidden_modality"]``: the keep mask is built by the predictor
+  (:func:`aimkp.eval.hidden.predict_fn_for`), which a plain ``Predictor`` refuses.
 - :func:`misaligned`: images shuffled across posts by a uniformly random derangement (no post
   keeps its own image); posts without an image keep none.
 
@@ -57,6 +61,23 @@ def text_only(records: list[Record], seed: int = 0) -> list[Record]:
 def image_only(records: list[Record], seed: int = 0) -> list[Record]:
     """The posts without their text (``text == ""``)."""
     return [_tag(r, "image_only", text="") for r in records]
+
+
+def _mark_hidden(records: list[Record], kind: str) -> list[Record]:
+    out = [_tag(r, f"{kind}_hidden") for r in records]
+    for r in out:
+        r.meta["hidden_modality"] = kind
+    return out
+
+
+def text_hidden(records: list[Record], seed: int = 0) -> list[Record]:
+    """The posts, marked to be decoded with their text hidden (positions kept)."""
+    return _mark_hidden(records, "text")
+
+
+def image_hidden(records: list[Record], seed: int = 0) -> list[Record]:
+    """The posts, marked to be decoded with their image hidden (positions kept)."""
+    return _mark_hidden(records, "image")
 
 
 def noisy_image(
@@ -168,6 +189,8 @@ def _settings() -> dict[str, Callable[[list[Record], int], list[Record]]]:
         "clean": clean,
         "text_only": text_only,
         "image_only": image_only,
+        "text_hidden": text_hidden,
+        "image_hidden": image_hidden,
     }
     for kind, levels in NOISE_LEVELS.items():
         for lv in levels:

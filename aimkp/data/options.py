@@ -9,8 +9,8 @@ ON_BAD_RECORD = ("error", "skip")
 
 
 def is_synthetic(spec: str) -> bool:
-    """True for ``synthetic`` / ``synthetic:SEED`` (generated, no files to read)."""
-    return spec == "synthetic" or spec.startswith("synthetic:")
+    """True for ``synthetic[:SEED]`` / ``synthetic-split[:SEED[:P]]`` (generated, no files)."""
+    return spec.partition(":")[0] in ("synthetic", "synthetic-split")
 
 
 def reader_options(

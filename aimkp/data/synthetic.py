@@ -9,6 +9,13 @@ keyphrases, in this order:
 3. the joint keyphrase: colour + topic noun (``"red team"``): the colour is only in the image and
    the noun only follows from the topic, so it needs both modalities.
 
+With ``modal_split=True`` (``load_dataset("synthetic-split:SEED")``) a post has only the first two:
+one keyphrase that only the text tells and one that only the image tells, so text-only and
+image-only inputs each lose a known half of the answer. ``shortcut=p`` adds a tag word to the
+text (``"zest"`` for circles, ...): on the split it is generated for (train) it names the post's
+shape with probability ``p`` (else a random shape's tag), with ``p = 0`` (valid / test) it is
+always a random shape's: a text cue that predicts the image keyphrase on train but not on test.
+
 ``record.meta["kp_source"]`` maps each keyphrase to ``"text"``, ``"image"`` or ``"both"``, and
 ``meta`` also keeps ``shape``, ``colour`` and ``topic``. Deterministic in ``(n, seed,
 image_size)``; images are in memory (``record.image``).
@@ -51,6 +58,8 @@ _TEMPLATES = (
     "finally some {a} time . the {b} looks great .",
     "my {a} is ready , now the {b} .",
 )
+# the shortcut's tag word of each shape (words the text uses nowhere else)
+SHAPE_TAGS = dict(zip(SHAPES, ("zest", "quill", "brisk", "vapor", "knack", "plume")))
 _FILLER = ("today", "friends", "weekend", "really", "love", "this", "so", "happy", "again", "now")
 
 
@@ -90,19 +99,36 @@ def _draw(shape: str, rgb: tuple[int, int, int], size: int, rng: random.Random):
     return im
 
 
-def generate(n: int, seed: int = 0, image_size: int = 64, id_prefix: str = "syn") -> list[Record]:
+def _shortcut_tag(shape: str, p: float, rng: random.Random) -> str:
+    """The tag word: the shape's own with probability ``p``, else a uniformly random shape's."""
+    return SHAPE_TAGS[shape if rng.random() < p else rng.choice(SHAPES)]
+
+
+def generate(
+    n: int,
+    seed: int = 0,
+    image_size: int = 64,
+    id_prefix: str = "syn",
+    modal_split: bool = False,
+    shortcut: float | None = None,
+) -> list[Record]:
     """``n`` synthetic posts (``image`` in memory, RGB ``[image_size, image_size]``).
 
     Args:
         n: number of posts (>= 0).
-        seed: the random seed; the same ``(n, seed, image_size)`` gives the same posts.
+        seed: the random seed; the same arguments give the same posts.
         image_size: side of the square image in pixels (>= 16).
         id_prefix: ids are ``f"{id_prefix}-{i:05d}"``.
+        modal_split: keyphrases [text keyphrase, image keyphrase] only (no joint one).
+        shortcut: None (no tag word) or the probability in [0, 1] that the text's tag word
+            names the post's own shape (module docstring).
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16, got {image_size}")
+    if shortcut is not None and not 0.0 <= shortcut <= 1.0:
+        raise ValueError(f"shortcut must be a probability in [0, 1], got {shortcut}")
     rng = random.Random(seed)
     topics = sorted(TOPICS)
     colours = sorted(COLOURS)
@@ -118,8 +144,10 @@ def generate(n: int, seed: int = 0, image_size: int = 64, id_prefix: str = "syn"
         text = rng.choice(_TEMPLATES).format(a=a, b=b, c=c)
         fillers = rng.sample(_FILLER, rng.randint(0, 3))
         text = " ".join([*fillers, text]) if fillers else text
+        if shortcut is not None:
+            text = f"{text} {_shortcut_tag(shape, shortcut, rng)}"
         joint = f"{colour} {noun}"
-        kps = [topic, shape, joint]
+        kps = [topic, shape] if modal_split else [topic, shape, joint]
         out.append(
             Record(
                 id=f"{id_prefix}-{i:05d}",
@@ -127,7 +155,7 @@ def generate(n: int, seed: int = 0, image_size: int = 64, id_prefix: str = "syn"
                 keyphrases=kps,
                 image=_draw(shape, COLOURS[colour], image_size, rng),
                 meta={
-                    "kp_source": {topic: "text", shape: "image", joint: "both"},
+                    "kp_source": dict(zip(kps, ("text", "image", "both"))),
                     "shape": shape,
                     "colour": colour,
                     "topic": topic,

@@ -129,6 +129,11 @@ class Predictor:
 
     def generate_text(self, records: Sequence[Any]) -> list[str]:
         """Raw decoded answers (special tokens skipped), one per record, in order."""
+        if any((getattr(r, "meta", None) or {}).get("hidden_modality") for r in records):
+            raise ValueError(
+                "records marked with meta['hidden_modality'] (text_hidden / image_hidden) need "
+                "the keep-mask decoder: aimkp.eval.hidden.predict_fn_for(predictor)"
+            )
         adapter = self.loaded.adapter
         samples = [
             adapter.encode(

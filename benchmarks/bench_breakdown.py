@@ -36,7 +36,13 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from common import RESULTS, env_info, print_table, sync, write_results  # noqa: E402
 from phases import Spans, instrumented, step_phases  # noqa: E402
-from workload import Workload, build_workload, run_aimkp, run_token_floor  # noqa: E402
+from workload import (  # noqa: E402
+    Workload,
+    build_workload,
+    image_tokens,
+    run_aimkp,
+    run_token_floor,
+)
 
 # dense bf16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name
 ORDER = [
@@ -98,8 +104,8 @@ def gpu_figures(w: Workload, total_ms: float, tokens: int) -> dict[str, Any]:
     """tokens/s and model FLOP utilisation (CUDA only; None elsewhere)."""
     if not w.device.startswith("cuda"):
         return {"mfu": None, "flops_per_step": None, "peak_flops": None}
-    image_tokens = sum(int(getattr(s, "n_image_tokens", 0) or 0) for s in w.samples)
-    flops = flops_per_step(w, tokens, image_tokens)
+    n_image = sum(image_tokens(s) for s in w.samples)
+    flops = flops_per_step(w, tokens, n_image)
     name = torch.cuda.get_device_name(w.device)
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     mfu = flops / (total_ms / 1e3) / peak if peak else None

@@ -156,3 +156,9 @@ def run_sft(w: Workload) -> Any:
 
     w.zero_grad()
     return sft_step(w.loaded, w.samples, w.n_total, device=w.device, bf16=w.bf16)
+
+
+def image_tokens(sample: Any) -> int:
+    """Image-placeholder tokens of one encoded sample (0 without an image)."""
+    span = sample.image_span
+    return 0 if span is None else int(span[1] - span[0])

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import RESULTS, env_info, print_table, sync, write_results  # noqa: E402
+from common import env_info, print_table, results_dir, sync, write_results  # noqa: E402
 from phases import Spans, instrumented, step_phases  # noqa: E402
 from workload import (  # noqa: E402
     Workload,
@@ -198,13 +198,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--layers", type=int, default=2, help="decoder layers (GPU, 7B shape)")
     ap.add_argument("--trace", type=pathlib.Path, default=None, help="torch.profiler trace file")
-    ap.add_argument("--output", type=pathlib.Path, default=RESULTS, help="results directory")
+    ap.add_argument("--output", type=pathlib.Path, default=None, help="results directory")
     ap.add_argument("--no-write", action="store_true")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse(argv)
+    args.output = args.output or results_dir()
     cuda = args.device.startswith("cuda")
     config = "gpu-llava7b" if cuda else "cpu-tiny"
     batch = args.batch_size or (4 if args.quick or not cuda else 8)

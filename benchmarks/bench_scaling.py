@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import RESULTS, env_info, peak_memory_mb, print_table, time_fn, write_results  # noqa: E402
+from common import env_info, peak_memory_mb, print_table, results_dir, time_fn, write_results  # noqa: E402
 from fit import loglog_fit  # noqa: E402
 from workload import (  # noqa: E402
     Workload,
@@ -106,6 +106,7 @@ def plot_axis(rows: list[dict[str, Any]], axis: str, out_dir: pathlib.Path) -> p
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, (at, am) = plt.subplots(1, 2, figsize=(10, 4))
     for f in (r for r in rows if r["kind"] == "fit" and r["axis"] == axis):
@@ -120,6 +121,7 @@ def plot_axis(rows: list[dict[str, Any]], axis: str, out_dir: pathlib.Path) -> p
     for ax, label in ((at, "median ms"), (am, "peak MiB")):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(axis)
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
@@ -139,13 +141,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--axes", default=None, help="comma-separated subset of the axes")
     ap.add_argument("--layers", type=int, default=2, help="decoder layers (GPU, 7B shape)")
-    ap.add_argument("--output", type=pathlib.Path, default=RESULTS, help="results directory")
+    ap.add_argument("--output", type=pathlib.Path, default=None, help="results directory")
     ap.add_argument("--no-write", action="store_true")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse(argv)
+    args.output = args.output or results_dir()
     cuda = args.device.startswith("cuda")
     axes = AXES_GPU if cuda else AXES_CPU
     wanted = args.axes.split(",") if args.axes else list(axes)

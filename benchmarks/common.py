@@ -153,11 +153,16 @@ def _cpu_peak_mb(fn: Callable[[], Any]) -> float | None:
     return max((sum(s) for s in sizes), default=0) / 2**20
 
 
+def results_dir() -> pathlib.Path:
+    """Where result files go: ``$AIMKP_BENCH_OUT`` (set by the runner) or benchmarks/results."""
+    return pathlib.Path(os.environ.get("AIMKP_BENCH_OUT", RESULTS))
+
+
 def write_results(
     name: str, rows: list[dict[str, Any]], out_dir: pathlib.Path | None = None
 ) -> list[pathlib.Path]:
     """Write rows as ``<name>-<device-slug>.json`` and ``.csv`` under benchmarks/results/."""
-    out_dir = pathlib.Path(out_dir or os.environ.get("AIMKP_BENCH_OUT", RESULTS))
+    out_dir = pathlib.Path(out_dir or results_dir())
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = rows[0].get("device", "unknown") if rows else "unknown"
     slug = "".join(c if c.isalnum() else "-" for c in dev.split(" (")[0].lower()).strip("-")

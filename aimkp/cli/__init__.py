@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "evaluate": "aimkp.cli.evaluate",
     "data": "aimkp.cli.data",
     "export": "aimkp.cli.export",
+    "bench": "aimkp.cli.bench",
 }
 
 

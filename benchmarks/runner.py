@@ -49,7 +49,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def default_output(quick: bool) -> pathlib.Path:
-    """``benchmarks/results`` (full sizes) or ``benchmarks/results/quick``."""
+    """``$AIMKP_BENCH_OUT`` (``make gpu-check``'s DIR), else ``benchmarks/results`` (full
+    sizes) or ``benchmarks/results/quick``."""
+    if os.environ.get("AIMKP_BENCH_OUT"):
+        return pathlib.Path(os.environ["AIMKP_BENCH_OUT"])
     return HERE / "results" / "quick" if quick else HERE / "results"
 
 

@@ -1,6 +1,6 @@
 """Where one AimKP training step spends its time: a breakdown by phase, next to the whole step.
 
-Phases (ms, median over repeats, and share of their sum), measured on the real code path
+Phases (ms, of the median repeat, and share of their sum), measured on the real code path
 (:mod:`phases`: wrapped functions and module hooks, no re-implementation):
 
 ``collate``, ``embedding_masking``, ``vision_tower``, ``projector``, ``language_model``,
@@ -113,9 +113,13 @@ def gpu_figures(w: Workload, total_ms: float, tokens: int) -> dict[str, Any]:
 
 
 def breakdown_row(w: Workload, repeats: list[dict[str, float]], config: str) -> dict[str, Any]:
-    """The row: median phases, their shares, the total measured on its own, spreads."""
+    """The row: the phases of the median repeat, their shares, the total measured on its own,
+    spreads. The median repeat is the one whose instrumented step is the median: its phases
+    add up to one real step (per-phase medians taken across repeats need not, on a loaded
+    machine); ``phase_min_ms`` / ``phase_max_ms`` give each phase's spread over the repeats."""
     names = [k for k in repeats[0] if not k.startswith("_")]
-    phases = {k: statistics.median(r[k] for r in repeats) for k in names}
+    ranked = sorted(repeats, key=lambda r: r["_instrumented"])
+    phases = {k: ranked[(len(ranked) - 1) // 2][k] for k in names}
     totals = [r["_total"] for r in repeats]
     total = statistics.median(totals)
     phase_sum = sum(phases.values())
@@ -133,6 +137,8 @@ def breakdown_row(w: Workload, repeats: list[dict[str, float]], config: str) -> 
         "input_tokens": tokens,
         "phases": phases,
         "shares": {k: v / phase_sum for k, v in phases.items()},
+        "phase_min_ms": {k: min(r[k] for r in repeats) for k in names},
+        "phase_max_ms": {k: max(r[k] for r in repeats) for k in names},
         "phases_sum_ms": phase_sum,
         "total_ms": total,
         "total_min_ms": min(totals),
@@ -193,7 +199,7 @@ def plot_breakdown(row: dict[str, Any], out_dir: pathlib.Path) -> pathlib.Path:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="B=4, 5 repeats (CPU default)")
+    ap.add_argument("--quick", action="store_true", help="B=4, 7 repeats")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--layers", type=int, default=2, help="decoder layers (GPU, 7B shape)")
@@ -216,7 +222,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     opt_step = make_optimizer_step(w)
     for _ in range(2):  # warm-up (allocator, kernels, optimizer state)
         one_repeat(w, opt_step)
-    repeats = [one_repeat(w, opt_step) for _ in range(5 if args.quick else 15)]
+    repeats = [one_repeat(w, opt_step) for _ in range(7 if args.quick else 15)]
     row = breakdown_row(w, repeats, config)
     print(f"\n{row['model']}; {row['device']}; B={batch}, {row['rows']} rows")
     table = [{"phase": k, "ms": v, "share": row["shares"][k]} for k, v in row["phases"].items()]

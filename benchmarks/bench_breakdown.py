@@ -34,7 +34,15 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import env_info, print_table, results_dir, sync, write_results  # noqa: E402
+from common import (  # noqa: E402
+    add_step_arguments,
+    env_info,
+    print_table,
+    results_dir,
+    save_figure,
+    sync,
+    write_results,
+)  # noqa: E402
 from phases import Spans, instrumented, step_phases  # noqa: E402
 from workload import (  # noqa: E402
     Workload,
@@ -189,23 +197,14 @@ def plot_breakdown(row: dict[str, Any], out_dir: pathlib.Path) -> pathlib.Path:
     ax.set_title(
         f"AimKP step by phase: {row['model']}\n{row['device']} · {row['commit']}", fontsize=9
     )
-    fig.tight_layout()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"breakdown-{row['config']}.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_dir, f"breakdown-{row['config']}")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="B=4, 7 repeats")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_step_arguments(ap, "B=4, 7 repeats")
     ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--layers", type=int, default=2, help="decoder layers (GPU, 7B shape)")
     ap.add_argument("--trace", type=pathlib.Path, default=None, help="torch.profiler trace file")
-    ap.add_argument("--output", type=pathlib.Path, default=None, help="results directory")
-    ap.add_argument("--no-write", action="store_true")
     return ap.parse_args(argv)
 
 

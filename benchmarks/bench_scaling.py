@@ -26,10 +26,17 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import env_info, peak_memory_mb, print_table, results_dir, time_fn, write_results  # noqa: E402
+from common import (  # noqa: E402
+    add_step_arguments,
+    env_info,
+    peak_memory_mb,
+    print_table,
+    results_dir,
+    save_figure,
+    time_fn,
+    write_results,
+)  # noqa: E402
 from fit import loglog_fit  # noqa: E402
 from workload import (  # noqa: E402
     Workload,
@@ -127,22 +134,13 @@ def plot_axis(rows: list[dict[str, Any]], axis: str, out_dir: pathlib.Path) -> p
         ax.legend(fontsize=8)
     r0 = rows[0]
     fig.suptitle(f"scaling vs {axis}: {r0['model']}\n{r0['device']} · {r0['commit']}", fontsize=9)
-    fig.tight_layout()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"scaling-{r0['config']}-{axis}.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_dir, f"scaling-{r0['config']}-{axis}")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="3 points per axis, 3 repeats")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_step_arguments(ap, "3 points per axis, 3 repeats")
     ap.add_argument("--axes", default=None, help="comma-separated subset of the axes")
-    ap.add_argument("--layers", type=int, default=2, help="decoder layers (GPU, 7B shape)")
-    ap.add_argument("--output", type=pathlib.Path, default=None, help="results directory")
-    ap.add_argument("--no-write", action="store_true")
     return ap.parse_args(argv)
 
 

@@ -40,6 +40,7 @@ def plot_file(path: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from common import save_figure
 
     spec = _spec_for(path)
     rows = json.loads(path.read_text())
@@ -69,12 +70,7 @@ def plot_file(path: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path | None:
     r0 = rows[0]
     ax.set_title(f"{path.stem}\n{r0.get('device')} · torch {r0.get('torch')} · {r0.get('commit')}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"{path.stem}.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_dir, f"{path.stem}")
 
 
 def _own_plot(path: pathlib.Path, rows: list[dict[str, Any]], out_dir: pathlib.Path):

@@ -50,6 +50,7 @@ from workload import (  # noqa: E402
     image_tokens,
     run_aimkp,
     run_token_floor,
+    step_facts,
 )
 
 # dense bf16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name
@@ -131,18 +132,14 @@ def breakdown_row(w: Workload, repeats: list[dict[str, float]], config: str) -> 
     totals = [r["_total"] for r in repeats]
     total = statistics.median(totals)
     phase_sum = sum(phases.values())
-    result = run_aimkp(w)
-    ran = result.ran
-    tokens = result.n_input_tokens
+    facts = step_facts(w)
+    tokens = facts["input_tokens"]
     return {
         **env_info(w.device),
         "benchmark": "breakdown",
         "config": config,
         "model": w.shape,
-        "dtype": "bf16 autocast" if w.bf16 and w.device.startswith("cuda") else "float32",
-        "batch_samples": len(w.samples),
-        "rows": result.n_rows,
-        "input_tokens": tokens,
+        **facts,
         "phases": phases,
         "shares": {k: v / phase_sum for k, v in phases.items()},
         "phase_min_ms": {k: min(r[k] for r in repeats) for k in names},
@@ -157,10 +154,6 @@ def breakdown_row(w: Workload, repeats: list[dict[str, float]], config: str) -> 
         "engine_split": "by difference: AimKP backward - plain backward over the same rows",
         "tokens_per_s": tokens / (total / 1e3),
         **gpu_figures(w, total, tokens),
-        "engine_backend": result.engine_backend,
-        "embedding_backend": ran.embedding_backend,
-        "attention": ran.attention,
-        "row_layout": ran.layout,
     }
 
 

@@ -45,6 +45,7 @@ from workload import (  # noqa: E402
     run_aimkp,
     run_sft,
     run_token_floor,
+    step_facts,
 )  # noqa: E402
 
 STEPS: dict[str, Callable[[Workload], Any]] = {
@@ -79,13 +80,14 @@ def axis_x(axis: str, w: Workload, value: int) -> float:
 def measure_point(w: Workload, axis: str, value: int, reps: int) -> list[dict[str, Any]]:
     """Time and peak memory of every step at one point (one row per step)."""
     x = axis_x(axis, w, value)
+    facts = step_facts(w)
     rows = []
     for name, fn in STEPS.items():
         t = time_fn(lambda fn=fn: fn(w), w.device, warmup=1, rep=reps)
         mem = peak_memory_mb(lambda fn=fn: fn(w), w.device)
         rows.append(
             {"kind": "point", "axis": axis, "x": x, "value": value, "step": name, **t,
-             "peak_mem_mb": mem, "batch_samples": len(w.samples), "model": w.shape}
+             "peak_mem_mb": mem, "model": w.shape, **facts}
         )  # fmt: skip
     return rows
 

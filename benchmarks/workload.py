@@ -162,3 +162,19 @@ def image_tokens(sample: Any) -> int:
     """Image-placeholder tokens of one encoded sample (0 without an image)."""
     span = sample.image_span
     return 0 if span is None else int(span[1] - span[0])
+
+
+def step_facts(w: Workload) -> dict[str, Any]:
+    """What one AimKP step at this workload ran: dtype, rows, kept tokens, the backends."""
+    result = run_aimkp(w)
+    ran = result.ran
+    return {
+        "dtype": "bf16 autocast" if w.bf16 and w.device.startswith("cuda") else "float32",
+        "batch_samples": len(w.samples),
+        "rows": result.n_rows,
+        "input_tokens": result.n_input_tokens,
+        "engine_backend": result.engine_backend,
+        "embedding_backend": ran.embedding_backend,
+        "attention": ran.attention,
+        "row_layout": ran.layout,
+    }

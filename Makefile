@@ -36,10 +36,10 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Every benchmark at full size (results and plots under benchmarks/results/); `aimkp bench all
+# --quick` is the short version (benchmarks/results/quick/).
 bench: setup
-	$(BIN)/python benchmarks/bench_masked_embedding.py
-	$(BIN)/python benchmarks/bench_grad_gram.py
-	$(BIN)/python benchmarks/bench_train_step.py
+	$(BIN)/aimkp bench all
 
 # Wheels the GPU machine lacks (Python 3.12 there; it has their dependencies: click, joblib, regex,
 # tqdm, numpy, scipy, opt-einsum), into the ignored .whl/ that travels with the checkout.

@@ -4,8 +4,10 @@ Rows (each a forward + backward producing ``.grad``; the optimizer update is the
 is not timed):
 
 - ``sft``:            plain fine-tuning step on the B originals (``aimkp.train.step.sft_step``).
-- ``plain-copies``:   a plain weighted backward over the same R rows the AimKP step trains on
-                      (originals + masked copies), no per-row quantities: the floor for AimKP.
+- ``plain-copies``:   the TOKEN FLOOR: a plain weighted forward + backward over exactly the R
+                      rows the AimKP step trains on (originals + masked copies), built by the
+                      same ``plan_rows`` (same keep masks, mask mode and padded / packed
+                      layout, so the same kept tokens), without the engine or the filter.
 - ``aimkp``:          ``aimkp_step``: one forward + one backward with the per-sample gradient
                       engine, the filter, and the exact reweight.
 - ``reference``:      ``reference_step``: per sample, one forward and one backward per copy with
@@ -21,8 +23,12 @@ autocast, B=8.
 Every sample is visited at strides text=2 / image=2 (all three copies present: the AimKP step's
 most expensive state; the stride table is not advanced between repetitions).
 
-Targets printed as pass/fail: aimkp >= 2x the reference's samples/s (CPU, tiny) or >= 3x (GPU,
-7B-shaped); aimkp <= 1.6x the time of a plain step on the same batch (``plain-copies``).
+Targets printed as pass/fail: the AimKP step's time over its token floor (``plain-copies``;
+``time_over_token_floor`` in the aimkp row) <= 1.1x on a GPU (7B-shaped), <= 1.6x on the CPU
+(tiny); aimkp >= 2x the reference's samples/s on the CPU (tiny). On a GPU the ratio to the
+reference (``speedup_vs_reference``) is reported without a target: the reference runs every copy
+at full length, about 1.3-1.4x aimkp's tokens at strides 2/2 to 4/4, so its gain is that token
+ratio times the batching gain, which no fixed factor such as 3x bounds from below.
 Compact rows run padded to the longest kept row (``--attn sdpa``) and packed into one varlen
 sequence (``--attn varlen``: torch's varlen FlashAttention on CUDA, the per-row reference on the
 CPU); ``--attn both`` (default) runs both. ``input_tokens`` counts kept tokens, ``fed_tokens``
@@ -324,19 +330,20 @@ def main() -> None:
         )  # fmt: skip
         t = {k: v["t"]["median_ms"] for k, v in results.items()}
         speedup = t["reference"] / t["aimkp"]
-        need = 3.0 if config == "gpu-llava7b" else 2.0
+        gpu = config == "gpu-llava7b"
         ratio_plain = t["aimkp"] / t["plain-copies"]
+        floor_target = 1.1 if gpu else 1.6
         print(
             f"\nbackends: engine={aim.engine_backend}, embedding={ran.embedding_backend}, "
             f"attention={ran.attention}"
         )
+        ref_target = "reported, no target" if gpu else "target >= 2x: "
+        ref_target += "" if gpu else ("PASS" if speedup >= 2.0 else "FAIL")
+        print(f"aimkp vs reference: {speedup:.2f}x samples/s ({ref_target})")
         print(
-            f"aimkp vs reference: {speedup:.2f}x samples/s (target >= {need:.0f}x): "
-            f"{'PASS' if speedup >= need else 'FAIL'}"
-        )
-        print(
-            f"aimkp / plain step on the same rows: {ratio_plain:.2f}x time (target <= 1.6x): "
-            f"{'PASS' if ratio_plain <= 1.6 else 'FAIL'}"
+            f"aimkp / its token floor (plain step over the same {tokens['aimkp']} kept tokens): "
+            f"{ratio_plain:.2f}x time (target <= {floor_target}x): "
+            f"{'PASS' if ratio_plain <= floor_target else 'FAIL'}"
         )
         print(
             f"aimkp / sft on the originals only: {t['aimkp'] / t['sft']:.2f}x time "
@@ -346,11 +353,12 @@ def main() -> None:
         over = t["aimkp"] / t["sft"] / token_ratio
         print(
             f"aimkp / sft time over their input-token ratio ({token_ratio:.2f}x): {over:.2f} "
-            f"(target <= 1.1, GPU): {'PASS' if over <= 1.1 else 'FAIL'}"
+            + (f"(target <= 1.1): {'PASS' if over <= 1.1 else 'FAIL'}" if gpu else "(GPU target)")
         )
         for r in out_rows:
             r["speedup_vs_reference"] = speedup if r["step"] == "aimkp" else None
             r["ratio_vs_plain_copies"] = ratio_plain if r["step"] == "aimkp" else None
+            r["time_over_token_floor"] = ratio_plain if r["step"] == "aimkp" else None
             r["time_over_token_ratio"] = over if r["step"] == "aimkp" else None
             r["varlen_kernel"] = last_kernel() if row_layout == "packed" else None
         return out_rows

@@ -153,11 +153,16 @@ def _cpu_peak_mb(fn: Callable[[], Any]) -> float | None:
     return max((sum(s) for s in sizes), default=0) / 2**20
 
 
+def results_dir() -> pathlib.Path:
+    """Where result files go: ``$AIMKP_BENCH_OUT`` (set by the runner) or benchmarks/results."""
+    return pathlib.Path(os.environ.get("AIMKP_BENCH_OUT", RESULTS))
+
+
 def write_results(
     name: str, rows: list[dict[str, Any]], out_dir: pathlib.Path | None = None
 ) -> list[pathlib.Path]:
     """Write rows as ``<name>-<device-slug>.json`` and ``.csv`` under benchmarks/results/."""
-    out_dir = pathlib.Path(out_dir or os.environ.get("AIMKP_BENCH_OUT", RESULTS))
+    out_dir = pathlib.Path(out_dir or results_dir())
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = rows[0].get("device", "unknown") if rows else "unknown"
     slug = "".join(c if c.isalnum() else "-" for c in dev.split(" (")[0].lower()).strip("-")
@@ -170,6 +175,28 @@ def write_results(
         w.writeheader()
         w.writerows(rows)
     return [jpath, cpath]
+
+
+def save_figure(fig: Any, out_dir: pathlib.Path, stem: str) -> pathlib.Path:
+    """Lay out, write ``out_dir/<stem>.png`` (110 dpi) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{stem}.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def add_step_arguments(ap: Any, quick_help: str) -> None:
+    """``--quick``, ``--device``, ``--layers``, ``--output``, ``--no-write``: the options of the
+    benchmarks built on :mod:`workload` (breakdown, scaling)."""
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers (GPU, 7B shape)")
+    ap.add_argument("--output", type=pathlib.Path, default=None, help="results directory")
+    ap.add_argument("--no-write", action="store_true")
 
 
 def print_table(rows: Iterable[dict[str, Any]], cols: list[str]) -> None:

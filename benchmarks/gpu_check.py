@@ -10,9 +10,10 @@ Steps, each with its own timeout inside an 8-minute budget (one H100 / H200):
                     for sm_90 only (``AIMKP_CUDA_ARCHS=90``, ``MAX_JOBS=16``); the built
                     extension is copied into the checkout so the tests import it;
 4. ``cuda_tests``   the CUDA-only tests (``-m requires_cuda``);
-5. ``bench_masked_embedding``, ``bench_grad_gram``, ``bench_train_step``, ``memory_plan``: the
-                    benchmarks at their GPU configurations (7B-shaped, few layers), result files
-                    written into DIR (``AIMKP_BENCH_OUT``);
+5. ``bench_masked_embedding``, ``bench_grad_gram``, ``bench_train_step``, ``bench_breakdown``
+                    (``python -m benchmarks breakdown --quick``: the step by phase, MFU),
+                    ``memory_plan``: the benchmarks at their GPU configurations (7B-shaped, few
+                    layers), result files written into DIR (``AIMKP_BENCH_OUT``);
 6. ``sanitizer``    a short subset of the CUDA kernel tests under ``compute-sanitizer --tool
                     memcheck`` (last: it gets what is left of the budget).
 
@@ -127,6 +128,11 @@ def steps() -> list[Step]:
                 "--mask-mode",
                 "compact",
             ),  # fmt: skip
+        ),
+        Step(
+            "bench_breakdown",
+            60,
+            lambda: [PY, "-m", "benchmarks", "breakdown", "--quick", "--device", "cuda"],
         ),
         Step(
             "memory_plan",

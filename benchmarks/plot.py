@@ -4,7 +4,9 @@ Usage: python benchmarks/plot.py [--results benchmarks/results] [--out benchmark
 
 Each figure shows, per configuration row, the metric that matches the benchmark's question:
 masked_embedding -> ms per provider and mode; grad_gram -> time relative to the plain backward;
-train_step -> samples/s per step kind. The device and commit come from the rows themselves.
+train_step -> samples/s per step kind; breakdown and scaling files are drawn by their own
+benchmark (``bench_breakdown.plot_breakdown``, ``bench_scaling.plot_axis``). The device and
+commit come from the rows themselves.
 """
 
 from __future__ import annotations
@@ -38,11 +40,14 @@ def plot_file(path: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from common import save_figure
 
     spec = _spec_for(path)
-    rows: list[dict[str, Any]] = json.loads(path.read_text())
-    if spec is None or not rows:
+    rows = json.loads(path.read_text())
+    if not isinstance(rows, list) or not rows:
         return None
+    if spec is None:
+        return _own_plot(path, rows, out_dir)
     group_keys, bar_key, value_key, ylabel, log = spec
     table: dict[str, dict[str, float]] = defaultdict(dict)
     for r in rows:
@@ -65,12 +70,20 @@ def plot_file(path: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path | None:
     r0 = rows[0]
     ax.set_title(f"{path.stem}\n{r0.get('device')} · torch {r0.get('torch')} · {r0.get('commit')}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"{path.stem}.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_dir, f"{path.stem}")
+
+
+def _own_plot(path: pathlib.Path, rows: list[dict[str, Any]], out_dir: pathlib.Path):
+    """Breakdown and scaling results are drawn by their own benchmark's plot function."""
+    if path.name.startswith("breakdown"):
+        from bench_breakdown import plot_breakdown
+
+        return [plot_breakdown(r, out_dir) for r in rows][-1]
+    if path.name.startswith("scaling"):
+        from bench_scaling import plot_axis
+
+        return [plot_axis(rows, a, out_dir) for a in dict.fromkeys(r["axis"] for r in rows)][-1]
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

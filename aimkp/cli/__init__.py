@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "compare": "aimkp.cli.compare",
     "data": "aimkp.cli.data",
     "export": "aimkp.cli.export",
+    "bench": "aimkp.cli.bench",
 }
 
 

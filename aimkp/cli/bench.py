@@ -1,0 +1,83 @@
+"""Run the benchmarks: where aimkp's training time goes and whether it speeds training up.
+
+aimkp bench [masked-embedding|grad-gram|train-step|breakdown|scaling|all] [--quick]
+            [--device cpu|cuda] [--output DIR] [--trace FILE]
+
+The benchmarks are the scripts in the repository's ``benchmarks/`` folder, not part of the
+installed package (they write result files and plots into the checkout, need matplotlib and
+build the 7B-shaped models from configs; a wheel stays without them). ``aimkp bench`` finds the
+folder beside the ``aimkp`` package of a source checkout (``pip install -e .``, the Makefile's
+set-up) or at ``$AIMKP_BENCHMARKS``; without either it says so in one line (exit 2).
+Results: ``benchmarks/results/`` (``results/quick/`` with ``--quick``) or ``--output``;
+``benchmarks/results/README.md`` explains every file and the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import pathlib
+import sys
+from types import ModuleType
+
+from aimkp.cli._common import check_device, check_output_dir, check_output_file
+from aimkp.errors import UsageError
+
+HELP = "run the benchmarks (step breakdown, scaling, kernels) of a source checkout"
+NAMES = ["masked-embedding", "grad-gram", "train-step", "breakdown", "scaling", "all"]
+
+
+def benchmarks_dir() -> pathlib.Path:
+    """The ``benchmarks/`` folder: ``$AIMKP_BENCHMARKS`` or the checkout's beside ``aimkp/``."""
+    env = os.environ.get("AIMKP_BENCHMARKS")
+    if env:
+        folder = pathlib.Path(env)
+        if not (folder / "runner.py").is_file():
+            raise UsageError(
+                f"AIMKP_BENCHMARKS={env}: no runner.py there (not a benchmarks/ folder)"
+            )
+        return folder
+    import aimkp
+
+    folder = pathlib.Path(aimkp.__file__).resolve().parents[1] / "benchmarks"
+    if not (folder / "runner.py").is_file():
+        raise UsageError(
+            "no benchmarks/ folder beside this aimkp install (an installed wheel does not ship "
+            "them): run `aimkp bench` from a source checkout installed with `pip install -e .`, "
+            "or set AIMKP_BENCHMARKS to a checkout's benchmarks/ folder"
+        )
+    return folder
+
+
+def load_runner(folder: pathlib.Path) -> ModuleType:
+    """Import ``folder/runner.py`` with ``folder`` on ``sys.path`` (its sibling imports)."""
+    sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location("aimkp_bench_runner", folder / "runner.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("benchmark", nargs="?", choices=NAMES, default="all", help="what to run")
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--output", default=None, help="results directory")
+    parser.add_argument("--trace", default=None, help="breakdown: torch.profiler trace file")
+
+
+def run(args: argparse.Namespace) -> int:
+    device = check_device(args.device)
+    if args.output is not None:
+        check_output_dir(args.output, "--output")
+    if args.trace is not None:
+        check_output_file(args.trace, "--trace")
+    runner = load_runner(benchmarks_dir())
+    return runner.run(
+        args.benchmark,
+        quick=args.quick,
+        device=device,
+        output=pathlib.Path(args.output) if args.output else None,
+        trace=pathlib.Path(args.trace).resolve() if args.trace else None,
+    )

@@ -1,0 +1,24 @@
+"""pytest set-up for the CPU-sized benchmark cases (``pytest benchmarks/ --benchmark-only``).
+
+Not collected by ``make test`` (pyproject's ``testpaths`` is ``tests/``). The project's
+``addopts`` disable benchmarks for the test suite; this folder turns them back on unless
+``--benchmark-disable`` was given on the command line itself.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if "--benchmark-disable" not in config.invocation_params.args:
+        config.option.benchmark_disable = False

@@ -104,6 +104,16 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
     return f
 
 
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The run's learning-rate schedule (warm-up, then cosine to 0); one place for ``aimkp
+    train`` and :class:`aimkp.integrations.transformers.AimKPTrainer`."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(total_steps, warmup_steps)
+    )
+
+
 def build_optimizer(
     model: torch.nn.Module, cfg: TrainConfig, projector: torch.nn.Module
 ) -> torch.optim.Optimizer:
@@ -202,9 +212,7 @@ def set_up(cfg: TrainConfig) -> TrainRun:
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = build_optimizer(model, cfg, loaded.adapter.projector)
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(total_steps, warmup)
-    )
+    scheduler = build_scheduler(optimizer, total_steps, warmup)
     return TrainRun(
         cfg=cfg,
         out=out,

@@ -123,3 +123,31 @@ def test_trainer_matches_own_loop(own_loop: pathlib.Path, tmp_path: pathlib.Path
 def test_trainer_two_ranks_match_own_loop(own_loop: pathlib.Path, tmp_path: pathlib.Path) -> None:
     out, _ = _trainer(tmp_path, batch=2, accum=2, ranks=2)  # the same global batches of 8
     _assert_same_run(own_loop, out, atol=2e-5)
+
+
+def _readme_trainer_example() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### Using AimKP in your own `transformers.Trainer`", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_trainer_example_runs_and_resumes_strides(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ns: dict = {}
+    exec(compile(_readme_trainer_example(), "README.md", "exec"), ns)  # noqa: S102
+    trainer = ns["trainer"]
+    assert trainer.state.global_step == 2  # 8 posts, batch 4, one epoch
+    assert 0 < trainer.state.log_history[-1]["train_loss"] < 100
+    saved = tmp_path / "runs" / "trainer" / "checkpoint-2" / "aimkp_strides.pt"
+    assert torch.equal(torch.load(saved, weights_only=True)["text"], trainer.strides.text)
+    assert bool((trainer.strides.text == 2).all())  # every post's first visit doubles it
+    from aimkp.integrations.transformers import AimKPTrainer
+
+    again = AimKPTrainer(ns["loaded"], ns["args"], ns["aimkp_args"], train_dataset=ns["records"])
+    assert bool((again.strides.text == 1).all())
+    again.train(resume_from_checkpoint=True)  # the run is complete: nothing left to train
+    assert torch.equal(again.strides.text, trainer.strides.text)
+    assert torch.equal(again.strides.image, trainer.strides.image)

@@ -128,6 +128,9 @@ def _check_before_training(cfg: TrainConfig) -> None:
     check_output_dir(cfg.output, "--output")
     check_device(cfg.device)
     _check_device_options(cfg)
+    from aimkp.train.reporting import check_report_to
+
+    check_report_to(cfg.report_to)
     check_model_spec(cfg.model)
     if cfg.resume is not None:
         from aimkp.train.state import find_train_state

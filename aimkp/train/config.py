@@ -23,6 +23,7 @@ MASK_MODES = ("compact", "attention", "auto")
 ATTN = ("auto", "sdpa", "varlen", "flash", "eager")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 GF_REDUCE = ("mean", "sum")
+REPORT_TO = ("auto", "tensorboard", "wandb", "none")
 
 
 def _f(default: Any, help: str, **cli: Any) -> Any:
@@ -132,6 +133,15 @@ class TrainConfig:
     stop_after_epochs: int | None = _f(None, "stop (resumably) after this many epochs")
     baselines: bool = _f(False, "also score an untrained model and a majority baseline on test")
     device: str | None = _f(None, "torch device (default: cuda when available, else cpu)")
+    logging_steps: int | None = _f(
+        None, "every N optimizer steps a row of OUTPUT/steps.csv and the --report-to scalars"
+    )
+    report_to: str = _f(
+        "auto",
+        "where scalars go besides the CSV files: tensorboard (OUTPUT/tb), wandb, none; auto: "
+        "tensorboard when installed",
+        choices=REPORT_TO,
+    )
     num_threads: int | None = _f(
         None,
         "torch CPU threads (1 is fastest for tiny models on a few shared cores)",
@@ -153,6 +163,7 @@ class TrainConfig:
             ("attn", ATTN),
             ("dtype", DTYPES),
             ("gf_reduce", GF_REDUCE),
+            ("report_to", REPORT_TO),
             ("on_missing_image", ON_MISSING_IMAGE),
             ("on_bad_record", ON_BAD_RECORD),
         ):
@@ -163,7 +174,13 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum", "lora_r", "max_new_tokens"):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("max_train_samples", "eval_max_samples", "stop_after_epochs", "num_threads"):
+        for name in (
+            "max_train_samples",
+            "eval_max_samples",
+            "stop_after_epochs",
+            "num_threads",
+            "logging_steps",
+        ):
             v = getattr(self, name)
             if v is not None and int(v) < 1:
                 raise UsageError(f"{name} must be >= 1 or None, got {v!r}")

@@ -21,6 +21,7 @@ from aimkp.train import distributed as D
 from aimkp.train.run import TrainRun
 from aimkp.train.stats import EpochStats
 from aimkp.train.step import StepResult, aimkp_step, sft_step
+from aimkp.train.step_log import StepLog
 
 log = logging.getLogger("aimkp.train")
 
@@ -77,7 +78,7 @@ def optimizer_step(run: TrainRun) -> None:
     model = run.model
     D.all_reduce_grads(model.parameters(), run.ctx)
     if run.cfg.max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(
+        run.grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in model.parameters() if p.requires_grad], run.cfg.max_grad_norm
         )
     run.optimizer.step()
@@ -118,9 +119,12 @@ def backend_names(res: StepResult) -> dict[str, str]:
     }
 
 
-def run_epoch(run: TrainRun, epoch: int, backends: BackendLog) -> tuple[EpochStats, float]:
+def run_epoch(
+    run: TrainRun, epoch: int, backends: BackendLog, step_log: StepLog | None = None
+) -> tuple[EpochStats, float]:
     """Train one epoch; returns this rank's totals and the epoch's wall time (seconds,
-    including the strides' reconcile across ranks)."""
+    including the strides' reconcile across ranks). ``step_log``: per-step rows
+    (``--logging-steps``)."""
     from tqdm.auto import tqdm
 
     cfg, gb = run.cfg, run.global_batch
@@ -137,7 +141,11 @@ def run_epoch(run: TrainRun, epoch: int, backends: BackendLog) -> tuple[EpochSta
         for res in accumulate(run, order[s * gb : (s + 1) * gb]):
             stats.add(res)
             backends(res)
+            if step_log is not None:
+                step_log.add(res)
         optimizer_step(run)
+        if step_log is not None:  # per-step logging hook (--logging-steps)
+            step_log.after_step(run, epoch)
         bar.set_postfix(**stats.progress(time.perf_counter() - t0))
     bar.close()
     if run.strides is not None:

@@ -12,7 +12,8 @@ Phases: set-up and resume (:mod:`aimkp.train.run`), one epoch of AimKP or SFT op
 each epoch: totals over the ranks, greedy decoding on the validation split scored with the CMKP
 protocol (:mod:`aimkp.train.evaluation`), best checkpoint by F1@1 + F1@3 + MAP@5
 (``OUTPUT/best``), latest with the full training state (``OUTPUT/last``), one row per epoch in
-``OUTPUT/metrics.csv`` (and TensorBoard when installed); after the last epoch the optional
+``OUTPUT/metrics.csv`` (and the ``--report-to`` reporter), every ``--logging-steps`` optimizer
+steps a row of ``OUTPUT/steps.csv`` (:mod:`aimkp.train.step_log`); after the last epoch the optional
 test-split comparison with the majority and untrained baselines.
 """
 
@@ -41,6 +42,7 @@ from aimkp.train.run import (
     set_up,
 )
 from aimkp.train.stats import EpochStats
+from aimkp.train.step_log import StepLog
 
 __all__ = [
     "build_optimizer",
@@ -60,16 +62,26 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training as configured; returns a summary dict (history, best score, paths)."""
     run = set_up(cfg)
     baselines = start(run)
-    metrics = MetricsLog(run.out, enabled=run.is_main)
+    metrics = MetricsLog(run.out, enabled=run.is_main, reporter=reporter_of(run))
     backends = BackendLog()
+    step_log = StepLog(run, metrics.reporter)
     for epoch in range(run.progress.epoch, run.last_epoch):
-        stats, seconds = run_epoch(run, epoch, backends)
+        stats, seconds = run_epoch(run, epoch, backends, step_log)
         end_epoch(run, epoch, stats.all_reduce(run.ctx), seconds, metrics)
     metrics.close()
     summary = summarize(run)
     if baselines and run.last_epoch == cfg.epochs:
         summary["baselines"] = compare_on_test(run, baselines)
     return summary
+
+
+def reporter_of(run: TrainRun) -> Any:
+    """The ``--report-to`` reporter on rank 0 (a no-op one on the others)."""
+    from aimkp.train.reporting import Reporter, make_reporter
+
+    if not run.is_main:
+        return Reporter()
+    return make_reporter(run.cfg.report_to, run.out, run.cfg.to_dict())
 
 
 def start(run: TrainRun) -> dict[str, dict[str, float]]:

@@ -59,6 +59,9 @@ class TrainRun:
     steps_per_epoch: int
     progress: Progress = field(default_factory=Progress)
     best_state: dict[str, torch.Tensor] | None = None  # trainable weights of the best epoch
+    grad_norm: torch.Tensor | None = (
+        None  # the last step's total norm before clipping (per-step logs)
+    )
 
     @property
     def model(self) -> torch.nn.Module:

@@ -31,17 +31,19 @@ from aimkp.integrations.transformers import AimKPArguments, AimKPTrainer
 from aimkp.models import save_checkpoint
 from aimkp.train.config import TrainConfig
 from aimkp.train.data import load_split
-from aimkp.train.run import _load_trainable_model, seed_everything
+from transformers import set_seed
+from aimkp.train.run import _load_trainable_model
 
 out, batch, accum = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 cfg = TrainConfig(**CFG)
 torch.set_num_threads(1)
-seed_everything(cfg.seed)
+set_seed(cfg.seed)
 recs = load_split(cfg, "train")[: cfg.max_train_samples]
 loaded = _load_trainable_model(cfg, recs, torch.device("cpu"))
 args = TrainingArguments(
     output_dir=out, per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
-    num_train_epochs=cfg.epochs, learning_rate=cfg.lr, warmup_steps=cfg.warmup_ratio,
+    num_train_epochs=cfg.epochs, learning_rate=cfg.lr, lr_scheduler_type="cosine",
+    warmup_steps=cfg.warmup_ratio,
     weight_decay=0.0, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, use_cpu=True,
     report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
 )

@@ -20,8 +20,9 @@ What is overridden, and why (everything else is Trainer's own):
 - ``get_train_dataloader`` yields the own loop's order: a permutation seeded with
   ``seed + epoch``, each global batch of ``batch * grad_accum * world`` samples shared rank by
   rank (:class:`AimKPBatchSampler`), rows encoded by the adapter (:class:`AimKPCollator`).
-- ``create_optimizer`` / ``create_scheduler``: aimkp's AdamW groups (projector at
-  ``projector_lr``) and warm-up cosine schedule, identical to ``aimkp train``.
+- ``create_optimizer``: aimkp's AdamW groups (projector at ``projector_lr``), as ``aimkp train``
+  builds them. The schedule is Trainer's own: ``lr_scheduler_type="cosine"`` with
+  ``warmup_steps=RATIO`` is ``aimkp train``'s (both ``get_cosine_schedule_with_warmup``).
 - The PMM stride table lives in :class:`AimKPCallback`: reconciled across ranks at each epoch end,
   saved as ``aimkp_strides.pt`` in each checkpoint folder, restored by
   ``train(resume_from_checkpoint=...)``; kept-copy rates are added to Trainer's log lines.
@@ -291,17 +292,6 @@ class AimKPTrainerMixin:
             )
             self.optimizer = build_optimizer(self.loaded.model, cfg, self.loaded.adapter.projector)
         return self.optimizer
-
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        from aimkp.train.run import build_scheduler
-
-        if self.lr_scheduler is None:
-            warmup = self.args.get_warmup_steps(num_training_steps)
-            self.lr_scheduler = build_scheduler(
-                optimizer or self.optimizer, num_training_steps, warmup
-            )
-            self._created_lr_scheduler = True
-        return self.lr_scheduler
 
     # -- the step --------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:

@@ -35,10 +35,9 @@ from aimkp.train.metrics_log import MetricsLog
 from aimkp.train.run import (
     TrainRun,
     build_optimizer,
-    cosine_with_warmup,
+    build_scheduler,
     log_start,
     resume,
-    seed_everything,
     set_up,
 )
 from aimkp.train.stats import EpochStats
@@ -46,12 +45,11 @@ from aimkp.train.step_log import StepLog
 
 __all__ = [
     "build_optimizer",
-    "cosine_with_warmup",
+    "build_scheduler",
     "evaluate",
     "majority_keyphrases",
     "print_comparison",
     "score_predictions",
-    "seed_everything",
     "train",
 ]
 

@@ -10,11 +10,9 @@ from __future__ import annotations
 import logging
 import math
 import pathlib
-import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from aimkp.train.config import TrainConfig
@@ -87,34 +85,16 @@ class TrainRun:
         )
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-
-
-def cosine_with_warmup(total_steps: int, warmup_steps: int):
-    """LambdaLR factor: linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
-
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
-
-
 def build_scheduler(
     optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """The run's learning-rate schedule (warm-up, then cosine to 0); one place for ``aimkp
-    train`` and :class:`aimkp.integrations.transformers.AimKPTrainer`."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(total_steps, warmup_steps)
-    )
+    """The run's learning-rate schedule: transformers' linear warm-up (factor ``step / warmup``)
+    then cosine decay to 0 at ``total_steps``, the schedule ``Trainer`` builds for
+    ``lr_scheduler_type="cosine"`` (so :class:`aimkp.integrations.transformers.AimKPTrainer`
+    runs the same one)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
 
 
 def build_optimizer(
@@ -199,7 +179,9 @@ def set_up(cfg: TrainConfig) -> TrainRun:
         out.mkdir(parents=True, exist_ok=True)
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
-    seed_everything(cfg.seed)
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # python, numpy, torch (and CUDA) generators
     train_recs, valid_recs = _load_records(cfg)
     loaded = _load_trainable_model(cfg, train_recs, device)
     model = loaded.model

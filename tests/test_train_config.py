@@ -18,7 +18,7 @@ def _parse(argv: list[str]) -> TrainConfig:
     p = argparse.ArgumentParser()
     cli_train.add_arguments(p)
     args = p.parse_args(argv)
-    return cli_train.config_from_args(args, cli_train._given_flags(argv))
+    return cli_train.config_from_args(args)
 
 
 def test_defaults_are_the_paper_setup() -> None:

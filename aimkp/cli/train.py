@@ -65,22 +65,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace, argv_flags: set[str] | None = None) -> TrainConfig:
-    """The run's TrainConfig: defaults < ``--quick`` < ``--config`` file < flags given.
-
-    ``argv_flags`` is accepted for older callers and unused: the namespace itself holds only
-    the flags that were given."""
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's TrainConfig: defaults < ``--quick`` < ``--config`` file < flags given (the
+    namespace holds only the flags that were given)."""
     given = given_fields(args, TrainConfig)
     from_file = {} if args.config is None else load_yaml_config(args.config, TrainConfig)
     fields: dict[str, Any] = TrainConfig.quick_overrides() if args.quick else {}
     fields.update(from_file)
     fields.update(given)
     return TrainConfig(**fields).validate()
-
-
-def _given_flags(argv: list[str] | None) -> set[str]:
-    """Kept for older callers: the namespace now says which flags were given."""
-    return set()
 
 
 def _check_device_options(cfg: TrainConfig) -> None:
@@ -95,7 +88,7 @@ def _check_device_options(cfg: TrainConfig) -> None:
     resolve_attention(cfg.attn, device)
 
 
-def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",

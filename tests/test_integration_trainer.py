@@ -153,3 +153,53 @@ def test_readme_trainer_example_runs_and_resumes_strides(
     again.train(resume_from_checkpoint=True)  # the run is complete: nothing left to train
     assert torch.equal(again.strides.text, trainer.strides.text)
     assert torch.equal(again.strides.image, trainer.strides.image)
+
+
+def test_mixin_with_trl_sft_trainer_matches_aimkp_trainer(tmp_path: pathlib.Path) -> None:
+    """``AimKPTrainerMixin`` in front of TRL's ``SFTTrainer`` (skipped without trl) trains the
+    same weights as ``AimKPTrainer``; TRL's own dataset preparation is skipped."""
+    trl = pytest.importorskip("trl")
+    from transformers import LlavaProcessor, TrainingArguments, set_seed
+
+    from aimkp.data import load_dataset, to_hf
+    from aimkp.integrations.transformers import AimKPArguments, AimKPTrainer, AimKPTrainerMixin
+    from aimkp.models import load_model
+    from aimkp.models.lora import apply_lora
+
+    class AimKPSFTTrainer(AimKPTrainerMixin, trl.SFTTrainer):
+        pass
+
+    records = list(load_dataset("default", "train"))[:8]
+    common = dict(per_device_train_batch_size=4, num_train_epochs=2, learning_rate=1e-3,
+                  report_to="none", save_strategy="no", use_cpu=True, bf16=False,
+                  disable_tqdm=True)  # fmt: skip
+
+    def trained(make) -> dict[str, torch.Tensor]:
+        set_seed(5)  # the LoRA factors' initial values too
+        loaded = load_model("tiny-llava", train_texts=[r.text for r in records], seed=5)
+        apply_lora(loaded, r=4, alpha=8, dropout=0.0, train_projector=True)
+        trainer = make(loaded)
+        trainer.train()
+        return {
+            n: p.detach().clone() for n, p in loaded.model.named_parameters() if p.requires_grad
+        }
+
+    plain = trained(
+        lambda ld: AimKPTrainer(ld, TrainingArguments(output_dir=str(tmp_path / "a"), **common),
+                                AimKPArguments(), train_dataset=to_hf(records))
+    )  # fmt: skip
+    sft_args = trl.SFTConfig(output_dir=str(tmp_path / "b"), gradient_checkpointing=False,
+                             activation_checkpointing=False,
+                             dataset_kwargs={"skip_prepare_dataset": True}, **common)  # fmt: skip
+    sft = trained(
+        lambda ld: AimKPSFTTrainer(
+            ld, sft_args, AimKPArguments(), train_dataset=to_hf(records),
+            processing_class=LlavaProcessor(image_processor=ld.image_processor,
+                                            tokenizer=ld.tokenizer, patch_size=14),
+        )
+    )  # fmt: skip
+    assert plain.keys() == sft.keys() and len(plain) > 4
+    lora_b = [k for k in plain if "lora_B" in k]  # zero at the start: trained means moved
+    assert lora_b and all(float(plain[k].abs().max()) > 0 for k in lora_b)
+    for k in plain:
+        torch.testing.assert_close(sft[k], plain[k], atol=1e-6, rtol=0, msg=k)

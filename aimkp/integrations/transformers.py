@@ -233,16 +233,20 @@ class AimKPTrainerMixin:
             use_masked_embedding_module(loaded)  # the engine must see the table's rows
         self.loaded = loaded
         self.aimkp_args = aimkp_args or AimKPArguments()
-        rows = (
-            None
-            if train_dataset is None
-            else EncodedRows(as_records(train_dataset), loaded.adapter)
+        # Trainer keeps the dataset as given (TRL's SFTTrainer wants a datasets.Dataset); the
+        # training data loader reads these encoded rows of it instead
+        self.aimkp_rows = EncodedRows(
+            [] if train_dataset is None else as_records(train_dataset), loaded.adapter
         )
-        self.aimkp_callback = AimKPCallback(0 if rows is None else len(rows))
+        self.aimkp_callback = AimKPCallback(len(self.aimkp_rows))
         callbacks = [*(kwargs.pop("callbacks", None) or []), self.aimkp_callback]
         kwargs.setdefault("data_collator", AimKPCollator(loaded.adapter))
         super().__init__(
-            model=loaded.model, args=args, train_dataset=rows, callbacks=callbacks, **kwargs
+            model=loaded.model,
+            args=args,
+            train_dataset=train_dataset,
+            callbacks=callbacks,
+            **kwargs,
         )
 
     @property
@@ -254,16 +258,14 @@ class AimKPTrainerMixin:
         rank, world = _world()
         a = self.args
         sampler = AimKPBatchSampler(
-            len(self.train_dataset),
+            len(self.aimkp_rows),
             a.per_device_train_batch_size,
             a.gradient_accumulation_steps,
             seed=a.seed,
             rank=rank,
             world=world,
         )
-        return _EpochLoader(
-            self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator
-        )
+        return _EpochLoader(self.aimkp_rows, batch_sampler=sampler, collate_fn=self.data_collator)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The micro-batches of one optimizer step and the answer tokens of all of them, summed

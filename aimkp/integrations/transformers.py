@@ -127,7 +127,12 @@ class AimKPCollator:
 class AimKPBatchSampler(torch.utils.data.Sampler):
     """This rank's micro-batches of ``aimkp train``'s order: per epoch a permutation of ``n``
     seeded with ``seed + epoch``; global batches of ``batch * grad_accum * world`` samples, rank
-    ``r`` takes every ``world``-th sample from ``r`` and cuts it into micro-batches of ``batch``."""
+    ``r`` takes every ``world``-th sample from ``r`` and cuts it into micro-batches of ``batch``.
+
+    A short last global batch gives some ranks fewer micro-batches, which Trainer handles (the
+    gradients are summed once per optimizer step); with fewer than ``world`` samples in it some
+    rank would have no micro-batch and one optimizer step less than the others, so keep
+    ``n % (batch * grad_accum * world)`` 0 or at least ``world`` under DDP."""
 
     def __init__(
         self, n: int, batch: int, grad_accum: int, *, seed: int, rank: int = 0, world: int = 1

@@ -89,8 +89,8 @@ def add_config_flags(
 
 
 def given_fields(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    """The field values of the flags that were given (generated flags are SUPPRESSed
-    otherwise; the shared reading flags are compared with their defaults)."""
+    """The field values of the flags that were given (every field's flag defaults to
+    ``argparse.SUPPRESS``, so only given flags are in ``args``)."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
 
 

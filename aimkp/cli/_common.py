@@ -80,24 +80,19 @@ def _check_creatable(directory: pathlib.Path, shown: pathlib.Path, flag: str) ->
 
 
 def add_read_arguments(parser: Any) -> None:
-    """``--image-dir``, ``--on-missing-image``, ``--on-bad-record``: how data files are read."""
-    from aimkp.data.options import ON_BAD_RECORD, ON_MISSING_IMAGE
+    """``--image-dir``, ``--on-missing-image``, ``--on-bad-record``: how data files are read
+    (help and choices from the :class:`aimkp.train.TrainConfig` fields of the same names)."""
+    import dataclasses
 
-    parser.add_argument(
-        "--image-dir", default=None, help="where the images are (looked up by file name)"
-    )
-    parser.add_argument(
-        "--on-missing-image",
-        choices=ON_MISSING_IMAGE,
-        default="error",
-        help="skip: skip and count posts whose image is missing or unreadable",
-    )
-    parser.add_argument(
-        "--on-bad-record",
-        choices=ON_BAD_RECORD,
-        default="error",
-        help="skip: skip malformed records (each reported with file:line) and count them",
-    )
+    from aimkp.train.config import TrainConfig
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for name in ("image_dir", "on_missing_image", "on_bad_record"):
+        f = fields[name]
+        extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+        parser.add_argument(
+            "--" + name.replace("_", "-"), default=f.default, help=f.metadata["help"], **extra
+        )
 
 
 def read_options(args: Any, spec: str, *, with_images: bool = True) -> dict[str, Any]:

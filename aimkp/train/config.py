@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 import pathlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aimkp.data.options import ON_BAD_RECORD, ON_MISSING_IMAGE
@@ -23,6 +23,16 @@ MASK_MODES = ("compact", "attention", "auto")
 ATTN = ("auto", "sdpa", "varlen", "flash", "eager")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 GF_REDUCE = ("mean", "sum")
+REPORT_TO = ("auto", "tensorboard", "wandb", "none")
+
+
+def _f(default: Any, help: str, **cli: Any) -> Any:
+    """A field with its ``--flag``'s help (and, optionally, ``choices``, ``aliases``,
+    ``metavar``, ``flag``: another flag name) in its metadata; ``aimkp train``'s flags and
+    ``--config`` keys are generated from the fields (:mod:`aimkp.cli.config_flags`)."""
+    return dataclasses.field(default=default, metadata={"help": help, **cli})
+
+
 # Fields older config.json files may hold that nothing reads any more (dropped on load).
 RETIRED_FIELDS = ("log_every", "extra")
 
@@ -35,62 +45,125 @@ class TrainConfig:
     ``batch_size * grad_accum`` samples and divides by the answer tokens of all of them.
     """
 
-    model: str = "tiny-llava"
-    data: str = "default"
-    valid_data: str | None = None
-    image_dir: str | None = None
-    on_missing_image: str = "error"
-    on_bad_record: str = "error"
-    output: str = "runs/train"
-    method: str = "aimkp"
-    epochs: int = 4
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 2e-4
-    projector_lr: float = 2e-5
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    lora_r: int = 128
-    lora_alpha: int = 256
-    lora_dropout: float = 0.05
-    full_finetune: bool = False
-    freeze_embeddings: bool = False
-    tau_text: float = 0.1
-    tau_image: float = 0.4
-    gf_reduce: str = "mean"
-    grand_threshold: float | None = None
-    mask_mode: str = "compact"
-    attn: str = "auto"
-    bf16: bool = False
-    dtype: str = "auto"
-    gradient_checkpointing: bool = False
-    max_train_samples: int | None = None
-    eval_max_samples: int | None = None
-    eval_every_epoch: bool = True
-    max_new_tokens: int = 24
-    seed: int = 0
-    resume: str | None = None
-    stop_after_epochs: int | None = None
-    baselines: bool = False
-    device: str | None = None
-    num_threads: int | None = None
-    # --- reliability (issue 11): non-finite steps, mid-epoch checkpoints, resume checks ---
-    max_skipped_steps: int = field(
-        default=10,
-        metadata={"help": "stop the run after this many non-finite optimizer steps in a row"},
+    model: str = _f(
+        "tiny-llava",
+        "preset name (tiny-llava, tiny-qwen2vl, tiny-qwen25vl, tiny-idefics3), a local checkpoint "
+        "directory (LLaVA, Qwen2-VL, Qwen2.5-VL, Idefics3 / SmolVLM) or a hub id (org/name) in "
+        "the local Hugging Face cache",
+        aliases=["--preset"],
     )
-    save_every: int | None = field(
-        default=None,
-        metadata={"help": "also write OUTPUT/last every N optimizer steps (mid-epoch)"},
+    data: str = _f("default", "dataset spec (default, synthetic:SEED, path, hf:DIR)")
+    valid_data: str | None = _f(
+        None,
+        "validation data (file or spec; its 'valid' split); required when --data is one file",
+        metavar="SPEC",
     )
-    keep_last: int | None = field(
-        default=None,
-        metadata={"help": "with --save-every: keep the K newest OUTPUT/step-NNNNNN checkpoints"},
+    image_dir: str | None = _f(None, "where the images are (looked up by file name)")
+    on_missing_image: str = _f(
+        "error",
+        "skip: skip and count posts whose image is missing or unreadable",
+        choices=ON_MISSING_IMAGE,
     )
-    allow_changed: list[str] = field(
+    on_bad_record: str = _f(
+        "error",
+        "skip: skip malformed records (each reported with file:line) and count them",
+        choices=ON_BAD_RECORD,
+    )
+    output: str = _f("runs/train", "run directory")
+    method: str = _f(
+        "aimkp", "aimkp (PMM + gradient-based filtering) or plain sft", choices=METHODS
+    )
+    epochs: int = _f(4, "training epochs")
+    batch_size: int = _f(8, "micro-batch size (samples per forward / backward)")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    lr: float = _f(2e-4, "learning rate of the LoRA / language-model weights")
+    projector_lr: float = _f(2e-5, "learning rate of the projector")
+    warmup_ratio: float = _f(0.03, "fraction of the steps spent warming the learning rate up")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: float | None = _f(1.0, "clip norm ('none' to disable)")
+    lora_r: int = _f(128, "LoRA rank")
+    lora_alpha: int = _f(256, "LoRA alpha")
+    lora_dropout: float = _f(0.05, "LoRA dropout")
+    full_finetune: bool = _f(
+        False, "train every language-model weight (input embedding included) and the projector"
+    )
+    freeze_embeddings: bool = _f(
+        False, "with --full-finetune: keep the input embedding table frozen"
+    )
+    tau_text: float = _f(0.1, "GF cosine threshold of text-masked copies")
+    tau_image: float = _f(0.4, "GF cosine threshold of image-masked copies")
+    gf_reduce: str = _f(
+        "mean", "mean of kept copies (reference code) or the paper's sum", choices=GF_REDUCE
+    )
+    grand_threshold: float | None = _f(
+        None, "prune originals whose gradient-norm robust z-score exceeds this"
+    )
+    mask_mode: str = _f(
+        "compact",
+        "compact (default): hidden tokens dropped, kept ones keep their positions; rows packed "
+        "(varlen) with --attn varlen / flash, padded to the longest kept row otherwise; "
+        "attention: the reference formulation (full rows, hidden tokens masked); auto: same as "
+        "compact",
+        choices=MASK_MODES,
+    )
+    attn: str = _f(
+        "auto",
+        "auto (default): varlen on CUDA where torch has its varlen FlashAttention kernel, sdpa "
+        "otherwise; varlen: compact rows packed into one sequence (cu_seqlens) through "
+        "torch.nn.attention.varlen (CUDA, bf16/fp16) or a per-row reference (CPU); flash: "
+        "flash-attn's varlen kernel (needs flash-attn); sdpa / eager: rows padded",
+        choices=ATTN,
+    )
+    bf16: bool = _f(False, "bf16 autocast (CUDA)")
+    dtype: str = _f(
+        "auto",
+        "dtype of the FROZEN base weights (auto: bfloat16 on CUDA, float32 on CPU); trainable "
+        "LoRA / projector weights and the optimizer state stay float32, computing under autocast",
+        choices=DTYPES,
+    )
+    gradient_checkpointing: bool = _f(
+        False, "recompute decoder activations in the backward (non-reentrant) to save memory"
+    )
+    max_train_samples: int | None = _f(None, "train on the first N training posts")
+    eval_max_samples: int | None = _f(None, "validate / test on the first N posts")
+    eval_every_epoch: bool = _f(True, "skip the per-epoch validation", flag="--no-eval")
+    max_new_tokens: int = _f(24, "tokens generated per prediction")
+    seed: int = _f(0, "seed of the model's initial weights, the sample order and dropout")
+    resume: str | None = _f(None, "run directory to continue", metavar="DIR")
+    stop_after_epochs: int | None = _f(None, "stop (resumably) after this many epochs")
+    baselines: bool = _f(False, "also score an untrained model and a majority baseline on test")
+    device: str | None = _f(None, "torch device (default: cuda when available, else cpu)")
+    logging_steps: int | None = _f(
+        None, "every N optimizer steps a row of OUTPUT/steps.csv and the --report-to scalars"
+    )
+    report_to: str = _f(
+        "auto",
+        "where scalars go besides the CSV files: tensorboard (OUTPUT/tb), wandb, none; auto: "
+        "tensorboard when installed",
+        choices=REPORT_TO,
+    )
+    num_threads: int | None = _f(
+        None,
+        "torch CPU threads (1 is fastest for tiny models on a few shared cores)",
+        flag="--threads",
+    )
+    # --- reliability: non-finite steps, mid-epoch checkpoints, resume checks ---
+    max_skipped_steps: int = _f(
+        10, "stop the run after this many non-finite optimizer steps in a row", metavar="K"
+    )
+    save_every: int | None = _f(
+        None, "also write OUTPUT/last every N optimizer steps (mid-epoch)", metavar="N"
+    )
+    keep_last: int | None = _f(
+        None, "with --save-every: keep the K newest OUTPUT/step-NNNNNN checkpoints", metavar="K"
+    )
+    allow_changed: list[str] = dataclasses.field(
         default_factory=list,
-        metadata={"help": "options --resume may take changed from the saved run (safe ones only)"},
+        metadata={
+            "help": "options --resume may take changed from the saved run (safe ones only; "
+            "comma-separated, e.g. lr,epochs)",
+            "metavar": "NAMES",
+        },
     )
 
     def validate(self) -> TrainConfig:
@@ -108,6 +181,7 @@ class TrainConfig:
             ("attn", ATTN),
             ("dtype", DTYPES),
             ("gf_reduce", GF_REDUCE),
+            ("report_to", REPORT_TO),
             ("on_missing_image", ON_MISSING_IMAGE),
             ("on_bad_record", ON_BAD_RECORD),
         ):
@@ -127,6 +201,7 @@ class TrainConfig:
             "num_threads",
             "save_every",
             "keep_last",
+            "logging_steps",
         ):
             v = getattr(self, name)
             if v is not None and int(v) < 1:

@@ -28,6 +28,7 @@ from aimkp.train.run import Progress, TrainRun
 from aimkp.train.signals import StopRequest, exit_status
 from aimkp.train.stats import EpochStats
 from aimkp.train.step import StepResult, aimkp_step, sft_step
+from aimkp.train.step_log import StepLog
 
 log = logging.getLogger("aimkp.train")
 
@@ -90,10 +91,13 @@ def optimizer_step(run: TrainRun, used_rows: int) -> bool:
     params = [p for p in model.parameters() if p.requires_grad]
     (used_total,) = D.all_reduce_sum([used_rows], run.ctx)
     ok = run.skip_guard.step_ok(used_total > 0 and grads_finite(params), run.progress.step)
+    run.grad_norm = None
     if ok:
         if run.cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, run.cfg.max_grad_norm)
+            run.grad_norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.max_grad_norm)
         run.optimizer.step()
+    else:
+        run.progress.skipped_steps += 1
     with warnings.catch_warnings():  # a skipped first step: "scheduler.step() before optimizer"
         warnings.simplefilter("ignore", UserWarning)
         run.scheduler.step()
@@ -135,11 +139,16 @@ def backend_names(res: StepResult) -> dict[str, str]:
 
 
 def run_epoch(
-    run: TrainRun, epoch: int, backends: BackendLog, stop: StopRequest | None = None
+    run: TrainRun,
+    epoch: int,
+    backends: BackendLog,
+    stop: StopRequest | None = None,
+    step_log: StepLog | None = None,
 ) -> tuple[EpochStats, float]:
     """Train one epoch (from ``run.progress.epoch_step`` when resumed mid-epoch); returns this
     rank's totals and the epoch's wall time (seconds, including the strides' reconcile across
-    ranks and, resumed, the time before the interruption)."""
+    ranks and, resumed, the time before the interruption). ``step_log``: per-step rows
+    (``--logging-steps``)."""
     from tqdm.auto import tqdm
 
     cfg, gb, p = run.cfg, run.global_batch, run.progress
@@ -157,9 +166,13 @@ def run_epoch(
             stats.add(res)
             backends(res)
             used += res.n_rows - res.nonfinite_rows
+            if step_log is not None:
+                step_log.add(res)
         if not optimizer_step(run, used):
             stats.nonfinite_skipped_steps += 1
         p.epoch_step = s + 1
+        if step_log is not None:  # per-step logging hook (--logging-steps)
+            step_log.after_step(run, epoch)
         bar.set_postfix(**stats.progress(time.perf_counter() - t0))
         after_step(run, stats, time.perf_counter() - t0, stop)
     bar.close()

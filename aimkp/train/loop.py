@@ -12,7 +12,8 @@ Phases: set-up and resume (:mod:`aimkp.train.run`), one epoch of AimKP or SFT op
 each epoch: totals over the ranks, greedy decoding on the validation split scored with the CMKP
 protocol (:mod:`aimkp.train.evaluation`), best checkpoint by F1@1 + F1@3 + MAP@5
 (``OUTPUT/best``), latest with the full training state (``OUTPUT/last``), one row per epoch in
-``OUTPUT/metrics.csv`` (and TensorBoard when installed); after the last epoch the optional
+``OUTPUT/metrics.csv`` (and the ``--report-to`` reporter), every ``--logging-steps`` optimizer
+steps a row of ``OUTPUT/steps.csv`` (:mod:`aimkp.train.step_log`); after the last epoch the optional
 test-split comparison with the majority and untrained baselines.
 """
 
@@ -36,23 +37,22 @@ from aimkp.train.metrics_log import MetricsLog
 from aimkp.train.run import (
     TrainRun,
     build_optimizer,
-    cosine_with_warmup,
+    build_scheduler,
     log_start,
     resume,
-    seed_everything,
     set_up,
 )
 from aimkp.train.signals import StopRequest
 from aimkp.train.stats import EpochStats
+from aimkp.train.step_log import StepLog
 
 __all__ = [
     "build_optimizer",
-    "cosine_with_warmup",
+    "build_scheduler",
     "evaluate",
     "majority_keyphrases",
     "print_comparison",
     "score_predictions",
-    "seed_everything",
     "train",
 ]
 
@@ -73,11 +73,12 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     run = set_up(cfg)
     run.resumed_changes = changes
     baselines = start(run, state)
-    metrics = MetricsLog(run.out, enabled=run.is_main)
+    metrics = MetricsLog(run.out, enabled=run.is_main, reporter=reporter_of(run))
     backends = BackendLog()
+    step_log = StepLog(run, metrics.reporter)
     with StopRequest() as stop:
         for epoch in range(run.progress.epoch, run.last_epoch):
-            stats, seconds = run_epoch(run, epoch, backends, stop)
+            stats, seconds = run_epoch(run, epoch, backends, stop, step_log)
             end_epoch(run, epoch, stats.all_reduce(run.ctx), seconds, metrics)
     metrics.close()
     summary = summarize(run)
@@ -96,6 +97,15 @@ def read_resume_state(cfg: TrainConfig) -> tuple[dict[str, Any] | None, list[str
 
     state = read_train_state(cfg.resume)
     return state, check_resume_options(state["config"], cfg)
+
+
+def reporter_of(run: TrainRun) -> Any:
+    """The ``--report-to`` reporter on rank 0 (a no-op one on the others)."""
+    from aimkp.train.reporting import Reporter, make_reporter
+
+    if not run.is_main:
+        return Reporter()
+    return make_reporter(run.cfg.report_to, run.out, run.cfg.to_dict())
 
 
 def start(run: TrainRun, state: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:

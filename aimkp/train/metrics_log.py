@@ -1,5 +1,6 @@
-"""Where the epochs' metrics rows go: ``OUTPUT/metrics.csv``, TensorBoard (``OUTPUT/tb``, when
-installed), the log and one ``[aimkp train]`` line on stdout. Rank 0 only."""
+"""Where the epochs' metrics rows go: ``OUTPUT/metrics.csv``, the ``--report-to`` reporter
+(:mod:`aimkp.train.reporting`; by default TensorBoard under ``OUTPUT/tb`` when installed), the
+log and one ``[aimkp train]`` line on stdout. Rank 0 only."""
 
 from __future__ import annotations
 
@@ -8,16 +9,20 @@ import logging
 import pathlib
 from typing import Any
 
+from aimkp.train.reporting import Reporter, numeric
+
 log = logging.getLogger("aimkp.train")
 
 
 class MetricsLog:
     """Writes each epoch's metrics row (``enabled=False``: a no-op, for ranks other than 0)."""
 
-    def __init__(self, out: pathlib.Path, *, enabled: bool = True) -> None:
+    def __init__(
+        self, out: pathlib.Path, *, enabled: bool = True, reporter: Reporter | None = None
+    ) -> None:
         self.out = out
         self.enabled = enabled
-        self.writer = _tb_writer(out) if enabled else None
+        self.reporter = reporter if (enabled and reporter is not None) else Reporter()
 
     def write(self, row: dict[str, Any], history: list[dict[str, Any]]) -> None:
         """Rewrite ``metrics.csv`` with ``history`` (ending with ``row``); log ``row``."""
@@ -25,10 +30,7 @@ class MetricsLog:
             return
         self.write_csv(self.out / "metrics.csv", history)
         epoch = row["epoch"]
-        if self.writer is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "epoch":
-                    self.writer.add_scalar(k, v, epoch)
+        self.reporter.log(numeric(row, ("epoch",)), epoch)
         msg = ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
         )
@@ -36,8 +38,7 @@ class MetricsLog:
         print(f"[aimkp train] {msg}", flush=True)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self.reporter.close()
 
     @staticmethod
     def write_csv(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
@@ -49,11 +50,3 @@ class MetricsLog:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(rows)
-
-
-def _tb_writer(out: pathlib.Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard not installed: CSV only
-        return None
-    return SummaryWriter(str(out / "tb"))

@@ -10,11 +10,9 @@ from __future__ import annotations
 import logging
 import math
 import pathlib
-import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from aimkp.train.config import TrainConfig
@@ -35,6 +33,7 @@ class Progress:
 
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken (skipped non-finite ones included)
+    skipped_steps: int = 0  # non-finite optimizer steps skipped by this process (per-step logs)
     epoch_step: int = 0  # optimizer steps done in epoch ``epoch`` (a mid-epoch checkpoint)
     partial: dict[str, Any] | None = None  # that epoch's totals so far (resumed mid-epoch)
     best_score: float | None = None
@@ -64,6 +63,9 @@ class TrainRun:
     best_state: dict[str, torch.Tensor] | None = None  # trainable weights of the best epoch
     resumed_changes: list[str] = field(default_factory=list)  # accepted by --allow-changed
     skip_guard: SkipGuard = field(default_factory=lambda: SkipGuard(10))  # non-finite steps
+    grad_norm: torch.Tensor | None = (
+        None  # the last step's total norm before clipping (per-step logs)
+    )
 
     @property
     def model(self) -> torch.nn.Module:
@@ -89,24 +91,16 @@ class TrainRun:
         )
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The run's learning-rate schedule: transformers' linear warm-up (factor ``step / warmup``)
+    then cosine decay to 0 at ``total_steps``, the schedule ``Trainer`` builds for
+    ``lr_scheduler_type="cosine"`` (so :class:`aimkp.integrations.transformers.AimKPTrainer`
+    runs the same one)."""
+    from transformers import get_cosine_schedule_with_warmup
 
-
-def cosine_with_warmup(total_steps: int, warmup_steps: int):
-    """LambdaLR factor: linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
-
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
+    return get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
 
 
 def build_optimizer(
@@ -191,7 +185,9 @@ def set_up(cfg: TrainConfig) -> TrainRun:
         out.mkdir(parents=True, exist_ok=True)
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
-    seed_everything(cfg.seed)
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # python, numpy, torch (and CUDA) generators
     train_recs, valid_recs = _load_records(cfg)
     loaded = _load_trainable_model(cfg, train_recs, device)
     model = loaded.model
@@ -207,9 +203,7 @@ def set_up(cfg: TrainConfig) -> TrainRun:
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = build_optimizer(model, cfg, loaded.adapter.projector)
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(total_steps, warmup)
-    )
+    scheduler = build_scheduler(optimizer, total_steps, warmup)
     return TrainRun(
         cfg=cfg,
         out=out,

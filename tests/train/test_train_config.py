@@ -11,14 +11,14 @@ import pytest
 from aimkp.cli import train as cli_train
 from aimkp.errors import UsageError
 from aimkp.train.config import TrainConfig
-from aimkp.train.loop import cosine_with_warmup, majority_keyphrases
+from aimkp.train.loop import build_scheduler, majority_keyphrases
 
 
 def _parse(argv: list[str]) -> TrainConfig:
     p = argparse.ArgumentParser()
     cli_train.add_arguments(p)
     args = p.parse_args(argv)
-    return cli_train.config_from_args(args, cli_train._given_flags(argv))
+    return cli_train.config_from_args(args)
 
 
 def test_defaults_are_the_paper_setup() -> None:
@@ -124,11 +124,20 @@ def test_old_configs_with_retired_fields_still_load() -> None:
 
 
 def test_cosine_schedule() -> None:
-    f = cosine_with_warmup(100, 10)
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
-    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5)
-    assert f(100) == pytest.approx(0.0, abs=1e-12)
-    assert f(30) == pytest.approx(0.5 * (1 + math.cos(math.pi * 20 / 90)))
+    """transformers' warm-up cosine: factor step / warmup, then cosine to 0 at the last step."""
+    import torch
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = build_scheduler(opt, 100, 10)
+    factors = []
+    for _ in range(101):
+        factors.append(opt.param_groups[0]["lr"] / 2.0)
+        opt.step()
+        sched.step()
+    assert factors[0] == 0.0 and factors[5] == pytest.approx(0.5)
+    assert factors[10] == pytest.approx(1.0) and factors[55] == pytest.approx(0.5)
+    assert factors[100] == pytest.approx(0.0, abs=1e-12)
+    assert factors[30] == pytest.approx(0.5 * (1 + math.cos(math.pi * 20 / 90)))
 
 
 def test_majority_baseline() -> None:

@@ -12,7 +12,7 @@ import torch
 
 from aimkp.errors import CheckpointError
 from aimkp.train.config import TrainConfig
-from aimkp.train.loop import cosine_with_warmup
+from aimkp.train.loop import build_scheduler
 from aimkp.train.pmm import StrideTable
 from aimkp.train.state import read_train_state, restore_train_state, save_train_state
 
@@ -38,7 +38,7 @@ def _training_objects():  # noqa: ANN202
     )
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(10, 2))
+    sched = build_scheduler(opt, 10, 2)
     strides = StrideTable(5)
     return model, opt, sched, strides
 

@@ -1,0 +1,354 @@
+"""AimKP as a ``transformers.Trainer``: the Trainer's loop, logging, checkpoints and DDP, with
+the AimKP micro-step (:func:`aimkp.train.step.aimkp_step`) as its training step.
+
+>>> loaded = load_model("tiny-llava", train_texts=texts); apply_lora(loaded, r=8)
+>>> trainer = AimKPTrainer(loaded, args=TrainingArguments(...), aimkp_args=AimKPArguments(),
+...                        train_dataset=to_hf(records))
+>>> trainer.train()
+
+What is overridden, and why (everything else is Trainer's own):
+
+- ``training_step`` runs the AimKP step: the PMM copies, one forward and ONE backward under the
+  per-sample gradient engine, the filter and the exact reweight of ``.grad``; it returns the
+  detached loss, so Trainer neither scales nor backpropagates again. Under DDP the model's DDP
+  forward never runs (the step calls the adapter's modules), so DDP reduces nothing; the
+  gradients are summed over the ranks by hand after the last micro-step of an optimizer step
+  (``accelerator.sync_gradients``), as ``aimkp train`` does, because the reweight must happen
+  before the ranks' gradients meet. Trainer then clips, steps AdamW and the schedule.
+- ``get_batch_samples`` counts ``num_items_in_batch`` as the answer tokens of the whole
+  accumulated batch over every rank (the own loop's ``n_total``): every loss weight divides by it.
+- ``get_train_dataloader`` yields the own loop's order: a permutation seeded with
+  ``seed + epoch``, each global batch of ``batch * grad_accum * world`` samples shared rank by
+  rank (:class:`AimKPBatchSampler`), rows encoded by the adapter (:class:`AimKPCollator`).
+- ``create_optimizer``: aimkp's AdamW groups (projector at ``projector_lr``), as ``aimkp train``
+  builds them. The schedule is Trainer's own: ``lr_scheduler_type="cosine"`` with
+  ``warmup_steps=RATIO`` is ``aimkp train``'s (both ``get_cosine_schedule_with_warmup``).
+- The PMM stride table lives in :class:`AimKPCallback`: reconciled across ranks at each epoch end,
+  saved as ``aimkp_strides.pt`` in each checkpoint folder, restored by
+  ``train(resume_from_checkpoint=...)``; kept-copy rates are added to Trainer's log lines.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from aimkp.train.pmm import StrideTable
+from aimkp.train.stats import EpochStats
+
+if TYPE_CHECKING:
+    from aimkp.models import EncodedSample, LoadedModel, MLLMAdapter
+
+STRIDES_FILE = "aimkp_strides.pt"
+
+__all__ = [
+    "AimKPArguments",
+    "AimKPBatchSampler",
+    "AimKPCallback",
+    "AimKPCollator",
+    "AimKPTrainer",
+    "AimKPTrainerMixin",
+    "as_records",
+]
+
+
+@dataclass
+class AimKPArguments:
+    """The AimKP options of a Trainer run (``aimkp train``'s flags of the same names)."""
+
+    tau_text: float = field(default=0.1, metadata={"help": "GF threshold of text-masked copies"})
+    tau_image: float = field(default=0.4, metadata={"help": "GF threshold of image copies"})
+    gf_reduce: str = field(default="mean", metadata={"help": "kept copies: mean or sum"})
+    grand_threshold: float | None = field(
+        default=None, metadata={"help": "prune samples whose gradient norm is below this"}
+    )
+    mask_mode: str = field(default="compact", metadata={"help": "compact or attention rows"})
+    projector_lr: float = field(default=2e-5, metadata={"help": "learning rate of the projector"})
+
+    def __post_init__(self) -> None:
+        from aimkp.errors import UsageError
+
+        if self.gf_reduce not in ("mean", "sum"):
+            raise UsageError(f"gf_reduce must be 'mean' or 'sum', got {self.gf_reduce!r}")
+        if self.mask_mode not in ("compact", "attention", "auto"):
+            raise UsageError(f"mask_mode must be compact or attention, got {self.mask_mode!r}")
+
+
+def as_records(dataset: Any) -> list:
+    """Records of a ``datasets.Dataset`` (columns of :func:`aimkp.data.to_hf`), or ``dataset``
+    itself when it already holds :class:`aimkp.data.Record` s."""
+    if hasattr(dataset, "column_names"):
+        from aimkp.data.hf import from_hf
+
+        return list(from_hf(dataset))
+    return list(dataset)
+
+
+class EncodedRows(torch.utils.data.Dataset):
+    """Records encoded by the adapter on first use (then cached): item ``i`` is
+    ``(i, EncodedSample)``."""
+
+    def __init__(self, records: Sequence[Any], adapter: MLLMAdapter) -> None:
+        self.records, self.adapter = list(records), adapter
+        self._cache: dict[int, EncodedSample] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[int, EncodedSample]:
+        if i not in self._cache:
+            self._cache[i] = self.adapter.encode(self.records[i])
+        return i, self._cache[i]
+
+
+class AimKPCollator:
+    """``[(index, EncodedSample)]`` -> ``{"samples": [...], "indices": [...]}`` (a micro-batch);
+    rows that are not encoded yet (Records) are encoded with ``adapter``."""
+
+    def __init__(self, adapter: MLLMAdapter) -> None:
+        self.adapter = adapter
+
+    def __call__(self, features: Sequence[tuple[int, Any]]) -> dict[str, list]:
+        from aimkp.models.adapter import EncodedSample
+
+        samples = [
+            s if isinstance(s, EncodedSample) else self.adapter.encode(s) for _, s in features
+        ]
+        return {"samples": samples, "indices": [int(i) for i, _ in features]}
+
+
+class AimKPBatchSampler(torch.utils.data.Sampler):
+    """This rank's micro-batches of ``aimkp train``'s order: per epoch a permutation of ``n``
+    seeded with ``seed + epoch``; global batches of ``batch * grad_accum * world`` samples, rank
+    ``r`` takes every ``world``-th sample from ``r`` and cuts it into micro-batches of ``batch``.
+
+    A short last global batch gives some ranks fewer micro-batches, which Trainer handles (the
+    gradients are summed once per optimizer step); with fewer than ``world`` samples in it some
+    rank would have no micro-batch and one optimizer step less than the others, so keep
+    ``n % (batch * grad_accum * world)`` 0 or at least ``world`` under DDP."""
+
+    def __init__(
+        self, n: int, batch: int, grad_accum: int, *, seed: int, rank: int = 0, world: int = 1
+    ) -> None:
+        self.n, self.batch, self.grad_accum = n, batch, grad_accum
+        self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _micro_batches(self) -> list[list[int]]:
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=gen).tolist()
+        gb = self.batch * self.grad_accum * self.world
+        out = []
+        for s in range(0, self.n, gb):
+            share = order[s : s + gb][self.rank :: self.world]
+            out += [share[m : m + self.batch] for m in range(0, len(share), self.batch)]
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._micro_batches())
+
+    def __len__(self) -> int:
+        return len(self._micro_batches())
+
+
+class _EpochLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose ``set_epoch`` (called by Trainer every epoch) reaches its sampler."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+
+class AimKPCallback(TrainerCallback):
+    """Owns the PMM stride table and the kept-copy counts between two log lines."""
+
+    def __init__(self, n_samples: int) -> None:
+        self.strides = StrideTable(n_samples)
+        self.stats = EpochStats()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.strides.reconcile()  # every rank visited its own share of the samples
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = pathlib.Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save(self.strides.state_dict(), folder / STRIDES_FILE)
+
+    def load(self, checkpoint: str | os.PathLike[str]) -> None:
+        """Restore the strides saved in a checkpoint folder (CheckpointError when unreadable)."""
+        from aimkp.errors import CheckpointError
+
+        path = pathlib.Path(checkpoint) / STRIDES_FILE
+        try:
+            state = torch.load(path, weights_only=True)
+            self.strides.load_state_dict(state)
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"{path}: cannot restore the PMM strides ({exc})") from None
+
+    def rates(self) -> dict[str, float]:
+        """Kept-copy rates and copy counts since the last call (this rank's counts)."""
+        s, self.stats = self.stats, EpochStats()
+        row = s.as_row(epoch=0, step=0, lr=0.0, seconds=1.0, n_samples=0)
+        keys = ("text_copies", "text_kept_rate", "image_copies", "image_kept_rate")
+        return {
+            k: float(row[k]) for k in keys if not (isinstance(row[k], float) and math.isnan(row[k]))
+        }
+
+
+def _world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _dist_context():
+    from aimkp.train.distributed import DistContext
+
+    rank, world = _world()
+    backend = torch.distributed.get_backend() if world > 1 else None
+    return DistContext(rank=rank, world_size=world, backend=backend)
+
+
+class AimKPTrainerMixin:
+    """Mix into a ``transformers.Trainer`` subclass (``Trainer``, TRL's ``SFTTrainer``) before
+    the Trainer class: ``class T(AimKPTrainerMixin, SFTTrainer)``. Takes the
+    :class:`~aimkp.models.LoadedModel` first, the Trainer's own arguments after it."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        args: Any = None,
+        aimkp_args: AimKPArguments | None = None,
+        train_dataset: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        from aimkp.models.forward import use_masked_embedding_module
+
+        if loaded.adapter.embed_tokens.weight.requires_grad:
+            use_masked_embedding_module(loaded)  # the engine must see the table's rows
+        self.loaded = loaded
+        self.aimkp_args = aimkp_args or AimKPArguments()
+        # Trainer keeps the dataset as given (TRL's SFTTrainer wants a datasets.Dataset); the
+        # training data loader reads these encoded rows of it instead
+        self.aimkp_rows = EncodedRows(
+            [] if train_dataset is None else as_records(train_dataset), loaded.adapter
+        )
+        self.aimkp_callback = AimKPCallback(len(self.aimkp_rows))
+        callbacks = [*(kwargs.pop("callbacks", None) or []), self.aimkp_callback]
+        kwargs.setdefault("data_collator", AimKPCollator(loaded.adapter))
+        super().__init__(
+            model=loaded.model,
+            args=args,
+            train_dataset=train_dataset,
+            callbacks=callbacks,
+            **kwargs,
+        )
+
+    @property
+    def strides(self) -> StrideTable:
+        return self.aimkp_callback.strides
+
+    # -- data ------------------------------------------------------------------------------
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        rank, world = _world()
+        a = self.args
+        sampler = AimKPBatchSampler(
+            len(self.aimkp_rows),
+            a.per_device_train_batch_size,
+            a.gradient_accumulation_steps,
+            seed=a.seed,
+            rank=rank,
+            world=world,
+        )
+        return _EpochLoader(self.aimkp_rows, batch_sampler=sampler, collate_fn=self.data_collator)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The micro-batches of one optimizer step and the answer tokens of all of them, summed
+        over the ranks (the own loop's ``n_total``)."""
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        from aimkp.train.distributed import all_reduce_sum
+
+        local = sum(int(s.n_answer_tokens) for b in batches for s in b["samples"])
+        return batches, int(all_reduce_sum([local], _dist_context())[0])
+
+    # -- optimizer -------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        from aimkp.train.config import TrainConfig
+        from aimkp.train.run import build_optimizer
+
+        if self.optimizer is None:
+            cfg = TrainConfig(
+                lr=self.args.learning_rate,
+                projector_lr=self.aimkp_args.projector_lr,
+                weight_decay=self.args.weight_decay,
+            )
+            self.optimizer = build_optimizer(self.loaded.model, cfg, self.loaded.adapter.projector)
+        return self.optimizer
+
+    # -- the step --------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """The AimKP micro-step: ``.grad`` gains its share of the global batch's gradient; the
+        ranks' gradients are summed after the last micro-step. Returns the detached loss (the
+        micro-step's share of the global batch's mean answer CE, times the world size, so
+        that Trainer's mean over ranks logs the global mean)."""
+        from aimkp.train.distributed import all_reduce_grads
+        from aimkp.train.step import aimkp_step
+
+        model.train()
+        a, n_total = self.aimkp_args, float(num_items_in_batch)
+        res = aimkp_step(
+            self.loaded,
+            inputs["samples"],
+            inputs["indices"],
+            self.strides,
+            n_total,
+            tau_text=a.tau_text,
+            tau_image=a.tau_image,
+            reduce=a.gf_reduce,
+            grand_threshold=a.grand_threshold,
+            mask_mode="compact" if a.mask_mode == "auto" else a.mask_mode,
+            device=self.args.device,
+            bf16=self.args.bf16,
+        )
+        self.aimkp_callback.stats.add(res)
+        ctx = _dist_context()
+        if self.accelerator.sync_gradients:
+            all_reduce_grads(self.loaded.model.parameters(), ctx)
+        share = res.loss * res.n_answer_tokens / n_total * ctx.world_size
+        return torch.tensor(share, device=self.args.device)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:  # training log lines (not the end-of-training summary)
+            logs = {**logs, **self.aimkp_callback.rates()}
+        super().log(logs, *args, **kwargs)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        """Trainer's ``train``; on resume also restores the PMM strides of that checkpoint."""
+        if resume_from_checkpoint:
+            ckpt = resume_from_checkpoint
+            if ckpt is True:
+                from transformers.trainer_utils import get_last_checkpoint
+
+                ckpt = get_last_checkpoint(self.args.output_dir)
+            if ckpt:
+                self.aimkp_callback.load(ckpt)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+class AimKPTrainer(AimKPTrainerMixin, Trainer):
+    """``transformers.Trainer`` whose training step is the AimKP step (see the module doc)."""

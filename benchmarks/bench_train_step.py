@@ -89,17 +89,9 @@ def build_llava7b_shaped(
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     from aimkp.models import LoadedModel, get_adapter
-    from aimkp.models.tokenizer import train_bpe_tokenizer
+    from aimkp.models.presets import llava_tokenizer
 
-    tok = train_bpe_tokenizer(
-        texts,
-        special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        extra_special=["<image>"],
-    )
+    tok = llava_tokenizer(texts)
     vision = CLIPVisionConfig(
         hidden_size=1024,
         intermediate_size=4096,

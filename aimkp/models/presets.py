@@ -110,9 +110,10 @@ def _qwen_processor() -> Any:
     )
 
 
-def build_tiny_llava(texts: Iterable[str] | None) -> tuple[nn.Module, Any, Any]:
-    """``tiny-llava``: (LlavaForConditionalGeneration, tokenizer, CLIP image processor)."""
-    tok: PreTrainedTokenizerFast = train_bpe_tokenizer(
+def llava_tokenizer(texts: Iterable[str] | None) -> PreTrainedTokenizerFast:
+    """A BPE tokenizer trained on ``texts`` with LLaVA's special tokens (``<s>``, ``</s>``,
+    ``<pad>``, ``<unk>``, ``<image>``): the tiny-llava preset's and the 7B-shaped benchmark's."""
+    return train_bpe_tokenizer(
         texts,
         special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
         bos_token="<s>",
@@ -121,6 +122,11 @@ def build_tiny_llava(texts: Iterable[str] | None) -> tuple[nn.Module, Any, Any]:
         unk_token="<unk>",
         extra_special=["<image>"],
     )
+
+
+def build_tiny_llava(texts: Iterable[str] | None) -> tuple[nn.Module, Any, Any]:
+    """``tiny-llava``: (LlavaForConditionalGeneration, tokenizer, CLIP image processor)."""
+    tok = llava_tokenizer(texts)
     vision = CLIPVisionConfig(**TINY_VIT, projection_dim=64)
     text = _tiny_llama_text_config(tok)
     cfg = LlavaConfig(

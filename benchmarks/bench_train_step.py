@@ -83,13 +83,12 @@ def build_llava7b_shaped(
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
-        LlavaConfig,
         LlavaForConditionalGeneration,
     )
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     from aimkp.models import LoadedModel, get_adapter
-    from aimkp.models.presets import llava_tokenizer
+    from aimkp.models.presets import llava_config, llava_tokenizer
 
     tok = llava_tokenizer(texts)
     vision = CLIPVisionConfig(
@@ -113,15 +112,7 @@ def build_llava7b_shaped(
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    cfg = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        image_seq_length=576,
-    )
+    cfg = llava_config(vision, text, tok, 576)
     with torch.device(device):
         model = LlavaForConditionalGeneration(cfg)
     model.to(dtype)

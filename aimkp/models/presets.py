@@ -124,21 +124,29 @@ def llava_tokenizer(texts: Iterable[str] | None) -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_llava(texts: Iterable[str] | None) -> tuple[nn.Module, Any, Any]:
-    """``tiny-llava``: (LlavaForConditionalGeneration, tokenizer, CLIP image processor)."""
-    tok = llava_tokenizer(texts)
-    vision = CLIPVisionConfig(**TINY_VIT, projection_dim=64)
-    text = _tiny_llama_text_config(tok)
-    cfg = LlavaConfig(
+def llava_config(
+    vision: CLIPVisionConfig, text: LlamaConfig, tok: Any, image_tokens: int, **kw: Any
+) -> LlavaConfig:
+    """LLaVA-1.5's way of joining a CLIP tower and a Llama: a GELU MLP projector over the
+    penultimate layer's patch features (CLS dropped), ``image_tokens`` per image."""
+    return LlavaConfig(
         vision_config=vision,
         text_config=text,
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         projector_hidden_act="gelu",
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
-        image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
-        tie_word_embeddings=False,
+        image_seq_length=image_tokens,
+        **kw,
     )
+
+
+def build_tiny_llava(texts: Iterable[str] | None) -> tuple[nn.Module, Any, Any]:
+    """``tiny-llava``: (LlavaForConditionalGeneration, tokenizer, CLIP image processor)."""
+    tok = llava_tokenizer(texts)
+    vision = CLIPVisionConfig(**TINY_VIT, projection_dim=64)
+    text = _tiny_llama_text_config(tok)
+    cfg = llava_config(vision, text, tok, (IMAGE_SIZE // PATCH) ** 2, tie_word_embeddings=False)
     cfg.pad_token_id = tok.pad_token_id
     model = LlavaForConditionalGeneration(cfg)
     _set_generation_ids(model, tok)

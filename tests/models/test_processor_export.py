@@ -78,6 +78,11 @@ def test_auto_processor_of_export_is_the_adapters_and_feeds_the_model(name, tmp_
         want = loaded.model(input_ids=sample.input_ids[None], **kw).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
+    back = load_model(out)  # aimkp reads the export through its AutoProcessor
+    assert back.tokenizer(rec.text)["input_ids"] == want_ids
+    assert back.tokenizer.chat_template == loaded.tokenizer.chat_template
+    assert back.image_processor.to_dict() == loaded.image_processor.to_dict()
+
 
 def test_llava_processor_expands_image_to_the_configured_sequence_length(tmp_path):
     from transformers import AutoProcessor

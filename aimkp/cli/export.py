@@ -4,8 +4,9 @@ aimkp export --checkpoint DIR --output OUT [--dtype float32|bfloat16|float16]
 
 DIR is a LoRA adapter checkpoint (peft format: ``adapter_config.json`` naming its base), a full
 checkpoint or a local HF directory. OUT gets ``config.json`` + ``model.safetensors`` (the adapter
-merged into its base with peft's ``merge_and_unload``), the tokenizer and image processor:
-``AutoModelForImageTextToText.from_pretrained(OUT)`` loads it without aimkp or peft.
+merged into its base with peft's ``merge_and_unload``), the tokenizer, image processor and the
+architecture's processor: ``AutoModelForImageTextToText.from_pretrained(OUT)`` and
+``AutoProcessor.from_pretrained(OUT)`` load it without aimkp or peft.
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ decorate with ``@register_adapter("<config.model_type>")``):
 - :meth:`generation_kwargs`: the extra inputs ``model.generate`` needs for a padded batch.
 - Optionally ``image_marker``: the string the architecture's chat template writes for an image
   (used to locate the image when a template only accepts structured content).
+- Optionally ``processor_class`` (the architecture's ``transformers`` ``*Processor``) and
+  :meth:`processor_kwargs` (what that class needs beyond the tokenizer and image processor):
+  checkpoints and exports then hold a processor that ``AutoProcessor.from_pretrained`` loads.
 
 Built in: LLaVA (``llava.py``), Qwen2-VL and Qwen2.5-VL (``qwen2vl.py``; 2.5 overrides only
 ``model_class`` and :meth:`vision_hidden`, its windowed ViT restores patch order per merged token).
@@ -154,6 +157,9 @@ class MLLMAdapter:
 
     model_type: str = ""
     model_class: type | None = None
+    # The ``transformers`` processor saved into checkpoints / exports (None: tokenizer and image
+    # processor files only).
+    processor_class: type | None = None
     image_marker: str = "<image>"
     # Dotted paths inside the unwrapped ``*ForConditionalGeneration`` module (``get_submodule``).
     language_model_path: str = "model.language_model"
@@ -241,6 +247,24 @@ class MLLMAdapter:
         no sample has one."""
         pvs = [s.pixel_values for s in samples if s.pixel_values is not None]
         return torch.cat(pvs, dim=0) if pvs else None
+
+    def processor_kwargs(self) -> dict[str, Any]:
+        """Arguments of ``processor_class`` beyond the tokenizer, image processor and chat
+        template (e.g. LLaVA's ``patch_size``), read from the model config. Default: none."""
+        return {}
+
+    def build_processor(self) -> Any:
+        """``processor_class`` over this adapter's tokenizer and image processor, keeping the
+        tokenizer's chat template; None when the adapter declares no class or the model was
+        loaded without an image processor. The class's own errors propagate."""
+        if self.processor_class is None or self.image_processor is None:
+            return None
+        return self.processor_class(
+            image_processor=self.image_processor,
+            tokenizer=self.tokenizer,
+            chat_template=getattr(self.tokenizer, "chat_template", None),
+            **self.processor_kwargs(),
+        )
 
     # ----------------------------------------------------------------- to supply
     def preprocess_image(self, image: Any) -> tuple[dict[str, torch.Tensor | None], tuple]:

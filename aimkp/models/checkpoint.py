@@ -7,6 +7,8 @@ A LoRA checkpoint is peft's own format, so ``PeftModel.from_pretrained(base, DIR
                                      copy of the initial base saved once per run in ``OUTPUT/base``
     adapter_model.safetensors        the LoRA factors and the projector (``modules_to_save``)
     tokenizer.json, ..., preprocessor_config.json
+    processor_config.json            the adapter's ``transformers`` processor (LlavaProcessor, ...),
+                                     so ``AutoProcessor.from_pretrained(DIR)`` returns it
     aimkp.json                       {"format", "weights": "peft", "base", "model_type", "adapter",
                                       "preset", "lora", "extra"}
 
@@ -22,6 +24,7 @@ Hugging Face LLaVA / Qwen2-VL / Idefics3 directories (no ``aimkp.json``).
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 import re
 from typing import TYPE_CHECKING, Any
@@ -35,7 +38,10 @@ from aimkp.models.adapter import adapter_class, unwrap_model
 if TYPE_CHECKING:
     from aimkp.models import LoadedModel
 
+log = logging.getLogger("aimkp.models")
+
 META = "aimkp.json"
+PROCESSOR_CONFIG = "processor_config.json"
 FORMAT = 2
 ADAPTER_CONFIG = "adapter_config.json"
 _MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[^.]+\.")
@@ -131,10 +137,26 @@ def save_full_weights(
 
 
 def save_processors(directory: pathlib.Path, loaded: LoadedModel) -> None:
-    """The tokenizer and image processor of ``loaded`` into ``directory``."""
+    """The tokenizer and image processor of ``loaded`` into ``directory``, and the adapter's
+    ``transformers`` processor over them (``processor_config.json``, chat template) so that
+    ``AutoProcessor.from_pretrained(directory)`` works; a processor that cannot be built for
+    this architecture (or this transformers install) is logged and left out."""
     loaded.tokenizer.save_pretrained(directory)
     if loaded.image_processor is not None:
         loaded.image_processor.save_pretrained(directory)
+    (directory / PROCESSOR_CONFIG).unlink(missing_ok=True)  # never a stale one from an older save
+    try:
+        processor = loaded.adapter.build_processor()
+        if processor is not None:
+            processor.save_pretrained(directory)
+    except Exception as exc:  # noqa: BLE001 - e.g. Qwen2-VL's needs torchvision for video
+        log.warning(
+            "%s: no processor_config.json (%s: %s); AutoProcessor cannot load this directory, "
+            "the tokenizer and image processor are saved on their own",
+            directory,
+            type(exc).__name__,
+            exc,
+        )
 
 
 def write_meta(directory: pathlib.Path, loaded: LoadedModel, **fields: Any) -> None:
@@ -251,16 +273,22 @@ def load_local(
 
 
 def load_processors(d: pathlib.Path) -> tuple[Any, Any]:
-    """(tokenizer, image processor) of a local directory, offline."""
-    from transformers import AutoImageProcessor, AutoTokenizer
+    """(tokenizer, image processor) of a local directory, offline: those of its
+    ``AutoProcessor`` when it has a ``processor_config.json``, else each on its own (older
+    checkpoints, plain HF directories without one)."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
+    try:
+        if (d / PROCESSOR_CONFIG).is_file():
+            processor = AutoProcessor.from_pretrained(d, local_files_only=True)
+            tok, proc = processor.tokenizer, processor.image_processor
+        else:
+            tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
+            proc = AutoImageProcessor.from_pretrained(d, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{d}: cannot load the tokenizer / image processor ({exc})") from exc
     if not getattr(tok, "chat_template", None):
         tmpl = _chat_template_file(d)
         if tmpl:
             tok.chat_template = tmpl
-    try:
-        proc = AutoImageProcessor.from_pretrained(d, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{d}: cannot load the image processor ({exc})") from exc
     return tok, proc

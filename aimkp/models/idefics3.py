@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Idefics3ForConditionalGeneration
+from transformers import Idefics3ForConditionalGeneration, Idefics3Processor
 
 from aimkp.models.adapter import EncodedSample, MLLMAdapter, register_adapter, swapped_module
 
@@ -35,6 +35,7 @@ class Idefics3Adapter(MLLMAdapter):
     connector; SmolVLM checkpoints use the same class)."""
 
     model_class = Idefics3ForConditionalGeneration
+    processor_class = Idefics3Processor
     image_marker = "<image>"
     language_model_path = "model.text_model"
     projector_path = "model.connector"
@@ -52,6 +53,12 @@ class Idefics3Adapter(MLLMAdapter):
     @property
     def vision_tokens_per_image_token(self) -> int:  # type: ignore[override]
         return self.scale * self.scale
+
+    def processor_kwargs(self) -> dict[str, Any]:
+        """``Idefics3Processor`` writes ``image_seq_len`` ``<image>`` tokens per image: the
+        :meth:`_grid` this adapter encodes."""
+        h, w = self._grid()
+        return {"image_seq_len": h * w}
 
     def _grid(self) -> tuple[int, int]:
         side, s = self.patches_per_side, self.scale

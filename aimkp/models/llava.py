@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from aimkp.models.adapter import EncodedSample, MLLMAdapter, register_adapter, swapped_module
 
@@ -22,6 +22,7 @@ class LlavaAdapter(MLLMAdapter):
     """Adapter for ``LlavaForConditionalGeneration`` (CLIP vision tower + MLP projector)."""
 
     model_class = LlavaForConditionalGeneration
+    processor_class = LlavaProcessor
     image_marker = "<image>"
     projector_path = "model.multi_modal_projector"
     vision_tower_path = "model.vision_tower"
@@ -36,6 +37,17 @@ class LlavaAdapter(MLLMAdapter):
         vc = cfg.vision_config
         side = int(vc.image_size) // int(vc.patch_size)
         return side, side
+
+    def processor_kwargs(self) -> dict[str, Any]:
+        """``LlavaProcessor`` expands ``<image>`` to ``(image_size / patch_size)^2 + 1`` tokens
+        minus the CLS the ``default`` strategy drops: the :meth:`_grid` this adapter encodes."""
+        cfg = self.config
+        return {
+            "patch_size": int(cfg.vision_config.patch_size),
+            "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+            "num_additional_image_tokens": 1,  # CLIP's CLS token
+            "image_token": self.tokenizer.convert_ids_to_tokens(self.image_token_id),
+        }
 
     def preprocess_image(self, image: Any) -> tuple[dict[str, torch.Tensor | None], tuple]:
         out = self.run_image_processor(image)

@@ -166,7 +166,8 @@ def export_merged(
 ) -> pathlib.Path:
     """Write ``checkpoint`` (adapter or full) as a standard HF directory with LoRA merged, that
     ``AutoModelForImageTextToText.from_pretrained(output)`` loads (plus tokenizer, image
-    processor and ``aimkp.json``). Returns ``output``."""
+    processor, the ``AutoProcessor`` of the architecture and ``aimkp.json``). Returns
+    ``output``."""
     from aimkp.models import load_model
     from aimkp.models.checkpoint import save_checkpoint
 

@@ -16,7 +16,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+from transformers import (
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLProcessor,
+)
 
 from aimkp.models.adapter import EncodedSample, MLLMAdapter, register_adapter, swapped_module
 
@@ -26,6 +31,7 @@ class Qwen2VLAdapter(MLLMAdapter):
     """Adapter for ``Qwen2VLForConditionalGeneration`` (ViT with 2x2 patch merger)."""
 
     model_class = Qwen2VLForConditionalGeneration
+    processor_class = Qwen2VLProcessor
     image_marker = "<|vision_start|><|image_pad|><|vision_end|>"
     projector_path = "model.visual.merger"
     vision_tower_path = "model.visual"
@@ -126,6 +132,7 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
     """Adapter for ``Qwen2_5_VLForConditionalGeneration`` (windowed ViT + patch merger)."""
 
     model_class = Qwen2_5_VLForConditionalGeneration
+    processor_class = Qwen2_5_VLProcessor
 
     def vision_hidden(
         self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None

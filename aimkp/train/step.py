@@ -20,6 +20,11 @@ exactly; without the engine (SFT, or an AimKP step with no masked copy) the loss
 between the forward and the backward, and a step with a non-finite loss re-runs its forward and
 backward over the finite samples only (:func:`finite_only_backward`). Either way the excluded
 rows are counted in ``StepResult.nonfinite_rows``.
+
+``reweight="correction"`` (``--reweight``, :mod:`aimkp.train.correction`) replaces the stash:
+the engine keeps only norms / dots, the losses are checked before the backward (a non-finite one:
+no backward, re-run over the finite samples), and after the decision one more forward + backward
+over the affected samples' rows with weights ``w - w0`` makes ``.grad`` the kept set's gradient.
 """
 
 from __future__ import annotations

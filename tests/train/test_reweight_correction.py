@@ -227,3 +227,55 @@ def test_stash_bytes_of_a_linear_layer() -> None:
     assert stash_bytes(lin, 100, 3, 2) == 288  # long rows: the per-row gradients
     lin.weight.requires_grad_(False)
     assert stash_bytes(lin, 100, 3, 2) == 0
+
+
+def test_loop_passes_the_flag_and_logs_the_way(tmp_path, caplog, monkeypatch) -> None:
+    """``TrainConfig.reweight`` reaches the step through the loop: two epochs (the second one
+    with copies; tau_image 0.99 rejects the image ones) give the stash run's weights, and the
+    backends line names the way."""
+    import logging
+
+    from aimkp.train.loop import train
+
+    def run(way: str) -> dict[str, torch.Tensor]:
+        cfg = TrainConfig(
+            model="tiny-llava",
+            data="default",
+            output=str(tmp_path / way),
+            epochs=2,
+            batch_size=3,
+            max_train_samples=6,
+            lora_r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,  # the correction pass is exact only with a deterministic forward
+            lr=5e-3,
+            projector_lr=1e-3,
+            tau_image=0.99,
+            eval_every_epoch=False,
+            max_new_tokens=4,
+            seed=3,
+            reweight=way,
+        )
+        with caplog.at_level(logging.INFO):
+            out = train(cfg)
+        m = out["model"]
+        return {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    import aimkp.train.correction as correction
+
+    passes: list[int] = []
+    real = correction.correction_backward
+
+    def counted(*a, **kw) -> int:
+        passes.append(real(*a, **kw))
+        return passes[-1]
+
+    monkeypatch.setattr(correction, "correction_backward", counted)
+    ref = run("stash")
+    assert passes == []
+    caplog.clear()
+    got = run("correction")
+    assert "'reweight': 'correction'" in caplog.text
+    assert any(n > 0 for n in passes), "the run must exercise a correction pass"
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], atol=1e-5, rtol=0, msg=n)

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from aimkp.models.adapter import EncodedSample
     from aimkp.train.step import StepRows
 
-__all__ = ["REWEIGHT_WAYS", "choose_reweight", "correction_backward", "stash_bytes"]
+__all__ = ["REWEIGHT_WAYS", "auto_way", "choose_reweight", "correction_backward", "stash_bytes"]
 
 #: ``auto`` keeps the stash while it takes at most this share of the free device memory. Autograd
 #: saves about 4x the (per-row) stash per decoder layer (README "Memory plan of the 7B shape":
@@ -59,6 +59,12 @@ def stash_bytes(model: nn.Module, n_tokens: int, n_rows: int, element_size: int)
     return int(total)
 
 
+def auto_way(stash: float, free: float) -> str:
+    """``auto``'s rule: ``"stash"`` while the stash (bytes) takes at most :data:`STASH_SHARE` of
+    the ``free`` device memory (bytes, before the step), else ``"correction"``."""
+    return "stash" if stash <= STASH_SHARE * free else "correction"
+
+
 def choose_reweight(
     reweight: str, model: nn.Module, n_tokens: int, n_rows: int, device: torch.device | str, bf16
 ) -> str:
@@ -71,8 +77,7 @@ def choose_reweight(
     if device.type != "cuda":
         return "stash"
     free, _ = torch.cuda.mem_get_info(device)
-    need = stash_bytes(model, n_tokens, n_rows, 2 if bf16 else 4)
-    return "stash" if need <= STASH_SHARE * free else "correction"
+    return auto_way(stash_bytes(model, n_tokens, n_rows, 2 if bf16 else 4), free)
 
 
 def affected_samples(plan: StepRows, weights: torch.Tensor) -> list[int]:

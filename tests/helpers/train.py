@@ -75,3 +75,16 @@ def weights_after_step(loaded, run_step, **adamw) -> list[torch.Tensor]:
             p.copy_(s)
             p.grad = None
     return after, res
+
+
+def lora_tiny_llava(n: int = 4) -> tuple:
+    """``(loaded, encoded samples)``: tiny-llava (seed 0, tokenizer trained on ``n`` varied
+    records) with LoRA r=8 (dropout 0) and a trainable projector, fp32."""
+    from aimkp.models import load_model
+    from aimkp.models.lora import apply_lora
+
+    recs = varied_records(n)
+    texts = [r.text for r in recs] + [", ".join(r.keyphrases) for r in recs]
+    loaded = load_model("tiny-llava", train_texts=texts, seed=0)
+    apply_lora(loaded, r=8, alpha=16, dropout=0.0)
+    return loaded, [loaded.adapter.encode(r) for r in recs]

@@ -14,32 +14,18 @@ from aimkp.train.correction import choose_reweight, stash_bytes
 from aimkp.train.nonfinite import grads_finite
 from aimkp.train.pmm import StrideTable
 from aimkp.train.step import aimkp_step, build_rows
+from tests.helpers.models import _one_thread  # noqa: F401 - autouse: single-threaded tests
 from tests.helpers.train import (
+    lora_tiny_llava,
     poison_row_loss,
     trainable_params,
-    varied_records,
     weights_after_step,
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def setup():
-    from aimkp.models import load_model
-    from aimkp.models.lora import apply_lora
-
-    recs = varied_records(4)
-    texts = [r.text for r in recs] + [", ".join(r.keyphrases) for r in recs]
-    loaded = load_model("tiny-llava", train_texts=texts, seed=0)
-    apply_lora(loaded, r=8, alpha=16, dropout=0.0)
-    return loaded, [loaded.adapter.encode(r) for r in recs]
+    return lora_tiny_llava(4)
 
 
 def _strides() -> StrideTable:

@@ -12,29 +12,15 @@ import torch
 from aimkp.errors import NonFiniteError
 from aimkp.train.pmm import StrideTable
 from aimkp.train.step import aimkp_step, build_rows, sft_step
+from tests.helpers.models import _one_thread  # noqa: F401 - autouse: single-threaded tests
+from tests.helpers.train import lora_tiny_llava
 from tests.helpers.train import poison_row_loss as _poison
-from tests.helpers.train import varied_records as _records
 from tests.helpers.train import weights_after_step as _step_weights
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
 def setup():
-    from aimkp.models import load_model
-    from aimkp.models.lora import apply_lora
-
-    recs = _records(4)
-    texts = [r.text for r in recs] + [", ".join(r.keyphrases) for r in recs]
-    loaded = load_model("tiny-llava", train_texts=texts, seed=0)
-    apply_lora(loaded, r=8, alpha=16, dropout=0.0)
-    return loaded, [loaded.adapter.encode(r) for r in recs]
+    return lora_tiny_llava(4)
 
 
 def _strides() -> StrideTable:

@@ -190,6 +190,7 @@ class TrainConfig:
             ("attn", ATTN),
             ("dtype", DTYPES),
             ("gf_reduce", GF_REDUCE),
+            ("reweight", REWEIGHT_WAYS),
             ("report_to", REPORT_TO),
             ("on_missing_image", ON_MISSING_IMAGE),
             ("on_bad_record", ON_BAD_RECORD),

@@ -394,14 +394,17 @@ def aimkp_step(
             module_rows=plan.batch.module_rows,
         )
         with engine as gram:
-            out = forward_losses(loaded, plan.batch, device=device, bf16=bf16)
-            # without a stash a non-finite row cannot be removed after the backward (NaN - NaN):
-            # check the losses first, and on a non-finite one run no backward (as without the
-            # engine) and re-run the step over the finite samples
-            bad = nonfinite_samples(plan, out.loss_sum) if way == "correction" else None
-            if bad is None or not bool(bad.any()):
-                weighted_sum(plan.w0)(out.loss_sum).backward()
-        if bad is not None and bool(bad.any()):
+            if way == "stash":
+                out = forward_backward(
+                    loaded, plan.batch, weighted_sum(plan.w0), device=device, bf16=bf16
+                )
+            else:  # no stash: a non-finite row could not be removed after the backward
+                # (NaN - NaN); check the losses first, as without the engine: on a non-finite
+                # one no backward runs and the step re-runs over the finite samples
+                out, bad = finite_only_backward(
+                    loaded, plan, weighted_sum(plan.w0), device=device, bf16=bf16
+                )
+        if out is None:
             return without_samples(bad, without, len(plan.rows))
     row_ok = _finite_rows(out.loss_sum, gram)
     excluded = _excluded_rows(plan, row_ok)

@@ -430,7 +430,23 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[st
         "rejected copy, i.e. that fraction of a step in time. ckpt rows: extrapolated from "
         "counted parts, see extrapolate())"
     )
+    print(f"--reweight auto at 80 / 141 GB: {' / '.join(auto_choices(base, args.batch))}")
     return out
+
+
+def auto_choices(m: dict[str, Any], batch: int) -> list[str]:
+    """What ``--reweight auto`` picks on each of :data:`DEVICE_GB` for the extrapolated 32-layer
+    step (``m``: a measured row, see :func:`extrapolate`): its rule
+    (``aimkp.train.correction.auto_way``) on the stash (bf16 tokens, fp32 per-row gradients)
+    against the memory left by the weights and the LoRA state."""
+    from aimkp.train.correction import auto_way
+
+    e = extrapolate(m, LAYERS_7B, batch)
+    half = 2 / m.get("act_bytes", 4)
+    per_layer = m["stash_tokens"] * half + m["stash_rows"]
+    stash = (per_layer * LAYERS_7B + m["stash_other"]) * batch / m["samples"]
+    fixed = (e["weights_gb"] + e["trainable_state_gb"]) * GB
+    return [auto_way(stash, g * GB - fixed) for g in DEVICE_GB]
 
 
 MAX_BATCH = 256

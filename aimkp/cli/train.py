@@ -30,8 +30,8 @@ GROUPS = {
         "model", "data", "valid_data", "output", "max_train_samples", "eval_max_samples",
         "eval_every_epoch", "baselines",
     ),
-    "method": ("method", "tau_text", "tau_image", "gf_reduce", "grand_threshold", "mask_mode",
-               "attn"),
+    "method": ("method", "tau_text", "tau_image", "gf_reduce", "grand_threshold", "reweight",
+               "mask_mode", "attn"),
     "optimisation": (
         "epochs", "batch_size", "grad_accum", "lr", "projector_lr", "warmup_ratio",
         "weight_decay", "max_grad_norm", "lora_r", "lora_alpha", "lora_dropout", "full_finetune",

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from aimkp.train.config import REWEIGHT_WAYS
 from aimkp.train.pmm import StrideTable
 from aimkp.train.stats import EpochStats
 
@@ -70,6 +71,9 @@ class AimKPArguments:
         default=None, metadata={"help": "prune samples whose gradient norm is below this"}
     )
     mask_mode: str = field(default="compact", metadata={"help": "compact or attention rows"})
+    reweight: str = field(
+        default="auto", metadata={"help": "weighting after the filter: auto, stash or correction"}
+    )
     projector_lr: float = field(default=2e-5, metadata={"help": "learning rate of the projector"})
 
     def __post_init__(self) -> None:
@@ -79,6 +83,8 @@ class AimKPArguments:
             raise UsageError(f"gf_reduce must be 'mean' or 'sum', got {self.gf_reduce!r}")
         if self.mask_mode not in ("compact", "attention", "auto"):
             raise UsageError(f"mask_mode must be compact or attention, got {self.mask_mode!r}")
+        if self.reweight not in REWEIGHT_WAYS:
+            raise UsageError(f"reweight must be one of {REWEIGHT_WAYS}, got {self.reweight!r}")
 
 
 def as_records(dataset: Any) -> list:
@@ -324,6 +330,7 @@ class AimKPTrainerMixin:
             mask_mode="compact" if a.mask_mode == "auto" else a.mask_mode,
             device=self.args.device,
             bf16=self.args.bf16,
+            reweight=a.reweight,
         )
         self.aimkp_callback.stats.add(res)
         ctx = _dist_context()

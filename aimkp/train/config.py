@@ -23,6 +23,7 @@ MASK_MODES = ("compact", "attention", "auto")
 ATTN = ("auto", "sdpa", "varlen", "flash", "eager")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 GF_REDUCE = ("mean", "sum")
+REWEIGHT_WAYS = ("auto", "stash", "correction")  # --reweight: aimkp.train.correction
 REPORT_TO = ("auto", "tensorboard", "wandb", "none")
 
 
@@ -97,6 +98,14 @@ class TrainConfig:
     )
     grand_threshold: float | None = _f(
         None, "prune originals whose gradient-norm robust z-score exceeds this"
+    )
+    reweight: str = _f(
+        "auto",
+        "how the kept copies get their weights after the filter: stash (the engine keeps each "
+        "layer's rows and rescales .grad), correction (no stash; a second forward + backward over "
+        "the samples with a rejected copy), auto (stash unless its estimate does not fit the free "
+        "GPU memory; always stash on the CPU)",
+        choices=REWEIGHT_WAYS,
     )
     mask_mode: str = _f(
         "compact",
@@ -181,6 +190,7 @@ class TrainConfig:
             ("attn", ATTN),
             ("dtype", DTYPES),
             ("gf_reduce", GF_REDUCE),
+            ("reweight", REWEIGHT_WAYS),
             ("report_to", REPORT_TO),
             ("on_missing_image", ON_MISSING_IMAGE),
             ("on_bad_record", ON_BAD_RECORD),

@@ -65,6 +65,7 @@ def micro_step(run: TrainRun, indices: Sequence[int], n_total: float) -> StepRes
         mask_mode=run.mask_mode,
         device=run.device,
         bf16=run.amp,
+        reweight=cfg.reweight,
     )
 
 
@@ -135,6 +136,7 @@ def backend_names(res: StepResult) -> dict[str, str]:
         **({} if kernel is None else {"varlen_kernel": kernel}),
         "masked_embedding": f"{ran.embedding} [{ran.embedding_backend}]",
         "grad_engine": res.engine_backend or "- (no masked copies in this step)",
+        **({} if res.reweight is None else {"reweight": res.reweight}),
     }
 
 

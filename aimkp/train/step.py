@@ -20,6 +20,11 @@ exactly; without the engine (SFT, or an AimKP step with no masked copy) the loss
 between the forward and the backward, and a step with a non-finite loss re-runs its forward and
 backward over the finite samples only (:func:`finite_only_backward`). Either way the excluded
 rows are counted in ``StepResult.nonfinite_rows``.
+
+``reweight="correction"`` (``--reweight``, :mod:`aimkp.train.correction`) replaces the stash:
+the engine keeps only norms / dots, the losses are checked before the backward (a non-finite one:
+no backward, re-run over the finite samples), and after the decision one more forward + backward
+over the affected samples' rows with weights ``w - w0`` makes ``.grad`` the kept set's gradient.
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ class StepResult:
     engine_backend: str | None = None
     ran: ForwardRecord | None = None  # what the row forward ran
     nonfinite_rows: int = 0  # rows left out of .grad because their loss or gradient was not finite
+    reweight: str | None = None  # how the copies were weighted: "stash" / "correction" (engine)
+    correction_rows: int = 0  # rows of the correction pass (0: none ran)
 
 
 @dataclass
@@ -188,14 +195,20 @@ def finite_only_backward(
     Checking between forward and backward costs nothing in the usual (finite) case; masking the
     objective instead would not be exact (0 times a non-finite activation gradient is NaN)."""
     out = forward_losses(loaded, plan.batch, device=device, bf16=bf16)
-    finite = torch.isfinite(out.loss_sum.detach()).cpu()
-    bad = torch.zeros(int(plan.orig_rows.numel()), dtype=torch.bool)
-    for r, c in enumerate(plan.rows):
-        bad[c.sample] |= not bool(finite[r])
+    bad = nonfinite_samples(plan, out.loss_sum)
     if bool(bad.any()):
         return None, bad
     objective(out.loss_sum).backward()
     return out, bad
+
+
+def nonfinite_samples(plan: StepRows, loss_sum: torch.Tensor) -> torch.Tensor:
+    """BoolTensor ``[B]`` (CPU): samples having a row whose ``loss_sum [R]`` is not finite."""
+    finite = torch.isfinite(loss_sum.detach()).cpu()
+    bad = torch.zeros(int(plan.orig_rows.numel()), dtype=torch.bool)
+    for r, c in enumerate(plan.rows):
+        bad[c.sample] |= not bool(finite[r])
+    return bad
 
 
 def without_samples(
@@ -316,62 +329,83 @@ def aimkp_step(
     device: Device = "cpu",
     bf16: bool = False,
     update_strides: bool = True,
+    reweight: str = "stash",
 ) -> StepResult:
     """AimKP micro-step on ``samples`` (encoded; dataset indices ``indices``): one forward and one
     backward over all copies, then the filter and an exact reweight of ``.grad``.
 
     ``.grad`` of the trainable parameters gains ``sum_i n_i / n_total * mean_{kept c} grad CE_ic``
     (``sum`` over kept copies with ``reduce="sum"``). Strides of the visited samples are updated.
+    ``reweight``: how ``.grad`` gets the final weights, ``"stash"``, ``"correction"`` (a second
+    forward + backward over the affected samples, no stash) or ``"auto"`` (by memory); see
+    :mod:`aimkp.train.correction`.
     """
     from aimkp.engine import per_sample_grad_gram
+    from aimkp.train.correction import REWEIGHT_WAYS, choose_reweight, correction_backward
 
     if n_total <= 0:
         raise ValueError(f"total answer tokens must be > 0, got {n_total}")
+    if reweight not in REWEIGHT_WAYS:
+        raise ValueError(f"reweight must be one of {REWEIGHT_WAYS}, got {reweight!r}")
     _check_embedding_hookable(loaded)
     rows = build_rows(samples, indices, strides)
     plan = plan_rows(
         loaded, samples, rows, n_total, reduce=reduce, mask_mode=mask_mode, device=device
     )
+
+    def without(keep: list[int]) -> StepResult:  # the same step over the samples ``keep``
+        return aimkp_step(
+            loaded,
+            [samples[b] for b in keep],
+            [indices[b] for b in keep],
+            strides,
+            n_total,
+            tau_text=tau_text,
+            tau_image=tau_image,
+            reduce=reduce,
+            grand_threshold=grand_threshold,
+            mask_mode=mask_mode,
+            device=device,
+            bf16=bf16,
+            update_strides=update_strides,
+            reweight=reweight,
+        )
+
     has_pairs = plan.pairs.shape[0] > 0
     need_gram = has_pairs or grand_threshold is not None
+    way = None
     if not need_gram:  # no engine: check the losses between forward and backward
         out, bad = finite_only_backward(
             loaded, plan, weighted_sum(plan.w0), device=device, bf16=bf16
         )
         if out is None:
-            return without_samples(
-                bad,
-                lambda keep: aimkp_step(
-                    loaded,
-                    [samples[b] for b in keep],
-                    [indices[b] for b in keep],
-                    strides,
-                    n_total,
-                    tau_text=tau_text,
-                    tau_image=tau_image,
-                    reduce=reduce,
-                    grand_threshold=grand_threshold,
-                    mask_mode=mask_mode,
-                    device=device,
-                    bf16=bf16,
-                    update_strides=update_strides,
-                ),
-                len(plan.rows),
-            )
+            return without_samples(bad, without, len(plan.rows))
         gram = None
     else:
+        way = choose_reweight(
+            reweight, loaded.model, plan.n_input_tokens, len(plan.rows), device, bf16
+        )
         engine = per_sample_grad_gram(
             loaded.model,
             pairs=plan.pairs.to(device) if has_pairs else None,
             cu_seqlens=plan.batch.cu_seqlens,
             num_rows=len(plan.rows),
-            keep_for_reweight=True,
+            keep_for_reweight=way == "stash",
             module_rows=plan.batch.module_rows,
         )
         with engine as gram:
-            out = forward_backward(
-                loaded, plan.batch, weighted_sum(plan.w0), device=device, bf16=bf16
-            )
+            if way == "stash":
+                out = forward_backward(
+                    loaded, plan.batch, weighted_sum(plan.w0), device=device, bf16=bf16
+                )
+            else:  # no stash: a non-finite row could not be removed after the backward
+                # (NaN - NaN); check the losses first, as without the engine: on a non-finite
+                # one no backward runs and the step re-runs over the finite samples
+                out, bad = finite_only_backward(
+                    loaded, plan, weighted_sum(plan.w0), device=device, bf16=bf16
+                )
+        if out is None:
+            return without_samples(bad, without, len(plan.rows))
     row_ok = _finite_rows(out.loss_sum, gram)
     excluded = _excluded_rows(plan, row_ok)
     decision = decide(
@@ -390,10 +424,28 @@ def aimkp_step(
     )
     decision.row_scale[excluded] = 0.0
     decision.weights[excluded] = 0.0
-    if gram is not None and not torch.allclose(
+    correction_rows = 0
+    if way == "stash" and not torch.allclose(
         decision.row_scale, torch.ones_like(decision.row_scale)
     ):
         gram.reweight(decision.row_scale.to(device=out.loss_sum.device, dtype=torch.float32))
+    elif way == "correction" and bool(excluded.any()):
+        # a row whose loss is finite (non-finite losses ran no backward) but whose gradient is
+        # not: its NaN / inf is in .grad already and no correction can subtract it, so no pass
+        # runs; the step's gradient stays non-finite and the loop skips the optimizer step
+        # (aimkp.train.nonfinite.SkipGuard) instead of letting it reach the weights
+        log.warning("non-finite gradient with --reweight correction: optimizer step lost")
+    elif way == "correction":
+        correction_rows = correction_backward(
+            loaded,
+            samples,
+            plan,
+            decision.weights,
+            reduce=reduce,
+            mask_mode=mask_mode,
+            device=device,
+            bf16=bf16,
+        )
     _check_tokens(samples, plan.rows, out.n_tokens)
     lost = excluded[plan.orig_rows]  # [B] samples left out whole
     if update_strides:  # an excluded sample's copies tell nothing: its strides stay
@@ -416,6 +468,8 @@ def aimkp_step(
         engine_backend=None if gram is None else getattr(gram, "backend", None),
         ran=out.ran,
         nonfinite_rows=int(excluded.sum()),
+        reweight=way,
+        correction_rows=correction_rows,
     )
 
 

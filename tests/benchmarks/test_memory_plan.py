@@ -76,3 +76,8 @@ def test_extrapolate_arithmetic():
     assert e["weights_gb"] == pytest.approx((10 * 32 + 6) * 2 / M.GB)
     assert e["trainable_state_gb"] == pytest.approx((2 * 32 + 1) * 16 / M.GB)
     assert M.largest_batch(m, e["total_gb"]) == 8
+    # --reweight auto's pick: the stash (300 MiB tokens, bf16 halves: 150 per layer, + 50 other)
+    # x 4 samples = 20.3 GB against 20% of what the (here tiny) weights and LoRA state leave:
+    # over 16 GB, under 28.2 GB
+    assert M.auto_choices(m, 4) == ["correction", "stash"]
+    assert M.auto_choices(m, 8) == ["correction", "correction"]

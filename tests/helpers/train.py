@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from PIL import Image
 
+import aimkp.models
 from aimkp.data import Record
 
 WORDS = "red blue green circle square tree cat dog house sun moon star flower car boat".split()
@@ -38,3 +40,51 @@ def zero_trainable_grads(loaded):
     """``.grad = None`` on each."""
     for p in trainable_params(loaded):
         p.grad = None
+
+
+def poison_row_loss(monkeypatch, row: int, calls: int = 10**9) -> None:
+    """Make ``row``'s loss (hence its gradient) NaN in the next ``calls`` row forwards."""
+    real = aimkp.models.forward_rows
+    left = [calls]
+
+    def poisoned(loaded, batch):
+        out = real(loaded, batch)
+        if left[0] <= 0:
+            return out
+        left[0] -= 1
+        ls = out.loss_sum
+        bad = ls[row : row + 1] * float("nan")  # only this row's backward sees the NaN
+        return type(out)(torch.cat([ls[:row], bad, ls[row + 1 :]]), out.n_tokens, out.ran)
+
+    monkeypatch.setattr(aimkp.models, "forward_rows", poisoned)
+
+
+def weights_after_step(loaded, run_step, **adamw) -> list[torch.Tensor]:
+    """Trainable weights after ``run_step()`` and one AdamW step (lr 1e-3, or ``adamw``) from the
+    current weights (the weights are restored after)."""
+    params = [p for p in loaded.model.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = None
+    res = run_step()
+    assert all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+    torch.optim.AdamW(params, **{"lr": 1e-3, **adamw}).step()
+    after = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+            p.grad = None
+    return after, res
+
+
+def lora_tiny_llava(n: int = 4) -> tuple:
+    """``(loaded, encoded samples)``: tiny-llava (seed 0, tokenizer trained on ``n`` varied
+    records) with LoRA r=8 (dropout 0) and a trainable projector, fp32."""
+    from aimkp.models import load_model
+    from aimkp.models.lora import apply_lora
+
+    recs = varied_records(n)
+    texts = [r.text for r in recs] + [", ".join(r.keyphrases) for r in recs]
+    loaded = load_model("tiny-llava", train_texts=texts, seed=0)
+    apply_lora(loaded, r=8, alpha=16, dropout=0.0)
+    return loaded, [loaded.adapter.encode(r) for r in recs]

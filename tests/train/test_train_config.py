@@ -82,6 +82,7 @@ def test_quick_fills_only_what_was_not_given() -> None:
         ("lr", -1.0, "lr"),
         ("max_grad_norm", 0.0, "max_grad_norm"),
         ("gf_reduce", "max", "gf_reduce"),
+        ("reweight", "rows", "reweight"),
         ("max_train_samples", 0, "max_train_samples"),
         ("tau_text", 5.0, r"tau_text must be a finite number in \[-1, 1\]"),
         ("tau_image", float("nan"), "tau_image"),

@@ -9,66 +9,18 @@ import copy
 import pytest
 import torch
 
-import aimkp.models
 from aimkp.errors import NonFiniteError
 from aimkp.train.pmm import StrideTable
 from aimkp.train.step import aimkp_step, build_rows, sft_step
-from tests.helpers.train import varied_records as _records
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.helpers.models import _one_thread  # noqa: F401 - autouse: single-threaded tests
+from tests.helpers.train import lora_tiny_llava
+from tests.helpers.train import poison_row_loss as _poison
+from tests.helpers.train import weights_after_step as _step_weights
 
 
 @pytest.fixture(scope="module")
 def setup():
-    from aimkp.models import load_model
-    from aimkp.models.lora import apply_lora
-
-    recs = _records(4)
-    texts = [r.text for r in recs] + [", ".join(r.keyphrases) for r in recs]
-    loaded = load_model("tiny-llava", train_texts=texts, seed=0)
-    apply_lora(loaded, r=8, alpha=16, dropout=0.0)
-    return loaded, [loaded.adapter.encode(r) for r in recs]
-
-
-def _poison(monkeypatch, row: int, calls: int = 10**9) -> None:
-    """Make ``row``'s loss (hence its gradient) NaN in the next ``calls`` row forwards."""
-    real = aimkp.models.forward_rows
-    left = [calls]
-
-    def poisoned(loaded, batch):
-        out = real(loaded, batch)
-        if left[0] <= 0:
-            return out
-        left[0] -= 1
-        ls = out.loss_sum
-        bad = ls[row : row + 1] * float("nan")  # only this row's backward sees the NaN
-        return type(out)(torch.cat([ls[:row], bad, ls[row + 1 :]]), out.n_tokens, out.ran)
-
-    monkeypatch.setattr(aimkp.models, "forward_rows", poisoned)
-
-
-def _step_weights(loaded, run_step) -> list[torch.Tensor]:
-    """Trainable weights after ``run_step()`` and one AdamW step from the current weights (the
-    weights are restored after)."""
-    params = [p for p in loaded.model.parameters() if p.requires_grad]
-    saved = [p.detach().clone() for p in params]
-    for p in params:
-        p.grad = None
-    res = run_step()
-    assert all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
-    torch.optim.AdamW(params, lr=1e-3).step()
-    after = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, s in zip(params, saved):
-            p.copy_(s)
-            p.grad = None
-    return after, res
+    return lora_tiny_llava(4)
 
 
 def _strides() -> StrideTable:

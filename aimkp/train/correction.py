@@ -74,10 +74,17 @@ def choose_reweight(
     device = torch.device(device)
     if reweight != "auto":
         return reweight
-    if device.type != "cuda":
+    if device.type != "cuda" or has_active_dropout(model):
+        # the correction pass re-draws dropout masks, so it is exact only without dropout
         return "stash"
     free, _ = torch.cuda.mem_get_info(device)
     return auto_way(stash_bytes(model, n_tokens, n_rows, 2 if bf16 else 4), free)
+
+
+def has_active_dropout(model: nn.Module) -> bool:
+    """True when a forward of ``model`` draws dropout masks (training mode, some p > 0, e.g.
+    LoRA dropout 0.05): a second forward over some rows would not see the first one's masks."""
+    return model.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
 
 
 def affected_samples(plan: StepRows, weights: torch.Tensor) -> list[int]:

@@ -265,3 +265,19 @@ def test_loop_passes_the_flag_and_logs_the_way(tmp_path, caplog, monkeypatch) ->
     assert any(n > 0 for n in passes), "the run must exercise a correction pass"
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], atol=1e-5, rtol=0, msg=n)
+
+
+def test_auto_keeps_the_stash_while_dropout_is_active(monkeypatch):
+    """A second forward re-draws dropout masks, so auto never picks the correction then."""
+    import torch
+    from torch import nn
+
+    from aimkp.train import correction as C
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.05)).train()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (1, 10**12))  # no room: correction
+    assert C.has_active_dropout(model)
+    assert C.choose_reweight("auto", model, 100, 3, "cuda", False) == "stash"
+    model.eval()
+    assert not C.has_active_dropout(model)
+    assert C.choose_reweight("auto", model, 10**9, 3, "cuda", False) == "correction"

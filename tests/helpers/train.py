@@ -8,6 +8,7 @@ from PIL import Image
 
 import aimkp.models
 from aimkp.data import Record
+from aimkp.train.pmm import StrideTable
 
 WORDS = "red blue green circle square tree cat dog house sun moon star flower car boat".split()
 
@@ -60,15 +61,20 @@ def poison_row_loss(monkeypatch, row: int, calls: int = 10**9) -> None:
 
 
 def weights_after_step(loaded, run_step, **adamw) -> list[torch.Tensor]:
-    """Trainable weights after ``run_step()`` and one AdamW step (lr 1e-3, or ``adamw``) from the
-    current weights (the weights are restored after)."""
+    """Trainable weights after ``run_step()`` and one AdamW step (lr 1e-3, eps 1e-5, or
+    ``adamw``) from the current weights (the weights are restored after).
+
+    eps 1e-5, not AdamW's 1e-8: one step moves a coordinate by ``lr * g / (|g| + eps)``, so with
+    1e-8 a coordinate whose gradient is ~1e-8 turns float32 rounding of the gradient (a
+    different summation order of the same rows) into up to ~0.5% of lr (measured 3e-6 at lr
+    1e-3), and comparisons of two exact ways of the same step would depend on that rounding."""
     params = [p for p in loaded.model.parameters() if p.requires_grad]
     saved = [p.detach().clone() for p in params]
     for p in params:
         p.grad = None
     res = run_step()
     assert all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
-    torch.optim.AdamW(params, **{"lr": 1e-3, **adamw}).step()
+    torch.optim.AdamW(params, **{"lr": 1e-3, "eps": 1e-5, **adamw}).step()
     after = [p.detach().clone() for p in params]
     with torch.no_grad():
         for p, s in zip(params, saved):
@@ -88,3 +94,12 @@ def lora_tiny_llava(n: int = 4) -> tuple:
     loaded = load_model("tiny-llava", train_texts=texts, seed=0)
     apply_lora(loaded, r=8, alpha=16, dropout=0.0)
     return loaded, [loaded.adapter.encode(r) for r in recs]
+
+
+def mixed_strides() -> StrideTable:
+    """Strides of 4 samples with text / image copies at several strides (one text stride
+    frozen): the table the non-finite and reweight tests step with."""
+    t = StrideTable(4)
+    t.text[:] = torch.tensor([2, 4, 2, -2])
+    t.image[:] = torch.tensor([2, 4, 2, 8])
+    return t

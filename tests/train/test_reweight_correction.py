@@ -12,11 +12,11 @@ from torch import nn
 from aimkp.train.config import TrainConfig
 from aimkp.train.correction import choose_reweight, stash_bytes
 from aimkp.train.nonfinite import grads_finite
-from aimkp.train.pmm import StrideTable
 from aimkp.train.step import aimkp_step, build_rows
 from tests.helpers.models import _one_thread  # noqa: F401 - autouse: single-threaded tests
 from tests.helpers.train import (
     lora_tiny_llava,
+    mixed_strides,
     poison_row_loss,
     trainable_params,
     weights_after_step,
@@ -28,11 +28,7 @@ def setup():
     return lora_tiny_llava(4)
 
 
-def _strides() -> StrideTable:
-    t = StrideTable(4)
-    t.text[:] = torch.tensor([2, 4, 2, -2])
-    t.image[:] = torch.tensor([2, 4, 2, 8])
-    return t
+_strides = mixed_strides
 
 
 def _micro_steps(loaded, samples, way: str, split: int = 2, **kw):

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from aimkp.errors import NonFiniteError
-from aimkp.train.pmm import StrideTable
 from aimkp.train.step import aimkp_step, build_rows, sft_step
 from tests.helpers.models import _one_thread  # noqa: F401 - autouse: single-threaded tests
-from tests.helpers.train import lora_tiny_llava
+from tests.helpers.train import lora_tiny_llava, mixed_strides
 from tests.helpers.train import poison_row_loss as _poison
 from tests.helpers.train import weights_after_step as _step_weights
 
@@ -23,11 +22,7 @@ def setup():
     return lora_tiny_llava(4)
 
 
-def _strides() -> StrideTable:
-    t = StrideTable(4)
-    t.text[:] = torch.tensor([2, 4, 2, -2])
-    t.image[:] = torch.tensor([2, 4, 2, 8])
-    return t
+_strides = mixed_strides
 
 
 def _assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:

@@ -90,23 +90,26 @@ def default_train_texts() -> list[str]:
     return out
 
 
-def _llava_processor() -> Any:
+def llava_processor(image_px: int) -> Any:
+    """LLaVA's CLIP image processor at ``image_px`` (shortest edge resized, centre crop)."""
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     return CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size={"shortest_edge": image_px},
+        crop_size={"height": image_px, "width": image_px},
     )
 
 
-def _qwen_processor() -> Any:
+def qwen_processor(image_px: int, patch: int) -> Any:
+    """Qwen2-VL's image processor resizing every image to ``image_px`` x ``image_px``
+    (``(image_px / patch / 2) ** 2`` image tokens after the 2 x 2 merge)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
     )
 
-    px = IMAGE_SIZE * IMAGE_SIZE
+    px = image_px * image_px
     return Qwen2VLImageProcessorPil(
-        min_pixels=px, max_pixels=px, patch_size=PATCH, temporal_patch_size=2, merge_size=2
+        min_pixels=px, max_pixels=px, patch_size=patch, temporal_patch_size=2, merge_size=2
     )
 
 
@@ -150,66 +153,44 @@ def build_tiny_llava(texts: Iterable[str] | None) -> tuple[nn.Module, Any, Any]:
     cfg.pad_token_id = tok.pad_token_id
     model = LlavaForConditionalGeneration(cfg)
     _set_generation_ids(model, tok)
-    return model, tok, _llava_processor()
+    return model, tok, llava_processor(IMAGE_SIZE)
 
 
-def build_tiny_qwen2vl(
-    texts: Iterable[str] | None, version: str = "2"
-) -> tuple[nn.Module, Any, Any]:
-    """``tiny-qwen2vl`` (``version="2"``) / ``tiny-qwen25vl`` (``"2.5"``): (model, tokenizer,
-    Qwen2-VL image processor)."""
-    specials = [
-        "<|endoftext|>",
-        "<|im_start|>",
-        "<|im_end|>",
-        "<|vision_start|>",
-        "<|vision_end|>",
-        "<|image_pad|>",
-        "<|video_pad|>",
-    ]
-    tok = train_bpe_tokenizer(
+QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+
+def qwen_tokenizer(texts: Iterable[str] | None) -> PreTrainedTokenizerFast:
+    """A BPE tokenizer trained on ``texts`` with Qwen2-VL's special tokens and chat template: the
+    tiny-qwen2vl presets' and the Qwen2-VL-7B-shaped benchmark's."""
+    return train_bpe_tokenizer(
         texts,
-        special_tokens=specials,
+        special_tokens=QWEN_SPECIALS,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        extra_special=specials[1:],
+        extra_special=QWEN_SPECIALS[1:],
         chat_template=QWEN_CHAT_TEMPLATE,
     )
-    ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
-    vision: dict[str, Any] = {
-        "depth": 2,
-        "patch_size": PATCH,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "in_channels": 3,
-    }
-    if version == "2":
-        vision.update(embed_dim=64, hidden_size=128, num_heads=4, mlp_ratio=2)
-        config_cls, model_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    else:  # 2.5: window of 32 px = 2 x 2 merged tokens, block 1 attends to the whole image
-        vision.update(
-            hidden_size=64,
-            intermediate_size=128,
-            num_heads=4,
-            out_hidden_size=128,
-            window_size=32,
-            fullatt_block_indexes=[1],
-        )
-        config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    cfg = config_cls(
+
+
+def qwen_vl_config(
+    tok: Any, text: dict[str, Any], vision: dict[str, Any], version: str = "2"
+) -> Qwen2VLConfig | Qwen2_5_VLConfig:
+    """A Qwen2-VL (``version="2"``) / Qwen2.5-VL (``"2.5"``) config joining ``text`` (Qwen2
+    text-config fields) and ``vision`` (vision-config fields) with ``tok``'s special ids;
+    untied embeddings."""
+    ids = {s: tok.convert_tokens_to_ids(s) for s in QWEN_SPECIALS}
+    config_cls = Qwen2VLConfig if version == "2" else Qwen2_5_VLConfig
+    return config_cls(
         text_config={
-            "vocab_size": len(tok),
-            "hidden_size": 128,
-            "intermediate_size": 256,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 1024,
-            "rope_parameters": {
-                "rope_type": "default",
-                "mrope_section": [4, 6, 6],
-                "rope_theta": 10000.0,
-            },
+            **text,
             "bos_token_id": None,
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
@@ -222,9 +203,47 @@ def build_tiny_qwen2vl(
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    model = model_cls(cfg)
+
+
+def build_tiny_qwen2vl(
+    texts: Iterable[str] | None, version: str = "2"
+) -> tuple[nn.Module, Any, Any]:
+    """``tiny-qwen2vl`` (``version="2"``) / ``tiny-qwen25vl`` (``"2.5"``): (model, tokenizer,
+    Qwen2-VL image processor)."""
+    tok = qwen_tokenizer(texts)
+    vision: dict[str, Any] = {
+        "depth": 2,
+        "patch_size": PATCH,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+    }
+    if version == "2":
+        vision.update(embed_dim=64, hidden_size=128, num_heads=4, mlp_ratio=2)
+        model_cls = Qwen2VLForConditionalGeneration
+    else:  # 2.5: window of 32 px = 2 x 2 merged tokens, block 1 attends to the whole image
+        vision.update(
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=4,
+            out_hidden_size=128,
+            window_size=32,
+            fullatt_block_indexes=[1],
+        )
+        model_cls = Qwen2_5_VLForConditionalGeneration
+    text = {
+        "vocab_size": len(tok),
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+        "rope_parameters": {"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1e4},
+    }
+    model = model_cls(qwen_vl_config(tok, text, vision, version))
     _set_generation_ids(model, tok)
-    return model, tok, _qwen_processor()
+    return model, tok, qwen_processor(IMAGE_SIZE, PATCH)
 
 
 def _idefics3_processor() -> Any:

@@ -21,6 +21,7 @@ device's dense bf16 peak.
 Usage::
 
     python benchmarks/bench_breakdown.py [--quick] [--device cpu|cuda] [--trace FILE]
+    python benchmarks/bench_breakdown.py --device cuda --shape qwen2vl7b
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from common import (  # noqa: E402
     add_step_arguments,
     env_info,
     print_table,
+    resolve_shape,
     results_dir,
     save_figure,
     sync,
@@ -204,12 +206,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse(argv)
     args.output = args.output or results_dir()
-    cuda = args.device.startswith("cuda")
-    config = "gpu-llava7b" if cuda else "cpu-tiny"
-    batch = args.batch_size or (4 if args.quick or not cuda else 8)
+    size, config = resolve_shape(args)
+    big = size != "tiny"
+    batch = args.batch_size or (4 if args.quick or not big else 8)
     w = build_workload(
-        "llava7b" if cuda else "tiny", device=args.device, batch_size=batch,
-        lora_rank=128 if cuda else 16, layers=args.layers, vision_layers=args.layers,
+        size, device=args.device, batch_size=batch, lora_rank=128 if big else 16,
+        layers=args.layers, vision_layers=args.layers,
     )  # fmt: skip
     opt_step = make_optimizer_step(w)
     for _ in range(2):  # warm-up (allocator, kernels, optimizer state)

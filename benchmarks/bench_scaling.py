@@ -2,7 +2,8 @@
 LoRA rank, next to the plain fine-tuning step on the same samples.
 
 Per axis, every other knob stays at its base value (B=4, text as in the data, the preset's
-image size, LoRA r=16 on the CPU; B=8, r=128 at the 7B shape on a GPU). Steps: ``aimkp``
+image size, LoRA r=16 on the CPU; B=8, r=128 at a 7B shape on a GPU, ``--shape llava7b`` or
+``qwen2vl7b``). Steps: ``aimkp``
 (``aimkp_step``, strides 2/2: every copy present), ``token-floor`` (a plain forward + backward
 over the same rows, no engine) and ``sft`` (the plain step on the originals). Each point: median,
 min and max ms over repeats and the peak memory of one step (CUDA allocator peak; on the CPU the
@@ -16,6 +17,7 @@ tokens), ``image_tokens`` per image, ``lora_rank``.
 Usage::
 
     python benchmarks/bench_scaling.py [--quick] [--device cpu|cuda] [--axes batch,lora_rank]
+    python benchmarks/bench_scaling.py --device cuda --shape qwen2vl7b --axes image_tokens
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from common import (  # noqa: E402
     env_info,
     peak_memory_mb,
     print_table,
+    resolve_shape,
     results_dir,
     save_figure,
     time_fn,
@@ -60,9 +63,12 @@ AXES_CPU: dict[str, tuple[str, list[int], list[int]]] = {
     "image_tokens": ("image_px", [32, 64, 96], [32, 64, 96, 128]),
     "lora_rank": ("lora_rank", [4, 16, 64], [4, 8, 16, 32, 64, 128]),
 }
+# 7B shapes: image sides are multiples of 28 (CLIP's patch 14; Qwen2-VL's patch 14 x merge 2):
+# 256 / 576 / 1024 / 1600 image tokens for LLaVA, 64 / 144 / 256 / 400 for Qwen2-VL
 AXES_GPU: dict[str, tuple[str, list[int], list[int]]] = {
     "batch": ("batch_size", [1, 2, 4], [1, 2, 4, 8]),
     "text_tokens": ("text_repeat", [1, 8, 32], [1, 4, 16, 64]),
+    "image_tokens": ("image_px", [224, 336, 448], [224, 336, 448, 560]),
     "lora_rank": ("lora_rank", [16, 64, 128], [16, 32, 64, 128, 256]),
 }
 
@@ -149,21 +155,21 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse(argv)
     args.output = args.output or results_dir()
-    cuda = args.device.startswith("cuda")
-    axes = AXES_GPU if cuda else AXES_CPU
+    size, config = resolve_shape(args)
+    big = size != "tiny"
+    axes = AXES_GPU if big else AXES_CPU
     wanted = args.axes.split(",") if args.axes else list(axes)
     unknown = [a for a in wanted if a not in axes]
     if unknown:
         raise SystemExit(f"bench_scaling: unknown axes {unknown} (choose from {list(axes)})")
-    config = "gpu-llava7b" if cuda else "cpu-tiny"
-    base = {"batch_size": 8 if cuda else 4, "lora_rank": 128 if cuda else 16}
+    base = {"batch_size": 8 if big else 4, "lora_rank": 128 if big else 16}
     env = env_info(args.device)
     points: list[dict[str, Any]] = []
     for axis in wanted:
         knob, quick, full = axes[axis]
         for value in quick if args.quick else full:
             w = build_workload(
-                "llava7b" if cuda else "tiny", device=args.device, layers=args.layers,
+                size, device=args.device, layers=args.layers,
                 vision_layers=args.layers, **{**base, knob: value},
             )  # fmt: skip
             points += measure_point(w, axis, value, reps=3 if args.quick else 7)

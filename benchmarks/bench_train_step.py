@@ -14,11 +14,13 @@ is not timed):
                       retained graphs and cloned flattened gradients (the published algorithm).
 
 Configs: ``cpu-tiny`` (default on CPU): the ``tiny-llava`` preset, LoRA r=16, B=8 default-data
-samples; ``gpu-llava7b`` (default on CUDA): a LLaVA-1.5-7B-shaped model built from configs with
-random weights (Llama 4096/11008/32 heads, 32k vocab, ``--layers`` decoder layers; CLIP
-ViT-L/14-336 shape with ``--vision-layers`` layers, 576 image tokens), LoRA r=128 on every
-language linear layer + projector (fp32), frozen base in bf16 (``--dtype auto``), bf16
-autocast, B=8.
+samples; ``gpu-llava7b`` (default on CUDA) and ``gpu-qwen2vl7b``: a LLaVA-1.5-7B- or
+Qwen2-VL-7B-shaped model built from the real configs with random weights
+(``aimkp.models.shapes``: LLaVA: Llama 4096/11008/32 heads, 32k vocab, CLIP ViT-L/14-336, 576
+image tokens; Qwen2-VL: Qwen2 3584/18944/28 heads with 4 KV heads, 152k vocab, mRoPE, its
+1280-wide ViT with the 2 x 2 merger, 672 px images = 576 image tokens) with ``--layers``
+decoder and ``--vision-layers`` vision layers, LoRA r=128 on every language linear layer +
+projector (fp32), frozen base in bf16 (``--dtype auto``), bf16 autocast, B=8.
 
 Every sample is visited at strides text=2 / image=2 (all three copies present: the AimKP step's
 most expensive state; the stride table is not advanced between repetitions).
@@ -43,6 +45,7 @@ Usage::
 
     python benchmarks/bench_train_step.py            # auto config for the device
     python benchmarks/bench_train_step.py --quick    # fewer repetitions
+    python benchmarks/bench_train_step.py --config gpu-qwen2vl7b --layers 2
     python benchmarks/bench_train_step.py --config gpu-llava7b --memory-plan
 """
 
@@ -57,9 +60,11 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from common import env_info, peak_memory_mb, print_table, time_fn, write_results  # noqa: E402
+from workload import image_tokens  # noqa: E402
 
 from aimkp.models.attention import apply_attention, last_kernel, resolve_attention  # noqa: E402
 from aimkp.models.precision import cast_frozen_base  # noqa: E402
+from aimkp.models.shapes import SHAPES, build_shaped  # noqa: E402
 from aimkp.train.pmm import StrideTable  # noqa: E402
 from aimkp.train.reference import reference_step  # noqa: E402
 from aimkp.train.step import (  # noqa: E402
@@ -70,58 +75,6 @@ from aimkp.train.step import (  # noqa: E402
     sft_step,
     weighted_sum,
 )
-
-
-def build_llava7b_shaped(
-    layers: int,
-    vision_layers: int,
-    device: str,
-    texts: list[str],
-    dtype: torch.dtype = torch.bfloat16,
-) -> Any:
-    """A LLaVA-1.5-7B-shaped LoadedModel with random weights (nothing downloaded)."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaForConditionalGeneration,
-    )
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    from aimkp.models import LoadedModel, get_adapter
-    from aimkp.models.presets import llava_config, llava_tokenizer
-
-    tok = llava_tokenizer(texts)
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-    )
-    text = LlamaConfig(
-        vocab_size=32064,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    cfg = llava_config(vision, text, tok, 576)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration(cfg)
-    model.to(dtype)
-    model.set_attn_implementation("sdpa")
-    proc = CLIPImageProcessorPil(
-        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
-    )
-    adapter = get_adapter(model, tok, proc)
-    return LoadedModel(model, tok, proc, adapter, preset=None, info={"attn": "sdpa"})
 
 
 def fed_tokens(loaded: Any, samples: list, rows: list, mode: str, device: str) -> dict[str, int]:
@@ -141,11 +94,13 @@ def fed_tokens(loaded: Any, samples: list, rows: list, mode: str, device: str) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--config", choices=["auto", "cpu-tiny", "gpu-llava7b"], default="auto")
+    ap.add_argument(
+        "--config", choices=["auto", "cpu-tiny", "gpu-llava7b", "gpu-qwen2vl7b"], default="auto"
+    )
     ap.add_argument("--device", default=None)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--layers", type=int, default=4, help="decoder layers (gpu-llava7b)")
-    ap.add_argument("--vision-layers", type=int, default=4, help="CLIP layers (gpu-llava7b)")
+    ap.add_argument("--layers", type=int, default=4, help="decoder layers (7B shapes)")
+    ap.add_argument("--vision-layers", type=int, default=4, help="vision layers (7B shapes)")
     ap.add_argument(
         "--mask-mode",
         choices=["compact", "attention", "both"],
@@ -171,7 +126,8 @@ def main() -> None:
     if args.memory_plan:
         import memory_plan
 
-        memory_plan.main(rest + (["--no-write"] if args.no_write else []))
+        shape = ["--shape", args.config.removeprefix("gpu-")] if "7b" in args.config else []
+        memory_plan.main(rest + shape + (["--no-write"] if args.no_write else []))
         return
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -193,19 +149,22 @@ def main() -> None:
         bf16 = False
         shape = "tiny-llava (Llama 128x2, CLIP 64x2, 8x8 image tokens), LoRA r=16, fp32"
     else:
-        loaded = build_llava7b_shaped(
-            args.layers, args.vision_layers, device, texts, dtype=torch.float32
-        )
+        name = config.removeprefix("gpu-")
+        loaded = build_shaped(
+            name, layers=args.layers, vision_layers=args.vision_layers, texts=texts,
+            device=device, dtype=torch.float32,
+        )  # fmt: skip
         apply_lora(loaded, r=128, alpha=256, dropout=0.0)
         if device.startswith("cuda"):  # as `aimkp train --dtype auto` (autocast is CUDA-only)
             cast_frozen_base(loaded, torch.bfloat16)
         bf16 = True
-        shape = (
-            f"LLaVA-1.5-7B-shaped (Llama 4096x{args.layers} layers, CLIP-L/14-336 x"
-            f"{args.vision_layers}, 576 image tokens), LoRA r=128 (fp32), frozen base bf16"
-        )
+        shape = None  # named below, once the image tokens are known
     loaded.model.train()
     samples = [loaded.adapter.encode(r) for r in recs]
+    if shape is None:
+        shape = SHAPES[name].describe(args.layers, args.vision_layers, image_tokens(samples[0]))
+        base = "frozen base bf16" if device.startswith("cuda") else "fp32"
+        shape += f", LoRA r=128 (fp32), {base}"
     B = len(samples)
     idx = list(range(B))
     n_total = float(sum(s.n_answer_tokens for s in samples))
@@ -313,7 +272,7 @@ def main() -> None:
         )  # fmt: skip
         t = {k: v["t"]["median_ms"] for k, v in results.items()}
         speedup = t["reference"] / t["aimkp"]
-        gpu = config == "gpu-llava7b"
+        gpu = config.startswith("gpu-")
         ratio_plain = t["aimkp"] / t["plain-copies"]
         floor_target = 1.1 if gpu else 1.6
         print(

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from aimkp.models.shapes import SHAPES
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
@@ -190,13 +192,29 @@ def save_figure(fig: Any, out_dir: pathlib.Path, stem: str) -> pathlib.Path:
 
 
 def add_step_arguments(ap: Any, quick_help: str) -> None:
-    """``--quick``, ``--device``, ``--layers``, ``--output``, ``--no-write``: the options of the
-    benchmarks built on :mod:`workload` (breakdown, scaling)."""
+    """``--quick``, ``--device``, ``--shape``, ``--layers``, ``--output``, ``--no-write``: the
+    options of the benchmarks built on :mod:`workload` (breakdown, scaling)."""
     ap.add_argument("--quick", action="store_true", help=quick_help)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--layers", type=int, default=2, help="decoder layers (GPU, 7B shape)")
+    ap.add_argument(
+        "--shape",
+        choices=["auto", "tiny", *SHAPES],
+        default="auto",
+        help="model: tiny preset (auto on the CPU) or a 7B shape with --layers layers "
+        "(llava7b: auto on CUDA)",
+    )
+    ap.add_argument("--layers", type=int, default=2, help="decoder and vision layers (7B shapes)")
     ap.add_argument("--output", type=pathlib.Path, default=None, help="results directory")
     ap.add_argument("--no-write", action="store_true")
+
+
+def resolve_shape(args: Any) -> tuple[str, str]:
+    """``(shape, config)`` of ``--shape`` / ``--device``: ``auto`` is ``tiny`` on the CPU and
+    ``llava7b`` on CUDA; ``config`` (``cpu-tiny``, ``gpu-<shape>``) names the result files."""
+    shape = args.shape
+    if shape == "auto":
+        shape = "llava7b" if args.device.startswith("cuda") else "tiny"
+    return shape, "cpu-tiny" if shape == "tiny" else f"gpu-{shape}"
 
 
 def print_table(rows: Iterable[dict[str, Any]], cols: list[str]) -> None:

@@ -10,8 +10,9 @@ Steps, each with its own timeout inside an 8-minute budget (one H100 / H200):
                     for sm_90 only (``AIMKP_CUDA_ARCHS=90``, ``MAX_JOBS=16``); the built
                     extension is copied into the checkout so the tests import it;
 4. ``cuda_tests``   the CUDA-only tests (``-m requires_cuda``);
-5. ``bench_masked_embedding``, ``bench_grad_gram``, ``bench_train_step``, ``bench_breakdown``
-                    (``python -m benchmarks breakdown --quick``: the step by phase, MFU),
+5. ``bench_masked_embedding``, ``bench_grad_gram``, ``bench_train_step`` (LLaVA-1.5-7B
+                    shapes), ``bench_breakdown`` (``python -m benchmarks breakdown --quick``:
+                    the step by phase, MFU), ``bench_train_step_qwen2vl7b`` (Qwen2-VL-7B shapes),
                     ``memory_plan``: the benchmarks at their GPU configurations (7B-shaped, few
                     layers), result files written into DIR (``AIMKP_BENCH_OUT``);
 6. ``sanitizer``    a short subset of the CUDA kernel tests under ``compute-sanitizer --tool
@@ -133,6 +134,22 @@ def steps() -> list[Step]:
             "bench_breakdown",
             60,
             lambda: [PY, "-m", "benchmarks", "breakdown", "--quick", "--device", "cuda"],
+        ),
+        Step(
+            "bench_train_step_qwen2vl7b",
+            75,
+            lambda: _bench(
+                "bench_train_step.py",
+                "--config",
+                "gpu-qwen2vl7b",
+                "--layers",
+                "2",
+                "--vision-layers",
+                "2",
+                "--quick",
+                "--mask-mode",
+                "compact",
+            ),  # fmt: skip
         ),
         Step(
             "memory_plan",

@@ -1,11 +1,13 @@
-"""Memory plan of the AimKP step at the LLaVA-1.5-7B shape, measured on one decoder layer.
+"""Memory plan of the AimKP step at a 7B shape (LLaVA-1.5-7B, Qwen2-VL-7B), measured on one layer.
 
 What the exact reweight keeps until the filter decides (the engine's stash: per LoRA layer the
 tokens - inputs and output gradients - or the per-row gradients) is the engine's memory risk at
-scale. This builds the 7B shapes with ONE decoder layer (Llama 4096 / 11008 / 32 heads, vocab
-32,064 as llava-1.5-7b-hf) and one CLIP ViT-L/14-336 layer (1024 / 16 heads, 576 image tokens),
-LoRA r=128 on every language linear layer + the projector, random weights, fp32 on the CPU, and
-measures for a few samples (strides 2 / 2: original + text copy + image copy per sample):
+scale. This builds a 7B shape (``--shape``, :mod:`aimkp.models.shapes`) with ONE decoder layer
+and ONE vision layer (``llava7b``: Llama 4096 / 11008 / 32 heads, vocab 32,064, CLIP
+ViT-L/14-336 with 576 image tokens; ``qwen2vl7b``: Qwen2 3584 / 18944 / 28 heads with 4 KV
+heads, vocab 152,064, its ViT at 672 px with 576 image tokens), LoRA r=128 on every language
+linear layer + the projector, random weights, fp32 on the CPU, and measures for a few samples
+(strides 2 / 2: original + text copy + image copy per sample):
 
 - the AimKP step's peak memory above the weights (torch profiler's CPU memory timeline, as in
   ``benchmarks/common.py``; CUDA: the allocator's peak), for each engine reweight storage
@@ -14,18 +16,20 @@ measures for a few samples (strides 2 / 2: original + text copy + image copy per
   de-duplicated), and the activations autograd saves inside that layer (saved-tensor hooks,
   weights excluded).
 
-It then extrapolates to 32 layers and B samples (default 8: 24 rows) in bf16, next to 80 GB and
+It then extrapolates to the real depth (32 / 28 decoder layers, 24 / 32 vision layers: frozen,
+their weights counted; a frozen tower saves no activations for the backward) and B samples
+(default 8: 24 rows) in bf16, next to 80 GB and
 141 GB (``extrapolate``): everything that scales with tokens is scaled linearly from the measured
 samples (rows, kept tokens and image tokens per sample are the same for every sample of the
 default data to within their text lengths); bf16 halves the element size of activations and of
 the ``tokens`` stash (a dtype change: under bf16 autocast those tensors are bf16), and not of the
 ``rows`` stash (the engine keeps per-row gradients in fp32) nor of trainable weights, their
-gradients and AdamW state (fp32). Frozen weights are counted for the 32-layer model in bf16.
+gradients and AdamW state (fp32). Frozen weights are counted for the full-depth model in bf16.
 
 Usage::
 
     python benchmarks/bench_train_step.py --config gpu-llava7b --memory-plan [--samples 1]
-    python benchmarks/memory_plan.py --samples 2 --batch 8
+    python benchmarks/memory_plan.py --samples 2 --batch 8 [--shape qwen2vl7b]
 """
 
 from __future__ import annotations
@@ -40,8 +44,9 @@ from typing import Any
 
 import torch
 
+from aimkp.models.shapes import SHAPES
+
 GB = 1e9
-LAYERS_7B = 32
 DEVICE_GB = (80, 141)
 STORAGES = ("tokens", "rows", "auto")
 
@@ -181,11 +186,19 @@ def engine_storage(storage: str, counts: list, saved: set[int]) -> Iterator[None
 engine_storage.prefix = ".layers.0."
 
 
-def param_split(model: torch.nn.Module, layer: torch.nn.Module) -> dict[str, int]:
-    """Parameter counts: frozen / trainable, inside decoder layer 0 and elsewhere."""
+def param_split(
+    model: torch.nn.Module, layer: torch.nn.Module, vision_layer: torch.nn.Module | None = None
+) -> dict[str, int]:
+    """Parameter counts: frozen / trainable, inside decoder layer 0, inside vision layer 0
+    (``frozen_vision_layer``: the tower is frozen) and elsewhere."""
     in_layer = {id(p) for p in layer.parameters()}
+    in_vision = {id(p) for p in vision_layer.parameters()} if vision_layer is not None else set()
     out = {"frozen_layer": 0, "frozen_other": 0, "train_layer": 0, "train_other": 0}
+    out["frozen_vision_layer"] = 0
     for p in model.parameters():
+        if id(p) in in_vision and not p.requires_grad:
+            out["frozen_vision_layer"] += p.numel()
+            continue
         key = ("train" if p.requires_grad else "frozen") + (
             "_layer" if id(p) in in_layer else "_other"
         )
@@ -193,7 +206,27 @@ def param_split(model: torch.nn.Module, layer: torch.nn.Module) -> dict[str, int
     return out
 
 
-def extrapolate(m: dict[str, Any], layers: int, batch: int) -> dict[str, float]:
+def first_block(tower: torch.nn.Module) -> torch.nn.Module:
+    """Block 0 of a vision tower: the first ``ModuleList`` in it holds the transformer blocks
+    (CLIP's ``encoder.layers``, Qwen2-VL's ``blocks``)."""
+    stack = next(m for m in tower.modules() if isinstance(m, torch.nn.ModuleList))
+    return stack[0]
+
+
+def _at(m: dict[str, Any], batch: int) -> tuple[int, int, int]:
+    """:func:`extrapolate`'s (layers, batch, vision_layers) at the real depth of ``m``'s shape."""
+    layers, vision = full_depth(m)
+    return layers, batch, vision
+
+
+def full_depth(m: dict[str, Any]) -> tuple[int, int]:
+    """(decoder layers, vision layers) of the real model a measured row extrapolates to."""
+    return m.get("layers_full", 32), m.get("vision_layers_full", 1)
+
+
+def extrapolate(
+    m: dict[str, Any], layers: int, batch: int, vision_layers: int = 1
+) -> dict[str, float]:
     """GB at ``layers`` decoder layers and ``batch`` samples in bf16 (see the module doc).
 
     ``m``: measured bytes at 1 layer and ``m["samples"]`` samples: ``peak`` (step above the
@@ -202,7 +235,8 @@ def extrapolate(m: dict[str, Any], layers: int, batch: int) -> dict[str, float]:
     scale = batch / m["samples"]
     p = m["params"]
     half = 2 / m.get("act_bytes", 4)  # measured in fp32 (CPU): bf16 halves; measured bf16: 1
-    weights = (p["frozen_layer"] * layers + p["frozen_other"]) * 2
+    vision = p.get("frozen_vision_layer", 0) * vision_layers
+    weights = (p["frozen_layer"] * layers + vision + p["frozen_other"]) * 2
     trainable = p["train_layer"] * layers + p["train_other"]
     state = trainable * 4 * 4  # fp32 weight, gradient, AdamW exp_avg and exp_avg_sq
     # upper bound of what is live at once: autograd's saved activations (freed layer by layer in
@@ -235,15 +269,14 @@ def extrapolate(m: dict[str, Any], layers: int, batch: int) -> dict[str, float]:
 
 def _build(args: argparse.Namespace) -> tuple[Any, list, list[str]]:
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-    from bench_train_step import build_llava7b_shaped
-
     from aimkp.data import load_dataset
     from aimkp.models.lora import apply_lora
+    from aimkp.models.shapes import build_shaped
 
     recs = [r for r in load_dataset("default", "train") if r.image_path or r.image][: args.samples]
     texts = [r.text for r in recs] + [", ".join(r.keyphrases) for r in recs]
     torch.manual_seed(0)
-    loaded = build_llava7b_shaped(1, 1, args.device, texts, dtype=torch.float32)
+    loaded = build_shaped(args.shape, layers=1, vision_layers=1, texts=texts, device=args.device)
     apply_lora(loaded, r=128, alpha=256, dropout=0.0)
     if args.device != "cpu":  # as a 7B LoRA run on CUDA: frozen base bf16, trainable fp32
         from aimkp.models.precision import cast_frozen_base
@@ -271,7 +304,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     model = loaded.model
     layer = loaded.adapter.language_model.layers[0]
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    split = param_split(model, layer)
+    split = param_split(model, layer, first_block(loaded.adapter.vision_tower))
+    shape = SHAPES[args.shape]
     idx = list(range(len(samples)))
     n_total = float(sum(s.n_answer_tokens for s in samples))
     table = StrideTable(len(samples))
@@ -326,6 +360,9 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             "seconds": time.perf_counter() - t0,
             "params": split,
             "act_bytes": 2 if bf16 else 4,
+            "shape": args.shape,
+            "layers_full": shape.layers,
+            "vision_layers_full": shape.vision_layers,
         }
 
     for storage in args.storages:
@@ -373,7 +410,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[st
     """Print the measured table and the extrapolation; rows for the results files."""
     mb = 2**20
     print(
-        f"\nMeasured: LLaVA-1.5-7B shapes, 1 decoder layer + 1 CLIP layer, LoRA r=128, "
+        f"\nMeasured: {SHAPES[args.shape].title} shapes, 1 decoder layer + 1 vision layer, "
+        f"LoRA r=128, "
         f"{rows[0]['samples']} sample(s) ({rows[0]['rows']} rows, {rows[0]['input_tokens']} "
         f"kept tokens), {args.device}, fp32"
     )
@@ -396,7 +434,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[st
         "storages autograd also saved)"
     )
     print(
-        f"\nExtrapolated: {LAYERS_7B} layers, B={args.batch} samples "
+        f"\nExtrapolated: {' + '.join(map(str, full_depth(rows[0])))} decoder + vision layers, "
+        f"B={args.batch} samples "
         f"({args.batch * rows[0]['rows'] // rows[0]['samples']} rows), bf16 (GB)"
     )
     cols = ["weights_gb", "trainable_state_gb", "layers_gb", "other_gb", "total_gb"]
@@ -416,7 +455,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[st
         plans.append({**ckpt, **no_stash, "storage": "correction+ckpt"})
     out = []
     for r in plans:
-        e = extrapolate(r, LAYERS_7B, args.batch)
+        e = extrapolate(r, *_at(r, args.batch))
         fits = " / ".join("yes" if e["total_gb"] <= g else "no" for g in DEVICE_GB)
         most = " / ".join(_batch_text(largest_batch(r, g)) for g in DEVICE_GB)
         print(
@@ -435,16 +474,16 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[st
 
 
 def auto_choices(m: dict[str, Any], batch: int) -> list[str]:
-    """What ``--reweight auto`` picks on each of :data:`DEVICE_GB` for the extrapolated 32-layer
+    """What ``--reweight auto`` picks on each of :data:`DEVICE_GB` for the extrapolated full-depth
     step (``m``: a measured row, see :func:`extrapolate`): its rule
     (``aimkp.train.correction.auto_way``) on the stash (bf16 tokens, fp32 per-row gradients)
     against the memory left by the weights and the LoRA state."""
     from aimkp.train.correction import auto_way
 
-    e = extrapolate(m, LAYERS_7B, batch)
+    e = extrapolate(m, *_at(m, batch))
     half = 2 / m.get("act_bytes", 4)
     per_layer = m["stash_tokens"] * half + m["stash_rows"]
-    stash = (per_layer * LAYERS_7B + m["stash_other"]) * batch / m["samples"]
+    stash = (per_layer * full_depth(m)[0] + m["stash_other"]) * batch / m["samples"]
     fixed = (e["weights_gb"] + e["trainable_state_gb"]) * GB
     return [auto_way(stash, g * GB - fixed) for g in DEVICE_GB]
 
@@ -453,10 +492,10 @@ MAX_BATCH = 256
 
 
 def largest_batch(m: dict[str, Any], gb: float) -> int:
-    """The most samples per micro-batch (up to 256) whose extrapolated 32-layer step fits
+    """The most samples per micro-batch (up to 256) whose extrapolated full-depth step fits
     ``gb`` (the reference runs one sample at a time: any batch that fits once)."""
     b = 0
-    while b < MAX_BATCH and extrapolate(m, LAYERS_7B, b + 1)["total_gb"] <= gb:
+    while b < MAX_BATCH and extrapolate(m, *_at(m, b + 1))["total_gb"] <= gb:
         b += 1
     return b
 
@@ -477,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
         "--no-checkpointing", dest="checkpointing", action="store_false",
         help="skip the auto storage run with gradient checkpointing",
     )  # fmt: skip
-    ap.add_argument("--config", default="gpu-llava7b", help=argparse.SUPPRESS)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llava7b", help="model shape")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
@@ -488,7 +527,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{time.perf_counter() - t0:.0f} s on {env_info(args.device)['device']}")
     if not args.no_write:
         env = env_info(args.device)
-        for p in write_results("memory_plan-llava7b", [{**env, **r} for r in rows]):
+        for p in write_results(f"memory_plan-{args.shape}", [{**env, **r} for r in rows]):
             print(f"wrote {p}")
 
 

@@ -8,8 +8,9 @@ writes ``<name>-<device>.json`` (+ ``.csv``); the PNGs go to ``OUTPUT/plots/``. 
 0 when every benchmark ran, 1 when one failed (the others still run).
 
 ``--quick`` runs each at its small size (seconds to a few minutes on a CPU); ``--device`` picks
-the device (default: CUDA when available): the tiny preset on the CPU, LLaVA-1.5-7B shapes with
-a few layers on a GPU.
+the device (default: CUDA when available); ``--shape`` the model of the train-step, breakdown
+and scaling benchmarks: ``auto`` (default) is the tiny preset on the CPU and LLaVA-1.5-7B shapes
+with a few layers on a GPU, ``qwen2vl7b`` Qwen2-VL-7B shapes (``aimkp.models.shapes``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from aimkp.models.shapes import SHAPES as MODEL_SHAPES
+
 HERE = pathlib.Path(__file__).resolve().parent
 # name -> (script, arguments it always gets)
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {
@@ -31,6 +34,8 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "scaling": ("bench_scaling.py", []),
 }
 CHOICES = [*BENCHMARKS, "all"]
+SHAPES = ["auto", "tiny", *MODEL_SHAPES]
+STEP_BENCHMARKS = ("train-step", "breakdown", "scaling")  # the ones taking a model shape
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -46,6 +51,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         "--quick, so quick runs never overwrite the full-size results)",
     )
     ap.add_argument("--trace", type=pathlib.Path, default=None, help="breakdown: profiler trace")
+    ap.add_argument("--shape", choices=SHAPES, default="auto", help="model of the step benchmarks")
 
 
 def default_output(quick: bool) -> pathlib.Path:
@@ -56,7 +62,13 @@ def default_output(quick: bool) -> pathlib.Path:
     return HERE / "results" / "quick" if quick else HERE / "results"
 
 
-def command(name: str, quick: bool, device: str | None, trace: pathlib.Path | None) -> list[str]:
+def command(
+    name: str,
+    quick: bool,
+    device: str | None,
+    trace: pathlib.Path | None,
+    shape: str = "auto",
+) -> list[str]:
     """The child command line of one benchmark."""
     script, extra = BENCHMARKS[name]
     cmd = [sys.executable, str(HERE / script), *extra]
@@ -66,6 +78,11 @@ def command(name: str, quick: bool, device: str | None, trace: pathlib.Path | No
         cmd += ["--device", device]
     if trace is not None and name == "breakdown":
         cmd += ["--trace", str(trace)]
+    if shape != "auto" and name in STEP_BENCHMARKS:
+        if name == "train-step":  # its --config names the shape with the device kind
+            cmd += ["--config", "cpu-tiny" if shape == "tiny" else f"gpu-{shape}"]
+        else:
+            cmd += ["--shape", shape]
     return cmd
 
 
@@ -87,6 +104,7 @@ def run(
     device: str | None = None,
     output: pathlib.Path | None = None,
     trace: pathlib.Path | None = None,
+    shape: str = "auto",
 ) -> int:
     """Run ``benchmark`` (or ``all``) into ``output``, then draw the plots; 0 if all ran."""
     import plot
@@ -94,7 +112,7 @@ def run(
     names = list(BENCHMARKS) if benchmark == "all" else [benchmark]
     output = pathlib.Path(output or default_output(quick)).resolve()
     output.mkdir(parents=True, exist_ok=True)
-    failed = [n for n in names if not run_one(n, command(n, quick, device, trace), output)]
+    failed = [n for n in names if not run_one(n, command(n, quick, device, trace, shape), output)]
     plot.main(["--results", str(output), "--out", str(output / "plots")])
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
@@ -106,5 +124,6 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(ap)
     args = ap.parse_args(argv)
     return run(
-        args.benchmark, quick=args.quick, device=args.device, output=args.output, trace=args.trace
-    )
+        args.benchmark, quick=args.quick, device=args.device, output=args.output,
+        trace=args.trace, shape=args.shape,
+    )  # fmt: skip

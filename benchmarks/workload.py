@@ -8,8 +8,8 @@ between repetitions) and everything ``aimkp_step`` / ``sft_step`` take. Sizes:
   ``image_px`` rebuilds it at another image size (``(image_px / 8) ** 2`` image tokens) by
   overriding the preset module's ``IMAGE_SIZE`` while it builds (a benchmark-only knob: the
   preset has no image-size argument);
-- ``llava7b`` (GPU): ``bench_train_step.build_llava7b_shaped`` (LLaVA-1.5-7B shapes, few layers),
-  frozen base in bf16 under bf16 autocast.
+- ``llava7b`` / ``qwen2vl7b`` (GPU): ``aimkp.models.shapes.build_shaped`` (LLaVA-1.5-7B /
+  Qwen2-VL-7B shapes, few layers), frozen base in bf16 under bf16 autocast on CUDA.
 
 ``text_repeat`` repeats each record's text to lengthen the text part of every row.
 """
@@ -78,10 +78,14 @@ def build_workload(
     image_px: int | None = None,
     layers: int = 2,
     vision_layers: int = 2,
+    overrides: dict[str, dict[str, Any]] | None = None,
 ) -> Workload:
-    """Build the model (seed 0), LoRA ``lora_rank`` (alpha 2r), the encoded samples and rows."""
+    """Build the model (seed 0), LoRA ``lora_rank`` (alpha 2r), the encoded samples and rows.
+    ``overrides``: config fields of a 7B shape replaced (``aimkp.models.shapes``; tests)."""
     from aimkp.models import load_model
     from aimkp.models.lora import apply_lora
+    from aimkp.models.precision import cast_frozen_base
+    from aimkp.models.shapes import SHAPES, build_shaped
     from aimkp.train.pmm import StrideTable
     from aimkp.train.step import build_rows
 
@@ -93,24 +97,24 @@ def build_workload(
             loaded = load_model("tiny-llava", train_texts=texts, device=device, seed=0)
         bf16 = False
         shape = f"tiny-llava (Llama 128x2, CLIP 64x2, {image_px or 64}px), LoRA r={lora_rank}, fp32"
-    elif size == "llava7b":
-        from bench_train_step import build_llava7b_shaped
-
-        from aimkp.models.precision import cast_frozen_base
-
-        loaded = build_llava7b_shaped(layers, vision_layers, device, texts, dtype=torch.float32)
+    elif size in SHAPES:
+        loaded = build_shaped(
+            size, layers=layers, vision_layers=vision_layers, texts=texts, device=device,
+            image_px=image_px, overrides=overrides,
+        )  # fmt: skip
         bf16 = True
-        shape = (
-            f"LLaVA-1.5-7B-shaped (Llama 4096x{layers}, CLIP-L/14-336 x{vision_layers}), "
-            f"LoRA r={lora_rank} (fp32), frozen base bf16"
-        )
+        shape = None  # named below, once the image tokens are known
     else:
-        raise ValueError(f"unknown workload size {size!r} (tiny, llava7b)")
+        raise ValueError(f"unknown workload size {size!r} (tiny, {', '.join(SHAPES)})")
     apply_lora(loaded, r=lora_rank, alpha=2 * lora_rank, dropout=0.0)
-    if size == "llava7b" and device.startswith("cuda"):
+    if size in SHAPES and device.startswith("cuda"):
         cast_frozen_base(loaded, torch.bfloat16)
     loaded.model.train()
     samples = [loaded.adapter.encode(r) for r in recs]
+    if shape is None:
+        shape = SHAPES[size].describe(layers, vision_layers, image_tokens(samples[0]))
+        base = "frozen base bf16" if device.startswith("cuda") else "fp32"
+        shape += f", LoRA r={lora_rank} (fp32), {base}"
     table = StrideTable(len(samples))
     table.text[:] = 2
     table.image[:] = 2

@@ -23,6 +23,7 @@ from types import ModuleType
 
 from aimkp.cli._common import check_device, check_output_dir, check_output_file
 from aimkp.errors import UsageError
+from aimkp.models.shapes import SHAPES
 
 HELP = "run the benchmarks (step breakdown, scaling, kernels) of a source checkout"
 NAMES = ["masked-embedding", "grad-gram", "train-step", "breakdown", "scaling", "all"]
@@ -65,6 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--output", default=None, help="results directory")
     parser.add_argument("--trace", default=None, help="breakdown: torch.profiler trace file")
+    parser.add_argument(
+        "--shape",
+        choices=["auto", "tiny", *SHAPES],
+        default="auto",
+        help="model of train-step / breakdown / scaling: auto = tiny preset on the CPU, "
+        "LLaVA-1.5-7B shapes (few layers) on a GPU; qwen2vl7b = Qwen2-VL-7B shapes",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,4 +88,5 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         output=pathlib.Path(args.output) if args.output else None,
         trace=pathlib.Path(args.trace).resolve() if args.trace else None,
+        shape=args.shape,
     )

@@ -17,6 +17,7 @@ GPU_STEPS = {
     "bench_masked_embedding",
     "bench_grad_gram",
     "bench_train_step",
+    "bench_train_step_qwen2vl7b",
     "bench_breakdown",
     "memory_plan",
 }

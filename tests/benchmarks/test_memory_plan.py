@@ -81,3 +81,28 @@ def test_extrapolate_arithmetic():
     # over 16 GB, under 28.2 GB
     assert M.auto_choices(m, 4) == ["correction", "stash"]
     assert M.auto_choices(m, 8) == ["correction", "correction"]
+
+
+@pytest.mark.parametrize("preset", ["tiny-llava", "tiny-qwen2vl"])
+def test_param_split_counts_vision_block_zero_apart(preset):
+    loaded = tiny(preset)
+    block = M.first_block(loaded.adapter.vision_tower)
+    n_blocks = len(next(m for m in loaded.adapter.vision_tower.modules()
+                        if isinstance(m, torch.nn.ModuleList)))  # fmt: skip
+    assert n_blocks == 2  # the presets' towers have two blocks; block 0 is counted apart
+    layer = loaded.adapter.language_model.layers[0]
+    split = M.param_split(loaded.model, layer, block)
+    assert split["frozen_vision_layer"] == sum(p.numel() for p in block.parameters()) > 0
+    assert sum(split.values()) == sum(p.numel() for p in loaded.model.parameters())
+
+
+def test_extrapolate_counts_the_vision_layers_weights():
+    m = {
+        "samples": 1, "peak": 0, "saved": 0, "saved_scores": 0, "stash_tokens": 0,
+        "stash_shared": 0, "stash_rows": 0, "stash_other": 0, "act_bytes": 4,
+        "params": {"frozen_layer": 10, "frozen_other": 6, "train_layer": 2, "train_other": 1,
+                   "frozen_vision_layer": 5},
+        "layers_full": 28, "vision_layers_full": 32,
+    }  # fmt: skip
+    e = M.extrapolate(m, *M._at(m, 8))
+    assert e["weights_gb"] == pytest.approx((10 * 28 + 5 * 32 + 6) * 2 / M.GB)

@@ -1,0 +1,55 @@
+"""The benchmarks' model shapes: ``--shape`` reaches each step benchmark's command line, and the
+workload of the breakdown / scaling benchmarks builds and runs a 7B shape (at CPU size)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pathlib
+import sys
+
+import pytest
+
+from tests.helpers.shapes import SMALL
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import runner  # noqa: E402
+from common import resolve_shape  # noqa: E402
+from workload import build_workload, run_aimkp  # noqa: E402
+
+
+def test_the_shape_reaches_the_step_benchmarks_only():
+    cmd = runner.command("train-step", True, "cuda", None, "qwen2vl7b")
+    assert cmd[-2:] == ["--config", "gpu-qwen2vl7b"]
+    assert runner.command("breakdown", True, "cuda", None, "qwen2vl7b")[-2:] == [
+        "--shape",
+        "qwen2vl7b",
+    ]
+    assert "--shape" not in runner.command("grad-gram", True, "cuda", None, "qwen2vl7b")
+    assert "--config" not in runner.command("train-step", True, "cpu", None, "auto")
+
+
+@pytest.mark.parametrize(
+    ("shape", "device", "want"),
+    [
+        ("auto", "cpu", ("tiny", "cpu-tiny")),
+        ("auto", "cuda", ("llava7b", "gpu-llava7b")),
+        ("qwen2vl7b", "cuda", ("qwen2vl7b", "gpu-qwen2vl7b")),
+        ("tiny", "cuda", ("tiny", "cpu-tiny")),
+    ],
+)
+def test_resolve_shape(shape, device, want):
+    assert resolve_shape(argparse.Namespace(shape=shape, device=device)) == want
+
+
+@pytest.mark.parametrize("shape", sorted(SMALL))
+def test_workload_runs_a_7b_shape(shape):
+    w = build_workload(
+        shape, batch_size=2, lora_rank=4, layers=1, vision_layers=1, overrides=SMALL[shape],
+        image_px=112,
+    )  # fmt: skip
+    assert w.shape.startswith(("LLaVA-1.5-7B-shaped", "Qwen2-VL-7B-shaped"))
+    assert "1/28 decoder layers" in w.shape or "1/32 decoder layers" in w.shape
+    res = run_aimkp(w)
+    assert res.n_rows == len(w.rows) and math.isfinite(res.loss)

@@ -92,6 +92,14 @@ def _install() -> list[str]:
             f"cd /tmp && {PY} -c \"{copy}\""]  # fmt: skip
 
 
+def _train_step(config: str) -> list[str]:
+    """bench_train_step at a 7B shape with 2 decoder and 2 vision layers, compact rows."""
+    return _bench(
+        "bench_train_step.py", "--config", config, "--layers", "2", "--vision-layers", "2",
+        "--quick", "--mask-mode", "compact",
+    )  # fmt: skip
+
+
 def steps() -> list[Step]:
     """The checks in order, most informative first (their timeouts sum to more than the
     budget: whatever is left of it caps each step, the last ones first)."""
@@ -117,18 +125,7 @@ def steps() -> list[Step]:
         Step(
             "bench_train_step",
             90,
-            lambda: _bench(
-                "bench_train_step.py",
-                "--config",
-                "gpu-llava7b",
-                "--layers",
-                "2",
-                "--vision-layers",
-                "2",
-                "--quick",
-                "--mask-mode",
-                "compact",
-            ),  # fmt: skip
+            lambda: _train_step("gpu-llava7b"),
         ),
         Step(
             "bench_breakdown",
@@ -138,18 +135,7 @@ def steps() -> list[Step]:
         Step(
             "bench_train_step_qwen2vl7b",
             75,
-            lambda: _bench(
-                "bench_train_step.py",
-                "--config",
-                "gpu-qwen2vl7b",
-                "--layers",
-                "2",
-                "--vision-layers",
-                "2",
-                "--quick",
-                "--mask-mode",
-                "compact",
-            ),  # fmt: skip
+            lambda: _train_step("gpu-qwen2vl7b"),
         ),
         Step(
             "memory_plan",

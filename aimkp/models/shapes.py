@@ -38,6 +38,18 @@ from aimkp.errors import UsageError
 
 
 @dataclasses.dataclass(frozen=True)
+class ShapeRequest:
+    """What :func:`build_shaped` asks a shape's builder for."""
+
+    layers: int  # decoder layers
+    vision_layers: int
+    texts: list[str]  # the tokenizer's training texts
+    image_px: int
+    overrides: dict[str, dict[str, Any]]  # {"text": {...}, "vision": {...}} config fields
+    device: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Shape:
     """One real model's shape: what it is, its full depth, and how to build it."""
 
@@ -46,8 +58,8 @@ class Shape:
     layers: int  # decoder layers of the real model
     vision_layers: int  # vision-tower layers of the real model
     image_px: int  # default image side
-    build: Callable[..., tuple[torch.nn.Module, Any, Any]]  # (layers, vision_layers, texts,
-    # image_px, overrides, device) -> (model, tokenizer, image processor)
+    build: Callable[[ShapeRequest], tuple[torch.nn.Module, Any, Any]]  # -> (model, tokenizer,
+    # image processor)
 
     def describe(self, layers: int, vision_layers: int, image_tokens: int) -> str:
         """One line naming the shape and the sizes built."""
@@ -94,33 +106,26 @@ def llava7b_vision(vision_layers: int, image_px: int) -> dict[str, Any]:
     )
 
 
-def _build_llava7b(
-    layers: int,
-    vision_layers: int,
-    texts: list[str],
-    image_px: int,
-    overrides: dict[str, dict[str, Any]],
-    device: str,
-) -> tuple[torch.nn.Module, Any, Any]:
+def _build_llava7b(req: ShapeRequest) -> tuple[torch.nn.Module, Any, Any]:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration
 
     from aimkp.models.presets import llava_config, llava_processor, llava_tokenizer
 
-    tok = llava_tokenizer(texts)
+    tok = llava_tokenizer(req.texts)
     vision = CLIPVisionConfig(
-        **_merge(llava7b_vision(vision_layers, image_px), overrides.get("vision"))
+        **_merge(llava7b_vision(req.vision_layers, req.image_px), req.overrides.get("vision"))
     )
     text = LlamaConfig(
-        **_text_fields(llava7b_text(layers), overrides.get("text"), tok),
+        **_text_fields(llava7b_text(req.layers), req.overrides.get("text"), tok),
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
     patch = vision.patch_size
-    cfg = llava_config(vision, text, tok, (image_px // patch) ** 2)
-    with torch.device(device):
+    cfg = llava_config(vision, text, tok, (req.image_px // patch) ** 2)
+    with torch.device(req.device):
         model = LlavaForConditionalGeneration(cfg)
-    return model, tok, llava_processor(image_px)
+    return model, tok, llava_processor(req.image_px)
 
 
 def qwen2vl7b_text(layers: int) -> dict[str, Any]:
@@ -157,25 +162,18 @@ def qwen2vl7b_vision(vision_layers: int) -> dict[str, Any]:
     }
 
 
-def _build_qwen2vl7b(
-    layers: int,
-    vision_layers: int,
-    texts: list[str],
-    image_px: int,
-    overrides: dict[str, dict[str, Any]],
-    device: str,
-) -> tuple[torch.nn.Module, Any, Any]:
+def _build_qwen2vl7b(req: ShapeRequest) -> tuple[torch.nn.Module, Any, Any]:
     from transformers import Qwen2VLForConditionalGeneration
 
     from aimkp.models.presets import qwen_processor, qwen_tokenizer, qwen_vl_config
 
-    tok = qwen_tokenizer(texts)
-    vision = _merge(qwen2vl7b_vision(vision_layers), overrides.get("vision"))
-    text = _text_fields(qwen2vl7b_text(layers), overrides.get("text"), tok)
+    tok = qwen_tokenizer(req.texts)
+    vision = _merge(qwen2vl7b_vision(req.vision_layers), req.overrides.get("vision"))
+    text = _text_fields(qwen2vl7b_text(req.layers), req.overrides.get("text"), tok)
     cfg = qwen_vl_config(tok, text, vision)
-    with torch.device(device):
+    with torch.device(req.device):
         model = Qwen2VLForConditionalGeneration(cfg)
-    return model, tok, qwen_processor(image_px, vision["patch_size"])
+    return model, tok, qwen_processor(req.image_px, vision["patch_size"])
 
 
 SHAPES: dict[str, Shape] = {
@@ -204,7 +202,8 @@ def build_shaped(
         raise UsageError(f"unknown model shape {name!r}; known: {sorted(SHAPES)}")
     shape = SHAPES[name]
     px = image_px or shape.image_px
-    model, tok, proc = shape.build(layers, vision_layers, texts, px, overrides or {}, device)
+    req = ShapeRequest(layers, vision_layers, texts, px, overrides or {}, device)
+    model, tok, proc = shape.build(req)
     model.to(dtype)
     model.set_attn_implementation("sdpa")
     adapter = get_adapter(model, tok, proc)

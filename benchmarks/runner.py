@@ -10,7 +10,8 @@ writes ``<name>-<device>.json`` (+ ``.csv``); the PNGs go to ``OUTPUT/plots/``. 
 ``--quick`` runs each at its small size (seconds to a few minutes on a CPU); ``--device`` picks
 the device (default: CUDA when available); ``--shape`` the model of the train-step, breakdown
 and scaling benchmarks: ``auto`` (default) is the tiny preset on the CPU and LLaVA-1.5-7B shapes
-with a few layers on a GPU, ``qwen2vl7b`` Qwen2-VL-7B shapes (``aimkp.models.shapes``).
+with a few layers on a GPU, ``qwen2vl7b`` Qwen2-VL-7B shapes (``aimkp.models.shapes``), ``7b``
+each 7B shape in turn.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "scaling": ("bench_scaling.py", []),
 }
 CHOICES = [*BENCHMARKS, "all"]
-SHAPES = ["auto", "tiny", *MODEL_SHAPES]
+SHAPES = ["auto", "tiny", *MODEL_SHAPES, "7b"]  # 7b: every 7B shape, one run each
 STEP_BENCHMARKS = ("train-step", "breakdown", "scaling")  # the ones taking a model shape
 
 
@@ -86,6 +87,15 @@ def command(
     return cmd
 
 
+def shapes_of(name: str, shape: str) -> list[str]:
+    """The shapes benchmark ``name`` runs at: ``7b`` expands to every 7B shape for the step
+    benchmarks (their result files are named by shape, so the runs do not overwrite each
+    other); the others take no shape."""
+    if shape == "7b" and name in STEP_BENCHMARKS:
+        return list(MODEL_SHAPES)
+    return ["auto" if shape == "7b" else shape]
+
+
 def run_one(name: str, cmd: list[str], output: pathlib.Path) -> bool:
     """Run one benchmark's script; True when it exited 0."""
     print(f"== aimkp bench {name}: {' '.join(cmd[1:])}", flush=True)
@@ -112,7 +122,12 @@ def run(
     names = list(BENCHMARKS) if benchmark == "all" else [benchmark]
     output = pathlib.Path(output or default_output(quick)).resolve()
     output.mkdir(parents=True, exist_ok=True)
-    failed = [n for n in names if not run_one(n, command(n, quick, device, trace, shape), output)]
+    failed = []
+    for name in names:
+        for one in shapes_of(name, shape):
+            label = name if one == shape else f"{name} ({one})"
+            if not run_one(label, command(name, quick, device, trace, one), output):
+                failed.append(label)
     plot.main(["--results", str(output), "--out", str(output / "plots")])
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 aimkp bench [masked-embedding|grad-gram|train-step|breakdown|scaling|all] [--quick]
             [--device cpu|cuda] [--output DIR] [--trace FILE]
+            [--shape auto|tiny|llava7b|qwen2vl7b|7b]
 
 The benchmarks are the scripts in the repository's ``benchmarks/`` folder, not part of the
 installed package (they write result files and plots into the checkout, need matplotlib and
@@ -68,10 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", default=None, help="breakdown: torch.profiler trace file")
     parser.add_argument(
         "--shape",
-        choices=["auto", "tiny", *SHAPES],
+        choices=["auto", "tiny", *SHAPES, "7b"],
         default="auto",
         help="model of train-step / breakdown / scaling: auto = tiny preset on the CPU, "
-        "LLaVA-1.5-7B shapes (few layers) on a GPU; qwen2vl7b = Qwen2-VL-7B shapes",
+        "LLaVA-1.5-7B shapes (few layers) on a GPU; qwen2vl7b = Qwen2-VL-7B shapes; 7b = "
+        "each 7B shape in turn",
     )
 
 

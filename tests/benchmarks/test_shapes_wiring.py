@@ -53,3 +53,9 @@ def test_workload_runs_a_7b_shape(shape):
     assert "1/28 decoder layers" in w.shape or "1/32 decoder layers" in w.shape
     res = run_aimkp(w)
     assert res.n_rows == len(w.rows) and math.isfinite(res.loss)
+
+
+def test_7b_expands_to_every_7b_shape_for_the_step_benchmarks_only():
+    assert runner.shapes_of("breakdown", "7b") == ["llava7b", "qwen2vl7b"]
+    assert runner.shapes_of("grad-gram", "7b") == ["auto"]
+    assert runner.shapes_of("scaling", "qwen2vl7b") == ["qwen2vl7b"]

@@ -46,15 +46,21 @@ from aimkp.models.tokenizer import train_bpe_tokenizer
 
 IMAGE_SIZE = 64
 PATCH = 8
-# The 2-layer ViT shared by the tiny-llava (CLIP) and tiny-idefics3 (SigLIP-style) presets.
-TINY_VIT = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=IMAGE_SIZE,
-    patch_size=PATCH,
-)
+
+
+def tiny_vit() -> dict[str, Any]:
+    """The 2-layer ViT shared by the tiny-llava (CLIP) and tiny-idefics3 (SigLIP-style) presets,
+    at the current ``IMAGE_SIZE`` (read when a preset is built: the scaling benchmark builds
+    tiny-llava at other image sizes by setting it)."""
+    return dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
+    )
+
 
 QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -147,7 +153,7 @@ def llava_config(
 def build_tiny_llava(texts: Iterable[str] | None) -> tuple[nn.Module, Any, Any]:
     """``tiny-llava``: (LlavaForConditionalGeneration, tokenizer, CLIP image processor)."""
     tok = llava_tokenizer(texts)
-    vision = CLIPVisionConfig(**TINY_VIT, projection_dim=64)
+    vision = CLIPVisionConfig(**tiny_vit(), projection_dim=64)
     text = _tiny_llama_text_config(tok)
     cfg = llava_config(vision, text, tok, (IMAGE_SIZE // PATCH) ** 2, tie_word_embeddings=False)
     cfg.pad_token_id = tok.pad_token_id
@@ -278,7 +284,7 @@ def build_tiny_idefics3(texts: Iterable[str] | None) -> tuple[nn.Module, Any, An
         extra_special=specials[3:],
         chat_template=SMOLVLM_CHAT_TEMPLATE,
     )
-    vision = Idefics3VisionConfig(**TINY_VIT)
+    vision = Idefics3VisionConfig(**tiny_vit())
     text = _tiny_llama_text_config(tok)
     cfg = Idefics3Config(
         vision_config=vision,

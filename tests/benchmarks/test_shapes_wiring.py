@@ -1,5 +1,6 @@
 """The benchmarks' model shapes: ``--shape`` reaches each step benchmark's command line, and the
-workload of the breakdown / scaling benchmarks builds and runs a 7B shape (at CPU size)."""
+workload of the breakdown / scaling benchmarks builds and runs a 7B shape (at CPU size) and the
+tiny preset at the image sizes of the scaling axis."""
 
 from __future__ import annotations
 
@@ -59,3 +60,10 @@ def test_7b_expands_to_every_7b_shape_for_the_step_benchmarks_only():
     assert runner.shapes_of("breakdown", "7b") == ["llava7b", "qwen2vl7b"]
     assert runner.shapes_of("grad-gram", "7b") == ["auto"]
     assert runner.shapes_of("scaling", "qwen2vl7b") == ["qwen2vl7b"]
+
+
+def test_the_tiny_workload_takes_the_image_size_of_the_scaling_axis():
+    w = build_workload("tiny", batch_size=1, image_px=32)  # 4 x 4 patches of 8 px
+    assert w.samples[0].image_span[1] - w.samples[0].image_span[0] == 16
+    assert math.isfinite(run_aimkp(w).loss)
+    assert build_workload("tiny", batch_size=1).samples[0].grid == (8, 8)  # restored: 64 px

@@ -24,10 +24,11 @@ from types import ModuleType
 
 from aimkp.cli._common import check_device, check_output_dir, check_output_file
 from aimkp.errors import UsageError
-from aimkp.models.shapes import SHAPES
 
 HELP = "run the benchmarks (step breakdown, scaling, kernels) of a source checkout"
 NAMES = ["masked-embedding", "grad-gram", "train-step", "breakdown", "scaling", "all"]
+# benchmarks/runner.py's SHAPES, written out so that parsing the command imports no torch
+SHAPE_CHOICES = ["auto", "tiny", "llava7b", "qwen2vl7b", "7b"]
 
 
 def benchmarks_dir() -> pathlib.Path:
@@ -69,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", default=None, help="breakdown: torch.profiler trace file")
     parser.add_argument(
         "--shape",
-        choices=["auto", "tiny", *SHAPES, "7b"],
+        choices=SHAPE_CHOICES,
         default="auto",
         help="model of train-step / breakdown / scaling: auto = tiny preset on the CPU, "
         "LLaVA-1.5-7B shapes (few layers) on a GPU; qwen2vl7b = Qwen2-VL-7B shapes; 7b = "

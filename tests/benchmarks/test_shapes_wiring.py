@@ -67,3 +67,9 @@ def test_the_tiny_workload_takes_the_image_size_of_the_scaling_axis():
     assert w.samples[0].image_span[1] - w.samples[0].image_span[0] == 16
     assert math.isfinite(run_aimkp(w).loss)
     assert build_workload("tiny", batch_size=1).samples[0].grid == (8, 8)  # restored: 64 px
+
+
+def test_the_cli_offers_the_runners_shapes():
+    from aimkp.cli.bench import SHAPE_CHOICES
+
+    assert SHAPE_CHOICES == runner.SHAPES

@@ -60,16 +60,12 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from common import env_info, peak_memory_mb, print_table, time_fn, write_results  # noqa: E402
-from workload import image_tokens  # noqa: E402
+from workload import build_workload  # noqa: E402
 
 from aimkp.models.attention import apply_attention, last_kernel, resolve_attention  # noqa: E402
-from aimkp.models.precision import cast_frozen_base  # noqa: E402
-from aimkp.models.shapes import SHAPES, build_shaped  # noqa: E402
-from aimkp.train.pmm import StrideTable  # noqa: E402
 from aimkp.train.reference import reference_step  # noqa: E402
 from aimkp.train.step import (  # noqa: E402
     aimkp_step,
-    build_rows,
     forward_backward,
     plan_rows,
     sft_step,
@@ -132,51 +128,19 @@ def main() -> None:
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
 
-    from aimkp.data import load_dataset
-    from aimkp.models import load_model
-    from aimkp.models.lora import apply_lora
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = args.config
     if config == "auto":
         config = "gpu-llava7b" if device.startswith("cuda") else "cpu-tiny"
-    recs = list(load_dataset("default", "train"))[: args.batch_size]
-    texts = [r.text for r in recs] + [", ".join(r.keyphrases) for r in recs]
-    torch.manual_seed(0)
-    if config == "cpu-tiny":
-        loaded = load_model("tiny-llava", train_texts=texts, device=device, seed=0)
-        apply_lora(loaded, r=16, alpha=32, dropout=0.0)
-        bf16 = False
-        shape = "tiny-llava (Llama 128x2, CLIP 64x2, 8x8 image tokens), LoRA r=16, fp32"
-    else:
-        name = config.removeprefix("gpu-")
-        loaded = build_shaped(
-            name, layers=args.layers, vision_layers=args.vision_layers, texts=texts,
-            device=device, dtype=torch.float32,
-        )  # fmt: skip
-        apply_lora(loaded, r=128, alpha=256, dropout=0.0)
-        if device.startswith("cuda"):  # as `aimkp train --dtype auto` (autocast is CUDA-only)
-            cast_frozen_base(loaded, torch.bfloat16)
-        bf16 = True
-        shape = None  # named below, once the image tokens are known
-    loaded.model.train()
-    samples = [loaded.adapter.encode(r) for r in recs]
-    if shape is None:
-        shape = SHAPES[name].describe(args.layers, args.vision_layers, image_tokens(samples[0]))
-        base = "frozen base bf16" if device.startswith("cuda") else "fp32"
-        shape += f", LoRA r=128 (fp32), {base}"
+    big = config != "cpu-tiny"
+    w = build_workload(
+        config.removeprefix("gpu-") if big else "tiny", device=device,
+        batch_size=args.batch_size, lora_rank=128 if big else 16, layers=args.layers,
+        vision_layers=args.vision_layers,
+    )  # fmt: skip
+    loaded, samples, idx, table, rows = w.loaded, w.samples, w.indices, w.table, w.rows
+    bf16, shape, n_total, zero = w.bf16, w.shape, w.n_total, w.zero_grad
     B = len(samples)
-    idx = list(range(B))
-    n_total = float(sum(s.n_answer_tokens for s in samples))
-    table = StrideTable(B)
-    table.text[:] = 2
-    table.image[:] = 2
-    rows = build_rows(samples, idx, table)
-    params = [p for p in loaded.model.parameters() if p.requires_grad]
-
-    def zero() -> None:
-        for p in params:
-            p.grad = None
 
     all_rows: list[dict[str, Any]] = []
     modes = ["attention", "compact"] if args.mask_mode == "both" else [args.mask_mode]

@@ -70,7 +70,7 @@ def swap_in(tmp: pathlib.Path, final: pathlib.Path) -> None:
 def recover(final: pathlib.Path) -> None:
     """After a crash: put the old directory back when the crash came between the two renames
     of :func:`swap_in`, and remove temporary siblings a killed writer left (the caller owns the
-    run directory: see :mod:`aimkp.train.run_lock`)."""
+    run directory: see :mod:`aimkp.runs.lock`)."""
     old = _sibling(final, "old")
     if not final.exists() and old.is_dir():
         old.rename(final)

@@ -3,7 +3,7 @@
 Rows (each a forward + backward producing ``.grad``; the optimizer update is the same for all and
 is not timed):
 
-- ``sft``:            plain fine-tuning step on the B originals (``aimkp.train.step.sft_step``).
+- ``sft``:            plain fine-tuning step on the B originals (``aimkp.method.step.sft_step``).
 - ``plain-copies``:   the TOKEN FLOOR: a plain weighted forward + backward over exactly the R
                       rows the AimKP step trains on (originals + masked copies), built by the
                       same ``plan_rows`` (same keep masks, mask mode and padded / packed
@@ -62,15 +62,15 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from common import env_info, peak_memory_mb, print_table, time_fn, write_results  # noqa: E402
 from workload import build_workload  # noqa: E402
 
-from aimkp.models.attention import apply_attention, last_kernel, resolve_attention  # noqa: E402
-from aimkp.train.reference import reference_step  # noqa: E402
-from aimkp.train.step import (  # noqa: E402
+from aimkp.method.reference import reference_step  # noqa: E402
+from aimkp.method.step import (  # noqa: E402
     aimkp_step,
     forward_backward,
     plan_rows,
     sft_step,
     weighted_sum,
 )
+from aimkp.models.attention import apply_attention, last_kernel, resolve_attention  # noqa: E402
 
 
 def fed_tokens(loaded: Any, samples: list, rows: list, mode: str, device: str) -> dict[str, int]:
@@ -81,7 +81,7 @@ def fed_tokens(loaded: Any, samples: list, rows: list, mode: str, device: str) -
         batch = plan_rows(loaded, samples, rs, 1.0, mask_mode=mode, device=device).batch
         return batch.n_kept if batch.layout == "packed" else batch.num_rows * batch.max_seqlen
 
-    from aimkp.train.pmm import Copy
+    from aimkp.method.pmm import Copy
 
     originals = [Copy(b, None, 1) for b in range(len(samples))]
     many = fed(rows)

@@ -11,7 +11,7 @@ linear layer + the projector, random weights, fp32 on the CPU, and measures for 
 
 - the AimKP step's peak memory above the weights (torch profiler's CPU memory timeline, as in
   ``benchmarks/common.py``; CUDA: the allocator's peak), for each engine reweight storage
-  (``tokens``, ``rows``, ``auto``) and for the reference algorithm (``aimkp/train/reference.py``);
+  (``tokens``, ``rows``, ``auto``) and for the reference algorithm (``aimkp/method/reference.py``);
 - what the engine keeps per decoder layer: the stash tensors' bytes counted directly (storage
   de-duplicated), and the activations autograd saves inside that layer (saved-tensor hooks,
   weights excluded).
@@ -296,9 +296,9 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
     from common import peak_memory_mb
 
-    from aimkp.train.pmm import StrideTable
-    from aimkp.train.reference import reference_step
-    from aimkp.train.step import aimkp_step
+    from aimkp.method.pmm import StrideTable
+    from aimkp.method.reference import reference_step
+    from aimkp.method.step import aimkp_step
 
     loaded, samples, _ = _build(args)
     model = loaded.model
@@ -476,9 +476,9 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[st
 def auto_choices(m: dict[str, Any], batch: int) -> list[str]:
     """What ``--reweight auto`` picks on each of :data:`DEVICE_GB` for the extrapolated full-depth
     step (``m``: a measured row, see :func:`extrapolate`): its rule
-    (``aimkp.train.correction.auto_way``) on the stash (bf16 tokens, fp32 per-row gradients)
+    (``aimkp.method.correction.auto_way``) on the stash (bf16 tokens, fp32 per-row gradients)
     against the memory left by the weights and the LoRA state."""
-    from aimkp.train.correction import auto_way
+    from aimkp.method.correction import auto_way
 
     e = extrapolate(m, *_at(m, batch))
     half = 2 / m.get("act_bytes", 4)

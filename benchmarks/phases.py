@@ -2,7 +2,7 @@
 
 While :func:`instrumented` is active, spans are recorded around:
 
-- ``collate``: ``aimkp.train.step.plan_rows`` (rows, keep masks, collated batch);
+- ``collate``: ``aimkp.method.step.plan_rows`` (rows, keep masks, collated batch);
 - ``embedding_masking``: the fused masked-embedding op (the ``aimkp.models.forward`` global, or
   forward pre/post hooks on a ``MaskedEmbedding`` module when the table is trainable);
 - ``vision_tower`` / ``projector`` / ``language_model``: forward pre/post hooks on the adapter's
@@ -10,7 +10,7 @@ While :func:`instrumented` is active, spans are recorded around:
   embedding; the projector runs after the tower, outside it);
 - ``forward``: ``aimkp.models.forward_rows`` as a whole; ``head_loss`` is what it spends outside
   the four spans above (lm_head, cross-entropy, scatter of padded rows);
-- ``forward_backward``: ``aimkp.train.step.forward_backward``; ``backward`` is it minus
+- ``forward_backward``: ``aimkp.method.step.forward_backward``; ``backward`` is it minus
   ``forward`` (autograd, with the engine's backward hooks when the engine is on);
 - ``step``: the whole ``aimkp_step`` call; ``filter_reweight`` is it minus ``collate`` and
   ``forward_backward`` (engine enter / exit, ``gf.decide``, ``gram.reweight``, the checks).
@@ -97,9 +97,9 @@ def _hook_module(stack: contextlib.ExitStack, module: torch.nn.Module, name: str
 @contextlib.contextmanager
 def instrumented(loaded: Any, spans: Spans) -> Iterator[Spans]:
     """Record the spans of every step run inside (module docstring) into ``spans``."""
+    import aimkp.method.step as step
     import aimkp.models
     import aimkp.models.forward as fwd
-    import aimkp.train.step as step
     from aimkp.ops import MaskedEmbedding
 
     adapter = loaded.adapter

@@ -82,12 +82,12 @@ def build_workload(
 ) -> Workload:
     """Build the model (seed 0), LoRA ``lora_rank`` (alpha 2r), the encoded samples and rows.
     ``overrides``: config fields of a 7B shape replaced (``aimkp.models.shapes``; tests)."""
+    from aimkp.method.pmm import StrideTable
+    from aimkp.method.step import build_rows
     from aimkp.models import load_model
     from aimkp.models.lora import apply_lora
     from aimkp.models.precision import cast_frozen_base
     from aimkp.models.shapes import SHAPES, build_shaped
-    from aimkp.train.pmm import StrideTable
-    from aimkp.train.step import build_rows
 
     recs = _records(batch_size, text_repeat)
     texts = [r.text for r in recs] + [", ".join(r.keyphrases) for r in recs]
@@ -134,7 +134,7 @@ def build_workload(
 
 def run_aimkp(w: Workload) -> Any:
     """One AimKP micro-step (``aimkp_step``, strides not advanced); returns its StepResult."""
-    from aimkp.train.step import aimkp_step
+    from aimkp.method.step import aimkp_step
 
     w.zero_grad()
     return aimkp_step(
@@ -146,7 +146,7 @@ def run_aimkp(w: Workload) -> Any:
 def run_token_floor(w: Workload) -> int:
     """The AimKP step's token floor: a plain forward + backward (no engine, no filter) over the
     same rows, collated the same way (``plan_rows``); returns the kept tokens it fed."""
-    from aimkp.train.step import forward_backward, plan_rows, weighted_sum
+    from aimkp.method.step import forward_backward, plan_rows, weighted_sum
 
     w.zero_grad()
     plan = plan_rows(w.loaded, w.samples, w.rows, w.n_total, device=w.device)
@@ -156,7 +156,7 @@ def run_token_floor(w: Workload) -> int:
 
 def run_sft(w: Workload) -> Any:
     """One plain fine-tuning micro-step on the B originals (``sft_step``)."""
-    from aimkp.train.step import sft_step
+    from aimkp.method.step import sft_step
 
     w.zero_grad()
     return sft_step(w.loaded, w.samples, w.n_total, device=w.device, bf16=w.bf16)

@@ -3,7 +3,7 @@
 The settings ``text_hidden`` / ``image_hidden`` (:mod:`aimkp.data.corrupt`) leave the records as
 they are and name the modality in ``record.meta["hidden_modality"]``; this module decodes them
 with the masked copy's form that Progressive Modality Masking trains on at a stride beyond the
-span: the keep mask of :func:`aimkp.train.pmm.build_keep` keeps ONE text token (the last) or ONE
+span: the keep mask of :func:`aimkp.method.pmm.build_keep` keeps ONE text token (the last) or ONE
 image token (the last grid cell); hidden tokens are dropped by the fused
 :func:`aimkp.ops.masked_embedding` (``compact=True``) and every kept token keeps the position id
 of the unmasked sequence, collated by :func:`aimkp.models.forward.collate_rows` exactly as a
@@ -38,7 +38,7 @@ _BEYOND_SPAN = 1 << 30
 def hidden_keep(sample: Any, kind: str | None) -> Tensor:
     """Keep mask BoolTensor ``[T]``: ``kind`` hidden except its last token (all kept when the
     sample has no such span, or ``kind`` is None)."""
-    from aimkp.train.pmm import build_keep, has_image, has_text
+    from aimkp.method.pmm import build_keep, has_image, has_text
 
     if kind is None or not (has_text(sample) if kind == "text" else has_image(sample)):
         return build_keep(sample, None)

@@ -1,5 +1,5 @@
 """AimKP as a ``transformers.Trainer``: the Trainer's loop, logging, checkpoints and DDP, with
-the AimKP micro-step (:func:`aimkp.train.step.aimkp_step`) as its training step.
+the AimKP micro-step (:func:`aimkp.method.step.aimkp_step`) as its training step.
 
 >>> loaded = load_model("tiny-llava", train_texts=texts); apply_lora(loaded, r=8)
 >>> trainer = AimKPTrainer(loaded, args=TrainingArguments(...), aimkp_args=AimKPArguments(),
@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from aimkp.method.pmm import StrideTable
 from aimkp.train.config import REWEIGHT_WAYS
-from aimkp.train.pmm import StrideTable
 from aimkp.train.stats import EpochStats
 
 if TYPE_CHECKING:
@@ -312,8 +312,8 @@ class AimKPTrainerMixin:
         ranks' gradients are summed after the last micro-step. Returns the detached loss (the
         micro-step's share of the global batch's mean answer CE, times the world size, so
         that Trainer's mean over ranks logs the global mean)."""
+        from aimkp.method.step import aimkp_step
         from aimkp.train.distributed import all_reduce_grads
-        from aimkp.train.step import aimkp_step
 
         model.train()
         a, n_total = self.aimkp_args, float(num_items_in_batch)

@@ -23,7 +23,7 @@ MASK_MODES = ("compact", "attention", "auto")
 ATTN = ("auto", "sdpa", "varlen", "flash", "eager")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 GF_REDUCE = ("mean", "sum")
-REWEIGHT_WAYS = ("auto", "stash", "correction")  # --reweight: aimkp.train.correction
+REWEIGHT_WAYS = ("auto", "stash", "correction")  # --reweight: aimkp.method.correction
 REPORT_TO = ("auto", "tensorboard", "wandb", "none")
 
 

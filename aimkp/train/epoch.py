@@ -22,13 +22,13 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from aimkp.method.nonfinite import grads_finite
+from aimkp.method.step import StepResult, aimkp_step, sft_step
+from aimkp.runs.signals import StopRequest, exit_status
+from aimkp.runs.step_log import StepLog
 from aimkp.train import distributed as D
-from aimkp.train.nonfinite import grads_finite
 from aimkp.train.run import Progress, TrainRun
-from aimkp.train.signals import StopRequest, exit_status
 from aimkp.train.stats import EpochStats
-from aimkp.train.step import StepResult, aimkp_step, sft_step
-from aimkp.train.step_log import StepLog
 
 log = logging.getLogger("aimkp.train")
 
@@ -196,7 +196,7 @@ def after_step(run: TrainRun, stats: EpochStats, seconds: float, stop: StopReque
     """The hooks after each optimizer step: on SIGINT / SIGTERM save ``OUTPUT/last`` and exit
     (130 / 143); every ``--save-every`` steps a mid-epoch ``OUTPUT/last`` (the epoch's last
     step is saved by the end of the epoch)."""
-    from aimkp.train.checkpoints import save_last
+    from aimkp.runs.checkpoints import save_last
 
     p, cfg = run.progress, run.cfg
     signum = None if stop is None else stop.agreed(run.ctx)

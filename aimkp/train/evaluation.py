@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from aimkp.train.step import autocast_ctx
+from aimkp.method.step import autocast_ctx
 
 if TYPE_CHECKING:
     from aimkp.data import Record

@@ -13,7 +13,7 @@ each epoch: totals over the ranks, greedy decoding on the validation split score
 protocol (:mod:`aimkp.train.evaluation`), best checkpoint by F1@1 + F1@3 + MAP@5
 (``OUTPUT/best``), latest with the full training state (``OUTPUT/last``), one row per epoch in
 ``OUTPUT/metrics.csv`` (and the ``--report-to`` reporter), every ``--logging-steps`` optimizer
-steps a row of ``OUTPUT/steps.csv`` (:mod:`aimkp.train.step_log`); after the last epoch the optional
+steps a row of ``OUTPUT/steps.csv`` (:mod:`aimkp.runs.step_log`); after the last epoch the optional
 test-split comparison with the majority and untrained baselines.
 """
 
@@ -23,7 +23,10 @@ import logging
 import os
 from typing import Any
 
-from aimkp.train.checkpoints import check_free_space, save_last, save_model
+from aimkp.runs.checkpoints import check_free_space, save_last, save_model
+from aimkp.runs.metrics_log import MetricsLog
+from aimkp.runs.signals import StopRequest
+from aimkp.runs.step_log import StepLog
 from aimkp.train.config import TrainConfig
 from aimkp.train.epoch import BackendLog, run_epoch
 from aimkp.train.evaluation import (
@@ -33,7 +36,6 @@ from aimkp.train.evaluation import (
     print_comparison,
     score_predictions,
 )
-from aimkp.train.metrics_log import MetricsLog
 from aimkp.train.run import (
     TrainRun,
     build_optimizer,
@@ -42,9 +44,7 @@ from aimkp.train.run import (
     resume,
     set_up,
 )
-from aimkp.train.signals import StopRequest
 from aimkp.train.stats import EpochStats
-from aimkp.train.step_log import StepLog
 
 __all__ = [
     "build_optimizer",
@@ -62,7 +62,7 @@ log = logging.getLogger("aimkp.train")
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training as configured; returns a summary dict (history, best score, paths). The run
     directory is locked for the run (rank 0; a second run into it is refused)."""
-    from aimkp.train.run_lock import run_lock
+    from aimkp.runs.lock import run_lock
 
     with run_lock(cfg.output, enabled=int(os.environ.get("RANK", "0") or 0) == 0):
         return _train(cfg)
@@ -89,11 +89,11 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
 
 def read_resume_state(cfg: TrainConfig) -> tuple[dict[str, Any] | None, list[str]]:
     """With ``--resume``: the saved training state and the accepted option changes (UsageError
-    naming every refused one, see :mod:`aimkp.train.resume_check`)."""
+    naming every refused one, see :mod:`aimkp.runs.resume_check`)."""
     if not cfg.resume:
         return None, []
-    from aimkp.train.resume_check import check_resume_options
-    from aimkp.train.state import read_train_state
+    from aimkp.runs.resume_check import check_resume_options
+    from aimkp.runs.state import read_train_state
 
     state = read_train_state(cfg.resume)
     return state, check_resume_options(state["config"], cfg)
@@ -164,7 +164,7 @@ def epoch_row(run: TrainRun, epoch: int, stats: EpochStats, seconds: float) -> d
 def validate_and_select(run: TrainRun, epoch: int) -> dict[str, float]:
     """Validation scores (``valid_*``); a new best score saves ``OUTPUT/best`` and keeps the
     trainable weights for the final test comparison."""
-    from aimkp.train.state import trainable_state
+    from aimkp.runs.state import trainable_state
 
     ev = evaluate(run.loaded, run.valid_records, run.cfg)
     p = run.progress
@@ -202,7 +202,7 @@ def compare_on_test(
 ) -> dict[str, dict[str, float]]:
     """Score the best epoch's weights on the test split next to the baselines; print the table
     and write ``OUTPUT/baselines.csv``."""
-    from aimkp.train.state import load_trainable_state
+    from aimkp.runs.state import load_trainable_state
 
     recs = load_test_split(run.cfg)
     if run.best_state is not None:

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from aimkp.method.nonfinite import SkipGuard
+from aimkp.method.pmm import StrideTable
 from aimkp.train.config import TrainConfig
-from aimkp.train.nonfinite import SkipGuard
-from aimkp.train.pmm import StrideTable
 
 if TYPE_CHECKING:
     from aimkp.data import Record
@@ -226,7 +226,7 @@ def set_up(cfg: TrainConfig) -> TrainRun:
 def resume(run: TrainRun, st: dict[str, Any], directory: str) -> None:
     """Restore weights, optimizer, schedule, strides, RNG and progress from the training state
     ``st`` read from ``directory``."""
-    from aimkp.train.state import restore_train_state
+    from aimkp.runs.state import restore_train_state
 
     restore_train_state(
         st,

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from aimkp.method.step import StepResult
     from aimkp.train.distributed import DistContext
-    from aimkp.train.step import StepResult
 
 
 @dataclass

@@ -18,8 +18,8 @@ from tests.helpers.models import (
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
 import memory_plan as M  # noqa: E402
 
-from aimkp.train.pmm import StrideTable  # noqa: E402
-from aimkp.train.step import aimkp_step  # noqa: E402
+from aimkp.method.pmm import StrideTable  # noqa: E402
+from aimkp.method.step import aimkp_step  # noqa: E402
 
 
 def test_tensor_bytes_counts_each_storage_once():

@@ -121,7 +121,7 @@ def test_model_directory_checks(capsys, tmp_path) -> None:
 
 def test_tokenizer_that_does_not_match_the_model() -> None:
     from aimkp.errors import UsageError
-    from aimkp.models import _check_tokenizer
+    from aimkp.models.loading import _check_tokenizer
 
     model = torch.nn.Module()
     model.get_input_embeddings = lambda: torch.nn.Embedding(10, 2)

@@ -8,7 +8,7 @@ from PIL import Image
 
 import aimkp.models
 from aimkp.data import Record
-from aimkp.train.pmm import StrideTable
+from aimkp.method.pmm import StrideTable
 
 WORDS = "red blue green circle square tree cat dog house sun moon star flower car boat".split()
 

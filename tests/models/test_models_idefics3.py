@@ -123,10 +123,10 @@ def test_compact_equals_attention_losses_and_grads():
 
 def test_aimkp_step_matches_reference():
     """Per-row connector gradients (engine module_rows on the post-shuffle linear) are exact."""
+    from aimkp.method.pmm import StrideTable
+    from aimkp.method.reference import reference_step
+    from aimkp.method.step import aimkp_step, plan_rows
     from aimkp.models.lora import apply_lora
-    from aimkp.train.pmm import StrideTable
-    from aimkp.train.reference import reference_step
-    from aimkp.train.step import aimkp_step, plan_rows
 
     recs = _records(3, seed=2)
     loaded = load_model(NAME, train_texts=[r.text for r in recs], seed=2)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from aimkp.method.pmm import StrideTable
+from aimkp.method.step import aimkp_step
 from aimkp.models import precision as P
-from aimkp.train.pmm import StrideTable
-from aimkp.train.step import aimkp_step
 from tests.helpers.cuda import requires_cuda
 from tests.helpers.models import (
     _one_thread,  # noqa: F401 - autouse: single-threaded tests

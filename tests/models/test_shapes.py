@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from aimkp.errors import UsageError
+from aimkp.method.pmm import StrideTable
+from aimkp.method.step import aimkp_step
 from aimkp.models.lora import apply_lora
 from aimkp.models.presets import qwen_tokenizer, qwen_vl_config
 from aimkp.models.shapes import SHAPES, build_shaped, qwen2vl7b_text, qwen2vl7b_vision
-from aimkp.train.pmm import StrideTable
-from aimkp.train.step import aimkp_step
 from tests.helpers.models import (
     KEYPHRASES,
     TEXTS,

@@ -77,7 +77,7 @@ def _error_lines(capsys) -> list[str]:
 
 
 def test_too_little_free_space_is_named_before_the_first_step(tmp_path, monkeypatch, capsys):
-    import aimkp.train.checkpoints as C
+    import aimkp.runs.checkpoints as C
     from aimkp.cli import main
 
     Usage = namedtuple("Usage", "total used free")
@@ -92,9 +92,9 @@ def test_too_little_free_space_is_named_before_the_first_step(tmp_path, monkeypa
 
 
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
-    import aimkp.train.checkpoints as C
+    import aimkp.runs.checkpoints as C
     from aimkp.cli import main
-    from aimkp.train.state import read_train_state
+    from aimkp.runs.state import read_train_state
 
     real = C._write_state
     calls = []

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from aimkp.train.state import read_train_state
+from aimkp.runs.state import read_train_state
 
 ARGS = [
     "--preset", "tiny-llava", "--data", "default", "--max-train-samples", "8",

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from aimkp.errors import UsageError
-from aimkp.train.run_lock import LOCK_FILE, acquire, release, run_lock
+from aimkp.runs.lock import LOCK_FILE, acquire, release, run_lock
 
 
 def _write_lock(out, pid: int, host: str | None = None) -> None:

@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
+from aimkp.runs.state import read_train_state
 from aimkp.train.config import TrainConfig
 from aimkp.train.loop import train
-from aimkp.train.state import read_train_state
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -133,10 +133,10 @@ def test_epoch_stats_add_and_row() -> None:
     """EpochStats sums micro-steps by field; rates are NaN when no copy of that kind was made."""
     import math
 
-    from aimkp.train.gf import decide
-    from aimkp.train.pmm import TEXT, Copy
+    from aimkp.method.gf import decide
+    from aimkp.method.pmm import TEXT, Copy
+    from aimkp.method.step import StepResult
     from aimkp.train.stats import EpochStats
-    from aimkp.train.step import StepResult
 
     rows = [Copy(0, None, 1), Copy(0, TEXT, 2), Copy(1, None, 1), Copy(1, TEXT, 2)]
     d = decide(rows, torch.tensor([0.5, -0.5]), 6.0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from aimkp.errors import NonFiniteError
-from aimkp.train.step import aimkp_step, build_rows, sft_step
+from aimkp.method.step import aimkp_step, build_rows, sft_step
 from tests.helpers.models import _one_thread  # noqa: F401 - autouse: single-threaded tests
 from tests.helpers.train import lora_tiny_llava, mixed_strides
 from tests.helpers.train import poison_row_loss as _poison
@@ -121,8 +121,8 @@ def test_k_skipped_steps_in_a_row_stop_the_run(tmp_path, monkeypatch, capsys) ->
 
 
 def test_huge_lr_ends_finite_or_stops_with_the_message(tmp_path) -> None:
+    from aimkp.method.nonfinite import nonfinite_params
     from aimkp.train.loop import train
-    from aimkp.train.nonfinite import nonfinite_params
 
     cfg = _cfg(
         tmp_path / "r",
@@ -143,7 +143,7 @@ def test_huge_lr_ends_finite_or_stops_with_the_message(tmp_path) -> None:
 
 
 def test_no_checkpoint_with_a_non_finite_weight(setup, tmp_path) -> None:
-    from aimkp.train.nonfinite import check_finite_weights
+    from aimkp.method.nonfinite import check_finite_weights
 
     loaded, _ = setup
     model = copy.deepcopy(loaded.model)

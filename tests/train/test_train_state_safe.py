@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from aimkp.errors import CheckpointError
+from aimkp.method.pmm import StrideTable
+from aimkp.runs.state import read_train_state, restore_train_state, save_train_state
 from aimkp.train.config import TrainConfig
 from aimkp.train.loop import build_scheduler
-from aimkp.train.pmm import StrideTable
-from aimkp.train.state import read_train_state, restore_train_state, save_train_state
 
 MARKER_NAME = "pwned"
 

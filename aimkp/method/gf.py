@@ -1,6 +1,6 @@
 """Gradient-based Filtering (GF): keep decisions and per-row loss weights of one AimKP step.
 
-Rows of a step are copies of the batch's samples (see :mod:`aimkp.train.pmm`); row r belongs to
+Rows of a step are copies of the batch's samples (see :mod:`aimkp.method.pmm`); row r belongs to
 sample i = ``row_sample[r]`` which has K_i rows and n_i answer tokens; N is the number of answer
 tokens of the whole (accumulated, global) batch. The loss behind each row is ``loss_sum_r``, the
 SUM of the answer-token cross-entropies of that row.
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aimkp.train.pmm import IMAGE, TEXT, Copy
+from aimkp.method.pmm import IMAGE, TEXT, Copy
 
 
 @dataclass

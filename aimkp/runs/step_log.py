@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 from aimkp.train.stats import EpochStats
 
 if TYPE_CHECKING:
+    from aimkp.method.step import StepResult
     from aimkp.train.reporting import Reporter
     from aimkp.train.run import TrainRun
-    from aimkp.train.step import StepResult
 
 COLUMNS = ("step", "epoch", "loss", "lr", "tokens_per_s", "text_kept_rate", "image_kept_rate",
            "grad_norm", "skipped_steps")  # fmt: skip

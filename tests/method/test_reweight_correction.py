@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from aimkp.method.correction import choose_reweight, stash_bytes
+from aimkp.method.nonfinite import grads_finite
+from aimkp.method.step import aimkp_step, build_rows
 from aimkp.train.config import TrainConfig
-from aimkp.train.correction import choose_reweight, stash_bytes
-from aimkp.train.nonfinite import grads_finite
-from aimkp.train.step import aimkp_step, build_rows
 from tests.helpers.models import _one_thread  # noqa: F401 - autouse: single-threaded tests
 from tests.helpers.train import (
     lora_tiny_llava,
@@ -243,7 +243,7 @@ def test_loop_passes_the_flag_and_logs_the_way(tmp_path, caplog, monkeypatch) ->
         m = out["model"]
         return {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
 
-    import aimkp.train.correction as correction
+    import aimkp.method.correction as correction
 
     passes: list[int] = []
     real = correction.correction_backward
@@ -268,7 +268,7 @@ def test_auto_keeps_the_stash_while_dropout_is_active(monkeypatch):
     import torch
     from torch import nn
 
-    from aimkp.train import correction as C
+    from aimkp.method import correction as C
 
     model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.05)).train()
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (1, 10**12))  # no room: correction

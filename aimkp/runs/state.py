@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from aimkp.errors import CheckpointError, UsageError
-from aimkp.train.pmm import StrideTable
+from aimkp.method.pmm import StrideTable
 
 STATE_FILE = "train_state.pt"
 

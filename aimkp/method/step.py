@@ -21,7 +21,7 @@ between the forward and the backward, and a step with a non-finite loss re-runs 
 backward over the finite samples only (:func:`finite_only_backward`). Either way the excluded
 rows are counted in ``StepResult.nonfinite_rows``.
 
-``reweight="correction"`` (``--reweight``, :mod:`aimkp.train.correction`) replaces the stash:
+``reweight="correction"`` (``--reweight``, :mod:`aimkp.method.correction`) replaces the stash:
 the engine keeps only norms / dots, the losses are checked before the backward (a non-finite one:
 no backward, re-run over the finite samples), and after the decision one more forward + backward
 over the affected samples' rows with weights ``w - w0`` makes ``.grad`` the kept set's gradient.
@@ -37,9 +37,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from aimkp.method.gf import GFDecision, decide, pairs_of, provisional_weights
+from aimkp.method.pmm import Copy, StrideTable, build_keep
 from aimkp.models.adapter import EncodedSample
-from aimkp.train.gf import GFDecision, decide, pairs_of, provisional_weights
-from aimkp.train.pmm import Copy, StrideTable, build_keep
 
 if TYPE_CHECKING:
     from aimkp.models import LoadedModel, RowBatch, RowLosses
@@ -338,10 +338,10 @@ def aimkp_step(
     (``sum`` over kept copies with ``reduce="sum"``). Strides of the visited samples are updated.
     ``reweight``: how ``.grad`` gets the final weights, ``"stash"``, ``"correction"`` (a second
     forward + backward over the affected samples, no stash) or ``"auto"`` (by memory); see
-    :mod:`aimkp.train.correction`.
+    :mod:`aimkp.method.correction`.
     """
     from aimkp.engine import per_sample_grad_gram
-    from aimkp.train.correction import REWEIGHT_WAYS, choose_reweight, correction_backward
+    from aimkp.method.correction import REWEIGHT_WAYS, choose_reweight, correction_backward
 
     if n_total <= 0:
         raise ValueError(f"total answer tokens must be > 0, got {n_total}")
@@ -433,7 +433,7 @@ def aimkp_step(
         # a row whose loss is finite (non-finite losses ran no backward) but whose gradient is
         # not: its NaN / inf is in .grad already and no correction can subtract it, so no pass
         # runs; the step's gradient stays non-finite and the loop skips the optimizer step
-        # (aimkp.train.nonfinite.SkipGuard) instead of letting it reach the weights
+        # (aimkp.method.nonfinite.SkipGuard) instead of letting it reach the weights
         log.warning("non-finite gradient with --reweight correction: optimizer step lost")
     elif way == "correction":
         correction_rows = correction_backward(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aimkp.train.gf import decide, pairs_of, provisional_weights, robust_z
-from aimkp.train.pmm import IMAGE, TEXT, Copy
+from aimkp.method.gf import decide, pairs_of, provisional_weights, robust_z
+from aimkp.method.pmm import IMAGE, TEXT, Copy
 
 # sample 0: orig + text + image; sample 1: orig only; sample 2: orig + image
 ROWS = [

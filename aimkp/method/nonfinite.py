@@ -1,6 +1,6 @@
 """Non-finite values never reach the weights: the optimizer-step guard and the save guard.
 
-The micro-steps already leave non-finite rows out of ``.grad`` (:mod:`aimkp.train.step`). What
+The micro-steps already leave non-finite rows out of ``.grad`` (:mod:`aimkp.method.step`). What
 is left here: an optimizer step whose summed gradient is still non-finite (or that kept no row
 at all) is skipped (no AdamW step, gradients cleared); ``max_skipped_steps`` skipped steps in a
 row stop the run with :class:`~aimkp.errors.NonFiniteError` (exit 3); and no checkpoint is written

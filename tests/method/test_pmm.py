@@ -9,7 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aimkp.train.pmm import (
+from aimkp.method.pmm import (
     IMAGE,
     TEXT,
     StrideTable,

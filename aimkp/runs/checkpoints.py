@@ -27,7 +27,7 @@ SPACE_MARGIN = 1.1  # free space wanted: the estimated checkpoint bytes times th
 def save_model(run: TrainRun, name: str, extra: dict[str, Any]) -> None:
     """``OUTPUT/<name>``: the model (LoRA: a peft adapter naming one copy of a preset's initial
     base per run, ``OUTPUT/base``). Refused when a trainable weight is non-finite."""
-    from aimkp.train.nonfinite import check_finite_weights
+    from aimkp.method.nonfinite import check_finite_weights
 
     check_finite_weights(run.model, str(run.out / name))
     with atomic_dir(run.out / name) as tmp:
@@ -44,7 +44,7 @@ def save_last(run: TrainRun, partial: dict[str, Any] | None = None) -> None:
     """``OUTPUT/last``: the model and the full training state at ``run.progress`` (mid-epoch
     when ``progress.epoch_step`` > 0; ``partial``: the epoch's totals so far). With
     ``--keep-last`` also a copy as ``OUTPUT/step-NNNNNN``."""
-    from aimkp.train.nonfinite import check_finite_weights
+    from aimkp.method.nonfinite import check_finite_weights
 
     p = run.progress
     check_finite_weights(run.model, str(run.out / "last"))
@@ -56,7 +56,7 @@ def save_last(run: TrainRun, partial: dict[str, Any] | None = None) -> None:
 
 
 def _write_state(run: TrainRun, directory: pathlib.Path, partial: dict[str, Any] | None) -> None:
-    from aimkp.train.state import save_train_state
+    from aimkp.runs.state import save_train_state
 
     p = run.progress
     save_train_state(

@@ -26,9 +26,9 @@ from torch import nn
 from aimkp.train.config import REWEIGHT_WAYS
 
 if TYPE_CHECKING:
+    from aimkp.method.step import StepRows
     from aimkp.models import LoadedModel
     from aimkp.models.adapter import EncodedSample
-    from aimkp.train.step import StepRows
 
 __all__ = ["REWEIGHT_WAYS", "auto_way", "choose_reweight", "correction_backward", "stash_bytes"]
 
@@ -109,7 +109,7 @@ def correction_backward(
     Every row of an affected sample is run (its original too: the rows' plan needs it) and
     rebuilt with the same copy and stride, so its keep mask is the first pass's. Returns the rows
     run (0: nothing to correct, no pass)."""
-    from aimkp.train.step import forward_backward, plan_rows, weighted_sum
+    from aimkp.method.step import forward_backward, plan_rows, weighted_sum
 
     affected = affected_samples(plan, weights)
     if not affected:

@@ -1,5 +1,5 @@
 """The published AimKP algorithm, as its reference code runs it: the oracle and the benchmark
-baseline for :func:`aimkp.train.step.aimkp_step`.
+baseline for :func:`aimkp.method.step.aimkp_step`.
 
 Per sample (batch size 1): one forward per copy (original, text copy, image copy), then one backward
 per copy with the graph retained, a clone of every trainable gradient per copy, the cosine of the
@@ -7,7 +7,7 @@ flattened gradients of each copy with the original's, the filter (``cos < tau`` 
 ``n_i * mean_{kept} grad`` (or the sum, ``reduce="sum"``) added to an accumulator that is divided
 by the batch's answer-token count ``n_total`` at the end. Cost: K forwards, K backwards and K full
 gradient copies per sample. The decision and the PMM stride update are coded here independently of
-:mod:`aimkp.train.gf` so the test compares two implementations.
+:mod:`aimkp.method.gf` so the test compares two implementations.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from aimkp.train.pmm import IMAGE, TEXT, StrideTable, build_keep, has_image, has_text
-from aimkp.train.step import StepResult, autocast_ctx
+from aimkp.method.pmm import IMAGE, TEXT, StrideTable, build_keep, has_image, has_text
+from aimkp.method.step import StepResult, autocast_ctx
 
 if TYPE_CHECKING:
     from aimkp.models import LoadedModel

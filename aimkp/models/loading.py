@@ -1,0 +1,162 @@
+"""Loading a model spec (a preset, a local checkpoint directory or a hub id in the local cache)
+into a :class:`LoadedModel`: the model with its tokenizer, image processor and adapter."""
+
+from __future__ import annotations
+
+import pathlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from aimkp.errors import UsageError
+from aimkp.models.adapter import MLLMAdapter, get_adapter
+from aimkp.models.attention import apply_attention
+from aimkp.models.checkpoint import ADAPTER_CONFIG
+from aimkp.models.hub import looks_like_hub_id, resolve_hub_id
+
+
+@dataclass
+class LoadedModel:
+    """A model with everything needed around it.
+
+    Attributes:
+        model: the HF model (after :func:`aimkp.models.lora.apply_lora`, a peft wrapper).
+        tokenizer: ``PreTrainedTokenizerFast``.
+        image_processor: the architecture's image processor.
+        adapter: the :class:`MLLMAdapter` bound to the three above.
+        preset: preset name when built from one (kept in checkpoints), else None.
+        info: free-form facts (source path, attention implementation, ...).
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    image_processor: Any
+    adapter: MLLMAdapter
+    preset: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def set_model(self, model: nn.Module) -> None:
+        """Replace the model (e.g. by its peft wrapper) and rebind the adapter."""
+        self.model = model
+        self.adapter.model = model
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.embed_tokens.weight.device
+
+
+def _attn_name(attn: str, device: torch.device | str | None = None) -> str:
+    from aimkp.models.attention import resolve_attention
+
+    return resolve_attention(attn, device)
+
+
+def check_model_spec(spec: str | pathlib.Path) -> str:
+    """``spec`` as a string when it is a preset name or a local checkpoint directory (one with a
+    ``config.json``); a :class:`~aimkp.errors.UsageError` naming it otherwise. Reads no weights."""
+    from aimkp.models.presets import PRESETS
+
+    spec_s = str(spec)
+    if spec_s in PRESETS:
+        return spec_s
+    p = pathlib.Path(spec_s)
+    if not p.exists() and looks_like_hub_id(spec_s):
+        p = resolve_hub_id(spec_s)  # the local cache only; a UsageError when it is not there
+    elif not p.exists():
+        raise UsageError(
+            f"model spec {spec_s!r} is neither a preset ({sorted(PRESETS)}), a local directory "
+            "nor a hub id org/name in the local cache (nothing is downloaded)"
+        )
+    if p.is_dir() and (p / "config.json").is_file():
+        _check_model_type(p / "config.json")
+    elif p.is_dir() and (p / ADAPTER_CONFIG).is_file():
+        from aimkp.models.peft_io import adapter_base_name, resolve_base
+
+        resolve_base(adapter_base_name(p), p)  # the base it names must be here too
+    else:
+        raise UsageError(
+            f"{spec_s}: no config.json and no {ADAPTER_CONFIG}; not a model checkpoint directory"
+        )
+    return spec_s
+
+
+def _check_model_type(config_file: pathlib.Path) -> None:
+    import json
+
+    from aimkp.models.adapter import adapter_class
+
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise UsageError(f"{config_file}: not a readable JSON object ({exc})") from None
+    try:
+        adapter_class(str(model_type))
+    except ValueError as exc:  # the registry's "no adapter for model_type ..." and nothing else
+        raise UsageError(f"{config_file}: {exc}") from None
+
+
+def _check_tokenizer(spec: str, model: nn.Module, tok: Any) -> None:
+    """A tokenizer whose ids run past the model's input embedding rows belongs to another model."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tok) > rows:
+        raise UsageError(
+            f"{spec}: the tokenizer has {len(tok)} tokens but the model's input embedding has "
+            f"{rows} rows: tokenizer and model do not belong together"
+        )
+
+
+def load_model(
+    spec: str | pathlib.Path,
+    *,
+    train_texts: list[str] | None = None,
+    dtype: torch.dtype | None = None,
+    attn: str = "sdpa",
+    device: torch.device | str | None = None,
+    seed: int = 0,
+) -> LoadedModel:
+    """Load a preset (``tiny-llava``, ``tiny-qwen2vl``, ``tiny-qwen25vl``, ``tiny-idefics3``) or
+    a LOCAL checkpoint directory.
+
+    Args:
+        spec: preset name, an aimkp checkpoint written by ``save_checkpoint`` (full weights or
+            a peft adapter), a local Hugging Face LLaVA / Qwen2-VL / Qwen2.5-VL / Idefics3
+            (SmolVLM) directory, or a hub id (``llava-hf/llava-1.5-7b-hf``) resolved from the
+            local Hugging Face cache. Nothing is ever downloaded.
+        train_texts: texts the preset tokenizer is trained on (default: the default dataset).
+        dtype: parameter dtype (default float32 for presets, the checkpoint's otherwise).
+        attn: ``"auto"`` (varlen on CUDA where torch has the kernel, else sdpa), ``"sdpa"``,
+            ``"varlen"`` (packed rows through :mod:`aimkp.models.attention`), ``"eager"`` or
+            ``"flash"`` (flash-attn varlen; needs flash_attn).
+        device: where to move the model.
+        seed: initialisation seed of presets.
+    """
+    from aimkp.models.presets import PRESETS, build_preset
+
+    impl = _attn_name(attn, device)
+    spec_s = check_model_spec(spec)
+    if spec_s in PRESETS:
+        model, tok, proc = build_preset(spec_s, train_texts, seed=seed)
+        preset: str | None = spec_s
+        info: dict[str, Any] = {"source": f"preset:{spec_s}"}
+    elif pathlib.Path(spec_s).is_dir():
+        from aimkp.models.checkpoint import load_local
+
+        model, tok, proc, preset, info = load_local(pathlib.Path(spec_s), dtype=dtype, attn=impl)
+        _check_tokenizer(spec_s, model, tok)
+    else:  # a hub id: check_model_spec found it in the local cache
+        from aimkp.models.checkpoint import load_local
+
+        snapshot = resolve_hub_id(spec_s)
+        model, tok, proc, preset, info = load_local(snapshot, dtype=dtype, attn=impl)
+        _check_tokenizer(spec_s, model, tok)
+        info["hub_id"] = spec_s
+    apply_attention(model, impl)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    if device is not None:
+        model.to(device)
+    info["attn"] = impl
+    adapter = get_adapter(model, tok, proc)
+    return LoadedModel(model, tok, proc, adapter, preset=preset, info=info)

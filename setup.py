@@ -6,7 +6,7 @@ cross the boundary as raw data pointers, sizes and dtype codes (and the current 
 integer), so one build serves every torch version and the build itself needs no torch.
 CUDA's runtime is linked statically, so importing ``aimkp._C`` never needs a GPU or libcudart.
 
-Environment switches (see the README's table): AIMKP_FORCE_CUDA, AIMKP_SKIP_CUDA_BUILD,
+Environment switches (the table in docs/development.md): AIMKP_FORCE_CUDA, AIMKP_SKIP_CUDA_BUILD,
 AIMKP_CUDA_ARCHS, CUDA_HOME, MAX_JOBS.
 """
 

@@ -445,7 +445,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[st
         + "   fits 80 / 141 GB   largest B at 80 / 141 GB"
     )  # fmt: skip
     plans = list(rows)
-    # the correction way (ENGINE_NOTES' second): provisional weights, then a forward + backward
+    # the correction way (--reweight correction): provisional weights, then a forward + backward
     # over only the samples with a rejected copy; nothing kept for a reweight
     no_stash = {"stash_tokens": 0, "stash_rows": 0, "stash_other": 0, "stash_shared": 0}
     base = next(r for r in rows if r["storage"] == "auto")

@@ -1,5 +1,6 @@
 """Reweight of the engine: change this backward's contribution to ``.grad`` from ``sum_r G_r`` to
-``sum_r s_r G_r`` without another backward (book-keeping technique of ENGINE_NOTES.md).
+``sum_r s_r G_r`` without another backward (book-keeping: each rule keeps, per layer, what
+rebuilds its rows' gradients).
 
 Two exact ways, from what each rule stashed after the backward (``Rule.stash``):
 

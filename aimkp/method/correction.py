@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["REWEIGHT_WAYS", "auto_way", "choose_reweight", "correction_backward", "stash_bytes"]
 
 #: ``auto`` keeps the stash while it takes at most this share of the free device memory. Autograd
-#: saves about 4x the (per-row) stash per decoder layer (README "Memory plan of the 7B shape":
+#: saves about 4x the (per-row) stash per decoder layer (docs/memory-plan.md:
 #: 487 vs 114 MiB per layer), so a stash above ~1/5 of what is free before the forward would leave
 #: the activations no room.
 STASH_SHARE = 0.2

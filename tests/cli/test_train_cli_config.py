@@ -101,8 +101,8 @@ def test_missing_config_file(tmp_path: pathlib.Path, capsys: pytest.CaptureFixtu
     assert "cannot read it" in capsys.readouterr().err
 
 
-def test_readme_yaml_example_is_a_valid_config(tmp_path: pathlib.Path) -> None:
-    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
-    block = readme.split("### Configuration files", 1)[1].split("```yaml\n", 1)[1]
+def test_docs_yaml_example_is_a_valid_config(tmp_path: pathlib.Path) -> None:
+    page = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
+    block = page.split("## Configuration files", 1)[1].split("```yaml\n", 1)[1]
     c = _parse(["--config", _yaml(tmp_path, block.split("```", 1)[0])])
     assert (c.grad_accum, c.max_grad_norm, c.eval_every_epoch) == (2, None, False)

@@ -127,19 +127,19 @@ def test_trainer_two_ranks_match_own_loop(own_loop: pathlib.Path, tmp_path: path
     _assert_same_run(own_loop, out, atol=2e-5)
 
 
-def _readme_trainer_example() -> str:
-    text = (ROOT / "README.md").read_text()
-    section = text.split("### Using AimKP in your own `transformers.Trainer`", 1)[1]
-    return section.split("```python\n", 1)[1].split("```", 1)[0]
+def _docs_trainer_example() -> str:
+    """The example of the Trainer page of the docs (the README's is a shorter copy of it)."""
+    text = (ROOT / "docs" / "trainer.md").read_text()
+    return text.split("```python\n", 1)[1].split("```", 1)[0]
 
 
-def test_readme_trainer_example_runs_and_resumes_strides(
+def test_docs_trainer_example_runs_and_resumes_strides(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     ns: dict = {}
-    exec(compile(_readme_trainer_example(), "README.md", "exec"), ns)  # noqa: S102
+    exec(compile(_docs_trainer_example(), "docs/trainer.md", "exec"), ns)  # noqa: S102
     trainer = ns["trainer"]
     assert trainer.state.global_step == 2  # 8 posts, batch 4, one epoch
     assert 0 < trainer.state.log_history[-1]["train_loss"] < 100

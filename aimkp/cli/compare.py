@@ -18,6 +18,7 @@ import shlex
 import sys
 from typing import Any
 
+from aimkp.deps import require
 from aimkp.errors import UsageError
 
 HELP = "compare methods (sft, aimkp, variants) over seeds with t-intervals and a paired bootstrap"
@@ -112,6 +113,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from aimkp.eval.compare import check_spec, run_all
 
     spec = build_spec(args, argv)
+    if spec.plot:  # the plot comes last, after every run: its package is checked first
+        require("matplotlib", "--no-plot", purpose="compare.png")
     check_spec(spec)
     results = run_all(spec)
     test = list(load_dataset(spec.base["data"], "test"))[: spec.base.get("eval_max_samples")]

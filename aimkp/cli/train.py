@@ -13,6 +13,7 @@ import logging
 import os
 from typing import Any
 
+from aimkp.atomic import no_space_is_usage_error
 from aimkp.cli._common import add_read_arguments, check_device, check_output_dir, removed_if_empty
 from aimkp.cli.config_flags import (
     SHARED_READ_FIELDS,
@@ -20,6 +21,7 @@ from aimkp.cli.config_flags import (
     given_fields,
     load_yaml_config,
 )
+from aimkp.runs.outdir import check_run_output
 from aimkp.train.config import TrainConfig
 
 HELP = "train a model (AimKP: PMM + gradient-based filtering, or plain SFT)"
@@ -126,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
     from aimkp.train.loop import train
 
     try:
-        with removed_if_empty(cfg.output):  # a run that fails before writing leaves no directory
+        # a run that fails before writing leaves no directory; a full disk is named in one line
+        with removed_if_empty(cfg.output), no_space_is_usage_error(cfg.output):
             summary = train(cfg)
     finally:
         if dist.is_available() and dist.is_initialized():  # under torchrun
@@ -149,6 +152,7 @@ def _check_before_training(cfg: TrainConfig) -> None:
     from aimkp.models import check_model_spec
 
     check_output_dir(cfg.output, "--output")
+    check_run_output(cfg.output, cfg.resume)  # nothing of the user's is overwritten
     check_device(cfg.device)
     _check_device_options(cfg)
     from aimkp.train.reporting import check_report_to

@@ -12,7 +12,7 @@ import pathlib
 import shutil
 from typing import TYPE_CHECKING, Any
 
-from aimkp.atomic import atomic_dir
+from aimkp.atomic import atomic_dir, tree_bytes
 from aimkp.errors import UsageError
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ def save_model(run: TrainRun, name: str, extra: dict[str, Any]) -> None:
     from aimkp.method.nonfinite import check_finite_weights
 
     check_finite_weights(run.model, str(run.out / name))
-    with atomic_dir(run.out / name) as tmp:
+    with atomic_dir(run.out / name, need_bytes=model_bytes(run)) as tmp:
         _write_model(run, tmp, extra)
 
 
@@ -48,7 +48,7 @@ def save_last(run: TrainRun, partial: dict[str, Any] | None = None) -> None:
 
     p = run.progress
     check_finite_weights(run.model, str(run.out / "last"))
-    with atomic_dir(run.out / "last") as tmp:
+    with atomic_dir(run.out / "last", need_bytes=checkpoint_bytes(run)) as tmp:
         _write_model(run, tmp, {"epoch": p.epoch, "epoch_step": p.epoch_step, "step": p.step})
         _write_state(run, tmp, partial)
     if run.cfg.keep_last:
@@ -89,6 +89,11 @@ def step_checkpoints(out: pathlib.Path) -> list[pathlib.Path]:
     return sorted(d for d in out.glob(f"{STEP_PREFIX}[0-9]*") if d.is_dir())
 
 
+def model_bytes(run: TrainRun) -> int:
+    """Bytes of the trainable weights in one model checkpoint (``best``)."""
+    return sum(p.numel() * p.element_size() for p in run.model.parameters() if p.requires_grad)
+
+
 def checkpoint_bytes(run: TrainRun) -> int:
     """Estimated bytes of one ``last`` checkpoint: the trainable weights in the model files and
     in the training state, AdamW's two moments, and the frozen base when ``OUTPUT/base`` is not
@@ -101,13 +106,34 @@ def checkpoint_bytes(run: TrainRun) -> int:
     return 4 * trainable + base
 
 
+def peak_bytes(run: TrainRun) -> int:
+    """Bytes the run's checkpoints occupy at their peak: ``best``, two ``last`` (the new one is
+    written whole before the old one goes), the ``--keep-last`` step copies plus the one being
+    written, and the base copy (:func:`checkpoint_bytes` counts it once)."""
+    last = checkpoint_bytes(run)
+    steps = (run.cfg.keep_last + 1) * (last - _base_bytes(run)) if run.cfg.keep_last else 0
+    return model_bytes(run) + 2 * last - _base_bytes(run) + steps
+
+
+def _base_bytes(run: TrainRun) -> int:
+    return checkpoint_bytes(run) - 4 * model_bytes(run)
+
+
+def _present_bytes(out: pathlib.Path) -> int:
+    """Bytes of the checkpoints already in the run directory (a resumed run rewrites them)."""
+    dirs = [out / "best", out / "last", *step_checkpoints(out)]
+    return sum(tree_bytes(d) for d in dirs)
+
+
 def check_free_space(run: TrainRun) -> None:
-    """UsageError (before the first step) when the disk under OUTPUT cannot hold one more
-    checkpoint (:func:`checkpoint_bytes` times :data:`SPACE_MARGIN`)."""
-    need = int(checkpoint_bytes(run) * SPACE_MARGIN)
+    """UsageError (before the first step) when the disk under OUTPUT cannot hold the run's
+    checkpoints at their peak (:func:`peak_bytes`, less what a resumed run already has there,
+    times :data:`SPACE_MARGIN`)."""
+    need = int(max(0, peak_bytes(run) - _present_bytes(run.out)) * SPACE_MARGIN)
     free = shutil.disk_usage(run.out).free
     if free < need:
         raise UsageError(
-            f"--output {run.out}: not enough free space for a checkpoint: about "
-            f"{need / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free"
+            f"--output {run.out}: not enough free space for the run's checkpoints (best/, last/ "
+            f"and the new last/ written before the old one goes): about {need / 2**20:.1f} MiB "
+            f"needed, {free / 2**20:.1f} MiB free"
         )

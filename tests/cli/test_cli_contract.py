@@ -1,0 +1,152 @@
+"""The CLI contract over bad inputs, one table: every case ends in one line on stderr
+(``aimkp CMD: error: ...`` containing the expected fragment), exit status 2, no traceback, and
+nothing of the user's changed (the directory tree, sizes, modes and mtimes are the same before
+and after, and nothing new appears).
+
+A new case is one :class:`Case` in :data:`CASES`: the argv (``{tmp}`` is the case's own
+directory, also the working directory), a set-up function that lays out the files it needs there,
+and the fragment the error line must contain. The cases run in-process (no model is loaded
+before the error in any of them), so each takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from aimkp.cli import main
+
+Setup = Callable[[pathlib.Path], None]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    argv: list[str]
+    expect: str
+    setup: Setup = field(default=lambda tmp: None)
+
+
+def snapshot(root: pathlib.Path) -> dict[str, tuple[bool, int, int, int]]:
+    """Every path under ``root``: (is a directory, size, mode, mtime in ns)."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = pathlib.Path(dirpath) / name
+            st = p.lstat()
+            out[str(p.relative_to(root))] = (p.is_dir(), st.st_size, st.st_mode, st.st_mtime_ns)
+    return out
+
+
+# --- set-ups -------------------------------------------------------------------------------
+
+
+def _write(p: pathlib.Path, text: str | bytes = "x") -> None:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        p.write_bytes(text)
+    else:
+        p.write_text(text)
+
+
+def a_finished_run(tmp: pathlib.Path, name: str = "run") -> None:
+    """What ``aimkp train`` leaves: config.json, metrics.csv, best/, last/ (train_state.pt)."""
+    run = tmp / name
+    _write(run / "config.json", json.dumps({"model": "tiny-llava", "data": "synthetic:0"}))
+    _write(run / "metrics.csv", "epoch,loss\n1,0.5\n")
+    _write(run / "best" / "adapter_config.json", json.dumps({"base_model_name_or_path": "b"}))
+    _write(run / "best" / "adapter_model.safetensors", b"\0" * 16)
+    _write(run / "last" / "train_state.pt", b"\0" * 16)
+    _write(run / "base" / "config.json", json.dumps({"model_type": "llava"}))
+    _write(run / "base" / "model.safetensors", b"\0" * 16)
+
+
+def user_files(tmp: pathlib.Path, name: str = "mine") -> None:
+    _write(tmp / name / "thesis.tex", "my work")
+    _write(tmp / name / "notes" / "a.txt", "notes")
+
+
+def cwd_with_files(tmp: pathlib.Path) -> None:
+    _write(tmp / "thesis.tex", "my work")
+
+
+def jsonl(tmp: pathlib.Path, name: str, rows: list[dict], prefix: bytes = b"") -> None:
+    _write(tmp / name, prefix + "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def posts(tmp: pathlib.Path) -> None:
+    jsonl(tmp, "posts.jsonl", [{"id": "a", "text": "t", "keyphrases": ["k"]}])
+
+
+TRAIN = ["train", "--preset", "tiny-llava", "--data", "synthetic:0"]
+
+CASES = [
+    # 1. the output-directory policy: nothing of the user's is overwritten
+    Case(
+        "train-into-a-finished-run",
+        [*TRAIN, "--output", "{tmp}/run"],
+        "holds a training run already",
+        a_finished_run,
+    ),
+    Case(
+        "train-into-user-files",
+        [*TRAIN, "--output", "{tmp}/mine"],
+        "is not empty and holds no aimkp run",
+        user_files,
+    ),
+    Case("train-into-cwd", [*TRAIN, "--output", "."], "is not empty", cwd_with_files),
+    Case("train-into-root", [*TRAIN, "--output", "/"], "is the root of the file system"),
+    Case(
+        "train-resume-into-another-run",
+        [*TRAIN, "--resume", "{tmp}/run", "--output", "{tmp}/other"],
+        "while a different run is resumed",
+        lambda t: (a_finished_run(t), a_finished_run(t, "other")),
+    ),
+    Case(
+        "export-into-the-runs-base",
+        ["export", "--checkpoint", "{tmp}/run/best", "--output", "{tmp}/run/base"],
+        "is inside the checkpoint",
+        a_finished_run,
+    ),
+    Case(
+        "export-into-the-checkpoint",
+        ["export", "--checkpoint", "{tmp}/run/best", "--output", "{tmp}/run/best/merged"],
+        "is inside the checkpoint",
+        a_finished_run,
+    ),
+    Case(
+        "export-into-user-files",
+        ["export", "--checkpoint", "{tmp}/run/best", "--output", "{tmp}/mine"],
+        "is not empty",
+        lambda t: (a_finished_run(t), user_files(t)),
+    ),
+    Case(
+        "evaluate-report-into-a-checkpoint",
+        ["evaluate", "--checkpoint", "tiny-llava", "--output", "{tmp}/run/last"],
+        "is inside the checkpoint",
+        a_finished_run,
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, tmp_path, monkeypatch, capsys):
+    root = tmp_path / "case"
+    root.mkdir()
+    case.setup(root)
+    monkeypatch.chdir(root)
+    before = snapshot(root)
+    argv = [a.replace("{tmp}", str(root)) for a in case.argv]
+    rc = main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip() and " INFO " not in ln]
+    assert "Traceback" not in err
+    assert rc == 2, err
+    assert len(lines) == 1 and lines[0].startswith(f"aimkp {argv[0]}: error: "), err
+    assert case.expect in lines[0], lines[0]
+    assert snapshot(root) == before, "the command changed the user's files"

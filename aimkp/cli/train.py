@@ -160,6 +160,7 @@ def _check_before_training(cfg: TrainConfig) -> None:
     check_report_to(cfg.report_to)
     check_model_spec(cfg.model)
     if cfg.resume is not None:
+        from aimkp.models.checkpoint import validate_checkpoint
         from aimkp.runs.state import find_train_state
 
-        find_train_state(cfg.resume)
+        validate_checkpoint(find_train_state(cfg.resume).parent)

@@ -25,6 +25,7 @@ from aimkp.atomic import atomic_dir
 from aimkp.errors import CheckpointError
 from aimkp.models.checkpoint import (
     ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     load_local,
     load_processors,
     merged_state_dict,
@@ -35,7 +36,6 @@ from aimkp.models.checkpoint import (
 )
 from aimkp.models.hub import looks_like_hub_id, resolve_hub_id
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FULL_WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",

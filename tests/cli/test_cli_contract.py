@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from aimkp.cli import main
 
@@ -64,6 +66,42 @@ def a_finished_run(tmp: pathlib.Path, name: str = "run") -> None:
     _write(run / "last" / "train_state.pt", b"\0" * 16)
     _write(run / "base" / "config.json", json.dumps({"model_type": "llava"}))
     _write(run / "base" / "model.safetensors", b"\0" * 16)
+
+
+def an_adapter(tmp: pathlib.Path, name: str = "ck", r: int = 4, weights_r: int = 4) -> None:
+    """A LoRA adapter checkpoint (peft format) of rank ``r`` holding weights of ``weights_r``."""
+    d = tmp / name
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = {"base_model_name_or_path": str(tmp / "base"), "r": r, "lora_alpha": 8}
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    key = "base_model.model.layers.0.q_proj.lora_{}.weight"
+    tensors = {
+        key.format("A"): torch.zeros(weights_r, 16),
+        key.format("B"): torch.zeros(16, weights_r),
+    }
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+
+
+def a_truncated_adapter(tmp: pathlib.Path) -> None:
+    an_adapter(tmp)
+    w = tmp / "ck" / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size - 100])
+
+
+def an_adapter_with_bad_json(tmp: pathlib.Path) -> None:
+    an_adapter(tmp)
+    (tmp / "ck" / "adapter_config.json").write_text('{"r": 4,\n "lora_alpha": }')
+
+
+def an_adapter_of_another_rank(tmp: pathlib.Path) -> None:
+    an_adapter(tmp, r=4, weights_r=8)
+
+
+def a_run_with_a_truncated_last(tmp: pathlib.Path) -> None:
+    a_finished_run(tmp)
+    an_adapter(tmp, "run/last")  # beside train_state.pt
+    w = tmp / "run" / "last" / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:-8])
 
 
 def user_files(tmp: pathlib.Path, name: str = "mine") -> None:
@@ -130,6 +168,33 @@ CASES = [
         ["evaluate", "--checkpoint", "tiny-llava", "--output", "{tmp}/run/last"],
         "is inside the checkpoint",
         a_finished_run,
+    ),
+    # 4. checkpoint files that cannot be loaded whole, named before any work
+    *[
+        Case(f"{cmd}-{fault}", [*argv, "--checkpoint", "{tmp}/ck"], msg, setup)
+        for cmd, argv in [
+            ("predict", ["predict", "--data", "synthetic:0", "--out", "{tmp}/p.txt"]),
+            ("evaluate", ["evaluate", "--data", "synthetic:0", "--output", "{tmp}/report"]),
+            ("export", ["export", "--output", "{tmp}/merged"]),
+        ]
+        for fault, msg, setup in [
+            ("truncated", "adapter_model.safetensors: truncated", a_truncated_adapter),
+            ("bad-json", "adapter_config.json: line 2: not valid JSON", an_adapter_with_bad_json),
+            ("other-rank", "LoRA weights of rank 8", an_adapter_of_another_rank),
+        ]
+    ],
+    Case(
+        "resume-with-a-truncated-last",
+        ["train", "--resume", "{tmp}/run"],
+        "adapter_model.safetensors: truncated",
+        a_run_with_a_truncated_last,
+    ),
+    # 6. misleading errors
+    Case(
+        "predict-on-a-missing-checkpoint-dir",
+        ["predict", "--checkpoint", "runs/best", "--data", "synthetic:0", "--out", "p.txt"],
+        "runs/best: no such checkpoint directory",
+        lambda t: (t / "runs").mkdir(),
     ),
 ]
 

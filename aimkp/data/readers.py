@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from aimkp.data.images import path_problem, unreadable_reason
 from aimkp.errors import DataError
 
 from .json_array import iter_json_array as _iter_json_array
@@ -136,25 +137,9 @@ class _ImageResolver:
                 cand = self.base / Path(value).name
         else:
             cand = Path(value) if os.path.isabs(value) else self.base / value
-        if not cand.is_file():
-            return cand, "missing image"
-        return cand, _unreadable_reason(cand) if self.check else None
-
-
-def _unreadable_reason(path: Path) -> str | None:
-    """``"unreadable image"`` unless the file decodes in full: ``verify`` checks the structure
-    (PNG chunk CRCs), ``load`` decodes every pixel, so a file cut short after a valid header is
-    caught here and not when training reaches it."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.verify()
-        with Image.open(path) as im:  # verify leaves the image unusable: open it again
-            im.load()
-    except Exception:  # noqa: BLE001 - any decoder failure (OSError, SyntaxError, bombs) means
-        return "unreadable image"  # the file is not a usable image; the reason is counted
-    return None
+        if not cand.is_file():  # missing, a directory, not a regular file
+            return cand, path_problem(cand)
+        return cand, unreadable_reason(cand) if self.check else None
 
 
 def _phrases_from_value(value: Any, where: str, field_name: str) -> list[str]:

@@ -13,22 +13,11 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from aimkp.data.images import open_image, to_rgb
 from aimkp.errors import DataError
 
 if TYPE_CHECKING:  # PIL is imported lazily: reading text and scoring never need it
     from PIL import Image
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        from PIL import Image
-
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    return im.convert("RGB")
 
 
 @dataclass
@@ -56,28 +45,25 @@ class Record:
     def load_image(self) -> Image.Image | None:
         """Return the image as an RGB ``PIL.Image.Image`` ([H, W, 3] uint8), or ``None``.
 
-        Transparent images (RGBA, LA, palette with transparency) are composited on white.
+        Decoded by :func:`aimkp.data.images.to_rgb`: 16-bit and float grayscale scaled (not
+        clipped to white), transparent images composited on white, EXIF orientation applied,
+        the first frame of an animation.
 
         Raises:
             ValueError: the image file is missing or cannot be decoded (names the file and the
                 record id).
         """
         if self.image is not None:
-            return _to_rgb(self.image)
+            try:
+                return to_rgb(self.image)
+            except (DataError, OSError, SyntaxError) as exc:  # a lazily decoded image (hf bytes)
+                raise DataError(f"record {self.id!r}: cannot decode its image: {exc}") from None
         if self.image_path is None:
             return None
-        from PIL import Image, UnidentifiedImageError
-
         try:
-            with Image.open(self.image_path) as im:
-                rgb = _to_rgb(im)
-                return im.copy() if rgb is im else rgb  # decode before the file closes
-        except FileNotFoundError as exc:
-            raise DataError(f"record {self.id!r}: image not found: {self.image_path}") from exc
-        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise DataError(
-                f"record {self.id!r}: cannot read image {self.image_path}: {exc}"
-            ) from exc
+            return open_image(self.image_path)
+        except DataError as exc:
+            raise DataError(f"record {self.id!r}: {exc}") from None
 
     @property
     def has_image(self) -> bool:

@@ -56,6 +56,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from aimkp.data.images import to_rgb
+
 QUESTION = "What phrases should be used to tag the media?"
 _IMG = "\u27e6AIMKP_IMG\u27e7"
 _TXT = "\u27e6AIMKP_TXT\u27e7"
@@ -230,7 +232,8 @@ class MLLMAdapter:
         ValueError when the model was loaded without one."""
         if self.image_processor is None:
             raise ValueError("this model was loaded without an image processor")
-        return self.image_processor(images=image.convert("RGB"), return_tensors="pt", **kwargs)
+        # aimkp's decoding (16-bit scaled, transparency on white), not PIL's convert("RGB")
+        return self.image_processor(images=to_rgb(image), return_tensors="pt", **kwargs)
 
     @staticmethod
     def flat_image_features(out: Any) -> torch.Tensor:

@@ -102,8 +102,10 @@ def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     return TrainConfig(**fields).validate()
 
 
-def _check_device_options(cfg: TrainConfig) -> None:
-    """Options that depend on the device (``--dtype`` half needs CUDA), before anything loads."""
+def _check_device_options(cfg: TrainConfig, given: set[str] | None = None) -> None:
+    """Options that depend on the device (``--dtype`` half and ``--bf16`` need CUDA) and
+    options that contradict each other, before anything loads; options that would do nothing
+    are logged once as a warning."""
     import torch
 
     from aimkp.models.attention import resolve_attention
@@ -112,6 +114,8 @@ def _check_device_options(cfg: TrainConfig) -> None:
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     resolve_dtype(cfg.dtype, device)
     resolve_attention(cfg.attn, device)
+    for warning in cfg.check_consistency(torch.device(device).type, given):
+        logging.getLogger("aimkp.train").warning("%s", warning)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if cfg.resume is not None:  # the saved run's options fill in what the user did not set
         cfg = resumed_config(cfg, set(_set_by_user(args)))
-    _check_before_training(cfg)
+    _check_before_training(cfg, set(_set_by_user(args)))
     import torch.distributed as dist
 
     from aimkp.train.loop import train
@@ -147,14 +151,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_before_training(cfg: TrainConfig) -> None:
-    """The checks that need no data and no model: paths, device, model spec."""
+def _check_before_training(cfg: TrainConfig, given: set[str] | None = None) -> None:
+    """The checks that need no data and no model: paths, device, options, model spec
+    (``given``: the options the user set, for the options-consistency check)."""
     from aimkp.models import check_model_spec
 
     check_output_dir(cfg.output, "--output")
     check_run_output(cfg.output, cfg.resume)  # nothing of the user's is overwritten
     check_device(cfg.device)
-    _check_device_options(cfg)
+    _check_device_options(cfg, given)
     from aimkp.train.reporting import check_report_to
 
     check_report_to(cfg.report_to)

@@ -146,6 +146,12 @@ def _phrases_from_value(value: Any, where: str, field_name: str) -> list[str]:
     if isinstance(value, str):
         return split_keyphrases(value)
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        for v in value:
+            if ";" in v:  # ';' separates keyphrases in prediction files: it would split this one
+                raise DataError(
+                    f"{where}: keyphrase {v!r} in '{field_name}' contains ';', which separates "
+                    "keyphrases in prediction files; remove it or split the phrase"
+                )
         return [p for p in (normalize_keyphrase(v) for v in value) if p]
     raise DataError(f"{where}: '{field_name}' must be a string or a list of strings")
 
@@ -252,6 +258,7 @@ def _record_from_obj(
     if not kps:
         raise DataError(f"{where}: empty keyphrase list")
     rid = obj.get("id", default_id)
+    stats.check_unique_id(str(rid), where)
     keep, img = res.resolve(obj.get("image"), where, stats)
     if not keep:
         return None

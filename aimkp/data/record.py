@@ -98,6 +98,14 @@ class ReadStats:
     read: int = 0
     skipped: collections.Counter[str] = field(default_factory=collections.Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    # where each post id was first read (ids are unique within a file: scores pair by them)
+    first_seen: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def check_unique_id(self, rid: str, where: str) -> None:
+        """DataError naming both places when ``rid`` was read before."""
+        first = self.first_seen.setdefault(rid, where)
+        if first != where:
+            raise DataError(f"{where}: duplicate post id {rid!r} (first at {first})")
 
     def skip(self, reason: str, where: str) -> None:
         """Count one skipped item and remember where it was (first 5 per reason)."""

@@ -121,7 +121,20 @@ def posts(tmp: pathlib.Path) -> None:
     jsonl(tmp, "posts.jsonl", [{"id": "a", "text": "t", "keyphrases": ["k"]}])
 
 
+def yaml_with_a_duplicate_key(tmp: pathlib.Path) -> None:
+    _write(tmp / "c.yaml", "lr: 1e-3\nepochs: 2\nlr: 2e-3\n")
+
+
+def posts_with(tmp: pathlib.Path, *rows: dict) -> None:
+    jsonl(
+        tmp,
+        "posts.jsonl",
+        [{"id": str(i), "text": "t", "keyphrases": ["k"]} | r for i, r in enumerate(rows)],
+    )
+
+
 TRAIN = ["train", "--preset", "tiny-llava", "--data", "synthetic:0"]
+NO_CUDA = not torch.cuda.is_available()
 
 CASES = [
     # 1. the output-directory policy: nothing of the user's is overwritten
@@ -188,6 +201,42 @@ CASES = [
         ["train", "--resume", "{tmp}/run"],
         "adapter_model.safetensors: truncated",
         a_run_with_a_truncated_last,
+    ),
+    # 7. options that would silently do something else
+    *(
+        [Case("bf16-on-the-cpu", [*TRAIN, "--bf16", "--output", "{tmp}/run"], "drop --bf16")]
+        if NO_CUDA
+        else []
+    ),
+    Case(
+        "correction-with-lora-dropout",
+        [*TRAIN, "--reweight", "correction", "--lora-dropout", "0.1", "--output", "{tmp}/run"],
+        "pass --lora-dropout 0 or --reweight stash",
+    ),
+    # 8. config and data details
+    Case(
+        "yaml-duplicate-key",
+        [*TRAIN, "--config", "{tmp}/c.yaml", "--output", "{tmp}/run"],
+        "line 3: key 'lr' given twice (first at line 1)",
+        yaml_with_a_duplicate_key,
+    ),
+    Case(
+        "duplicate-post-ids",
+        ["data", "info", "--data", "{tmp}/posts.jsonl"],
+        "posts.jsonl:2: duplicate post id 'a' (first at",
+        lambda t: posts_with(t, {"id": "a"}, {"id": "a"}),
+    ),
+    Case(
+        "semicolon-inside-a-keyphrase",
+        ["data", "info", "--data", "{tmp}/posts.jsonl"],
+        "posts.jsonl:1: keyphrase 'a;b' in 'keyphrases' contains ';'",
+        lambda t: posts_with(t, {"keyphrases": ["a;b"]}),
+    ),
+    Case(
+        "image-path-is-a-directory",
+        ["data", "info", "--data", "{tmp}/posts.jsonl"],
+        "posts.jsonl:1: image path is a directory",
+        lambda t: (posts_with(t, {"image": "pics"}), (t / "pics").mkdir()),
     ),
     # 6. misleading errors
     Case(

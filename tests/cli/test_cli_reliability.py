@@ -142,3 +142,20 @@ def test_the_robustness_report_is_written_before_its_plot(tmp_path, monkeypatch)
     assert calls == []
     res = run_robustness(predict, records, settings="clean", out_dir=tmp_path, plot=False)
     assert pathlib.Path(res["files"]["json"]).is_file()
+
+
+def test_bench_finds_the_checkout_in_the_working_directory(tmp_path, monkeypatch) -> None:
+    """aimkp installed without -e (its package away from the checkout): the working
+    directory's benchmarks/ is used, as ``python -m benchmarks`` there would."""
+    import aimkp
+    from aimkp.cli import bench
+    from aimkp.errors import UsageError
+
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    monkeypatch.delenv("AIMKP_BENCHMARKS", raising=False)
+    monkeypatch.setattr(aimkp, "__file__", str(tmp_path / "site-packages" / "aimkp" / "x.py"))
+    monkeypatch.chdir(repo)
+    assert bench.benchmarks_dir() == repo / "benchmarks"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match="nor in the working directory"):
+        bench.benchmarks_dir()

@@ -139,11 +139,7 @@ def run(args: argparse.Namespace) -> int:
         if dist.is_available() and dist.is_initialized():  # under torchrun
             dist.destroy_process_group()
     if int(os.environ.get("RANK", "0") or 0) == 0:
-        print(
-            f"[aimkp train] done: {summary['steps']} steps, best valid score "
-            f"{summary['best_score']} at epoch {summary['best_epoch']}; "
-            f"checkpoints in {summary['output']}/best and /last"
-        )
+        print(f"[aimkp train] done: {summary['steps']} steps, {_best_and_last(summary)}")
         print(
             f"[aimkp train] non-finite: {summary['nonfinite_rows']} rows excluded, "
             f"{summary['nonfinite_skipped_steps']} steps skipped"
@@ -164,8 +160,58 @@ def _check_before_training(cfg: TrainConfig, given: set[str] | None = None) -> N
 
     check_report_to(cfg.report_to)
     check_model_spec(cfg.model)
+    check_post_lengths(cfg)
     if cfg.resume is not None:
         from aimkp.models.checkpoint import validate_checkpoint
         from aimkp.runs.state import find_train_state
 
         validate_checkpoint(find_train_state(cfg.resume).parent)
+
+
+def check_post_lengths(cfg: TrainConfig) -> None:
+    """A post longer than the model's context, named (file:line) before the model loads: the
+    text and keyphrases of every training and validation post tokenized with the model
+    directory's own tokenizer (a lower bound: the prompt template and the image tokens come on
+    top; a post that only overflows with them is named, file:line too, when it is encoded).
+    Local model directories only: a preset builds in seconds, so its own check comes as soon."""
+    import pathlib
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from aimkp.data import load_dataset
+    from aimkp.data.options import reader_options
+    from aimkp.errors import DataError
+    from aimkp.train.data import split_spec
+
+    model = pathlib.Path(cfg.model).expanduser()
+    if not (model / "config.json").is_file() or not (model / "tokenizer_config.json").is_file():
+        return
+    config = AutoConfig.from_pretrained(model, local_files_only=True)
+    text_config = getattr(config, "text_config", None) or config
+    limit = getattr(text_config, "max_position_embeddings", None)
+    if limit is None:
+        return
+    tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    for split, cap in (("train", cfg.max_train_samples), ("valid", cfg.eval_max_samples)):
+        spec = split_spec(cfg, split)
+        opts = reader_options(spec, image_dir=cfg.image_dir, on_bad_record=cfg.on_bad_record,
+                              with_images=False)  # fmt: skip
+        for rec in list(load_dataset(spec, split, **opts))[:cap]:
+            n = len(tok(rec.text + "\n" + ", ".join(rec.keyphrases))["input_ids"])
+            if n > limit:
+                raise DataError(
+                    f"{rec.where}: the post's text and keyphrases alone are {n} tokens, over the "
+                    f"model's context of {limit} (max_position_embeddings); shorten or remove it"
+                )
+
+
+def _best_and_last(summary: dict[str, Any]) -> str:
+    """The final line's checkpoints: only those written (``--no-eval`` writes no ``best``)."""
+    import pathlib
+
+    out = pathlib.Path(summary["output"])
+    written = [str(out / n) for n in ("best", "last") if (out / n).is_dir()]
+    where = f"checkpoints in {' and '.join(written)}" if written else "no checkpoint written"
+    if summary.get("best_epoch") is None:
+        return f"no validation score (no best checkpoint); {where}"
+    return f"best valid score {summary['best_score']} at epoch {summary['best_epoch']}; {where}"

@@ -169,6 +169,7 @@ def _record(row: dict[str, Any], index: int, where: str, images: _Images, stats:
         image_path=path,
         image=image,
         meta=meta,
+        source=where,
     )
 
 

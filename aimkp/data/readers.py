@@ -224,7 +224,9 @@ def _cmkp_line(
     if not keep:
         return None
     meta = {"image_url": url} if url else {}
-    return Record(id=str(lineno - 1), text=text, keyphrases=kps, image_path=img, meta=meta)
+    return Record(
+        id=str(lineno - 1), text=text, keyphrases=kps, image_path=img, meta=meta, source=where
+    )
 
 
 def _jsonl_line(
@@ -266,7 +268,9 @@ def _record_from_obj(
     meta.pop("conversations", None)
     if isinstance(obj.get("image"), str) and "://" in obj["image"]:
         meta["image_url"] = obj["image"]
-    return Record(id=str(rid), text=text.strip(), keyphrases=kps, image_path=img, meta=meta)
+    return Record(
+        id=str(rid), text=text.strip(), keyphrases=kps, image_path=img, meta=meta, source=where
+    )
 
 
 def _iter_aimkp_json(

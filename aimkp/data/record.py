@@ -33,6 +33,8 @@ class Record:
         image: an in-memory ``PIL.Image.Image``; wins over ``image_path`` when set.
         meta: free-form extra fields a reader keeps (e.g. ``{"image_url": ...}``); never used by
             scoring.
+        source: where a reader read it (``posts.jsonl:7``, ``data.json: record 3``), named by
+            errors found later (a post too long for the model); None for records made in code.
     """
 
     id: str
@@ -41,6 +43,12 @@ class Record:
     image_path: str | None = None
     image: Image.Image | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    source: str | None = field(default=None, compare=False)
+
+    @property
+    def where(self) -> str:
+        """``source`` for messages, else the record's id."""
+        return self.source or f"record {self.id!r}"
 
     def load_image(self) -> Image.Image | None:
         """Return the image as an RGB ``PIL.Image.Image`` ([H, W, 3] uint8), or ``None``.

@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from aimkp.data.images import to_rgb
+from aimkp.errors import DataError
 
 QUESTION = "What phrases should be used to tag the media?"
 _IMG = "\u27e6AIMKP_IMG\u27e7"
@@ -445,10 +446,11 @@ class MLLMAdapter:
             ids += ans
             labels += ans
         limit = getattr(self.language_model.config, "max_position_embeddings", None)
-        if limit is not None and len(ids) > int(limit):
-            raise ValueError(
-                f"record {getattr(record, 'id', '?')!r}: {len(ids)} tokens exceed the model's "
-                f"max_position_embeddings ({limit})"
+        if limit is not None and len(ids) > int(limit):  # the user's data: file:line, exit 2
+            where = getattr(record, "source", None) or f"record {getattr(record, 'id', '?')!r}"
+            raise DataError(
+                f"{where}: the post is {len(ids)} tokens (prompt, image and answer), over the "
+                f"model's context of {limit} (max_position_embeddings); shorten or remove it"
             )
         input_ids = torch.tensor(ids, dtype=torch.long)
         labels_t = torch.tensor(labels, dtype=torch.long)

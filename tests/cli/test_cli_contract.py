@@ -238,7 +238,23 @@ CASES = [
         "posts.jsonl:1: image path is a directory",
         lambda t: (posts_with(t, {"image": "pics"}), (t / "pics").mkdir()),
     ),
-    # 6. misleading errors
+    # 6. late or misleading errors
+    Case(
+        "train-on-a-post-longer-than-the-context",
+        [
+            *TRAIN[:3],
+            "--data",
+            "{tmp}/posts.jsonl",
+            "--valid-data",
+            "{tmp}/posts.jsonl",
+            "--output",
+            "{tmp}/run",
+            "--lora-r",
+            "4",
+        ],
+        "posts.jsonl:2: the post is",
+        lambda t: posts_with(t, {}, {"text": "word " * 3000}),
+    ),  # fmt: skip
     Case(
         "predict-on-a-missing-checkpoint-dir",
         ["predict", "--checkpoint", "runs/best", "--data", "synthetic:0", "--out", "p.txt"],

@@ -159,3 +159,40 @@ def test_bench_finds_the_checkout_in_the_working_directory(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError, match="nor in the working directory"):
         bench.benchmarks_dir()
+
+
+def test_a_post_too_long_for_a_model_directory_is_named_before_it_loads(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    import json
+
+    import aimkp.models
+    from aimkp.models import load_model
+    from aimkp.models.checkpoint import save_checkpoint
+
+    model_dir = tmp_path / "model"
+    save_checkpoint(model_dir, load_model("tiny-llava", train_texts=["a b c"]))
+    rows = [{"id": str(i), "text": "word " * (4000 if i == 1 else 3), "keyphrases": ["k"]}
+            for i in range(3)]  # fmt: skip
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(aimkp.models, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    data = str(tmp_path / "p.jsonl")
+    argv = ["train", "--model", str(model_dir), "--data", data, "--valid-data", data,
+            "--output", str(tmp_path / "run")]  # fmt: skip
+    assert main(argv) == 2
+    err = _error_lines(capsys)
+    assert len(err) == 1 and "p.jsonl:2: the post's text and keyphrases alone are" in err[0]
+    assert "over the model's context of 1024" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_final_line_names_only_the_checkpoints_written(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    argv = ["train", *TINY, "--epochs", "1", "--no-eval", "--output", str(out)]
+    assert main(argv) == 0
+    done = [ln for ln in capsys.readouterr().out.splitlines() if "done:" in ln]
+    assert done == [
+        f"[aimkp train] done: 1 steps, no validation score (no best checkpoint); "
+        f"checkpoints in {out / 'last'}"
+    ]
+    assert not (out / "best").exists()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,6 +33,13 @@ class Case:
     argv: list[str]
     expect: str
     setup: Setup = field(default=lambda tmp: None)
+    # the environment of the case (a package made missing, ...), given pytest's monkeypatch
+    patch: Callable[[pytest.MonkeyPatch], None] = field(default=lambda mp: None)
+
+
+def without(package: str) -> Callable[[pytest.MonkeyPatch], None]:
+    """The case runs as if ``package`` were not installed."""
+    return lambda mp: mp.setitem(sys.modules, package, None)
 
 
 def snapshot(root: pathlib.Path) -> dict[str, tuple[bool, int, int, int]]:
@@ -182,6 +190,25 @@ CASES = [
         "is inside the checkpoint",
         a_finished_run,
     ),
+    # 3. a missing optional dependency, named before any work
+    Case(
+        "evaluate-without-matplotlib",
+        ["evaluate", "--checkpoint", "tiny-llava", "--data", "synthetic:0", "--output", "{tmp}/r"],
+        "robustness.png needs the matplotlib package",
+        patch=without("matplotlib"),
+    ),
+    Case(
+        "compare-without-matplotlib",
+        ["compare", "--quick", "--seeds", "1", "--output", "{tmp}/cmp"],
+        "compare.png needs the matplotlib package",
+        patch=without("matplotlib"),
+    ),
+    Case(
+        "train-report-to-a-missing-wandb",
+        [*TRAIN, "--report-to", "wandb", "--output", "{tmp}/run"],
+        "--report-to wandb needs the wandb package",
+        patch=without("wandb"),
+    ),
     # 4. checkpoint files that cannot be loaded whole, named before any work
     *[
         Case(f"{cmd}-{fault}", [*argv, "--checkpoint", "{tmp}/ck"], msg, setup)
@@ -269,6 +296,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, tmp_path, monkey
     root = tmp_path / "case"
     root.mkdir()
     case.setup(root)
+    case.patch(monkeypatch)
     monkeypatch.chdir(root)
     before = snapshot(root)
     argv = [a.replace("{tmp}", str(root)) for a in case.argv]

@@ -94,9 +94,15 @@ def _umask() -> int:
     return mask
 
 
-def apply_umask(root: pathlib.Path) -> None:
-    """Every file under ``root`` to ``0o666 & ~umask`` (what ``open()`` creates)."""
+def apply_umask(root: pathlib.Path, pattern: str | None = None) -> None:
+    """Every file under ``root`` (``pattern``: only those it matches, e.g. ``*.safetensors``)
+    to ``0o666 & ~umask`` (what ``open()`` creates)."""
     mode = 0o666 & ~_umask()
+    if pattern is not None:
+        for path in root.glob(pattern):
+            if path.is_file():
+                os.chmod(path, mode)
+        return
     for dirpath, _, files in os.walk(root):
         for name in files:
             os.chmod(os.path.join(dirpath, name), mode)

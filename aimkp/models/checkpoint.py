@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from aimkp.atomic import apply_umask
 from aimkp.errors import CheckpointError
 from aimkp.models.adapter import adapter_class, unwrap_model
 
@@ -205,6 +206,7 @@ def save_checkpoint(
         fields.update(weights="full")
     save_processors(d, loaded)
     write_meta(d, loaded, **fields)
+    apply_umask(d, "*.safetensors")  # safetensors writes 0600: others could not read them
     return d
 
 

@@ -196,3 +196,17 @@ def test_the_final_line_names_only_the_checkpoints_written(tmp_path, capsys) -> 
         f"checkpoints in {out / 'last'}"
     ]
     assert not (out / "best").exists()
+
+
+def test_save_checkpoint_outside_a_run_follows_the_umask(tmp_path) -> None:
+    """Library callers (no atomic_dir around it) get readable weights too."""
+    from aimkp.models import load_model
+    from aimkp.models.checkpoint import save_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "ck", load_model("tiny-llava", train_texts=["a b"]))
+    finally:
+        os.umask(old)
+    weights = list((tmp_path / "ck").glob("*.safetensors"))
+    assert weights and all(w.stat().st_mode & 0o777 == 0o644 for w in weights)

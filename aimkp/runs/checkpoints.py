@@ -89,34 +89,40 @@ def step_checkpoints(out: pathlib.Path) -> list[pathlib.Path]:
     return sorted(d for d in out.glob(f"{STEP_PREFIX}[0-9]*") if d.is_dir())
 
 
+def _param_bytes(run: TrainRun, trainable: bool) -> int:
+    return sum(
+        p.numel() * p.element_size() for p in run.model.parameters() if p.requires_grad == trainable
+    )
+
+
 def model_bytes(run: TrainRun) -> int:
-    """Bytes of the trainable weights in one model checkpoint (``best``)."""
-    return sum(p.numel() * p.element_size() for p in run.model.parameters() if p.requires_grad)
+    """Bytes of one model checkpoint (``best``): every weight with full fine-tuning (the
+    frozen vision tower is in ``model.safetensors`` too), the trainable ones with LoRA."""
+    full = _param_bytes(run, False) if run.cfg.full_finetune else 0
+    return _param_bytes(run, True) + full
+
+
+def _base_bytes(run: TrainRun) -> int:
+    """The LoRA base copy ``OUTPUT/base`` when it is not written yet (a preset's LoRA run)."""
+    if run.cfg.full_finetune or (run.out / "base").is_dir():
+        return 0
+    return _param_bytes(run, False)
 
 
 def checkpoint_bytes(run: TrainRun) -> int:
-    """Estimated bytes of one ``last`` checkpoint: the trainable weights in the model files and
-    in the training state, AdamW's two moments, and the frozen base when ``OUTPUT/base`` is not
-    written yet (LoRA on a preset)."""
-    trainable = sum(p.numel() * p.element_size() for p in run.model.parameters() if p.requires_grad)
-    frozen = sum(
-        p.numel() * p.element_size() for p in run.model.parameters() if not p.requires_grad
-    )
-    base = frozen if run.cfg.full_finetune is False and not (run.out / "base").is_dir() else 0
-    return 4 * trainable + base
+    """Estimated bytes of one ``last`` checkpoint: the model checkpoint, the trainable weights
+    again in the training state with AdamW's two moments, and the frozen base when
+    ``OUTPUT/base`` is not written yet (LoRA on a preset)."""
+    return model_bytes(run) + 3 * _param_bytes(run, True) + _base_bytes(run)
 
 
 def peak_bytes(run: TrainRun) -> int:
     """Bytes the run's checkpoints occupy at their peak: ``best``, two ``last`` (the new one is
     written whole before the old one goes), the ``--keep-last`` step copies plus the one being
-    written, and the base copy (:func:`checkpoint_bytes` counts it once)."""
-    last = checkpoint_bytes(run)
-    steps = (run.cfg.keep_last + 1) * (last - _base_bytes(run)) if run.cfg.keep_last else 0
-    return model_bytes(run) + 2 * last - _base_bytes(run) + steps
-
-
-def _base_bytes(run: TrainRun) -> int:
-    return checkpoint_bytes(run) - 4 * model_bytes(run)
+    written, and the base copy once."""
+    last = checkpoint_bytes(run) - _base_bytes(run)
+    steps = (run.cfg.keep_last + 1) * last if run.cfg.keep_last else 0
+    return model_bytes(run) + 2 * last + steps + _base_bytes(run)
 
 
 def _present_bytes(out: pathlib.Path) -> int:

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from aimkp.atomic import atomic_dir, is_no_space
 from aimkp.cli import main
+from aimkp.errors import UsageError
 
 TINY = ["--preset", "tiny-llava", "--data", "synthetic:0", "--quick", "--max-train-samples", "8",
         "--eval-max-samples", "4", "--threads", "1"]  # fmt: skip
@@ -210,3 +211,18 @@ def test_save_checkpoint_outside_a_run_follows_the_umask(tmp_path) -> None:
         os.umask(old)
     weights = list((tmp_path / "ck").glob("*.safetensors"))
     assert weights and all(w.stat().st_mode & 0o777 == 0o644 for w in weights)
+
+
+def test_compare_names_a_variant_option_that_does_nothing(tmp_path, caplog, monkeypatch):
+    import aimkp.eval.compare
+
+    def stop(spec):
+        raise UsageError("stopped before training")
+
+    monkeypatch.setattr(aimkp.eval.compare, "run_all", stop)
+    argv = ["compare", "--quick", "--seeds", "1", "--no-plot", "--methods",
+            "aimkp,sft:tau_text=0.3", "--output", str(tmp_path / "cmp")]  # fmt: skip
+    assert main(argv) == 2
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    want = "sft:tau_text=0.3: --tau-text 0.3 has no effect with --method sft (AimKP-only)"
+    assert warned == [want]

@@ -32,6 +32,8 @@ RUN_CHECKPOINTS = ("base", "best", "last")
 CHECKPOINT_MARKERS = ("adapter_config.json", "aimkp.json", "model.safetensors", "train_state.pt")
 
 __all__ = [
+    "check_new_dir",
+    "check_not_an_input",
     "check_new_model_dir",
     "check_output_outside",
     "check_run_output",
@@ -157,4 +159,27 @@ def check_output_outside(
         raise UsageError(
             f"{flag} {output}: is inside the checkpoint {inside}; write it outside any checkpoint"
         )
+    return p
+
+
+def check_new_dir(output: str | os.PathLike[str], flag: str, what: str) -> pathlib.Path:
+    """A directory written whole (``aimkp data convert --to hf --out``): new or empty."""
+    p = _resolved(output)
+    if p.is_dir() and _entries(p):
+        raise UsageError(
+            f"{flag} {output}: is not empty; {what} is written whole: choose a new or empty "
+            "directory"
+        )
+    return p
+
+
+def check_not_an_input(
+    output: str | os.PathLike[str], inputs: list[str | os.PathLike[str]], flag: str
+) -> pathlib.Path:
+    """An output file that is none of the command's input files (``aimkp data convert --data
+    posts.jsonl --out posts.jsonl`` would replace the data it reads)."""
+    p = _resolved(output)
+    for src in inputs:
+        if pathlib.Path(src).exists() and (_resolved(src) == p or _resolved(src) in p.parents):
+            raise UsageError(f"{flag} {output}: is the input {src}; write to another file")
     return p

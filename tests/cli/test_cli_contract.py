@@ -190,6 +190,18 @@ CASES = [
         "is inside the checkpoint",
         a_finished_run,
     ),
+    Case(
+        "convert-into-its-own-input",
+        ["data", "convert", "--data", "{tmp}/posts.jsonl", "--out", "{tmp}/posts.jsonl"],
+        "is the input",
+        lambda t: posts_with(t, {}),
+    ),
+    Case(
+        "convert-to-hf-into-user-files",
+        ["data", "convert", "--data", "{tmp}/posts.jsonl", "--to", "hf", "--out", "{tmp}/mine"],
+        "is not empty; the DatasetDict is written whole",
+        lambda t: (posts_with(t, {}), user_files(t)),
+    ),
     # 3. a missing optional dependency, named before any work
     Case(
         "evaluate-without-matplotlib",

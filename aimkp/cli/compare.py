@@ -107,7 +107,7 @@ def check_method_options(spec: Any, given: set[str]) -> None:
     """The options-consistency check of every method's training config, before any training:
     a contradiction refused, an option that changes nothing (``sft:tau_text=0.3``) warned once
     per method (``given``: the training flags set on the command line)."""
-    import torch
+    import torch  # imported here, as in run(): parsing the command loads no torch
 
     from aimkp.eval.compare import run_config
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pathlib
 from typing import Any
 
 from aimkp.atomic import no_space_is_usage_error
@@ -174,8 +175,7 @@ def check_post_lengths(cfg: TrainConfig) -> None:
     directory's own tokenizer (a lower bound: the prompt template and the image tokens come on
     top; a post that only overflows with them is named, file:line too, when it is encoded).
     Local model directories only: a preset builds in seconds, so its own check comes as soon."""
-    import pathlib
-
+    # imported here, as in every subcommand: parsing ``aimkp train -h`` loads no transformers
     from transformers import AutoConfig, AutoTokenizer
 
     from aimkp.data import load_dataset
@@ -207,8 +207,6 @@ def check_post_lengths(cfg: TrainConfig) -> None:
 
 def _best_and_last(summary: dict[str, Any]) -> str:
     """The final line's checkpoints: only those written (``--no-eval`` writes no ``best``)."""
-    import pathlib
-
     out = pathlib.Path(summary["output"])
     written = [str(out / n) for n in ("best", "last") if (out / n).is_dir()]
     where = f"checkpoints in {' and '.join(written)}" if written else "no checkpoint written"

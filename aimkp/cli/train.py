@@ -196,8 +196,10 @@ def check_post_lengths(cfg: TrainConfig) -> None:
         spec = split_spec(cfg, split)
         opts = reader_options(spec, image_dir=cfg.image_dir, on_bad_record=cfg.on_bad_record,
                               with_images=False)  # fmt: skip
-        for rec in list(load_dataset(spec, split, **opts))[:cap]:
-            n = len(tok(rec.text + "\n" + ", ".join(rec.keyphrases))["input_ids"])
+        recs = list(load_dataset(spec, split, **opts))[:cap]
+        texts = [r.text + "\n" + ", ".join(r.keyphrases) for r in recs]
+        for rec, ids in zip(recs, tok(texts)["input_ids"] if texts else []):  # one batched call
+            n = len(ids)
             if n > limit:
                 raise DataError(
                     f"{rec.where}: the post's text and keyphrases alone are {n} tokens, over the "

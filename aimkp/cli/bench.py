@@ -7,8 +7,9 @@ aimkp bench [masked-embedding|grad-gram|train-step|breakdown|scaling|all] [--qui
 The benchmarks are the scripts in the repository's ``benchmarks/`` folder, not part of the
 installed package (they write result files and plots into the checkout, need matplotlib and
 build the 7B-shaped models from configs; a wheel stays without them). ``aimkp bench`` finds the
-folder beside the ``aimkp`` package of a source checkout (``pip install -e .``, the Makefile's
-set-up) or at ``$AIMKP_BENCHMARKS``; without either it says so in one line (exit 2).
+folder at ``$AIMKP_BENCHMARKS``, beside the ``aimkp`` package of a source checkout (``pip install
+-e .``, the Makefile's set-up) or in the working directory (a checkout whose aimkp was installed
+without ``-e``); without any it says so in one line (exit 2).
 Results: ``benchmarks/results/`` (``results/quick/`` with ``--quick``) or ``--output``;
 ``benchmarks/results/README.md`` explains every file and the targets.
 """
@@ -43,14 +44,17 @@ def benchmarks_dir() -> pathlib.Path:
         return folder
     import aimkp
 
-    folder = pathlib.Path(aimkp.__file__).resolve().parents[1] / "benchmarks"
-    if not (folder / "runner.py").is_file():
-        raise UsageError(
-            "no benchmarks/ folder beside this aimkp install (an installed wheel does not ship "
-            "them): run `aimkp bench` from a source checkout installed with `pip install -e .`, "
-            "or set AIMKP_BENCHMARKS to a checkout's benchmarks/ folder"
-        )
-    return folder
+    # beside the package (pip install -e .), then the working directory: a checkout whose
+    # aimkp was installed without -e runs `aimkp bench` as it runs `python -m benchmarks`
+    beside = pathlib.Path(aimkp.__file__).resolve().parents[1] / "benchmarks"
+    for folder in (beside, pathlib.Path.cwd() / "benchmarks"):
+        if (folder / "runner.py").is_file():
+            return folder
+    raise UsageError(
+        "no benchmarks/ folder beside this aimkp install (an installed wheel does not ship "
+        "them) nor in the working directory: run `aimkp bench` in a source checkout, or set "
+        "AIMKP_BENCHMARKS to a checkout's benchmarks/ folder"
+    )
 
 
 def load_runner(folder: pathlib.Path) -> ModuleType:

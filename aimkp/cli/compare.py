@@ -18,6 +18,7 @@ import shlex
 import sys
 from typing import Any
 
+from aimkp.deps import require
 from aimkp.errors import UsageError
 
 HELP = "compare methods (sft, aimkp, variants) over seeds with t-intervals and a paired bootstrap"
@@ -102,6 +103,22 @@ def build_spec(args: argparse.Namespace, argv: list[str] | None = None) -> Any:
     )
 
 
+def check_method_options(spec: Any, given: set[str]) -> None:
+    """The options-consistency check of every method's training config, before any training:
+    a contradiction refused, an option that changes nothing (``sft:tau_text=0.3``) warned once
+    per method (``given``: the training flags set on the command line)."""
+    import torch  # imported here, as in run(): parsing the command loads no torch
+
+    from aimkp.eval.compare import run_config
+
+    device = spec.base.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    for m in spec.methods:
+        cfg = run_config(spec, m, spec.seeds[0], spec.epochs)
+        set_by_user = given | set(m.options) | {"method"}
+        for warning in cfg.check_consistency(torch.device(device).type, set_by_user):
+            logging.getLogger("aimkp.compare").warning("%s: %s", m.label, warning)
+
+
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -112,7 +129,10 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from aimkp.eval.compare import check_spec, run_all
 
     spec = build_spec(args, argv)
+    if spec.plot:  # the plot comes last, after every run: its package is checked first
+        require("matplotlib", "--no-plot", purpose="compare.png")
     check_spec(spec)
+    check_method_options(spec, {k for k in _PASS if getattr(args, k) is not None})
     results = run_all(spec)
     test = list(load_dataset(spec.base["data"], "test"))[: spec.base.get("eval_max_samples")]
     rep = compare_report.build_report(spec, results, test)

@@ -106,8 +106,18 @@ def given_fields(args: argparse.Namespace, cls: type) -> dict[str, Any]:
 
 
 def _check_value(where: str, key: str, value: Any, base: type, optional: bool) -> Any:
+    if optional and isinstance(value, str) and value.strip().lower() in ("none", "off", "null"):
+        value = None  # what the flag takes ('--max-grad-norm none')
+    if optional and value is False and base in (int, float):
+        value = None  # YAML 1.1 reads a bare ``off`` / ``no`` as false
     if value is None and optional:
         return None
+    if base is float and isinstance(value, str):
+        # YAML 1.1 reads ``1e-3`` (no dot in the mantissa) as a string; the user meant 0.001
+        try:
+            value = float(value.strip())
+        except ValueError:
+            pass
     if base is list:  # a YAML list of names, or one comma-separated string
         if isinstance(value, str):
             return _comma_list(value)
@@ -123,14 +133,38 @@ def _check_value(where: str, key: str, value: Any, base: type, optional: bool) -
     return value
 
 
+def _unique_keys_loader(yaml: Any, path: pathlib.Path) -> type:
+    """yaml's SafeLoader refusing a key given twice (it keeps the last one silently)."""
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise UsageError(
+                        f"--config {path}: line {line}: key {key!r} given twice (first at line "
+                        f"{seen[key]}); the second would silently win"
+                    )
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_yaml_config(path: str | pathlib.Path, cls: type) -> dict[str, Any]:
     """The fields a YAML file sets (keys: field names); UsageError (one line) for a missing or
     malformed file, an unknown key or a value of the wrong type."""
     import yaml
 
     p = pathlib.Path(path).expanduser()
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    try:  # utf-8-sig: a byte-order mark (Windows editors) is not part of the first key
+        data = yaml.load(p.read_text(encoding="utf-8-sig"), Loader=_unique_keys_loader(yaml, p))
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"--config {p}: not UTF-8 text (byte {exc.start})") from None
+    except UsageError:
+        raise
     except OSError as exc:
         raise UsageError(f"--config {p}: cannot read it ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
@@ -142,6 +176,7 @@ def load_yaml_config(path: str | pathlib.Path, cls: type) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UsageError(f"--config {p}: expected a mapping of option names to values")
     types = field_types(cls)
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}  # grad-accum as grad_accum
     unknown = sorted(str(k) for k in data if k not in types)
     if unknown:
         raise UsageError(

@@ -24,6 +24,7 @@ from aimkp.cli._common import (
     check_output_file,
     read_options,
 )
+from aimkp.runs.outdir import check_new_dir, check_not_an_input
 
 HELP = "build the openclipart dataset, inspect or convert datasets"
 
@@ -100,9 +101,12 @@ def run(args: argparse.Namespace) -> int:
         return _build_openclipart(args)
     if args.data_command == "convert" and args.to == "hf":
         check_output_dir(args.out, "--out")
+        check_new_dir(args.out, "--out", "the DatasetDict")
+        check_not_an_input(args.out, [args.data.removeprefix("hf:")], "--out")
         return _convert_to_hf(args)
     if args.data_command == "convert":
         check_output_file(args.out, "--out")
+        check_not_an_input(args.out, [args.data.removeprefix("hf:")], "--out")
     recs = _load(args)
     if args.data_command == "info":
         print(recs.stats.summary())

@@ -14,6 +14,8 @@ import argparse
 import sys
 
 from aimkp.cli._common import add_read_arguments, check_device, check_output_dir, read_options
+from aimkp.deps import require
+from aimkp.runs.outdir import check_output_outside
 
 HELP = "robustness report (clean, text-only, image-only, noisy, misaligned) for a checkpoint"
 
@@ -49,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
     from aimkp.models import check_model_spec, load_model
 
     check_output_dir(args.output, "--output")
+    check_output_outside(args.output, args.checkpoint, "--output")
+    if not args.no_plot:  # the plot comes last: its package is checked before any decoding
+        require("matplotlib", "--no-plot", purpose="robustness.png")
     check_device(args.device)
     check_model_spec(args.checkpoint)
     settings = resolve_settings(args.settings)

@@ -16,6 +16,7 @@ import sys
 
 from aimkp.cli._common import check_output_dir
 from aimkp.errors import UsageError
+from aimkp.runs.outdir import check_new_model_dir
 
 HELP = "write a checkpoint as a standard HF model directory (LoRA merged)"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -32,9 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from aimkp.models import check_model_spec
     from aimkp.models.peft_io import export_merged
 
     check_output_dir(args.output, "--output")
+    check_new_model_dir(args.output, args.checkpoint)
+    check_model_spec(args.checkpoint)  # a truncated or mismatched checkpoint named before work
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
         out = export_merged(args.checkpoint, args.output, dtype=dtype)

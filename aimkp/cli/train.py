@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pathlib
 from typing import Any
 
+from aimkp.atomic import no_space_is_usage_error
 from aimkp.cli._common import add_read_arguments, check_device, check_output_dir, removed_if_empty
 from aimkp.cli.config_flags import (
     SHARED_READ_FIELDS,
@@ -20,6 +22,7 @@ from aimkp.cli.config_flags import (
     given_fields,
     load_yaml_config,
 )
+from aimkp.runs.outdir import check_run_output
 from aimkp.train.config import TrainConfig
 
 HELP = "train a model (AimKP: PMM + gradient-based filtering, or plain SFT)"
@@ -100,8 +103,10 @@ def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     return TrainConfig(**fields).validate()
 
 
-def _check_device_options(cfg: TrainConfig) -> None:
-    """Options that depend on the device (``--dtype`` half needs CUDA), before anything loads."""
+def _check_device_options(cfg: TrainConfig, given: set[str] | None = None) -> None:
+    """Options that depend on the device (``--dtype`` half and ``--bf16`` need CUDA) and
+    options that contradict each other, before anything loads; options that would do nothing
+    are logged once as a warning."""
     import torch
 
     from aimkp.models.attention import resolve_attention
@@ -110,6 +115,8 @@ def _check_device_options(cfg: TrainConfig) -> None:
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     resolve_dtype(cfg.dtype, device)
     resolve_attention(cfg.attn, device)
+    for warning in cfg.check_consistency(torch.device(device).type, given):
+        logging.getLogger("aimkp.train").warning("%s", warning)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,23 +127,20 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if cfg.resume is not None:  # the saved run's options fill in what the user did not set
         cfg = resumed_config(cfg, set(_set_by_user(args)))
-    _check_before_training(cfg)
+    _check_before_training(cfg, set(_set_by_user(args)))
     import torch.distributed as dist
 
     from aimkp.train.loop import train
 
     try:
-        with removed_if_empty(cfg.output):  # a run that fails before writing leaves no directory
+        # a run that fails before writing leaves no directory; a full disk is named in one line
+        with removed_if_empty(cfg.output), no_space_is_usage_error(cfg.output):
             summary = train(cfg)
     finally:
         if dist.is_available() and dist.is_initialized():  # under torchrun
             dist.destroy_process_group()
     if int(os.environ.get("RANK", "0") or 0) == 0:
-        print(
-            f"[aimkp train] done: {summary['steps']} steps, best valid score "
-            f"{summary['best_score']} at epoch {summary['best_epoch']}; "
-            f"checkpoints in {summary['output']}/best and /last"
-        )
+        print(f"[aimkp train] done: {summary['steps']} steps, {_best_and_last(summary)}")
         print(
             f"[aimkp train] non-finite: {summary['nonfinite_rows']} rows excluded, "
             f"{summary['nonfinite_skipped_steps']} steps skipped"
@@ -144,18 +148,70 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_before_training(cfg: TrainConfig) -> None:
-    """The checks that need no data and no model: paths, device, model spec."""
+def _check_before_training(cfg: TrainConfig, given: set[str] | None = None) -> None:
+    """The checks that need no data and no model: paths, device, options, model spec
+    (``given``: the options the user set, for the options-consistency check)."""
     from aimkp.models import check_model_spec
 
     check_output_dir(cfg.output, "--output")
+    check_run_output(cfg.output, cfg.resume)  # nothing of the user's is overwritten
     check_device(cfg.device)
-    _check_device_options(cfg)
+    _check_device_options(cfg, given)
     from aimkp.train.reporting import check_report_to
 
     check_report_to(cfg.report_to)
     check_model_spec(cfg.model)
+    check_post_lengths(cfg)
     if cfg.resume is not None:
+        from aimkp.models.checkpoint import validate_checkpoint
         from aimkp.runs.state import find_train_state
 
-        find_train_state(cfg.resume)
+        validate_checkpoint(find_train_state(cfg.resume).parent)
+
+
+def check_post_lengths(cfg: TrainConfig) -> None:
+    """A post longer than the model's context, named (file:line) before the model loads: the
+    text and keyphrases of every training and validation post tokenized with the model
+    directory's own tokenizer (a lower bound: the prompt template and the image tokens come on
+    top; a post that only overflows with them is named, file:line too, when it is encoded).
+    Local model directories only: a preset builds in seconds, so its own check comes as soon."""
+    # imported here, as in every subcommand: parsing ``aimkp train -h`` loads no transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    from aimkp.data import load_dataset
+    from aimkp.data.options import reader_options
+    from aimkp.errors import DataError
+    from aimkp.train.data import split_spec
+
+    model = pathlib.Path(cfg.model).expanduser()
+    if not (model / "config.json").is_file() or not (model / "tokenizer_config.json").is_file():
+        return
+    config = AutoConfig.from_pretrained(model, local_files_only=True)
+    text_config = getattr(config, "text_config", None) or config
+    limit = getattr(text_config, "max_position_embeddings", None)
+    if limit is None:
+        return
+    tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    for split, cap in (("train", cfg.max_train_samples), ("valid", cfg.eval_max_samples)):
+        spec = split_spec(cfg, split)
+        opts = reader_options(spec, image_dir=cfg.image_dir, on_bad_record=cfg.on_bad_record,
+                              with_images=False)  # fmt: skip
+        recs = list(load_dataset(spec, split, **opts))[:cap]
+        texts = [r.text + "\n" + ", ".join(r.keyphrases) for r in recs]
+        for rec, ids in zip(recs, tok(texts)["input_ids"] if texts else []):  # one batched call
+            n = len(ids)
+            if n > limit:
+                raise DataError(
+                    f"{rec.where}: the post's text and keyphrases alone are {n} tokens, over the "
+                    f"model's context of {limit} (max_position_embeddings); shorten or remove it"
+                )
+
+
+def _best_and_last(summary: dict[str, Any]) -> str:
+    """The final line's checkpoints: only those written (``--no-eval`` writes no ``best``)."""
+    out = pathlib.Path(summary["output"])
+    written = [str(out / n) for n in ("best", "last") if (out / n).is_dir()]
+    where = f"checkpoints in {' and '.join(written)}" if written else "no checkpoint written"
+    if summary.get("best_epoch") is None:
+        return f"no validation score (no best checkpoint); {where}"
+    return f"best valid score {summary['best_score']} at epoch {summary['best_epoch']}; {where}"

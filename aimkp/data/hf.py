@@ -24,12 +24,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from aimkp.data.images import path_problem, unreadable_reason
 from aimkp.errors import DataError
 
 from .readers import (
     ImageError,
     _BadRecords,
-    _unreadable_reason,
     normalize_keyphrase,
     split_keyphrases,
 )
@@ -116,9 +116,9 @@ class _Images:
                 f"got {type(value).__name__}"
             )
         cand = Path(path) if os.path.isabs(path) else self.base / path
-        reason = None if cand.is_file() else "missing image"
+        reason = None if cand.is_file() else path_problem(cand)
         if reason is None and self.check:
-            reason = _unreadable_reason(cand)
+            reason = unreadable_reason(cand)
         if reason is None:
             return True, None, os.fspath(cand)
         return self._bad(reason, f"{reason}: {cand}", where, stats)
@@ -169,6 +169,7 @@ def _record(row: dict[str, Any], index: int, where: str, images: _Images, stats:
         image_path=path,
         image=image,
         meta=meta,
+        source=where,
     )
 
 

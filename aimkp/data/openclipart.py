@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aimkp.data.images import to_rgb
 from aimkp.errors import UsageError
 
 logger = logging.getLogger("aimkp.data.openclipart")
@@ -283,9 +284,7 @@ def render_png(svg_path: str, out_path: str, size: int) -> None:
 
     data = cairosvg.svg2png(url=svg_path, output_width=size * 3)
     with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGBA")
-        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(bg, im).convert("RGB")
+        im = to_rgb(im)  # transparent SVG background on white
         im.thumbnail((size, size), Image.Resampling.LANCZOS)
         canvas = Image.new("RGB", (size, size), (255, 255, 255))
         canvas.paste(im, ((size - im.width) // 2, (size - im.height) // 2))

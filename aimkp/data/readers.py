@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from aimkp.data.images import path_problem, unreadable_reason
 from aimkp.errors import DataError
 
 from .json_array import iter_json_array as _iter_json_array
@@ -136,31 +137,21 @@ class _ImageResolver:
                 cand = self.base / Path(value).name
         else:
             cand = Path(value) if os.path.isabs(value) else self.base / value
-        if not cand.is_file():
-            return cand, "missing image"
-        return cand, _unreadable_reason(cand) if self.check else None
-
-
-def _unreadable_reason(path: Path) -> str | None:
-    """``"unreadable image"`` unless the file decodes in full: ``verify`` checks the structure
-    (PNG chunk CRCs), ``load`` decodes every pixel, so a file cut short after a valid header is
-    caught here and not when training reaches it."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.verify()
-        with Image.open(path) as im:  # verify leaves the image unusable: open it again
-            im.load()
-    except Exception:  # noqa: BLE001 - any decoder failure (OSError, SyntaxError, bombs) means
-        return "unreadable image"  # the file is not a usable image; the reason is counted
-    return None
+        if not cand.is_file():  # missing, a directory, not a regular file
+            return cand, path_problem(cand)
+        return cand, unreadable_reason(cand) if self.check else None
 
 
 def _phrases_from_value(value: Any, where: str, field_name: str) -> list[str]:
     if isinstance(value, str):
         return split_keyphrases(value)
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        for v in value:
+            if ";" in v:  # ';' separates keyphrases in prediction files: it would split this one
+                raise DataError(
+                    f"{where}: keyphrase {v!r} in '{field_name}' contains ';', which separates "
+                    "keyphrases in prediction files; remove it or split the phrase"
+                )
         return [p for p in (normalize_keyphrase(v) for v in value) if p]
     raise DataError(f"{where}: '{field_name}' must be a string or a list of strings")
 
@@ -233,7 +224,9 @@ def _cmkp_line(
     if not keep:
         return None
     meta = {"image_url": url} if url else {}
-    return Record(id=str(lineno - 1), text=text, keyphrases=kps, image_path=img, meta=meta)
+    return Record(
+        id=str(lineno - 1), text=text, keyphrases=kps, image_path=img, meta=meta, source=where
+    )
 
 
 def _jsonl_line(
@@ -267,6 +260,7 @@ def _record_from_obj(
     if not kps:
         raise DataError(f"{where}: empty keyphrase list")
     rid = obj.get("id", default_id)
+    stats.check_unique_id(str(rid), where)
     keep, img = res.resolve(obj.get("image"), where, stats)
     if not keep:
         return None
@@ -274,7 +268,9 @@ def _record_from_obj(
     meta.pop("conversations", None)
     if isinstance(obj.get("image"), str) and "://" in obj["image"]:
         meta["image_url"] = obj["image"]
-    return Record(id=str(rid), text=text.strip(), keyphrases=kps, image_path=img, meta=meta)
+    return Record(
+        id=str(rid), text=text.strip(), keyphrases=kps, image_path=img, meta=meta, source=where
+    )
 
 
 def _iter_aimkp_json(

@@ -13,22 +13,11 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from aimkp.data.images import open_image, to_rgb
 from aimkp.errors import DataError
 
 if TYPE_CHECKING:  # PIL is imported lazily: reading text and scoring never need it
     from PIL import Image
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        from PIL import Image
-
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    return im.convert("RGB")
 
 
 @dataclass
@@ -44,6 +33,8 @@ class Record:
         image: an in-memory ``PIL.Image.Image``; wins over ``image_path`` when set.
         meta: free-form extra fields a reader keeps (e.g. ``{"image_url": ...}``); never used by
             scoring.
+        source: where a reader read it (``posts.jsonl:7``, ``data.json: record 3``), named by
+            errors found later (a post too long for the model); None for records made in code.
     """
 
     id: str
@@ -52,32 +43,35 @@ class Record:
     image_path: str | None = None
     image: Image.Image | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    source: str | None = field(default=None, compare=False)
+
+    @property
+    def where(self) -> str:
+        """``source`` for messages, else the record's id."""
+        return self.source or f"record {self.id!r}"
 
     def load_image(self) -> Image.Image | None:
         """Return the image as an RGB ``PIL.Image.Image`` ([H, W, 3] uint8), or ``None``.
 
-        Transparent images (RGBA, LA, palette with transparency) are composited on white.
+        Decoded by :func:`aimkp.data.images.to_rgb`: 16-bit and float grayscale scaled (not
+        clipped to white), transparent images composited on white, EXIF orientation applied,
+        the first frame of an animation.
 
         Raises:
             ValueError: the image file is missing or cannot be decoded (names the file and the
                 record id).
         """
         if self.image is not None:
-            return _to_rgb(self.image)
+            try:
+                return to_rgb(self.image)
+            except (DataError, OSError, SyntaxError) as exc:  # a lazily decoded image (hf bytes)
+                raise DataError(f"record {self.id!r}: cannot decode its image: {exc}") from None
         if self.image_path is None:
             return None
-        from PIL import Image, UnidentifiedImageError
-
         try:
-            with Image.open(self.image_path) as im:
-                rgb = _to_rgb(im)
-                return im.copy() if rgb is im else rgb  # decode before the file closes
-        except FileNotFoundError as exc:
-            raise DataError(f"record {self.id!r}: image not found: {self.image_path}") from exc
-        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise DataError(
-                f"record {self.id!r}: cannot read image {self.image_path}: {exc}"
-            ) from exc
+            return open_image(self.image_path)
+        except DataError as exc:
+            raise DataError(f"record {self.id!r}: {exc}") from None
 
     @property
     def has_image(self) -> bool:
@@ -112,6 +106,14 @@ class ReadStats:
     read: int = 0
     skipped: collections.Counter[str] = field(default_factory=collections.Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    # where each post id was first read (ids are unique within a file: scores pair by them)
+    first_seen: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def check_unique_id(self, rid: str, where: str) -> None:
+        """DataError naming both places when ``rid`` was read before."""
+        first = self.first_seen.setdefault(rid, where)
+        if first != where:
+            raise DataError(f"{where}: duplicate post id {rid!r} (first at {first})")
 
     def skip(self, reason: str, where: str) -> None:
         """Count one skipped item and remember where it was (first 5 per reason)."""

@@ -41,8 +41,9 @@ def utf8_checked(text: str, where: str) -> str:
 
 def open_text(path: Path) -> Any:
     """The file as text; bytes that are not UTF-8 become lone surrogates that
-    :func:`utf8_checked` reports with their line, instead of a decode error naming no line."""
+    :func:`utf8_checked` reports with their line, instead of a decode error naming no line.
+    A UTF-8 byte-order mark at the start (Windows editors write one) is dropped."""
     try:
-        return open(path, encoding="utf-8", errors="surrogateescape")
+        return open(path, encoding="utf-8-sig", errors="surrogateescape")
     except OSError as exc:
         raise DataError(f"{path}: cannot open: {exc.strerror or exc}") from None

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from aimkp.deps import require
 from aimkp.eval import stats
 from aimkp.metrics import read_predictions
 
@@ -227,13 +228,15 @@ def plot(rep: dict[str, Any], path: str | Path) -> None:
 
 
 def write(rep: dict[str, Any], out_dir: str | Path, with_plot: bool = True) -> list[str]:
-    """Write compare.json / compare.md (/ compare.png); returns the paths."""
+    """Write compare.json / compare.md (/ compare.png); returns the paths. The tables are
+    written first: a plot that cannot be drawn loses no result."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(rep, indent=1) + "\n")
     (out / "compare.md").write_text(markdown(rep))
     files = [str(out / "compare.json"), str(out / "compare.md")]
     if with_plot:
+        require("matplotlib", "--no-plot", purpose="compare.png")  # the JSON is kept
         plot(rep, out / "compare.png")
         files.append(str(out / "compare.png"))
     return files

@@ -26,6 +26,7 @@ from typing import Any
 
 from aimkp.data import Record
 from aimkp.data.corrupt import DEFAULT_SETTINGS, SETTINGS, apply_setting
+from aimkp.deps import require
 from aimkp.errors import DataError, UsageError
 from aimkp.metrics import HEADLINE, PROTOCOLS, score
 
@@ -97,6 +98,8 @@ def run_robustness(
     if not records:
         raise DataError("no records to evaluate")
     names = resolve_settings(settings)
+    if plot and out_dir is not None:  # named before decoding, not after it
+        require("matplotlib", "plot=False", purpose="robustness.png")
     res: dict[str, Any] = {
         "protocol": protocol,
         "seed": seed,
@@ -184,8 +187,10 @@ def write_report(
     files = {"json": str(out / "robustness.json"), "markdown": str(out / "robustness.md")}
     if plot:
         files["plot"] = str(out / "robustness.png")
-        plot_report(res, files["plot"])
+    # the tables first: a plot that fails (no matplotlib, a full disk) loses no result
     Path(files["markdown"]).write_text(markdown_table(res), encoding="utf-8")
     with open(files["json"], "w", encoding="utf-8") as f:
         json.dump({**res, "files": files}, f, indent=2)
+    if plot:
+        plot_report(res, files["plot"])
     return files

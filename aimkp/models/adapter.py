@@ -56,6 +56,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from aimkp.data.images import to_rgb
+from aimkp.errors import DataError
+
 QUESTION = "What phrases should be used to tag the media?"
 _IMG = "\u27e6AIMKP_IMG\u27e7"
 _TXT = "\u27e6AIMKP_TXT\u27e7"
@@ -230,7 +233,8 @@ class MLLMAdapter:
         ValueError when the model was loaded without one."""
         if self.image_processor is None:
             raise ValueError("this model was loaded without an image processor")
-        return self.image_processor(images=image.convert("RGB"), return_tensors="pt", **kwargs)
+        # aimkp's decoding (16-bit scaled, transparency on white), not PIL's convert("RGB")
+        return self.image_processor(images=to_rgb(image), return_tensors="pt", **kwargs)
 
     @staticmethod
     def flat_image_features(out: Any) -> torch.Tensor:
@@ -442,10 +446,11 @@ class MLLMAdapter:
             ids += ans
             labels += ans
         limit = getattr(self.language_model.config, "max_position_embeddings", None)
-        if limit is not None and len(ids) > int(limit):
-            raise ValueError(
-                f"record {getattr(record, 'id', '?')!r}: {len(ids)} tokens exceed the model's "
-                f"max_position_embeddings ({limit})"
+        if limit is not None and len(ids) > int(limit):  # the user's data: file:line, exit 2
+            where = getattr(record, "source", None) or f"record {getattr(record, 'id', '?')!r}"
+            raise DataError(
+                f"{where}: the post is {len(ids)} tokens (prompt, image and answer), over the "
+                f"model's context of {limit} (max_position_embeddings); shorten or remove it"
             )
         input_ids = torch.tensor(ids, dtype=torch.long)
         labels_t = torch.tensor(labels, dtype=torch.long)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from aimkp.atomic import apply_umask
 from aimkp.errors import CheckpointError
 from aimkp.models.adapter import adapter_class, unwrap_model
 
@@ -205,7 +206,111 @@ def save_checkpoint(
         fields.update(weights="full")
     save_processors(d, loaded)
     write_meta(d, loaded, **fields)
+    apply_umask(d, "*.safetensors")  # safetensors writes 0600: others could not read them
     return d
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def read_json_file(path: pathlib.Path) -> Any:
+    """The JSON of ``path``; CheckpointError naming the file and line when it is not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not a UTF-8 text file") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror})") from None
+
+
+def safetensors_shapes(path: pathlib.Path) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes a safetensors file declares, after checking that the file is whole:
+    its header parses and the file holds every byte the header's offsets name (a copy or a
+    save cut short fails here, in one line, instead of deep inside the loader)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or 8 + n > size:
+                raise CheckpointError(
+                    f"{path}: truncated or not a safetensors file ({size} bytes, no whole header)"
+                )
+            header = json.loads(f.read(n))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror})") from None
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    entries = (
+        {k: v for k, v in header.items() if k != "__metadata__"}
+        if isinstance(header, dict)
+        else None
+    )
+    try:
+        end = max((int(v["data_offsets"][1]) for v in entries.values()), default=0)
+        shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in entries.items()}
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError):
+        raise CheckpointError(f"{path}: not a safetensors file (malformed header)") from None
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{path}: truncated: its header names {8 + n + end} bytes, the file holds {size} "
+            "(an interrupted copy or save); copy or save it again"
+        )
+    return shapes
+
+
+def _check_adapter(d: pathlib.Path) -> None:
+    cfg = read_json_file(d / ADAPTER_CONFIG)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{d / ADAPTER_CONFIG}: not a JSON object")
+    r = cfg.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise CheckpointError(f"{d / ADAPTER_CONFIG}: 'r' must be a positive integer, got {r!r}")
+    weights = d / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{d}: no {ADAPTER_WEIGHTS} beside {ADAPTER_CONFIG}")
+    ranks = {r, *(v for v in (cfg.get("rank_pattern") or {}).values() if isinstance(v, int))}
+    for key, shape in safetensors_shapes(weights).items():
+        rank = shape[0] if ".lora_A." in key else shape[-1] if ".lora_B." in key else None
+        if rank is not None and len(shape) == 2 and rank not in ranks:
+            raise CheckpointError(
+                f"{weights}: LoRA weights of rank {rank} ({key}) but {ADAPTER_CONFIG} says "
+                f"r={r}: the weights belong to another adapter"
+            )
+
+
+def _check_full(d: pathlib.Path) -> None:
+    read_json_file(d / "config.json")
+    if (d / "model.safetensors").is_file():
+        safetensors_shapes(d / "model.safetensors")
+    elif (d / SAFETENSORS_INDEX).is_file():
+        index = read_json_file(d / SAFETENSORS_INDEX)
+        shards = (
+            sorted(set((index.get("weight_map") or {}).values())) if isinstance(index, dict) else []
+        )
+        for shard in shards:
+            if not (d / shard).is_file():
+                raise CheckpointError(
+                    f"{d}: the shard {shard} named in {SAFETENSORS_INDEX} is missing"
+                )
+            safetensors_shapes(d / shard)
+
+
+def validate_checkpoint(directory: str | pathlib.Path) -> None:
+    """CheckpointError (one line, naming the file) when a checkpoint directory cannot be loaded
+    whole: invalid JSON in ``adapter_config.json`` / ``config.json`` / ``aimkp.json``, a
+    truncated or malformed safetensors file, LoRA weights of another rank than the config's, a
+    missing shard. Reads the headers only, so every command checks before any work
+    (``predict``, ``evaluate``, ``export``, ``train --resume``, ``train --model DIR``)."""
+    d = pathlib.Path(directory)
+    read_meta(d)
+    if (d / ADAPTER_CONFIG).is_file():
+        _check_adapter(d)
+    elif (d / "config.json").is_file():
+        _check_full(d)
 
 
 def read_meta(directory: str | pathlib.Path) -> dict[str, Any] | None:
@@ -240,6 +345,7 @@ def load_local(
     from transformers import AutoConfig
 
     d = pathlib.Path(directory)
+    validate_checkpoint(d)  # a truncated or mismatched file named before anything loads
     if (d / ADAPTER_CONFIG).is_file():
         from aimkp.models.peft_io import load_adapter_checkpoint
 

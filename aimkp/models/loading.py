@@ -13,7 +13,7 @@ from torch import nn
 from aimkp.errors import UsageError
 from aimkp.models.adapter import MLLMAdapter, get_adapter
 from aimkp.models.attention import apply_attention
-from aimkp.models.checkpoint import ADAPTER_CONFIG
+from aimkp.models.checkpoint import ADAPTER_CONFIG, validate_checkpoint
 from aimkp.models.hub import looks_like_hub_id, resolve_hub_id
 
 
@@ -62,6 +62,8 @@ def check_model_spec(spec: str | pathlib.Path) -> str:
     if spec_s in PRESETS:
         return spec_s
     p = pathlib.Path(spec_s)
+    if not p.exists() and _names_a_local_path(spec_s):
+        raise UsageError(f"{spec_s}: no such checkpoint directory")
     if not p.exists() and looks_like_hub_id(spec_s):
         p = resolve_hub_id(spec_s)  # the local cache only; a UsageError when it is not there
     elif not p.exists():
@@ -69,6 +71,7 @@ def check_model_spec(spec: str | pathlib.Path) -> str:
             f"model spec {spec_s!r} is neither a preset ({sorted(PRESETS)}), a local directory "
             "nor a hub id org/name in the local cache (nothing is downloaded)"
         )
+    validate_checkpoint(p)  # truncated weights, invalid JSON, another LoRA rank: named now
     if p.is_dir() and (p / "config.json").is_file():
         _check_model_type(p / "config.json")
     elif p.is_dir() and (p / ADAPTER_CONFIG).is_file():
@@ -80,6 +83,18 @@ def check_model_spec(spec: str | pathlib.Path) -> str:
             f"{spec_s}: no config.json and no {ADAPTER_CONFIG}; not a model checkpoint directory"
         )
     return spec_s
+
+
+def _names_a_local_path(spec: str) -> bool:
+    """True when ``spec`` can only mean a local path: absolute, ``./``, ``~``, more than one
+    ``/``, a ``checkpoint-like`` last part (best, last, base, step-N), or under a directory that
+    exists here (``runs/best`` with ``runs/`` present is not the hub id ``runs/best``)."""
+    p = pathlib.Path(spec)
+    if spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1:
+        return True
+    if p.name in ("best", "last", "base") or p.name.startswith("step-"):
+        return True
+    return spec.count("/") == 1 and p.parent.is_dir()
 
 
 def _check_model_type(config_file: pathlib.Path) -> None:

@@ -21,9 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from aimkp.atomic import atomic_dir
 from aimkp.errors import CheckpointError
 from aimkp.models.checkpoint import (
     ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     load_local,
     load_processors,
     merged_state_dict,
@@ -34,7 +36,6 @@ from aimkp.models.checkpoint import (
 )
 from aimkp.models.hub import looks_like_hub_id, resolve_hub_id
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FULL_WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -50,8 +51,6 @@ def _has_full_weights(d: pathlib.Path) -> bool:
 def save_base_copy(loaded: Any, base_dir: pathlib.Path) -> pathlib.Path:
     """The initial base model (LoRA and the trained projector copy left out) + tokenizer + image
     processor, saved with ``save_pretrained`` into ``base_dir`` once per loaded model."""
-    from aimkp.atomic import atomic_dir
-
     if loaded.info.get("saved_base") == str(base_dir) and _has_full_weights(base_dir):
         return base_dir
     with atomic_dir(base_dir) as tmp:  # written whole or not at all
@@ -176,4 +175,6 @@ def export_merged(
         raise CheckpointError(f"{out}: the export directory must differ from the checkpoint")
     loaded = load_model(src, dtype=dtype)
     origin = str(src.resolve()) if src.is_dir() else str(checkpoint)  # a dir or a hub id
-    return save_checkpoint(out, loaded, extra_json={"exported_from": origin})
+    with atomic_dir(out) as tmp:  # written whole or not at all (a full disk keeps nothing half)
+        save_checkpoint(tmp, loaded, extra_json={"exported_from": origin})
+    return out

@@ -12,7 +12,7 @@ import pathlib
 import shutil
 from typing import TYPE_CHECKING, Any
 
-from aimkp.atomic import atomic_dir
+from aimkp.atomic import atomic_dir, tree_bytes
 from aimkp.errors import UsageError
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ def save_model(run: TrainRun, name: str, extra: dict[str, Any]) -> None:
     from aimkp.method.nonfinite import check_finite_weights
 
     check_finite_weights(run.model, str(run.out / name))
-    with atomic_dir(run.out / name) as tmp:
+    with atomic_dir(run.out / name, need_bytes=model_bytes(run)) as tmp:
         _write_model(run, tmp, extra)
 
 
@@ -48,7 +48,7 @@ def save_last(run: TrainRun, partial: dict[str, Any] | None = None) -> None:
 
     p = run.progress
     check_finite_weights(run.model, str(run.out / "last"))
-    with atomic_dir(run.out / "last") as tmp:
+    with atomic_dir(run.out / "last", need_bytes=checkpoint_bytes(run)) as tmp:
         _write_model(run, tmp, {"epoch": p.epoch, "epoch_step": p.epoch_step, "step": p.step})
         _write_state(run, tmp, partial)
     if run.cfg.keep_last:
@@ -89,25 +89,57 @@ def step_checkpoints(out: pathlib.Path) -> list[pathlib.Path]:
     return sorted(d for d in out.glob(f"{STEP_PREFIX}[0-9]*") if d.is_dir())
 
 
-def checkpoint_bytes(run: TrainRun) -> int:
-    """Estimated bytes of one ``last`` checkpoint: the trainable weights in the model files and
-    in the training state, AdamW's two moments, and the frozen base when ``OUTPUT/base`` is not
-    written yet (LoRA on a preset)."""
-    trainable = sum(p.numel() * p.element_size() for p in run.model.parameters() if p.requires_grad)
-    frozen = sum(
-        p.numel() * p.element_size() for p in run.model.parameters() if not p.requires_grad
+def _param_bytes(run: TrainRun, trainable: bool) -> int:
+    return sum(
+        p.numel() * p.element_size() for p in run.model.parameters() if p.requires_grad == trainable
     )
-    base = frozen if run.cfg.full_finetune is False and not (run.out / "base").is_dir() else 0
-    return 4 * trainable + base
+
+
+def model_bytes(run: TrainRun) -> int:
+    """Bytes of one model checkpoint (``best``): every weight with full fine-tuning (the
+    frozen vision tower is in ``model.safetensors`` too), the trainable ones with LoRA."""
+    full = _param_bytes(run, False) if run.cfg.full_finetune else 0
+    return _param_bytes(run, True) + full
+
+
+def _base_bytes(run: TrainRun) -> int:
+    """The LoRA base copy ``OUTPUT/base`` when it is not written yet (a preset's LoRA run)."""
+    if run.cfg.full_finetune or (run.out / "base").is_dir():
+        return 0
+    return _param_bytes(run, False)
+
+
+def checkpoint_bytes(run: TrainRun) -> int:
+    """Estimated bytes of one ``last`` checkpoint: the model checkpoint, the trainable weights
+    again in the training state with AdamW's two moments, and the frozen base when
+    ``OUTPUT/base`` is not written yet (LoRA on a preset)."""
+    return model_bytes(run) + 3 * _param_bytes(run, True) + _base_bytes(run)
+
+
+def peak_bytes(run: TrainRun) -> int:
+    """Bytes the run's checkpoints occupy at their peak: ``best``, two ``last`` (the new one is
+    written whole before the old one goes), the ``--keep-last`` step copies plus the one being
+    written, and the base copy once."""
+    last = checkpoint_bytes(run) - _base_bytes(run)
+    steps = (run.cfg.keep_last + 1) * last if run.cfg.keep_last else 0
+    return model_bytes(run) + 2 * last + steps + _base_bytes(run)
+
+
+def _present_bytes(out: pathlib.Path) -> int:
+    """Bytes of the checkpoints already in the run directory (a resumed run rewrites them)."""
+    dirs = [out / "best", out / "last", *step_checkpoints(out)]
+    return sum(tree_bytes(d) for d in dirs)
 
 
 def check_free_space(run: TrainRun) -> None:
-    """UsageError (before the first step) when the disk under OUTPUT cannot hold one more
-    checkpoint (:func:`checkpoint_bytes` times :data:`SPACE_MARGIN`)."""
-    need = int(checkpoint_bytes(run) * SPACE_MARGIN)
+    """UsageError (before the first step) when the disk under OUTPUT cannot hold the run's
+    checkpoints at their peak (:func:`peak_bytes`, less what a resumed run already has there,
+    times :data:`SPACE_MARGIN`)."""
+    need = int(max(0, peak_bytes(run) - _present_bytes(run.out)) * SPACE_MARGIN)
     free = shutil.disk_usage(run.out).free
     if free < need:
         raise UsageError(
-            f"--output {run.out}: not enough free space for a checkpoint: about "
-            f"{need / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free"
+            f"--output {run.out}: not enough free space for the run's checkpoints (best/, last/ "
+            f"and the new last/ written before the old one goes): about {need / 2**20:.1f} MiB "
+            f"needed, {free / 2**20:.1f} MiB free"
         )

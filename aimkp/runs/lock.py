@@ -57,7 +57,14 @@ def acquire(out: pathlib.Path) -> pathlib.Path:
     raise UsageError(f"--output {out}: could not take the lock {path}")
 
 
-def _take_over_if_stale(path: pathlib.Path, me: dict[str, object]) -> None:
+def check_not_in_use(out: pathlib.Path) -> None:
+    """UsageError when a live run holds the lock of ``out`` (nothing is changed here)."""
+    path = out / LOCK_FILE
+    if path.exists():
+        _refuse_if_live(path, {"host": socket.gethostname()})
+
+
+def _refuse_if_live(path: pathlib.Path, me: dict[str, object]) -> dict[str, object]:
     owner = _owner(path)
     pid, host = owner.get("pid"), owner.get("host")
     if isinstance(pid, int) and (host != me["host"] or _alive(pid)):
@@ -66,6 +73,11 @@ def _take_over_if_stale(path: pathlib.Path, me: dict[str, object]) -> None:
             f"{path}); wait for it, choose another --output, or remove the lock file if that "
             "run is gone"
         )
+    return owner
+
+
+def _take_over_if_stale(path: pathlib.Path, me: dict[str, object]) -> None:
+    owner = _refuse_if_live(path, me)
     log.warning("taking over the stale lock %s of a run that is gone (%s)", path, owner)
     path.unlink(missing_ok=True)
 

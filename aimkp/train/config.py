@@ -34,6 +34,13 @@ def _f(default: Any, help: str, **cli: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **cli})
 
 
+#: options that only the AimKP method reads (PMM masking, GF filtering, reweighting)
+AIMKP_ONLY = ("tau_text", "tau_image", "gf_reduce", "grand_threshold", "reweight", "mask_mode")
+#: options that only LoRA reads (``--full-finetune`` trains the weights themselves)
+LORA_ONLY = ("lora_r", "lora_alpha", "lora_dropout")
+#: options that only full fine-tuning reads
+FULL_ONLY = ("freeze_embeddings",)
+
 # Fields older config.json files may hold that nothing reads any more (dropped on load).
 RETIRED_FIELDS = ("log_every", "extra")
 
@@ -245,6 +252,51 @@ class TrainConfig:
                 "validation posts with --valid-data FILE, or a directory with train/valid/test "
                 "files"
             )
+
+    def check_consistency(self, device_type: str, given: set[str] | None = None) -> list[str]:
+        """The options-consistency check, before any work: UsageError for a combination that
+        cannot be honoured (the rule: a request the run would silently turn into something
+        else), and the list of options that would change nothing in this run (the rule: said
+        once, as a warning, and the run goes on).
+
+        Refused: ``--bf16`` off CUDA (bf16 autocast is a CUDA feature here, as ``--dtype
+        bfloat16`` / ``float16`` is), ``--reweight correction`` with LoRA dropout under AimKP
+        (the correction's second forward draws new dropout masks: not the stash's result,
+        measured 2.6e-4 off, so ``auto`` never picks it then).
+
+        Ignored (warned): the AimKP-only options with ``--method sft``, the LoRA options with
+        ``--full-finetune``, ``--freeze-embeddings`` without it. ``given``: the fields the user
+        set (flags, ``--config``); None compares with the defaults instead.
+        """
+        if self.bf16 and device_type != "cuda":
+            raise UsageError(
+                f"--bf16 is bf16 autocast on CUDA; this run is on {device_type}, where it would "
+                "do nothing (as --dtype bfloat16 is refused there): drop --bf16"
+            )
+        lora = not self.full_finetune
+        if self.method == "aimkp" and self.reweight == "correction" and lora and self.lora_dropout:
+            raise UsageError(
+                f"--reweight correction with --lora-dropout {self.lora_dropout:g}: the "
+                "correction's second forward draws other dropout masks, so the kept copies' "
+                "weights would not be exact; pass --lora-dropout 0 or --reweight stash"
+            )
+        unused = []
+        if self.method == "sft":
+            unused += [(n, "--method sft (AimKP-only)") for n in AIMKP_ONLY]
+        if self.full_finetune:
+            unused += [(n, "--full-finetune (LoRA-only)") for n in LORA_ONLY]
+        else:
+            unused += [(n, "LoRA (needs --full-finetune)") for n in FULL_ONLY]
+        return [
+            f"--{n.replace('_', '-')} {getattr(self, n)!r} has no effect with {why}"
+            for n, why in unused
+            if self._set_by_user(n, given)
+        ]
+
+    def _set_by_user(self, name: str, given: set[str] | None) -> bool:
+        if given is not None:
+            return name in given
+        return getattr(self, name) != TrainConfig.__dataclass_fields__[name].default
 
     def resolved_mask_mode(self) -> str:
         """``compact`` (default; ``auto`` is an alias kept for older run configs): hidden tokens

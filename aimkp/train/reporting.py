@@ -12,7 +12,7 @@ import importlib.util
 import pathlib
 from typing import Any
 
-from aimkp.errors import UsageError
+from aimkp.deps import require
 from aimkp.train.config import REPORT_TO  # noqa: F401  (the choices, with the field)
 
 _NEEDS = {"tensorboard": "tensorboard", "wandb": "wandb"}
@@ -25,11 +25,8 @@ def _installed(module: str) -> bool:
 def check_report_to(kind: str) -> None:
     """UsageError when ``kind`` needs a package that is not installed."""
     need = _NEEDS.get(kind)
-    if need is not None and not _installed(need):
-        raise UsageError(
-            f"--report-to {kind} needs the {need} package (pip install 'aimkp[{kind}]' or "
-            f"pip install {need}); or pass --report-to none"
-        )
+    if need is not None:
+        require(need, "--report-to none", purpose=f"--report-to {kind}")
 
 
 class Reporter:

@@ -40,7 +40,7 @@ def one_file(tmp_path):
         (["--lr", "nan"], "lr must be a finite number"),
         (["--lr", "0"], "lr must be a finite number in (0, inf]"),
         (["--projector-lr", "inf"], "projector_lr"),
-        (["--model", "/no/such/model"], "neither a preset"),
+        (["--model", "/no/such/model"], "no such checkpoint directory"),
         (["--preset", "tiny-gpt"], "neither a preset"),
         (["--resume", "/no/such/run"], "nothing to resume from"),
     ],
@@ -101,7 +101,7 @@ def test_predict_checks_its_output_before_loading_anything(capsys, tmp_path, mon
     line = _usage_error(capsys, ["predict", "--checkpoint", "tiny-llava", "--out", str(tmp_path)])
     assert "is a directory" in line
     line = _usage_error(capsys, ["predict", "--checkpoint", str(tmp_path / "no"), "--out", "p"])
-    assert "neither a preset" in line
+    assert "no such checkpoint directory" in line
     argv = ["predict", "--checkpoint", "tiny-llava", "--out", "p", "--decoding", "sample"]
     line = _usage_error(capsys, [*argv, "--temperature", "0"])
     assert "temperature > 0" in line

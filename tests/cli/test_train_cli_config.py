@@ -106,3 +106,60 @@ def test_docs_yaml_example_is_a_valid_config(tmp_path: pathlib.Path) -> None:
     block = page.split("## Configuration files", 1)[1].split("```yaml\n", 1)[1]
     c = _parse(["--config", _yaml(tmp_path, block.split("```", 1)[0])])
     assert (c.grad_accum, c.max_grad_norm, c.eval_every_epoch) == (2, None, False)
+
+
+def test_yaml_takes_what_the_user_means(tmp_path: pathlib.Path) -> None:
+    """YAML 1.1 reads ``1e-3`` as a string; ``none`` is what the flag takes; a byte-order mark
+    and hyphenated keys are accepted."""
+    text = "\ufefflr: 1e-3\nmax_grad_norm: none\ngrad-accum: 2\ngrand_threshold: off\n"
+    (tmp_path / "run.yaml").write_text(text, encoding="utf-8")
+    cfg = _parse(["--config", str(tmp_path / "run.yaml")])
+    assert cfg.lr == 1e-3 and cfg.max_grad_norm is None and cfg.grad_accum == 2
+    assert cfg.grand_threshold is None
+    with pytest.raises(ValueError, match="key 'lr' must be float"):
+        _parse(["--config", _yaml(tmp_path, "lr: fast\n")])
+
+
+def test_yaml_duplicate_keys_are_refused(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ValueError, match="line 3: key 'epochs' given twice"):
+        _parse(["--config", _yaml(tmp_path, "epochs: 2\nlr: 0.1\nepochs: 3\n")])
+
+
+@pytest.mark.parametrize(
+    "fields, given, warned",
+    [
+        ({"method": "sft", "tau_text": 0.3}, {"method", "tau_text"}, ["--tau-text 0.3"]),
+        ({"method": "sft"}, {"method"}, []),  # defaults of AimKP options: nothing said
+        ({"full_finetune": True, "lora_r": 8}, {"full_finetune", "lora_r"}, ["--lora-r 8"]),
+        ({"freeze_embeddings": True}, {"freeze_embeddings"}, ["--freeze-embeddings True"]),
+        ({"full_finetune": True, "lora_dropout": 0.0}, {"full_finetune"}, []),  # --quick's
+    ],
+)
+def test_options_that_would_do_nothing_are_named(fields, given, warned) -> None:
+    got = TrainConfig(**fields).check_consistency("cpu", given)
+    assert [w.split(" has no effect")[0] for w in got] == warned
+
+
+def test_options_that_cannot_be_honoured_are_refused() -> None:
+    with pytest.raises(ValueError, match="drop --bf16"):
+        TrainConfig(bf16=True).check_consistency("cpu")
+    assert TrainConfig(bf16=True).check_consistency("cuda") == []
+    with pytest.raises(ValueError, match="--reweight correction with --lora-dropout 0.05"):
+        TrainConfig(reweight="correction").check_consistency("cuda")
+    assert TrainConfig(reweight="correction", lora_dropout=0.0).check_consistency("cuda") == []
+    assert TrainConfig(reweight="correction", method="sft").check_consistency("cuda", set()) == []
+
+
+def test_train_warns_once_about_an_unused_option(tmp_path, caplog, monkeypatch, capsys) -> None:
+    """Said once, before any work (the stand-in for the loop stops the run at once)."""
+    import aimkp.train.loop
+    from aimkp.errors import UsageError
+
+    def stop(cfg):
+        raise UsageError("stopped before training")
+
+    monkeypatch.setattr(aimkp.train.loop, "train", stop)
+    argv = ["train", "--method", "sft", "--tau-image", "0.2", "--output", str(tmp_path / "r")]
+    assert main(argv) == 2
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == ["--tau-image 0.2 has no effect with --method sft (AimKP-only)"]

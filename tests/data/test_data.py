@@ -226,7 +226,7 @@ def test_record_helpers() -> None:
     c = r.replace(text="u")
     c.keyphrases.append("b")
     assert r.keyphrases == ["a"] and c.text == "u"
-    with pytest.raises(ValueError, match="image not found"):
+    with pytest.raises(ValueError, match="missing image"):
         Record("2", "t", ["a"], image_path="/nonexistent.png").load_image()
     s = ReadStats(source="x")
     s.skip("blank line", "x:1")

@@ -204,7 +204,7 @@ def test_evaluate_cli_on_a_tiny_model(tmp_path, capsys) -> None:
 
     common = ["--data", "synthetic:0", "--max-samples", "1", "--settings", "clean,image_only"]
     rc = main(["evaluate", "--checkpoint", str(tmp_path / "none"), "--output", str(tmp_path)])
-    assert rc == 2 and "neither a preset" in capsys.readouterr().err
+    assert rc == 2 and "no such checkpoint directory" in capsys.readouterr().err
     out = tmp_path / "report"
     rc = main(["evaluate", "--checkpoint", "tiny-llava", "--output", str(out), *common])
     cap = capsys.readouterr()

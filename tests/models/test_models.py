@@ -239,7 +239,7 @@ def test_encode_and_lora_errors():
     with pytest.raises(ValueError, match="'nokp': no keyphrases"):
         loaded.adapter.encode(Record("nokp", "some text", []))
     assert loaded.adapter.encode(Record("nokp", "some text", []), with_answer=False).length > 0
-    with pytest.raises(ValueError, match="'long': .* exceed"):
+    with pytest.raises(ValueError, match="'long': the post is .* over the model's context"):
         loaded.adapter.encode(Record("long", "word " * 1100, ["x"]))
     with pytest.raises(ValueError, match="already has LoRA"):
         apply_lora(loaded)

@@ -87,7 +87,8 @@ def test_too_little_free_space_is_named_before_the_first_step(tmp_path, monkeypa
     out = tmp_path / "run"
     code = main([*ARGS, "--output", str(out), "--epochs", "1"])
     err = _error_lines(capsys)
-    assert code == 2 and len(err) == 1 and "not enough free space for a checkpoint" in err[0]
+    assert code == 2 and len(err) == 1
+    assert "not enough free space for the run's checkpoints" in err[0]
     assert steps == [] and not (out / "last").exists()
 
 

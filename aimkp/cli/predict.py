@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--limit", args.limit), ("--sort-window", args.sort_window)):
         if value is not None and value < (0 if flag == "--limit" else 1):
             raise UsageError(f"{flag} must be >= {0 if flag == '--limit' else 1}, got {value}")
+    check_model_spec(args.checkpoint)
     plan = claim_output(out, resume=args.resume, overwrite=args.overwrite)
     options = {
         "decoding": args.decoding,
@@ -92,7 +93,6 @@ def run(args: argparse.Namespace) -> int:
         "modality": args.modality,
     }
     Predictor.check_options(**options)
-    check_model_spec(args.checkpoint)
     stats = ReadStats()
     posts = iter_posts(args.data, args.split, stats=stats, **read_options(args, args.data))
     if args.limit is not None:

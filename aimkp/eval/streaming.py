@@ -121,7 +121,7 @@ class Writer(Protocol):
 class JsonlWriter:
     """One JSON object per post, each batch in one write, flushed."""
 
-    def __init__(self, f: IO[str]) -> None:
+    def __init__(self, f: Any) -> None:
         self.f = f
 
     def write(self, done: Sequence[tuple[int, Post, str | None]]) -> None:
@@ -140,7 +140,7 @@ class TxtWriter:
     """``kp1;kp2`` lines in input order: a post's line waits for the posts before it. A post
     that produces no line (skipped) is passed with ``text=None`` so that the order advances."""
 
-    def __init__(self, f: IO[str]) -> None:
+    def __init__(self, f: Any) -> None:
         self.f = f
         self.next = 0
         self.pending: dict[int, str | None] = {}
@@ -159,14 +159,42 @@ class TxtWriter:
             self.f.flush()
 
 
+class _OpenedOnFirstWrite:
+    """A text file opened (created, truncated or appended to) at its first write, so that a run
+    failing before its first prediction leaves an existing output, or no file, as it was."""
+
+    def __init__(self, path: Path, mode: str) -> None:
+        self.path, self.mode = path, mode
+        self.f: IO[str] | None = None
+
+    def write(self, text: str) -> None:
+        if self.f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.f = self.path.open(self.mode, encoding="utf-8", newline="\n")
+        self.f.write(text)
+
+    def flush(self) -> None:
+        if self.f is not None:
+            self.f.flush()
+
+    def close(self, finished: bool) -> None:
+        if self.f is None and finished:
+            self.write("")  # a finished run always leaves its (maybe empty) output
+        if self.f is not None:
+            self.f.close()
+
+
 @contextlib.contextmanager
 def open_writer(plan: OutputPlan) -> Iterator[Writer]:
-    """The :class:`Writer` of ``plan``: the file opened for appending when resuming, else
-    created (or replaced) now."""
-    plan.path.parent.mkdir(parents=True, exist_ok=True)
-    mode = "a" if plan.mode == "resume" else "w"
-    with plan.path.open(mode, encoding="utf-8", newline="\n") as f:
+    """The :class:`Writer` of ``plan``. The file is opened at the first prediction (appended to
+    when resuming, else created or replaced); a run that fails before it leaves the file alone."""
+    f = _OpenedOnFirstWrite(plan.path, "a" if plan.mode == "resume" else "w")
+    finished = False
+    try:
         yield JsonlWriter(f) if plan.jsonl else TxtWriter(f)
+        finished = True
+    finally:
+        f.close(finished)
 
 
 @dataclass

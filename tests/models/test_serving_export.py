@@ -132,3 +132,43 @@ def test_transformers_peft_greedy_equals_aimkp_predict(trained_checkpoint, expor
         text = tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
         assert parse_keyphrases(text) == want[r.id], r.id
     assert any(want.values()), "nothing generated: the comparison would be vacuous"
+
+
+def test_qwen2vl_base_plus_adapter_equals_the_checkpoint(tmp_path):
+    """Qwen2-VL (projector = the merger): base + adapter, merged by peft, is the checkpoint's
+    own merged model weight for weight."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from aimkp.models.serving_export import export_for_serving
+
+    loaded = tiny("tiny-qwen2vl")
+    with torch.no_grad():  # a trained projector copy that differs from the original
+        for name, p in loaded.model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.05)
+    ckpt = save_checkpoint(tmp_path / "ckpt", loaded)
+    base, adapter = export_for_serving(ckpt, tmp_path / "serve")
+    assert adapter is not None
+    assert not json.loads((adapter / "adapter_config.json").read_text()).get("modules_to_save")
+    served = PeftModel.from_pretrained(
+        Qwen2VLForConditionalGeneration.from_pretrained(base), str(adapter)
+    )
+    got = served.merge_and_unload().state_dict()
+    want = load_model(ckpt).model.state_dict()
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_full_checkpoint_exports_a_base_only(tmp_path, capsys):
+    ckpt = save_checkpoint(tmp_path / "ckpt", tiny("tiny-llava", lora=False))
+    out = tmp_path / "serve"
+    assert (
+        main(["export", "--checkpoint", str(ckpt), "--output", str(out), "--format", "vllm"]) == 0
+    )
+    assert "full weights, no LoRA" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["base"]
+    LlavaForConditionalGeneration.from_pretrained(out / "base")
+    argv = ["export", "--checkpoint", str(ckpt), "--output", str(out), "--format", "vllm"]
+    assert main([*argv, "--dtype", "bfloat16"]) == 2
+    assert "--dtype applies to --format merged" in capsys.readouterr().err

@@ -26,7 +26,6 @@ import itertools
 import sys
 
 import torch
-from tqdm import tqdm
 
 from aimkp.cli._common import add_read_arguments, check_device, check_output_file, read_options
 from aimkp.data.lazy import iter_posts
@@ -34,7 +33,6 @@ from aimkp.data.record import ReadStats
 from aimkp.errors import UsageError
 from aimkp.eval.predict import DECODINGS, MODALITIES, Predictor
 from aimkp.eval.streaming import claim_output, open_writer, predict_stream, summary
-from aimkp.models import check_model_spec, load_model
 
 HELP = "generate keyphrases for a dataset split with a trained checkpoint"
 
@@ -75,6 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imported here: `aimkp --help` builds every subcommand's parser and needs no transformers
+    from tqdm import tqdm
+
+    from aimkp.models import check_model_spec, load_model
+
     out = check_output_file(args.out, "--out")
     check_device(args.device)
     for flag, value in (("--limit", args.limit), ("--sort-window", args.sort_window)):

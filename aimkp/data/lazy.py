@@ -28,7 +28,6 @@ from . import hf
 from .json_array import iter_json_array
 from .options import is_synthetic
 from .readers import (
-    FORMATS,
     _BadRecords,
     _cmkp_line,
     _ImageResolver,
@@ -108,9 +107,7 @@ def _file_posts(
     with_images: bool,
     labelled: bool,
 ) -> Iterator[Post]:
-    fmt = detect_format(path)
-    if fmt not in FORMATS:
-        raise DataError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    fmt = detect_format(path)  # "cmkp", "aimkp_json" or "jsonl"; a DataError otherwise
     st.source = os.fspath(path)
     res = _ImageResolver(path, image_dir, on_missing_image, with_images, True)
     bad = _BadRecords(on_bad_record, st)

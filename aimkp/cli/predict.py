@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from typing import Any
 
 import torch
 
@@ -72,19 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_read_arguments(parser)
 
 
-def run(args: argparse.Namespace) -> int:
-    # imported here: `aimkp --help` builds every subcommand's parser and needs no transformers
-    from tqdm import tqdm
-
-    from aimkp.models import check_model_spec, load_model
-
-    out = check_output_file(args.out, "--out")
-    check_device(args.device)
-    for flag, value in (("--limit", args.limit), ("--sort-window", args.sort_window)):
-        if value is not None and value < (0 if flag == "--limit" else 1):
-            raise UsageError(f"{flag} must be >= {0 if flag == '--limit' else 1}, got {value}")
-    check_model_spec(args.checkpoint)
-    plan = claim_output(out, resume=args.resume, overwrite=args.overwrite)
+def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    """:class:`Predictor`'s keyword arguments from the flags, checked."""
     options = {
         "decoding": args.decoding,
         "num_beams": args.num_beams,
@@ -96,24 +86,47 @@ def run(args: argparse.Namespace) -> int:
         "modality": args.modality,
     }
     Predictor.check_options(**options)
+    if args.limit is not None and args.limit < 0:
+        raise UsageError(f"--limit must be >= 0, got {args.limit}")
+    if args.sort_window is not None and args.sort_window < 1:
+        raise UsageError(f"--sort-window must be >= 1, got {args.sort_window}")
+    return options
+
+
+def run(args: argparse.Namespace) -> int:
+    # imported here: `aimkp --help` builds every subcommand's parser and needs no transformers
+    from tqdm import tqdm
+
+    from aimkp.models import check_model_spec, load_model
+
+    out = check_output_file(args.out, "--out")
+    check_device(args.device)
+    options = _generation_options(args)
+    check_model_spec(args.checkpoint)
+    plan = claim_output(out, resume=args.resume, overwrite=args.overwrite)
     stats = ReadStats()
     posts = iter_posts(args.data, args.split, stats=stats, **read_options(args, args.data))
     if args.limit is not None:
         posts = itertools.islice(posts, args.limit)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pred = Predictor(load_model(args.checkpoint, device=device), device=device, **options)
-    with (
-        open_writer(plan) as writer,
-        tqdm(unit="post", file=sys.stderr, disable=None, smoothing=0.1) as bar,
-    ):
-        counts = predict_stream(
-            pred,
-            posts,
-            writer,
-            done_ids=plan.done_ids,
-            window=args.sort_window,
-            on_bad_record=args.on_bad_record,
-            progress=bar,
-        )
+    try:
+        with (
+            open_writer(plan) as writer,
+            tqdm(unit="post", file=sys.stderr, disable=None, smoothing=0.1) as bar,
+        ):
+            counts = predict_stream(
+                pred,
+                posts,
+                writer,
+                done_ids=plan.done_ids,
+                window=args.sort_window,
+                on_bad_record=args.on_bad_record,
+                progress=bar,
+            )
+    except KeyboardInterrupt:  # Ctrl-C: every batch written so far is in the file, whole
+        again = "--resume" if plan.jsonl else "--overwrite (a ';' file cannot be resumed)"
+        print(f"aimkp predict: interrupted; rerun with {again} to finish {out}", file=sys.stderr)
+        return 130
     print(summary(counts, stats, out), file=sys.stderr)
     return 0

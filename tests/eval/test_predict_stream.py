@@ -185,3 +185,25 @@ def test_iter_posts_hf_unlabelled(tmp_path):
     posts = list(iter_posts(f"hf:{tmp_path / 'ds'}", "test"))
     assert [(p.record.id, p.record.keyphrases) for p in posts] == [("a", []), ("b", ["kp"])]
     assert posts[1].where == f"{tmp_path / 'ds'}: split 'test', row 1"
+
+
+def test_ctrl_c_keeps_whole_batches_and_says_how_to_finish(full_run, tmp_path, monkeypatch, capsys):
+    from aimkp.eval.predict import Predictor
+
+    data, jsonl, _ = full_run
+    calls = []
+    real = Predictor.generate_batch
+
+    def interrupted_after_one_batch(self, samples):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(len(samples))
+        return real(self, samples)
+
+    monkeypatch.setattr(Predictor, "generate_batch", interrupted_after_one_batch)
+    out = tmp_path / "pred.jsonl"
+    assert _predict(data, out) == 130
+    assert "interrupted; rerun with --resume" in capsys.readouterr().err
+    written = _jsonl(out)
+    assert len(written) == calls[0] == 3
+    assert all(o in _jsonl(jsonl) for o in written)

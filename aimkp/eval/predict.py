@@ -8,6 +8,10 @@ Generation goes through ``model.generate`` with ``input_ids`` + the architecture
 in batches. Records without an image are prompted text-only (the ``<image>`` placeholder is
 dropped), records without text image-only. Output text is split on ``,`` and ``;``, stripped,
 lower-cased, de-duplicated keeping order, empty pieces dropped.
+
+Large collections go through :mod:`aimkp.eval.streaming` (what ``aimkp predict`` runs), built on
+:meth:`Predictor.encode` (a post's prompt, images preprocessed once; :class:`PostTooLong` when it
+does not fit the context), :meth:`Predictor.session` and :meth:`Predictor.generate_batch`.
 """
 
 from __future__ import annotations

@@ -150,13 +150,22 @@ def _rows(ds: Any, batch_size: int = 256) -> Iterator[dict[str, Any]]:
             yield dict(zip(cols, values))
 
 
-def _record(row: dict[str, Any], index: int, where: str, images: _Images, stats: ReadStats):
+def _record(
+    row: dict[str, Any],
+    index: int,
+    where: str,
+    images: _Images,
+    stats: ReadStats,
+    labelled: bool = True,
+):
+    """``labelled=False`` (posts to tag): the keyphrases may be absent, null or empty."""
     text = row.get("text")
     if text is None:
         text = ""
     if not isinstance(text, str):
         raise DataError(f"{where}: 'text' must be a string or null, got {type(text).__name__}")
-    kps = _keyphrases(row.get("keyphrases"), where)
+    value = row.get("keyphrases")
+    kps = _keyphrases(value, where) if labelled or value else []
     keep, image, path = images(row.get("image"), where, stats)
     if not keep:
         return None

@@ -207,7 +207,12 @@ def _iter_lines(path: Path, parse: Any, bad: _BadRecords, stats: ReadStats) -> I
 
 
 def _cmkp_line(
-    line: str, lineno: int, where: str, res: _ImageResolver, stats: ReadStats
+    line: str,
+    lineno: int,
+    where: str,
+    res: _ImageResolver,
+    stats: ReadStats,
+    labelled: bool = True,
 ) -> Record | None:
     parts = line.split(CMKP_SEP)
     if len(parts) not in (2, 3):
@@ -217,7 +222,7 @@ def _cmkp_line(
         )
     text = parts[0].strip()
     kps = [p for p in (normalize_keyphrase(x) for x in parts[1].split(";")) if p]
-    if not kps:
+    if not kps and labelled:
         raise DataError(f"{where}: no keyphrases in the second field")
     url = parts[2].strip() if len(parts) == 3 else ""
     keep, img = res.resolve(url or None, where, stats)
@@ -230,14 +235,26 @@ def _cmkp_line(
 
 
 def _jsonl_line(
-    line: str, lineno: int, where: str, res: _ImageResolver, stats: ReadStats
+    line: str,
+    lineno: int,
+    where: str,
+    res: _ImageResolver,
+    stats: ReadStats,
+    labelled: bool = True,
 ) -> Record | None:
-    return _record_from_obj(_json_loads(line, where), where, str(lineno - 1), res, stats)
+    obj = _json_loads(line, where)
+    return _record_from_obj(obj, where, str(lineno - 1), res, stats, labelled)
 
 
 def _record_from_obj(
-    obj: Any, where: str, default_id: str, res: _ImageResolver, stats: ReadStats
+    obj: Any,
+    where: str,
+    default_id: str,
+    res: _ImageResolver,
+    stats: ReadStats,
+    labelled: bool = True,
 ) -> Record | None:
+    """``labelled=False`` (posts to tag): keyphrases may be absent, null or empty."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     text = obj.get("text")
@@ -245,19 +262,21 @@ def _record_from_obj(
         text = ""
     if not isinstance(text, str):
         raise DataError(f"{where}: 'text' must be a string")
-    if "keyphrases" in obj:
+    if "keyphrases" in obj and (labelled or obj["keyphrases"] is not None):
         kps = _phrases_from_value(obj["keyphrases"], where, "keyphrases")
     elif "conversations" in obj:
         conv = obj["conversations"]
         if not isinstance(conv, list):
             raise DataError(f"{where}: 'conversations' must be a list of turns")
         answers = [t.get("value") for t in conv if isinstance(t, dict) and t.get("from") == "gpt"]
-        if not answers:
+        if not answers and labelled:
             raise DataError(f"{where}: 'conversations' has no turn from 'gpt'")
-        kps = _phrases_from_value(answers[0], where, "conversations[gpt].value")
+        kps = _phrases_from_value(answers[0], where, "conversations[gpt].value") if answers else []
+    elif not labelled:
+        kps = []
     else:
         raise DataError(f"{where}: no 'keyphrases' and no 'conversations' field")
-    if not kps:
+    if not kps and labelled:
         raise DataError(f"{where}: empty keyphrase list")
     rid = obj.get("id", default_id)
     stats.check_unique_id(str(rid), where)

@@ -8,13 +8,18 @@ Generation goes through ``model.generate`` with ``input_ids`` + the architecture
 in batches. Records without an image are prompted text-only (the ``<image>`` placeholder is
 dropped), records without text image-only. Output text is split on ``,`` and ``;``, stripped,
 lower-cased, de-duplicated keeping order, empty pieces dropped.
+
+Large collections go through :mod:`aimkp.eval.streaming` (what ``aimkp predict`` runs), built on
+:meth:`Predictor.encode` (a post's prompt, images preprocessed once; :class:`PostTooLong` when it
+does not fit the context), :meth:`Predictor.session` and :meth:`Predictor.generate_batch`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -23,11 +28,15 @@ import torch
 from aimkp.errors import UsageError
 
 if TYPE_CHECKING:
-    from aimkp.models import LoadedModel
+    from aimkp.models import EncodedSample, LoadedModel
 
 DECODINGS = ("greedy", "beam", "sample")
 MODALITIES = ("multimodal", "text", "image")
 _SPLIT = re.compile(r"[,;]")
+
+
+class PostTooLong(UsageError):
+    """A post whose prompt (plus the answer budget) does not fit the model's context."""
 
 
 def parse_keyphrases(text: str) -> list[str]:
@@ -127,34 +136,69 @@ class Predictor:
             kw["top_k"] = 0
         return kw
 
-    def generate_text(self, records: Sequence[Any]) -> list[str]:
-        """Raw decoded answers (special tokens skipped), one per record, in order."""
-        if any((getattr(r, "meta", None) or {}).get("hidden_modality") for r in records):
+    def encode(self, record: Any) -> EncodedSample:
+        """``record``'s prompt (this predictor's modality), images preprocessed here once.
+
+        Raises:
+            PostTooLong: the prompt plus ``max_new_tokens`` does not fit the model's context.
+            ValueError: a record marked for the keep-mask decoder (``meta['hidden_modality']``).
+        """
+        if (getattr(record, "meta", None) or {}).get("hidden_modality"):
             raise ValueError(
                 "records marked with meta['hidden_modality'] (text_hidden / image_hidden) need "
                 "the keep-mask decoder: aimkp.eval.hidden.predict_fn_for(predictor)"
             )
-        adapter = self.loaded.adapter
-        samples = [
-            adapter.encode(
-                r,
+        limit = self.context_length
+        try:
+            sample = self.loaded.adapter.encode(
+                record,
                 with_answer=False,
                 use_image=self.modality != "text",
                 use_text=self.modality != "image",
             )
-            for r in records
-        ]
-        model = adapter.base
+        except ValueError as exc:
+            # the adapter's own length check, the only ValueError it raises for a long prompt
+            if limit is not None and "max_position_embeddings" in str(exc):
+                raise PostTooLong(f"{exc}; nothing left for the answer") from None
+            raise
+        if limit is not None and sample.length + self.max_new_tokens > limit:
+            raise PostTooLong(
+                f"record {sample.id!r}: {sample.length} prompt tokens + max_new_tokens "
+                f"{self.max_new_tokens} exceed the model's context ({limit} positions)"
+            )
+        return sample
+
+    @property
+    def context_length(self) -> int | None:
+        """Positions the language model has (``max_position_embeddings``), None when unbounded."""
+        limit = getattr(self.loaded.adapter.language_model.config, "max_position_embeddings", None)
+        return int(limit) if limit is not None else None
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Evaluation mode, no autograd and the sampling RNG seeded with ``seed`` (the caller's
+        RNG state restored after): wrap the :meth:`generate_batch` calls of one prediction."""
+        model = self.loaded.adapter.base
         was_training = model.training
         model.eval()
-        texts: list[str] = []
         try:
             with torch.random.fork_rng(devices=self._rng_devices()), torch.no_grad():
                 torch.manual_seed(self.seed)
-                for i in range(0, len(samples), self.batch_size):
-                    texts += self._generate_batch(model, samples[i : i + self.batch_size])
+                yield
         finally:
             model.train(was_training)
+
+    def generate_batch(self, samples: Sequence[EncodedSample]) -> list[str]:
+        """Raw decoded answers of one left-padded ``generate`` call (inside :meth:`session`)."""
+        return self._generate_batch(self.loaded.adapter.base, samples)
+
+    def generate_text(self, records: Sequence[Any]) -> list[str]:
+        """Raw decoded answers (special tokens skipped), one per record, in order."""
+        samples = [self.encode(r) for r in records]
+        texts: list[str] = []
+        with self.session():
+            for i in range(0, len(samples), self.batch_size):
+                texts += self.generate_batch(samples[i : i + self.batch_size])
         return texts
 
     def _rng_devices(self) -> list[int]:

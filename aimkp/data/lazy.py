@@ -1,0 +1,190 @@
+"""Posts read one at a time with where each came from: the input of ``aimkp predict``.
+
+>>> stats = ReadStats()
+>>> for post in iter_posts("posts.jsonl", "test", stats=stats):
+...     post.where, post.record.id          # ("posts.jsonl:7", "p7")
+
+:func:`aimkp.data.load_dataset` returns a list (training shuffles and revisits it); a collection
+to tag can be far larger than memory, so :func:`iter_posts` reads the same specs (a file, a
+directory, ``default``, ``hf:DIR``, ``synthetic``) lazily, one record at a time, with the reader
+options of :func:`aimkp.data.iter_records`. Each :class:`Post` carries its location (``file:line``,
+``file:line: record N`` for AimKP JSON, ``DIR: split 'test', row N`` for ``hf:``) so that a post
+rejected later (too long for the model) is reported where it is. ``labelled=False`` (the default
+here) also accepts posts without keyphrases: posts to tag need none.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from aimkp.data import SPLITS, _split_file, default_dataset_dir, load_dataset
+from aimkp.errors import DataError
+
+from . import hf
+from .json_array import iter_json_array
+from .options import is_synthetic
+from .readers import (
+    _BadRecords,
+    _cmkp_line,
+    _ImageResolver,
+    _jsonl_line,
+    _parsed,
+    _record_from_obj,
+    detect_format,
+)
+from .record import ReadStats, Record
+from .text_io import open_text, utf8_checked
+
+
+class Post(NamedTuple):
+    """One record and where it was read (``file:line``)."""
+
+    where: str
+    record: Record
+
+
+def iter_posts(
+    spec: str,
+    split: str = "test",
+    *,
+    image_dir: str | os.PathLike[str] | None = None,
+    on_missing_image: str = "error",
+    on_bad_record: str = "error",
+    with_images: bool = True,
+    labelled: bool = False,
+    stats: ReadStats | None = None,
+) -> Iterator[Post]:
+    """Stream the posts of ``spec`` (as :func:`aimkp.data.load_dataset` takes it) one at a time.
+
+    Skipped records (bad ones with ``on_bad_record="skip"``, missing images with
+    ``on_missing_image="skip"``, blank lines) are counted in ``stats`` with their locations, as
+    the list readers do. The spec, the file and the options are checked when this is called."""
+    st = stats if stats is not None else ReadStats()
+    if not isinstance(spec, str) or not spec:
+        raise DataError(f"dataset spec must be a non-empty string, got {spec!r}")
+    if is_synthetic(spec):
+        return _generated(spec, split, st)
+    opts = {"image_dir": image_dir, "on_missing_image": on_missing_image}
+    opts.update(on_bad_record=on_bad_record, with_images=with_images, labelled=labelled)
+    if spec.startswith("hf:"):
+        return _hf_posts(spec[3:], split, st, **opts)
+    return _file_posts(_data_file(spec, split), st, **opts)
+
+
+def _data_file(spec: str, split: str) -> Path:
+    if spec in ("default", "openclipart"):
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
+        return _split_file(default_dataset_dir(), split)
+    p = Path(os.path.expanduser(spec))
+    if p.is_dir():
+        return _split_file(p, split)
+    if p.is_file():
+        return p
+    raise DataError(
+        f"dataset spec {spec!r} is not 'default', 'synthetic[:seed]', a data file, a directory "
+        "or hf:DIR"
+    )
+
+
+def _generated(spec: str, split: str, st: ReadStats) -> Iterator[Post]:
+    recs = load_dataset(spec, split)  # procedural and small: generated whole
+    st.source, st.read = f"{spec}[{split}]", len(recs)
+    return (Post(f"{spec}[{split}] #{i}", r) for i, r in enumerate(recs))
+
+
+def _file_posts(
+    path: Path,
+    st: ReadStats,
+    *,
+    image_dir: str | os.PathLike[str] | None,
+    on_missing_image: str,
+    on_bad_record: str,
+    with_images: bool,
+    labelled: bool,
+) -> Iterator[Post]:
+    fmt = detect_format(path)  # "cmkp", "aimkp_json" or "jsonl"; a DataError otherwise
+    st.source = os.fspath(path)
+    res = _ImageResolver(path, image_dir, on_missing_image, with_images, True)
+    bad = _BadRecords(on_bad_record, st)
+    if fmt == "aimkp_json":
+        parse_obj = functools.partial(_record_from_obj, res=res, stats=st, labelled=labelled)
+        return _json_array_posts(path, parse_obj, bad, st)
+    line = _cmkp_line if fmt == "cmkp" else _jsonl_line
+    return _line_posts(path, functools.partial(line, res=res, stats=st, labelled=labelled), bad, st)
+
+
+def _line_posts(
+    path: Path, parse: Callable[..., Record | None], bad: _BadRecords, st: ReadStats
+) -> Iterator[Post]:
+    """The records of a one-record-per-line file with their ``file:line``."""
+
+    def parse_line(line: str, lineno: int, where: str) -> Record | None:
+        return parse(utf8_checked(line, where), lineno, where)
+
+    with open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            line = line.rstrip("\n").rstrip("\r")
+            if not line.strip():
+                st.skip("blank line", where)
+                continue
+            rec = _parsed(bad, st, where, parse_line, line, lineno, where)
+            if rec is not None:
+                yield Post(where, rec)
+
+
+def _json_array_posts(
+    path: Path, parse_obj: Callable[..., Record | None], bad: _BadRecords, st: ReadStats
+) -> Iterator[Post]:
+    for where, index, obj in iter_json_array(path):
+        rec = _parsed(bad, st, where, parse_obj, obj, where, str(index))
+        if rec is not None:
+            yield Post(where, rec)
+
+
+def _hf_posts(
+    directory: str,
+    split: str,
+    st: ReadStats,
+    *,
+    image_dir: str | os.PathLike[str] | None,
+    on_missing_image: str,
+    on_bad_record: str,
+    with_images: bool,
+    labelled: bool,
+) -> Iterator[Post]:
+    """Rows of a ``save_to_disk`` dataset, read in batches by ``datasets`` (memory-mapped)."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
+    root = Path(os.path.expanduser(directory))
+    ds, split_name = hf._pick_split(hf._load_from_disk(root), split, os.fspath(root))
+    st.source = f"{root}[{split_name}]"
+    if "text" not in ds.column_names:
+        raise DataError(f"{st.source}: missing column text (has {', '.join(ds.column_names)})")
+    if labelled:
+        hf._check_columns(ds, st.source)
+    base = Path(image_dir) if image_dir is not None else root
+    images = hf._Images(base, on_missing_image, with_images, True)
+    bad = _BadRecords(on_bad_record, st)
+    return _hf_rows(ds, root, split_name, images, bad, st, labelled)
+
+
+def _hf_rows(
+    ds: Any,
+    root: Path,
+    split_name: str,
+    images: Any,
+    bad: _BadRecords,
+    st: ReadStats,
+    labelled: bool,
+) -> Iterator[Post]:
+    for i, row in enumerate(hf._rows(ds)):
+        where = f"{root}: split {split_name!r}, row {i}"
+        rec = _parsed(bad, st, where, hf._record, row, i, where, images, st, labelled)
+        if rec is not None:
+            yield Post(where, rec)

@@ -21,7 +21,9 @@ per-row losses and parameter gradients:
   always sees itself so no softmax row is empty); positions unchanged.
 
 Logits are computed only at positions that predict answer tokens (hidden states gathered
-first), in fp32, so the ``[tokens, vocab]`` logits tensor of a full LM head is never formed.
+first), in fp32, so the ``[tokens, vocab]`` logits tensor of a full LM head is never formed;
+with a frozen head (every LoRA run) they are computed in chunks of answer tokens
+(:mod:`aimkp.models.lm_loss`), so not even the ``[answer tokens, vocab]`` one is.
 
 >>> batch = collate_rows(loaded, samples, keeps, row_sample, mode="compact", device="cpu")
 >>> batch.cu_seqlens, batch.num_rows          # known before the forward
@@ -35,10 +37,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from aimkp.models.adapter import EncodedSample
+from aimkp.models.lm_loss import row_answer_losses
 from aimkp.ops import MaskedEmbedding, last_backend, masked_embedding
 
 if TYPE_CHECKING:
@@ -488,10 +490,8 @@ def forward_rows(loaded: LoadedModel, batch: RowBatch) -> RowLosses:
     )
     hidden = out.last_hidden_state.reshape(-1, embeds.shape[-1])
     h = hidden.index_select(0, batch.pred_index)
-    logits = adapter.lm_head(h).float()
-    ce_tok = F.cross_entropy(logits, batch.targets, reduction="none")
-    loss_sum = torch.zeros(batch.num_rows, dtype=torch.float32, device=ce_tok.device)
-    loss_sum = loss_sum.index_add(0, batch.pred_row, ce_tok)
+    # a frozen head in answer-token chunks (no [A, vocab] fp32 tensor whole), else the module
+    loss_sum = row_answer_losses(adapter.lm_head, h, batch.targets, batch.pred_row, batch.num_rows)
     ran = ForwardRecord(
         mode=batch.mode,
         layout=batch.layout,

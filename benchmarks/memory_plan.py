@@ -44,11 +44,12 @@ from typing import Any
 
 import torch
 
-from aimkp.models.shapes import SHAPES
+from aimkp.models.shapes import SHAPES, llava7b_text, qwen2vl7b_text
 
 GB = 1e9
 DEVICE_GB = (80, 141)
 STORAGES = ("tokens", "rows", "auto")
+TEXT_CONFIGS = {"llava7b": llava7b_text, "qwen2vl7b": qwen2vl7b_text}
 
 
 def tensor_bytes(obj: Any, seen: set[int] | None = None) -> dict[str, int]:
@@ -267,6 +268,127 @@ def extrapolate(
     }
 
 
+# where an allocation happened, from its Python stack (innermost frame first): the first rule
+# whose text is in a frame's name names the part (nn.Module frames name their class)
+PART_RULES = (
+    ("aimkp/engine/", "engine"),
+    ("lm_loss.py", "LM head + loss"),
+    ("Vision", "vision tower"),
+    ("CLIP", "vision tower"),
+    ("Siglip", "vision tower"),
+    ("Projector", "projector"),
+    ("PatchMerger", "projector"),
+    ("Connector", "projector"),
+    ("DecoderLayer", "decoder layers"),
+    ("nn.Module: Linear", "decoder layers"),  # a LoRA linear outside a layer: the head
+    ("aimkp/ops/", "embedding op"),
+    ("aimkp/models/forward.py", "row forward (gathers, eager head + loss)"),
+    ("aimkp/method/", "method (rows, losses, filter, reweight)"),
+)
+
+
+def _part_of(event: Any) -> str:
+    """The part of the program an allocation belongs to (:data:`PART_RULES`); allocations of
+    autograd's C++ engine carry no Python frame: ``backward (autograd)``."""
+    node = event.parent
+    while node is not None:
+        name = node.name
+        for text, part in PART_RULES:
+            if text in name:
+                return part
+        if name.startswith("autograd::engine::evaluate_function"):
+            return "backward (autograd)"  # its Python parents are the caller of .backward()
+        node = node.parent
+    return "other"
+
+
+def profiled_peak(fn: Any) -> dict[str, Any]:
+    """Run ``fn`` under the torch profiler (CPU memory) and measure what it allocates, as CUDA's
+    allocator counts it: starting from 0 at the call, every allocation adds, every free
+    subtracts (also of a tensor allocated before the call: it makes room).
+
+    Returns ``peak`` (bytes: the most allocated at once; the weights and other tensors that were
+    live before the call are not in it: the plan counts them apart), ``parts`` (bytes live at the
+    peak by where they were allocated, :data:`PART_RULES`), ``part_peaks`` (per part the most
+    allocated at once while that part allocated: a part whose transient is freed before the peak,
+    as a vision tower's, shows there), ``peak_at`` (the part whose allocation set the peak) and
+    ``freed_earlier`` (bytes of tensors from before the call that it freed).
+
+    (benchmarks/common.py's ``peak_memory_mb`` reads the profiler's memory timeline, which also
+    counts every tensor from before the call that the call used: the weights it read.)
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=True) as prof:
+        fn()
+    allocs = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        ev = stack.pop()
+        stack.extend(ev.children)
+        if ev.tag == _EventType.Allocation and ev.typed[1].device.type == "cpu":
+            allocs.append(ev)
+    allocs.sort(key=lambda ev: ev.start_time_ns)
+    live: dict[int, tuple[int, str]] = {}  # ptr -> (bytes, part)
+    cur = freed_earlier = 0
+    best: dict[str, Any] = {"peak": 0, "live": {}, "peak_at": ""}
+    part_peaks: dict[str, int] = {}
+    for ev in allocs:
+        f = ev.typed[1]
+        if f.alloc_size > 0:
+            part = _part_of(ev)
+            live[f.ptr] = (f.alloc_size, part)
+            cur += f.alloc_size
+            part_peaks[part] = max(part_peaks.get(part, 0), cur)
+            if cur > best["peak"]:
+                best = {"peak": cur, "live": dict(live), "peak_at": part}
+        else:
+            cur += f.alloc_size
+            if live.pop(f.ptr, None) is None:
+                freed_earlier -= f.alloc_size
+    parts: dict[str, int] = {}
+    for nbytes, part in best.pop("live").values():
+        parts[part] = parts.get(part, 0) + nbytes
+    return {**best, "parts": parts, "part_peaks": part_peaks, "freed_earlier": freed_earlier}
+
+
+def step_peak(fn: Any, device: str) -> dict[str, Any]:
+    """:func:`profiled_peak` on the CPU; on CUDA the allocator's peak above what was live before
+    (no parts: the allocator's counters say how much, not where)."""
+    if torch.device(device).type != "cuda":
+        return profiled_peak(fn)
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+    from common import peak_memory_mb
+
+    return {"peak": peak_memory_mb(fn, device) * 2**20, "parts": {}, "part_peaks": {}}
+
+
+def lm_head_peaks(shape: str, tokens: int) -> dict[str, float]:
+    """Bytes allocated at once by the LM head + per-token loss, forward and backward, at the
+    shape's hidden size and vocabulary and ``tokens`` answer tokens (fp32, frozen head, the
+    hidden states trainable): the eager head against :mod:`aimkp.models.lm_loss`'s chunks."""
+    from aimkp.models.lm_loss import eager_lm_loss, row_answer_losses
+
+    text = TEXT_CONFIGS[shape](1)
+    hidden, vocab = text["hidden_size"], text["vocab_size"]
+    head = torch.nn.Linear(hidden, vocab, bias=False).requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(tokens, hidden, generator=g).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), generator=g)
+    rows = torch.arange(tokens) // max(1, tokens // 24)
+
+    def run() -> None:
+        loss = row_answer_losses(head, h, targets, rows, int(rows.max()) + 1)
+        loss.sum().backward()
+        h.grad = None
+
+    chunked = profiled_peak(run)["peak"]
+    with eager_lm_loss():
+        eager = profiled_peak(run)["peak"]
+    return {"lm_head_tokens": tokens, "lm_head_eager": eager, "lm_head_chunked": chunked}
+
+
 def _build(args: argparse.Namespace) -> tuple[Any, list, list[str]]:
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
     from aimkp.data import load_dataset
@@ -293,9 +415,6 @@ def _build(args: argparse.Namespace) -> tuple[Any, list, list[str]]:
 
 def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     """One AimKP step per reweight storage and one reference step; measured bytes per row."""
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-    from common import peak_memory_mb
-
     from aimkp.method.pmm import StrideTable
     from aimkp.method.reference import reference_step
     from aimkp.method.step import aimkp_step
@@ -342,14 +461,18 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             saved.update({k: v for k, v in s.items() if k != "ptrs"})
 
         t0 = time.perf_counter()
-        peak_mb = peak_memory_mb(run, args.device) or float("nan")
+        measured = step_peak(run, args.device)
         c = counts[-1] if counts else None
         return {
             "storage": storage or "reference",
             "samples": len(samples),
             "rows": res["r"].n_rows,
             "input_tokens": res["r"].n_input_tokens,
-            "peak": peak_mb * 2**20,
+            "peak": measured["peak"],
+            "freed_earlier": measured.get("freed_earlier", 0),
+            "parts": measured["parts"],
+            "part_peaks": measured["part_peaks"],
+            "peak_at": measured.get("peak_at", ""),
             "saved": saved.get("bytes", 0),
             "saved_scores": saved.get("scores", 0),
             "stash_tokens": c.layer_tokens if c else 0,
@@ -427,6 +550,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[st
             f"{r.get('saved_scores', 0) / mb:>14.0f}{stash:>13.0f}"
             f"{r.get('stash_shared', 0) / mb:>8.0f}{r['stash_other'] / mb:>13.0f}"
         )
+    print_parts(rows)
     print(
         "(MB = 2^20 bytes; saved: autograd's saved activations in the decoder layer, attention "
         "probabilities apart in scores (the CPU math kernel's; FlashAttention keeps none, so "
@@ -473,6 +597,23 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[st
     return out
 
 
+def print_parts(rows: list[dict[str, Any]]) -> None:
+    """What is live at each measured step's peak, by part (MiB), and each part's own peak."""
+    mb = 2**20
+    if not any(r.get("parts") for r in rows):
+        return
+    print("\nLive at the peak, by where it was allocated (MiB; in parentheses: the most allocated "
+          "at once while that part allocated)")  # fmt: skip
+    for r in rows:
+        parts = r.get("parts", {})
+        cells = [
+            f"{n}: {parts[n] / mb:.0f} ({r['part_peaks'].get(n, 0) / mb:.0f})"
+            for n in sorted(parts, key=lambda n: -parts[n])
+            if parts[n] >= mb or r["part_peaks"].get(n, 0) >= r["peak"] - mb
+        ]
+        print(f"  {r['storage']:<10} peak at {r.get('peak_at', '')}; " + ", ".join(cells))
+
+
 def auto_choices(m: dict[str, Any], batch: int) -> list[str]:
     """What ``--reweight auto`` picks on each of :data:`DEVICE_GB` for the extrapolated full-depth
     step (``m``: a measured row, see :func:`extrapolate`): its rule
@@ -517,6 +658,11 @@ def main(argv: list[str] | None = None) -> None:
         help="skip the auto storage run with gradient checkpointing",
     )  # fmt: skip
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llava7b", help="model shape")
+    ap.add_argument(
+        "--lm-head-tokens", type=int, default=768,
+        help="answer tokens of the LM head's own measurement (0: none; default 8 samples x 3 "
+        "rows x 32 tokens)",
+    )  # fmt: skip
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
@@ -524,6 +670,14 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.perf_counter()
     rows = report(measure(args), args)
+    if args.lm_head_tokens:
+        head = lm_head_peaks(args.shape, args.lm_head_tokens)
+        print(
+            f"\nLM head + loss at {head['lm_head_tokens']} answer tokens, forward + backward, "
+            f"fp32: eager {head['lm_head_eager'] / 2**20:.0f} MiB, chunked (frozen head, "
+            f"aimkp.models.lm_loss) {head['lm_head_chunked'] / 2**20:.0f} MiB"
+        )
+        rows = [{**r, **head} for r in rows]
     print(f"\n{time.perf_counter() - t0:.0f} s on {env_info(args.device)['device']}")
     if not args.no_write:
         env = env_info(args.device)

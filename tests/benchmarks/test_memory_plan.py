@@ -106,3 +106,19 @@ def test_extrapolate_counts_the_vision_layers_weights():
     }  # fmt: skip
     e = M.extrapolate(m, *M._at(m, 8))
     assert e["weights_gb"] == pytest.approx((10 * 28 + 5 * 32 + 6) * 2 / M.GB)
+
+
+def test_profiled_peak_leaves_out_tensors_from_before():
+    """The peak counts what the call allocates (here two 1 MB results at once), not the weight it
+    reads (live before the call); parts say where the live bytes were allocated."""
+    w = torch.randn(500, 500)
+
+    def run() -> torch.Tensor:
+        a = w @ w
+        b = a + 1
+        del a
+        return b.sum()
+
+    r = M.profiled_peak(run)
+    assert 2_000_000 <= r["peak"] < 2_000_000 + 4096
+    assert sum(r["parts"].values()) == r["peak"] and r["freed_earlier"] == 0

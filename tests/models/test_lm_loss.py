@@ -15,6 +15,7 @@ from aimkp.models.lm_loss import (
     row_answer_losses,
     uses_chunked_head,
 )
+from tests.helpers.cuda import requires_cuda
 from tests.helpers.models import (
     _one_thread,  # noqa: F401 - autouse: single-threaded tests
     random_keeps,
@@ -144,3 +145,28 @@ def test_engine_norms_cosines_and_reweight_equal_eager_head():
         for n, g in a.items():
             scale = b[n].abs().max()
             torch.testing.assert_close(g, b[n], rtol=0, atol=GRAD_RTOL * float(scale))
+
+
+@requires_cuda
+def test_cuda_bf16_head_equals_eager_and_keeps_no_full_logits():
+    """On CUDA under bf16 autocast, at a 7B-sized vocabulary: the losses and the hidden-state
+    gradient of the eager head, and an allocator peak under one ``[A, V]`` fp32 tensor."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a, d, v = 512, 1024, 152_064
+    h = torch.randn(a, d, device="cuda", generator=g).requires_grad_()
+    w = torch.randn(v, d, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+    t = torch.randint(0, v, (a,), device="cuda", generator=g)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = F.cross_entropy(F.linear(h, w).float(), t, reduction="none")
+    (g_want,) = torch.autograd.grad(want.sum(), h)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = linear_cross_entropy(h, w, None, t)
+    (g_got,) = torch.autograd.grad(got.sum(), h)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(g_got, g_want, rtol=2e-2, atol=2e-3)
+    assert peak < a * v * 4, peak  # less than one [A, V] fp32 tensor (eager holds three)

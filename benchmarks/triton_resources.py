@@ -72,15 +72,15 @@ def _features(cfg: Any) -> set[tuple]:
 
 
 def covering_subset(cfgs: list[Any]) -> list[Any]:
-    """Configurations (in order) until every kernel's every constexpr value and argument type has
-    been compiled at least once (greedy: a configuration is kept when it adds one)."""
-    seen: set[tuple] = set()
+    """A few configurations that together compile every kernel's every constexpr value and
+    argument type at least once (greedy set cover: each pick adds the most not yet covered)."""
+    feats = [_features(c) for c in cfgs]
+    left = set().union(*feats) if feats else set()
     out = []
-    for cfg in sorted(cfgs, key=lambda c: -len(_features(c))):
-        new = _features(cfg) - seen
-        if new:
-            out.append(cfg)
-            seen |= new
+    while left:
+        best = max(range(len(cfgs)), key=lambda i: len(feats[i] & left))
+        out.append(cfgs[best])
+        left -= feats[best]
     return out
 
 

@@ -364,28 +364,29 @@ def step_peak(fn: Any, device: str) -> dict[str, Any]:
     return {"peak": peak_memory_mb(fn, device) * 2**20, "parts": {}, "part_peaks": {}}
 
 
-def lm_head_peaks(shape: str, tokens: int) -> dict[str, float]:
+def lm_head_peaks(shape: str, tokens: int, device: str = "cpu") -> dict[str, float]:
     """Bytes allocated at once by the LM head + per-token loss, forward and backward, at the
     shape's hidden size and vocabulary and ``tokens`` answer tokens (fp32, frozen head, the
-    hidden states trainable): the eager head against :mod:`aimkp.models.lm_loss`'s chunks."""
+    hidden states trainable), on ``device`` (:func:`step_peak`): the eager head against
+    :mod:`aimkp.models.lm_loss`'s chunks."""
     from aimkp.models.lm_loss import eager_lm_loss, row_answer_losses
 
     text = TEXT_CONFIGS[shape](1)
     hidden, vocab = text["hidden_size"], text["vocab_size"]
-    head = torch.nn.Linear(hidden, vocab, bias=False).requires_grad_(False)
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(tokens, hidden, generator=g).requires_grad_()
-    targets = torch.randint(0, vocab, (tokens,), generator=g)
-    rows = torch.arange(tokens) // max(1, tokens // 24)
+    head = torch.nn.Linear(hidden, vocab, bias=False, device=device).requires_grad_(False)
+    g = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(tokens, hidden, generator=g, device=device).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), generator=g, device=device)
+    rows = torch.arange(tokens, device=device) // max(1, tokens // 24)
 
     def run() -> None:
         loss = row_answer_losses(head, h, targets, rows, int(rows.max()) + 1)
         loss.sum().backward()
         h.grad = None
 
-    chunked = profiled_peak(run)["peak"]
+    chunked = step_peak(run, device)["peak"]
     with eager_lm_loss():
-        eager = profiled_peak(run)["peak"]
+        eager = step_peak(run, device)["peak"]
     return {"lm_head_tokens": tokens, "lm_head_eager": eager, "lm_head_chunked": chunked}
 
 
@@ -671,11 +672,11 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     rows = report(measure(args), args)
     if args.lm_head_tokens:
-        head = lm_head_peaks(args.shape, args.lm_head_tokens)
+        head = lm_head_peaks(args.shape, args.lm_head_tokens, args.device)
         print(
             f"\nLM head + loss at {head['lm_head_tokens']} answer tokens, forward + backward, "
-            f"fp32: eager {head['lm_head_eager'] / 2**20:.0f} MiB, chunked (frozen head, "
-            f"aimkp.models.lm_loss) {head['lm_head_chunked'] / 2**20:.0f} MiB"
+            f"fp32, {args.device}: eager {head['lm_head_eager'] / 2**20:.0f} MiB, chunked "
+            f"(frozen head, aimkp.models.lm_loss) {head['lm_head_chunked'] / 2**20:.0f} MiB"
         )
         rows = [{**r, **head} for r in rows]
     print(f"\n{time.perf_counter() - t0:.0f} s on {env_info(args.device)['device']}")

@@ -111,8 +111,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
         grad_h = torch.empty_like(h) if need_h else None
-        # the weight's gradient summed over chunks in fp32 (acc), rounded once at the end (autograd's
-        # linear backward accumulates one product over all tokens: the same up to rounding)
+        # the weight's gradient summed over chunks in fp32 (acc), rounded once at the end
+        # (autograd's linear backward takes one product over all tokens: equal up to rounding)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if need_b else None
         with torch.autocast(h.device.type, enabled=False):

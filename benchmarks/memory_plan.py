@@ -435,9 +435,14 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     bf16 = args.device != "cpu"
     rows: list[dict[str, Any]] = []
 
-    def zero() -> None:
+    def zero(storage: str | None) -> None:
+        # before the measured call: the trainable parameters' gradients are in the plan's
+        # LoRA state, so the engine's steps start with them allocated (zeros: the step adds to
+        # them in place) and the peak holds only what the step itself needs; the reference
+        # starts without them (its gradient clones are subtracted below, the accumulator with
+        # them)
         for p in train:
-            p.grad = None
+            p.grad = torch.zeros_like(p) if storage is not None else None
 
     def step(storage: str | None) -> dict[str, Any]:
         counts: list = []
@@ -445,7 +450,6 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         res: dict[str, Any] = {}
 
         def run() -> None:
-            zero()
             with saved_in_layer(layer, params) as s:
                 saved_ptrs = s["ptrs"]
                 if storage is None:
@@ -462,6 +466,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             saved.update({k: v for k, v in s.items() if k != "ptrs"})
 
         t0 = time.perf_counter()
+        zero(storage)
         measured = step_peak(run, args.device)
         c = counts[-1] if counts else None
         return {

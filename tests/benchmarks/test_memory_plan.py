@@ -122,3 +122,17 @@ def test_profiled_peak_leaves_out_tensors_from_before():
     r = M.profiled_peak(run)
     assert 2_000_000 <= r["peak"] < 2_000_000 + 4096
     assert sum(r["parts"].values()) == r["peak"] and r["freed_earlier"] == 0
+
+
+def test_profiled_peak_names_the_parts_of_a_step():
+    """An AimKP step on tiny-llava: the bytes live at its peak are attributed to the parts of
+    the program (decoder layers, the backward, the engine), none left unnamed."""
+    loaded = tiny("tiny-llava")
+    samples = [loaded.adapter.encode(r) for r in records()[:2]]
+    table = StrideTable(2)
+    table.text[:] = 2
+    table.image[:] = 2
+    r = M.profiled_peak(lambda: aimkp_step(loaded, samples, [0, 1], table, 20.0))
+    assert sum(r["parts"].values()) == r["peak"] > 0
+    assert {"decoder layers", "engine", "vision tower"} <= set(r["part_peaks"])
+    assert r["parts"].get("decoder layers", 0) > 0 and "other" not in r["parts"]

@@ -37,6 +37,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
+import json
+import pathlib
 import sys
 import time
 from collections.abc import Iterator
@@ -248,7 +251,10 @@ def extrapolate(
     # vision, logits, engine work: the measured peak less the parts counted (and less the CPU's
     # attention probabilities, which a GPU's FlashAttention never stores)
     counted = measured_layer + m.get("saved_scores", 0) + m["stash_other"]
-    rest = max(0.0, m["peak"] - counted) * half
+    # the engine's copy of the gradients it found (fp32, reweight by stash): the size of the
+    # trainable parameters at the full depth, not of the batch; the correction way keeps none
+    copy = trainable * 4 if m.get("keeps_grad_copy") else 0
+    rest = max(0.0, m["peak"] - counted - m.get("grad_copy", 0)) * half
     if m.get("ckpt_held") is not None:
         # checkpointing: every layer keeps its input (the checkpoint) and the hooked layers'
         # inputs the engine holds until their gradients arrive; one layer's activations are
@@ -258,12 +264,12 @@ def extrapolate(
     clones = m.get("clones_per_layer", 0) * layers + m.get("clones_other", 0)
     layer_part = per_layer * layers * (1 if m.get("per_sample") else scale)
     steady = m["stash_other"] + rest if m.get("per_sample") else (m["stash_other"] + rest) * scale
-    total = weights + state + layer_part + steady + clones
+    total = weights + state + layer_part + steady + clones + copy
     return {
         "weights_gb": weights / GB,
         "trainable_state_gb": state / GB,
         "layers_gb": layer_part / GB,
-        "other_gb": (steady + clones) / GB,
+        "other_gb": (steady + clones + copy) / GB,
         "total_gb": total / GB,
     }
 
@@ -488,6 +494,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             "stash_counted": c is not None or storage is None,
             "seconds": time.perf_counter() - t0,
             "params": split,
+            # the gradients the engine found (allocated by zero()) and copied for the reweight
+            **grad_copy(split, storage),
             "act_bytes": 2 if bf16 else 4,
             "shape": args.shape,
             "layers_full": shape.layers,
@@ -535,6 +543,34 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def grad_copy(split: dict[str, int], storage: str | None) -> dict[str, Any]:
+    """The engine steps start with the gradients allocated and the engine (reweight by stash)
+    copies them: measured bytes at one layer, and that the full-depth plan keeps such a copy."""
+    if storage is None:
+        return {"grad_copy": 0, "keeps_grad_copy": False}
+    return {"grad_copy": (split["train_layer"] + split["train_other"]) * 4, "keeps_grad_copy": True}
+
+
+PARAM_KEYS = ("frozen_layer", "frozen_other", "train_layer", "train_other", "frozen_vision_layer")
+
+
+def rows_from_results(path: str) -> list[dict[str, Any]]:
+    """The measured rows of a results file (``--from-results``): its parameter split put back
+    under ``params``, the extrapolated columns and derived plans left out."""
+    derived = ("_gb", "largest_batch_")
+    rows = []
+    for r in json.loads(pathlib.Path(path).read_text()):
+        if r["storage"] in ("correction", "correction+ckpt"):
+            continue
+        m = {k: v for k, v in r.items() if k not in PARAM_KEYS and not k.endswith(derived[0])}
+        m = {k: v for k, v in m.items() if not k.startswith(derived[1])}
+        m["params"] = {k: r[k] for k in PARAM_KEYS if k in r}
+        if "grad_copy" not in m:
+            m.update(grad_copy(m["params"], None if r["storage"] == "reference" else "engine"))
+        rows.append(m)
+    return rows
+
+
 def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Print the measured table and the extrapolation; rows for the results files."""
     mb = 2**20
@@ -577,7 +613,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[st
     plans = list(rows)
     # the correction way (ENGINE_NOTES' second): provisional weights, then a forward + backward
     # over only the samples with a rejected copy; nothing kept for a reweight
-    no_stash = {"stash_tokens": 0, "stash_rows": 0, "stash_other": 0, "stash_shared": 0}
+    no_stash = {"stash_tokens": 0, "stash_rows": 0, "stash_other": 0, "stash_shared": 0,
+                "keeps_grad_copy": False}  # fmt: skip
     base = next(r for r in rows if r["storage"] == "auto")
     plans.append({**base, **no_stash, "storage": "correction"})
     ckpt = next((r for r in rows if r["storage"] == "auto+ckpt"), None)
@@ -669,14 +706,24 @@ def main(argv: list[str] | None = None) -> None:
         help="answer tokens of the LM head's own measurement (0: none; default 8 samples x 3 "
         "rows x 32 tokens)",
     )  # fmt: skip
+    ap.add_argument(
+        "--from-results", metavar="JSON",
+        help="extrapolate the measured rows of a results file again (no measuring)",
+    )  # fmt: skip
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
     from common import env_info, write_results
 
     t0 = time.perf_counter()
-    rows = report(measure(args), args)
-    if args.lm_head_tokens:
+    if args.from_results:
+        measured = rows_from_results(args.from_results)
+        args.shape = measured[0]["shape"]
+        rows = report(measured, args)
+    else:
+        rows = report(measure(args), args)
+    if args.lm_head_tokens and not args.from_results:
+        gc.collect()  # the measured model is gone: the head's own weight takes its place
         head = lm_head_peaks(args.shape, args.lm_head_tokens, args.device)
         print(
             f"\nLM head + loss at {head['lm_head_tokens']} answer tokens, forward + backward, "

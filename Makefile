@@ -56,12 +56,15 @@ gpu-wheels:
 		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
-# Everything a GPU shows in at most 8 minutes (one H100 / H200): carried wheels, the sm_90 build,
-# CUDA tests, compute-sanitizer, the benchmarks' GPU configs; OUT/gpu_check.json says what ran.
-# Without CUDA every GPU step is skipped (exit 0). No venv: the GPU machine's python3 has torch.
+# Everything a GPU shows in 8.5 minutes (one H100 / H200; a 15-minute lease keeps >= 3 spare):
+# carried wheels, the sm_90 build, CUDA tests, compute-sanitizer, the benchmarks' GPU configs;
+# OUT/gpu_check.json says what ran, the last lines what to commit (benchmarks/results/gpu/).
+# Without CUDA every GPU step is skipped (exit 0). The project's .venv python where it exists,
+# else $(PYTHON) (the GPU machine's python3 has torch). ARCHIVE=FILE also packs OUT into a .tar.gz.
 OUT ?= gpu-check-out
+GPU_PY = $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 gpu-check:
-	$(PYTHON) benchmarks/gpu_check.py --out $(OUT)
+	$(GPU_PY) benchmarks/gpu_check.py --out $(OUT) $(if $(ARCHIVE),--archive $(ARCHIVE))
 
 clean:
 	rm -rf build dist site *.egg-info aimkp/_C*.so $(VENV)

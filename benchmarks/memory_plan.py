@@ -37,6 +37,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
+import json
+import pathlib
 import sys
 import time
 from collections.abc import Iterator
@@ -44,11 +47,12 @@ from typing import Any
 
 import torch
 
-from aimkp.models.shapes import SHAPES
+from aimkp.models.shapes import SHAPES, llava7b_text, qwen2vl7b_text
 
 GB = 1e9
 DEVICE_GB = (80, 141)
 STORAGES = ("tokens", "rows", "auto")
+TEXT_CONFIGS = {"llava7b": llava7b_text, "qwen2vl7b": qwen2vl7b_text}
 
 
 def tensor_bytes(obj: Any, seen: set[int] | None = None) -> dict[str, int]:
@@ -247,7 +251,10 @@ def extrapolate(
     # vision, logits, engine work: the measured peak less the parts counted (and less the CPU's
     # attention probabilities, which a GPU's FlashAttention never stores)
     counted = measured_layer + m.get("saved_scores", 0) + m["stash_other"]
-    rest = max(0.0, m["peak"] - counted) * half
+    # the engine's copy of the gradients it found (fp32, reweight by stash): the size of the
+    # trainable parameters at the full depth, not of the batch; the correction way keeps none
+    copy = trainable * 4 if m.get("keeps_grad_copy") else 0
+    rest = max(0.0, m["peak"] - counted - m.get("grad_copy", 0)) * half
     if m.get("ckpt_held") is not None:
         # checkpointing: every layer keeps its input (the checkpoint) and the hooked layers'
         # inputs the engine holds until their gradients arrive; one layer's activations are
@@ -257,14 +264,136 @@ def extrapolate(
     clones = m.get("clones_per_layer", 0) * layers + m.get("clones_other", 0)
     layer_part = per_layer * layers * (1 if m.get("per_sample") else scale)
     steady = m["stash_other"] + rest if m.get("per_sample") else (m["stash_other"] + rest) * scale
-    total = weights + state + layer_part + steady + clones
+    total = weights + state + layer_part + steady + clones + copy
     return {
         "weights_gb": weights / GB,
         "trainable_state_gb": state / GB,
         "layers_gb": layer_part / GB,
-        "other_gb": (steady + clones) / GB,
+        "other_gb": (steady + clones + copy) / GB,
         "total_gb": total / GB,
     }
+
+
+# where an allocation happened, from its Python stack (innermost frame first): the first rule
+# whose text is in a frame's name names the part (nn.Module frames name their class)
+PART_RULES = (
+    ("aimkp/engine/", "engine"),
+    ("lm_loss.py", "LM head + loss"),
+    ("Vision", "vision tower"),
+    ("CLIP", "vision tower"),
+    ("Siglip", "vision tower"),
+    ("Projector", "projector"),
+    ("PatchMerger", "projector"),
+    ("Connector", "projector"),
+    ("DecoderLayer", "decoder layers"),
+    ("nn.Module: Linear", "decoder layers"),  # a LoRA linear outside a layer: the head
+    ("aimkp/ops/", "embedding op"),
+    ("aimkp/models/forward.py", "row forward (gathers, eager head + loss)"),
+    ("aimkp/method/", "method (rows, losses, filter, reweight)"),
+)
+
+
+def _part_of(event: Any) -> str:
+    """The part of the program an allocation belongs to (:data:`PART_RULES`); allocations of
+    autograd's C++ engine carry no Python frame: ``backward (autograd)``."""
+    node = event.parent
+    while node is not None:
+        name = node.name
+        for text, part in PART_RULES:
+            if text in name:
+                return part
+        if name.startswith("autograd::engine::evaluate_function"):
+            return "backward (autograd)"  # its Python parents are the caller of .backward()
+        node = node.parent
+    return "other"
+
+
+def profiled_peak(fn: Any) -> dict[str, Any]:
+    """Run ``fn`` under the torch profiler (CPU memory) and measure what it allocates, as CUDA's
+    allocator counts it: starting from 0 at the call, every allocation adds, every free
+    subtracts (also of a tensor allocated before the call: it makes room).
+
+    Returns ``peak`` (bytes: the most allocated at once; the weights and other tensors that were
+    live before the call are not in it: the plan counts them apart), ``parts`` (bytes live at the
+    peak by where they were allocated, :data:`PART_RULES`), ``part_peaks`` (per part the most
+    allocated at once while that part allocated: a part whose transient is freed before the peak,
+    as a vision tower's, shows there), ``peak_at`` (the part whose allocation set the peak) and
+    ``freed_earlier`` (bytes of tensors from before the call that it freed).
+
+    (benchmarks/common.py's ``peak_memory_mb`` reads the profiler's memory timeline, which also
+    counts every tensor from before the call that the call used: the weights it read.)
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=True) as prof:
+        fn()
+    allocs = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        ev = stack.pop()
+        stack.extend(ev.children)
+        if ev.tag == _EventType.Allocation and ev.typed[1].device.type == "cpu":
+            allocs.append(ev)
+    allocs.sort(key=lambda ev: ev.start_time_ns)
+    live: dict[int, tuple[int, str]] = {}  # ptr -> (bytes, part)
+    cur = freed_earlier = 0
+    best: dict[str, Any] = {"peak": 0, "live": {}, "peak_at": ""}
+    part_peaks: dict[str, int] = {}
+    for ev in allocs:
+        f = ev.typed[1]
+        if f.alloc_size > 0:
+            part = _part_of(ev)
+            live[f.ptr] = (f.alloc_size, part)
+            cur += f.alloc_size
+            part_peaks[part] = max(part_peaks.get(part, 0), cur)
+            if cur > best["peak"]:
+                best = {"peak": cur, "live": dict(live), "peak_at": part}
+        else:
+            cur += f.alloc_size
+            if live.pop(f.ptr, None) is None:
+                freed_earlier -= f.alloc_size
+    parts: dict[str, int] = {}
+    for nbytes, part in best.pop("live").values():
+        parts[part] = parts.get(part, 0) + nbytes
+    return {**best, "parts": parts, "part_peaks": part_peaks, "freed_earlier": freed_earlier}
+
+
+def step_peak(fn: Any, device: str) -> dict[str, Any]:
+    """:func:`profiled_peak` on the CPU; on CUDA the allocator's peak above what was live before
+    (no parts: the allocator's counters say how much, not where)."""
+    if torch.device(device).type != "cuda":
+        return profiled_peak(fn)
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+    from common import peak_memory_mb
+
+    return {"peak": peak_memory_mb(fn, device) * 2**20, "parts": {}, "part_peaks": {}}
+
+
+def lm_head_peaks(shape: str, tokens: int, device: str = "cpu") -> dict[str, float]:
+    """Bytes allocated at once by the LM head + per-token loss, forward and backward, at the
+    shape's hidden size and vocabulary and ``tokens`` answer tokens (fp32, frozen head, the
+    hidden states trainable), on ``device`` (:func:`step_peak`): the eager head against
+    :mod:`aimkp.models.lm_loss`'s chunks."""
+    from aimkp.models.lm_loss import eager_lm_loss, row_answer_losses
+
+    text = TEXT_CONFIGS[shape](1)
+    hidden, vocab = text["hidden_size"], text["vocab_size"]
+    head = torch.nn.Linear(hidden, vocab, bias=False, device=device).requires_grad_(False)
+    g = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(tokens, hidden, generator=g, device=device).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), generator=g, device=device)
+    rows = torch.arange(tokens, device=device) // max(1, tokens // 24)
+
+    def run() -> None:
+        loss = row_answer_losses(head, h, targets, rows, int(rows.max()) + 1)
+        loss.sum().backward()
+        h.grad = None
+
+    chunked = step_peak(run, device)["peak"]
+    with eager_lm_loss():
+        eager = step_peak(run, device)["peak"]
+    return {"lm_head_tokens": tokens, "lm_head_eager": eager, "lm_head_chunked": chunked}
 
 
 def _build(args: argparse.Namespace) -> tuple[Any, list, list[str]]:
@@ -293,9 +422,6 @@ def _build(args: argparse.Namespace) -> tuple[Any, list, list[str]]:
 
 def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     """One AimKP step per reweight storage and one reference step; measured bytes per row."""
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-    from common import peak_memory_mb
-
     from aimkp.method.pmm import StrideTable
     from aimkp.method.reference import reference_step
     from aimkp.method.step import aimkp_step
@@ -315,9 +441,14 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     bf16 = args.device != "cpu"
     rows: list[dict[str, Any]] = []
 
-    def zero() -> None:
+    def zero(storage: str | None) -> None:
+        # before the measured call: the trainable parameters' gradients are in the plan's
+        # LoRA state, so the engine's steps start with them allocated (zeros: the step adds to
+        # them in place) and the peak holds only what the step itself needs; the reference
+        # starts without them (its gradient clones are subtracted below, the accumulator with
+        # them)
         for p in train:
-            p.grad = None
+            p.grad = torch.zeros_like(p) if storage is not None else None
 
     def step(storage: str | None) -> dict[str, Any]:
         counts: list = []
@@ -325,7 +456,6 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         res: dict[str, Any] = {}
 
         def run() -> None:
-            zero()
             with saved_in_layer(layer, params) as s:
                 saved_ptrs = s["ptrs"]
                 if storage is None:
@@ -342,14 +472,19 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             saved.update({k: v for k, v in s.items() if k != "ptrs"})
 
         t0 = time.perf_counter()
-        peak_mb = peak_memory_mb(run, args.device) or float("nan")
+        zero(storage)
+        measured = step_peak(run, args.device)
         c = counts[-1] if counts else None
         return {
             "storage": storage or "reference",
             "samples": len(samples),
             "rows": res["r"].n_rows,
             "input_tokens": res["r"].n_input_tokens,
-            "peak": peak_mb * 2**20,
+            "peak": measured["peak"],
+            "freed_earlier": measured.get("freed_earlier", 0),
+            "parts": measured["parts"],
+            "part_peaks": measured["part_peaks"],
+            "peak_at": measured.get("peak_at", ""),
             "saved": saved.get("bytes", 0),
             "saved_scores": saved.get("scores", 0),
             "stash_tokens": c.layer_tokens if c else 0,
@@ -359,6 +494,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             "stash_counted": c is not None or storage is None,
             "seconds": time.perf_counter() - t0,
             "params": split,
+            # the gradients the engine found (allocated by zero()) and copied for the reweight
+            **grad_copy(split, storage),
             "act_bytes": 2 if bf16 else 4,
             "shape": args.shape,
             "layers_full": shape.layers,
@@ -406,6 +543,34 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def grad_copy(split: dict[str, int], storage: str | None) -> dict[str, Any]:
+    """The engine steps start with the gradients allocated and the engine (reweight by stash)
+    copies them: measured bytes at one layer, and that the full-depth plan keeps such a copy."""
+    if storage is None:
+        return {"grad_copy": 0, "keeps_grad_copy": False}
+    return {"grad_copy": (split["train_layer"] + split["train_other"]) * 4, "keeps_grad_copy": True}
+
+
+PARAM_KEYS = ("frozen_layer", "frozen_other", "train_layer", "train_other", "frozen_vision_layer")
+
+
+def rows_from_results(path: str) -> list[dict[str, Any]]:
+    """The measured rows of a results file (``--from-results``): its parameter split put back
+    under ``params``, the extrapolated columns and derived plans left out."""
+    derived = ("_gb", "largest_batch_")
+    rows = []
+    for r in json.loads(pathlib.Path(path).read_text()):
+        if r["storage"] in ("correction", "correction+ckpt"):
+            continue
+        m = {k: v for k, v in r.items() if k not in PARAM_KEYS and not k.endswith(derived[0])}
+        m = {k: v for k, v in m.items() if not k.startswith(derived[1])}
+        m["params"] = {k: r[k] for k in PARAM_KEYS if k in r}
+        if "grad_copy" not in m:
+            m.update(grad_copy(m["params"], None if r["storage"] == "reference" else "engine"))
+        rows.append(m)
+    return rows
+
+
 def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Print the measured table and the extrapolation; rows for the results files."""
     mb = 2**20
@@ -427,6 +592,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[st
             f"{r.get('saved_scores', 0) / mb:>14.0f}{stash:>13.0f}"
             f"{r.get('stash_shared', 0) / mb:>8.0f}{r['stash_other'] / mb:>13.0f}"
         )
+    print_parts(rows)
     print(
         "(MB = 2^20 bytes; saved: autograd's saved activations in the decoder layer, attention "
         "probabilities apart in scores (the CPU math kernel's; FlashAttention keeps none, so "
@@ -447,7 +613,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[st
     plans = list(rows)
     # the correction way (--reweight correction): provisional weights, then a forward + backward
     # over only the samples with a rejected copy; nothing kept for a reweight
-    no_stash = {"stash_tokens": 0, "stash_rows": 0, "stash_other": 0, "stash_shared": 0}
+    no_stash = {"stash_tokens": 0, "stash_rows": 0, "stash_other": 0, "stash_shared": 0,
+                "keeps_grad_copy": False}  # fmt: skip
     base = next(r for r in rows if r["storage"] == "auto")
     plans.append({**base, **no_stash, "storage": "correction"})
     ckpt = next((r for r in rows if r["storage"] == "auto+ckpt"), None)
@@ -471,6 +638,23 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[st
     )
     print(f"--reweight auto at 80 / 141 GB: {' / '.join(auto_choices(base, args.batch))}")
     return out
+
+
+def print_parts(rows: list[dict[str, Any]]) -> None:
+    """What is live at each measured step's peak, by part (MiB), and each part's own peak."""
+    mb = 2**20
+    if not any(r.get("parts") for r in rows):
+        return
+    print("\nLive at the peak, by where it was allocated (MiB; in parentheses: the most allocated "
+          "at once while that part allocated)")  # fmt: skip
+    for r in rows:
+        parts = r.get("parts", {})
+        cells = [
+            f"{n}: {parts[n] / mb:.0f} ({r['part_peaks'].get(n, 0) / mb:.0f})"
+            for n in sorted(parts, key=lambda n: -parts[n])
+            if parts[n] >= mb or r["part_peaks"].get(n, 0) >= r["peak"] - mb
+        ]
+        print(f"  {r['storage']:<10} peak at {r.get('peak_at', '')}; " + ", ".join(cells))
 
 
 def auto_choices(m: dict[str, Any], batch: int) -> list[str]:
@@ -517,13 +701,36 @@ def main(argv: list[str] | None = None) -> None:
         help="skip the auto storage run with gradient checkpointing",
     )  # fmt: skip
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llava7b", help="model shape")
+    ap.add_argument(
+        "--lm-head-tokens", type=int, default=768,
+        help="answer tokens of the LM head's own measurement (0: none; default 8 samples x 3 "
+        "rows x 32 tokens)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--from-results", metavar="JSON",
+        help="extrapolate the measured rows of a results file again (no measuring)",
+    )  # fmt: skip
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
     from common import env_info, write_results
 
     t0 = time.perf_counter()
-    rows = report(measure(args), args)
+    if args.from_results:
+        measured = rows_from_results(args.from_results)
+        args.shape = measured[0]["shape"]
+        rows = report(measured, args)
+    else:
+        rows = report(measure(args), args)
+    if args.lm_head_tokens and not args.from_results:
+        gc.collect()  # the measured model is gone: the head's own weight takes its place
+        head = lm_head_peaks(args.shape, args.lm_head_tokens, args.device)
+        print(
+            f"\nLM head + loss at {head['lm_head_tokens']} answer tokens, forward + backward, "
+            f"fp32, {args.device}: eager {head['lm_head_eager'] / 2**20:.0f} MiB, chunked "
+            f"(frozen head, aimkp.models.lm_loss) {head['lm_head_chunked'] / 2**20:.0f} MiB"
+        )
+        rows = [{**r, **head} for r in rows]
     print(f"\n{time.perf_counter() - t0:.0f} s on {env_info(args.device)['device']}")
     if not args.no_write:
         env = env_info(args.device)

@@ -176,6 +176,78 @@ def _block(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(1, n))))
 
 
+# The launch choices, as functions of the shapes and dtypes, so that every configuration the
+# launchers can pick can be enumerated (gpu_launch_configs; the ahead-of-time compile test and
+# benchmarks/triton_resources.py compile each one).
+
+
+def direct_blocks(d_in: int, d_out: int, on_gpu: bool) -> dict[str, int]:
+    """``BLOCK_T`` / ``BLOCK_O`` / ``BLOCK_I`` of the direct kernels for these widths."""
+    cap = 64 if on_gpu else 128  # fewer, larger programs under the (per-program slow) interpreter
+    return {
+        "BLOCK_T": 32 if on_gpu else 64,
+        "BLOCK_O": _block(d_out, cap),
+        "BLOCK_I": _block(d_in, cap),
+    }
+
+
+def ghost_blocks(max_len: int, on_gpu: bool) -> dict[str, int]:
+    """``BLOCK_T`` (= ``BLOCK_S``) / ``BLOCK_K`` of the ghost kernel for rows of ``max_len``."""
+    bt = _block(max_len, 64)
+    return {"BLOCK_T": bt, "BLOCK_S": bt, "BLOCK_K": 64 if on_gpu else 128}
+
+
+def cast_f32(a_dtype: torch.dtype, g_dtype: torch.dtype, on_gpu: bool) -> bool:
+    """Whether the kernels upcast operands to fp32: always under the interpreter (no bf16 dot),
+    for fp32 inputs (IEEE dot) and for mixed dtypes; bf16 / fp16 pairs go to ``tl.dot`` as is."""
+    return (not on_gpu) or a_dtype != g_dtype or a_dtype == torch.float32
+
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+class LaunchConfig(NamedTuple):
+    """One compiled variant: the kernel, its Triton signature and its constexprs."""
+
+    name: str
+    kernel: object
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+
+
+def _widths(cap: int) -> list[int]:
+    """Widths reaching every output of :func:`_block` (powers of two up to past the cap)."""
+    return [2**i for i in range(cap.bit_length() + 1)]
+
+
+def gpu_launch_configs() -> list[LaunchConfig]:
+    """Every (kernel, signature, constexprs) :func:`grad_gram_direct` / :func:`grad_gram_ghost`
+    can launch on CUDA: the block choices over all widths and row lengths, times the input
+    dtype pairs (with their ``CAST_F32``)."""
+    direct = {tuple(direct_blocks(i, o, True).items()) for i in _widths(64) for o in _widths(64)}
+    ghost = {tuple(ghost_blocks(n, True).items()) for n in _widths(64)}
+    dims = {"D_IN": "i32", "D_OUT": "i32", "stride_a": "i32", "stride_g": "i32"}
+    out = []
+    for da in DTYPES:
+        for dg in DTYPES:
+            io = {"a_ptr": "*" + _TT[da], "g_ptr": "*" + _TT[dg], "off_ptr": "*i64"}
+            cast = {"CAST_F32": cast_f32(da, dg, True)}
+            tiles = {"N_TILES_I": "i32", "N_TILES": "i32"}
+            for blocks in sorted(direct):
+                const = {**dict(blocks), **cast}
+                sig = {**io, "partial_ptr": "*fp32", **dims, **tiles}
+                out.append(LaunchConfig("grad_gram_norm", _grad_gram_norm_kernel, sig, const))
+                sig = {**io, "pair_ptr": "*i64", "partial_ptr": "*fp32", **dims, **tiles}
+                out.append(LaunchConfig("grad_gram_pair", _grad_gram_pair_kernel, sig, const))
+            for blocks in sorted(ghost):
+                sig = {**io, "pair_ptr": "*i64", "partial_ptr": "*fp32", **dims,
+                       "N_BLOCKS_S": "i32", "N_PARTIAL": "i32"}  # fmt: skip
+                const = {**dict(blocks), **cast}
+                out.append(LaunchConfig("grad_gram_ghost", _grad_gram_ghost_kernel, sig, const))
+    return out
+
+
 class GramInputs(NamedTuple):
     """The launchers' checked inputs: ``a [N, d_in]`` / ``g [N, d_out]`` with unit column
     stride, ``offsets [B + 1]`` int64 on their device, whether they are on a GPU, and whether the
@@ -207,8 +279,7 @@ def _prepare(a: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor) -> GramInp
     g = g.contiguous() if g.stride(-1) != 1 else g
     off = offsets.to(device=a.device, dtype=torch.int64).contiguous()
     on_gpu = a.device.type == "cuda"
-    cast = (not on_gpu) or a.dtype != g.dtype or a.dtype == torch.float32
-    return GramInputs(a, g, off, on_gpu, cast)
+    return GramInputs(a, g, off, on_gpu, cast_f32(a.dtype, g.dtype, on_gpu))
 
 
 def grad_gram_direct(
@@ -234,15 +305,12 @@ def grad_gram_direct(
     d_out = g.shape[1]
     B = off.numel() - 1
     dev = a.device
-    cap = 64 if on_gpu else 128  # fewer, larger programs under the (per-program slow) interpreter
-    BO, BI = _block(d_out, cap), _block(d_in, cap)
-    BT = 32 if on_gpu else 64
-    n_ti = triton.cdiv(d_in, BI)
-    n_tiles = triton.cdiv(d_out, BO) * n_ti
+    blocks = direct_blocks(d_in, d_out, on_gpu)
+    n_ti = triton.cdiv(d_in, blocks["BLOCK_I"])
+    n_tiles = triton.cdiv(d_out, blocks["BLOCK_O"]) * n_ti
     common = dict(
         a_ptr=a, g_ptr=g, off_ptr=off, D_IN=d_in, D_OUT=d_out, stride_a=a.stride(0),
-        stride_g=g.stride(0), N_TILES_I=n_ti, N_TILES=n_tiles, BLOCK_T=BT, BLOCK_O=BO,
-        BLOCK_I=BI, CAST_F32=cast,
+        stride_g=g.stride(0), N_TILES_I=n_ti, N_TILES=n_tiles, **blocks, CAST_F32=cast,
     )  # fmt: skip
     sq = torch.zeros(B, dtype=torch.float32, device=dev)
     if B and N:
@@ -285,16 +353,15 @@ def grad_gram_ghost(
         q_pairs = torch.cat([q_pairs, pairs.to(device=dev, dtype=torch.int64)])
     Q = q_pairs.shape[0]
     max_len = int((off[1:] - off[:-1]).max()) if B else 0
-    BT = _block(max_len, 64)
-    BK = 64 if on_gpu else 128
-    n_b = triton.cdiv(max(max_len, 1), BT)
+    blocks = ghost_blocks(max_len, on_gpu)
+    n_b = triton.cdiv(max(max_len, 1), blocks["BLOCK_T"])
     out = torch.zeros(Q, dtype=torch.float32, device=dev)
     if Q and N:
         partial = torch.full((Q, n_b * n_b), float("nan"), dtype=torch.float32, device=dev)
         _grad_gram_ghost_kernel[(Q, n_b, n_b)](
             a_ptr=a, g_ptr=g, off_ptr=off, pair_ptr=q_pairs.contiguous(), partial_ptr=partial,
             D_IN=d_in, D_OUT=d_out, stride_a=a.stride(0), stride_g=g.stride(0), N_BLOCKS_S=n_b,
-            N_PARTIAL=n_b * n_b, BLOCK_T=BT, BLOCK_S=BT, BLOCK_K=BK, CAST_F32=cast,
+            N_PARTIAL=n_b * n_b, **blocks, CAST_F32=cast,
         )  # fmt: skip
         out = partial.sum(1)
     return out[:B], (out[B:] if pairs is not None else None)

@@ -140,8 +140,64 @@ def _masked_embedding_backward_segments_kernel(
 
 
 def _blocks(d: int) -> dict[str, int]:
+    """The launchers' tile for rows of width ``d`` (every kernel here: ``BLOCK_R x BLOCK_D``,
+    2048 elements, at most 512 columns)."""
     block_d = min(triton.next_power_of_2(max(d, 1)), 512)
     return dict(BLOCK_R=max(1, 2048 // block_d), BLOCK_D=block_d)
+
+
+DTYPES = ("fp32", "fp16", "bf16")  # the table / feature dtypes (aimkp.ops checks them)
+
+
+class LaunchConfig(NamedTuple):
+    """One compiled variant: the kernel, its Triton signature and its constexprs."""
+
+    name: str
+    kernel: object
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+
+
+def _flags(*names: str, need_one: bool = False) -> list[dict[str, bool]]:
+    combos = [
+        {n: bool(bits >> i & 1) for i, n in enumerate(names)} for bits in range(2 ** len(names))
+    ]
+    return [c for c in combos if any(c.values())] if need_one else combos
+
+
+def gpu_launch_configs() -> list[LaunchConfig]:
+    """Every (kernel, signature, constexprs) the launchers can launch: the tiles of
+    :func:`_blocks` over all widths, times the dtypes, times the flags (a backward computes at
+    least one gradient: the op skips it otherwise)."""
+    tiles = sorted({tuple(_blocks(2**i).items()) for i in range(11)})
+    i32 = "i32"
+    out = []
+    for dt in DTYPES:
+        p = "*" + dt
+        fwd = {"out_ptr": p, "src_ptr": "*i64", "w_ptr": p, "img_ptr": p, "fill_ptr": p}
+        fwd.update({n: i32 for n in ("K", "D", "V", "M", "w_stride", "img_stride")})
+        atomic = {"grad_ptr": p, "src_ptr": "*i64", "gw_ptr": "*fp32", "gi_ptr": p}
+        atomic.update({"gf_ptr": "*fp32", "K": i32, "D": i32, "V": i32, "M": i32})
+        seg = {"grad_ptr": p, "sorted_ptr": "*i64", "perm_ptr": "*i64", "seg_ptr": "*i64"}
+        seg.update({"gi_ptr": p, "gf_ptr": "*fp32", "D": i32, "V": i32, "M": i32})
+        for tile in tiles:
+            for f in _flags("HAS_IMG", "HAS_FILL"):
+                const = {**f, **dict(tile)}
+                out.append(LaunchConfig("forward", _masked_embedding_forward_kernel, fwd, const))
+            for f in _flags("HAS_W", "HAS_I", "HAS_F", need_one=True):
+                const = {**f, **dict(tile)}
+                out.append(
+                    LaunchConfig("backward_atomic", _masked_embedding_backward_atomic_kernel,
+                                 atomic, const)
+                )  # fmt: skip
+                # the segment reduction writes the table gradient in the grad dtype; without
+                # one it gets the launcher's fp32 placeholder
+                sig = {**seg, "gw_ptr": p if f["HAS_W"] else "*fp32"}
+                out.append(
+                    LaunchConfig("backward_segments",
+                                 _masked_embedding_backward_segments_kernel, sig, const)
+                )  # fmt: skip
+    return out
 
 
 def masked_embedding_forward(

@@ -21,7 +21,9 @@ per-row losses and parameter gradients:
   always sees itself so no softmax row is empty); positions unchanged.
 
 Logits are computed only at positions that predict answer tokens (hidden states gathered
-first), in fp32, so the ``[tokens, vocab]`` logits tensor of a full LM head is never formed.
+first), in fp32, so the ``[tokens, vocab]`` logits tensor of a full LM head is never formed;
+with a frozen head (every LoRA run) they are computed in chunks of answer tokens
+(:mod:`aimkp.models.lm_loss`), so not even the ``[answer tokens, vocab]`` one is.
 
 >>> batch = collate_rows(loaded, samples, keeps, row_sample, mode="compact", device="cpu")
 >>> batch.cu_seqlens, batch.num_rows          # known before the forward
@@ -35,10 +37,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from aimkp.models.adapter import EncodedSample
+from aimkp.models.lm_loss import row_answer_losses
 from aimkp.ops import MaskedEmbedding, last_backend, masked_embedding
 
 if TYPE_CHECKING:
@@ -405,6 +407,36 @@ def engine_module_rows(
     return out
 
 
+# images per call of a frozen vision tower: its transient activations (attention, MLP) are those
+# of this many images, however many the step holds
+TOWER_CHUNK_IMAGES = 4
+
+
+def _frozen_tower_hidden(
+    loaded: LoadedModel, samples: Sequence[EncodedSample]
+) -> list[Tensor | None]:
+    """:meth:`sample_vision_hidden` of ``samples``; a tower with no trainable parameter runs
+    under ``no_grad`` (nothing of it is differentiated: the projector's gradient needs only its
+    output) in calls of :data:`TOWER_CHUNK_IMAGES` images."""
+    adapter = loaded.adapter
+    try:
+        tower = adapter.vision_tower
+    except NotImplementedError:
+        tower = None
+    # Qwen2-VL's tower holds its projector (the merger), which runs later, with gradients
+    projector = {id(p) for p in adapter.projector.parameters()}
+    if tower is None or any(p.requires_grad and id(p) not in projector for p in tower.parameters()):
+        return adapter.sample_vision_hidden(samples)
+    out: list[Tensor | None] = [None] * len(samples)
+    with_img = [i for i, s in enumerate(samples) if s.pixel_values is not None]
+    with torch.no_grad():
+        for c in range(0, len(with_img), TOWER_CHUNK_IMAGES):
+            part = with_img[c : c + TOWER_CHUNK_IMAGES]
+            for i, h in zip(part, adapter.sample_vision_hidden([samples[i] for i in part])):
+                out[i] = h
+    return out
+
+
 def _row_image_features(loaded: LoadedModel, batch: RowBatch) -> Tensor | None:
     """Vision features for every row, in row order: ``[sum over rows with an image of h*w, D]``.
 
@@ -414,7 +446,7 @@ def _row_image_features(loaded: LoadedModel, batch: RowBatch) -> Tensor | None:
     had gone through the model's forward on its own.
     """
     used = sorted(set(batch.row_sample))
-    hidden = loaded.adapter.sample_vision_hidden([batch.samples[i] for i in used])
+    hidden = _frozen_tower_hidden(loaded, [batch.samples[i] for i in used])
     by_sample = dict(zip(used, hidden))
     rows = [by_sample[si] for si in batch.row_sample if by_sample[si] is not None]
     if not rows:
@@ -488,10 +520,8 @@ def forward_rows(loaded: LoadedModel, batch: RowBatch) -> RowLosses:
     )
     hidden = out.last_hidden_state.reshape(-1, embeds.shape[-1])
     h = hidden.index_select(0, batch.pred_index)
-    logits = adapter.lm_head(h).float()
-    ce_tok = F.cross_entropy(logits, batch.targets, reduction="none")
-    loss_sum = torch.zeros(batch.num_rows, dtype=torch.float32, device=ce_tok.device)
-    loss_sum = loss_sum.index_add(0, batch.pred_row, ce_tok)
+    # a frozen head in answer-token chunks (no [A, vocab] fp32 tensor whole), else the module
+    loss_sum = row_answer_losses(adapter.lm_head, h, batch.targets, batch.pred_row, batch.num_rows)
     ran = ForwardRecord(
         mode=batch.mode,
         layout=batch.layout,

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
+import tarfile
+
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 GPU_STEPS = {
@@ -89,3 +93,52 @@ def test_requires_cuda_marker_selects_the_cuda_tests():
     )
     ids = [ln for ln in p.stdout.splitlines() if "::" in ln]
     assert ids and all("cuda" in i for i in ids), p.stdout
+
+
+def test_step_timeouts_fit_the_budget_and_the_lease():
+    """Every step gets its whole timeout inside the budget, and the budget, the machine's start,
+    the transfers and the idle time after it leave at least 3 minutes of a 15-minute lease."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    assert sum(s.timeout_s for s in gpu_check.steps()) <= gpu_check.BUDGET_S
+    lease = gpu_check.LEASE
+    used = gpu_check.BUDGET_S + lease["start"] + lease["transfers"] + lease["idle_after"]
+    assert lease["lease"] == 900 and lease["lease"] - used >= 180
+
+
+def test_archive_and_what_to_commit(tmp_path):
+    """``--archive`` packs the output directory; the last lines say what to commit and where."""
+    out = tmp_path / "out"
+    rc, _ = _run(out, "--dry-run", "--archive", str(out / "all.tar.gz"))
+    assert rc == 0
+    with tarfile.open(out / "all.tar.gz") as tar:
+        assert sorted(tar.getnames()) == ["gpu_check.json", "gpu_check.log"]
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    (out / "train_step-nvidia-h200.json").write_text("[]\n")
+    ran = [{"name": "env", "status": "ran"}, {"name": "bench_train_step", "status": "ran"}]
+    advice = gpu_check.commit_advice(out, ran, str(out / "all.tar.gz"))
+    assert "benchmarks/results/gpu/" in advice and "train_step-nvidia-h200.json" in advice
+    assert "tar -xzf" in advice
+    none = gpu_check.commit_advice(out, ran[:1], None)
+    assert none.startswith("[gpu-check] nothing to commit")
+
+
+@pytest.mark.parametrize("venv", [True, False])
+def test_make_gpu_check_runs_the_venv_python_when_there(tmp_path, venv):
+    """``make gpu-check`` runs ``VENV/bin/python`` where it exists, else ``$(PYTHON)``."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    vdir = tmp_path / "venv"
+    if venv:
+        (vdir / "bin").mkdir(parents=True)
+        (vdir / "bin" / "python").write_text("#!/bin/sh\n")
+    p = subprocess.run(
+        ["make", "-n", "gpu-check", f"VENV={vdir}", "PYTHON=sys-python", f"OUT={tmp_path}"],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    want = f"{vdir}/bin/python" if venv else "sys-python"
+    assert p.stdout.startswith(f"{want} benchmarks/gpu_check.py --out {tmp_path}"), p.stdout

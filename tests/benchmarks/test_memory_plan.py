@@ -106,3 +106,67 @@ def test_extrapolate_counts_the_vision_layers_weights():
     }  # fmt: skip
     e = M.extrapolate(m, *M._at(m, 8))
     assert e["weights_gb"] == pytest.approx((10 * 28 + 5 * 32 + 6) * 2 / M.GB)
+
+
+def test_profiled_peak_leaves_out_tensors_from_before():
+    """The peak counts what the call allocates (here two 1 MB results at once), not the weight it
+    reads (live before the call); parts say where the live bytes were allocated."""
+    w = torch.randn(500, 500)
+
+    def run() -> torch.Tensor:
+        a = w @ w
+        b = a + 1
+        del a
+        return b.sum()
+
+    r = M.profiled_peak(run)
+    assert 2_000_000 <= r["peak"] < 2_000_000 + 4096
+    assert sum(r["parts"].values()) == r["peak"] and r["freed_earlier"] == 0
+
+
+def test_profiled_peak_names_the_parts_of_a_step():
+    """An AimKP step on tiny-llava: the bytes live at its peak are attributed to the parts of
+    the program (decoder layers, the backward, the engine), none left unnamed."""
+    loaded = tiny("tiny-llava")
+    samples = [loaded.adapter.encode(r) for r in records()[:2]]
+    table = StrideTable(2)
+    table.text[:] = 2
+    table.image[:] = 2
+    r = M.profiled_peak(lambda: aimkp_step(loaded, samples, [0, 1], table, 20.0))
+    assert sum(r["parts"].values()) == r["peak"] > 0
+    assert {"decoder layers", "engine", "vision tower"} <= set(r["part_peaks"])
+    assert r["parts"].get("decoder layers", 0) > 0 and "other" not in r["parts"]
+
+
+def test_extrapolate_counts_the_engine_gradient_copy_once():
+    """The engine's copy of the gradients it found is the trainable parameters' size at full
+    depth (fp32), not scaled with the batch; the correction way keeps none."""
+    mb = 2**20
+    params = {"frozen_layer": 10, "frozen_other": 6, "train_layer": 2 * mb, "train_other": mb}
+    m = {
+        "samples": 1, "peak": 1000 * mb, "saved": 400 * mb, "stash_tokens": 0,
+        "stash_rows": 0, "stash_other": 0, "act_bytes": 4, "params": params,
+    }  # fmt: skip
+    plain = M.extrapolate(m, layers=32, batch=8)
+    copy = (2 * mb + mb) * 4  # measured at one layer
+    with_copy = M.extrapolate({**m, "grad_copy": copy, "keeps_grad_copy": True}, 32, 8)
+    full_copy = (2 * mb * 32 + mb) * 4
+    want = plain["other_gb"] - copy / 2 * 8 / M.GB + full_copy / M.GB
+    assert with_copy["other_gb"] == pytest.approx(want)
+    without = M.extrapolate({**m, "grad_copy": copy, "keeps_grad_copy": False}, 32, 8)
+    assert without["other_gb"] == pytest.approx(plain["other_gb"] - copy / 2 * 8 / M.GB)
+
+
+def test_rows_from_results_round_trip(tmp_path):
+    """``--from-results`` reads back what a run wrote: the measured fields and the split."""
+    import json
+
+    split = {"frozen_layer": 1, "frozen_other": 2, "train_layer": 3, "train_other": 4}
+    row = {"storage": "auto", "samples": 1, "peak": 5, **split, "total_gb": 9.0}
+    row["largest_batch_80gb"] = 3
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps([row, {**row, "storage": "correction"}]))
+    (got,) = M.rows_from_results(str(path))
+    assert got["params"] == split
+    assert "total_gb" not in got and "largest_batch_80gb" not in got
+    assert got["grad_copy"] == (3 + 4) * 4 and got["keeps_grad_copy"]

@@ -156,10 +156,9 @@ def saved_in_layer(layer: torch.nn.Module, params: set[int]) -> Iterator[dict[st
 
 @contextlib.contextmanager
 def engine_storage(storage: str, counts: list, saved: set[int]) -> Iterator[None]:
-    """Make ``aimkp_step``'s engine keep ``storage`` and record its stash after the backward."""
-    import aimkp.engine as E
-
-    real = E.per_sample_grad_gram
+    """Make ``aimkp_step``'s engine keep ``storage`` and record its stash after the backward
+    (through the step's ``grad_gram`` tap, :mod:`aimkp.spans`)."""
+    from aimkp.spans import tapping
 
     class Counting:
         def __init__(self, gram: Any, prefix: str) -> None:
@@ -173,14 +172,14 @@ def engine_storage(storage: str, counts: list, saved: set[int]) -> Iterator[None
             counts.append(count_stash(self.gram, self.prefix, saved))
             return r
 
-    def patched(model: Any, **kw: Any) -> Any:
-        return Counting(real(model, reweight_storage=storage, **kw), engine_storage.prefix)
+    def counting(make: Any) -> Any:
+        def make_counting(model: Any, **kw: Any) -> Any:
+            return Counting(make(model, reweight_storage=storage, **kw), engine_storage.prefix)
 
-    E.per_sample_grad_gram = patched
-    try:
+        return make_counting
+
+    with tapping("grad_gram", counting):
         yield
-    finally:
-        E.per_sample_grad_gram = real
 
 
 engine_storage.prefix = ".layers.0."
@@ -296,6 +295,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
     from common import peak_memory_mb
 
+    from aimkp.method.options import StepOptions
     from aimkp.method.pmm import StrideTable
     from aimkp.method.reference import reference_step
     from aimkp.method.step import aimkp_step
@@ -312,7 +312,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     table.text[:] = 2
     table.image[:] = 2
     train = [p for p in model.parameters() if p.requires_grad]
-    bf16 = args.device != "cpu"
+    amp_dtype = torch.bfloat16 if args.device != "cpu" else None
+    opts = StepOptions(update_strides=False, device=args.device, amp_dtype=amp_dtype)
     rows: list[dict[str, Any]] = []
 
     def zero() -> None:
@@ -329,16 +330,10 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             with saved_in_layer(layer, params) as s:
                 saved_ptrs = s["ptrs"]
                 if storage is None:
-                    res["r"] = reference_step(
-                        loaded, samples, idx, table, n_total, mask_mode="compact",
-                        update_strides=False, device=args.device, bf16=bf16,
-                    )[0]  # fmt: skip
+                    res["r"] = reference_step(loaded, samples, idx, table, n_total, opts)[0]
                 else:
                     with engine_storage(storage, counts, saved_ptrs):
-                        res["r"] = aimkp_step(
-                            loaded, samples, idx, table, n_total, update_strides=False,
-                            device=args.device, bf16=bf16,
-                        )  # fmt: skip
+                        res["r"] = aimkp_step(loaded, samples, idx, table, n_total, opts)
             saved.update({k: v for k, v in s.items() if k != "ptrs"})
 
         t0 = time.perf_counter()
@@ -359,7 +354,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             "stash_counted": c is not None or storage is None,
             "seconds": time.perf_counter() - t0,
             "params": split,
-            "act_bytes": 2 if bf16 else 4,
+            "act_bytes": opts.element_size,
             "shape": args.shape,
             "layers_full": shape.layers,
             "vision_layers_full": shape.vision_layers,

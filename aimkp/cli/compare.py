@@ -76,8 +76,8 @@ def base_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_spec(args: argparse.Namespace, argv: list[str] | None = None) -> Any:
-    from aimkp.eval.compare import DEFAULT_SETTINGS, CompareSpec
-    from aimkp.eval.methods import parse_methods
+    from aimkp.compare.run import DEFAULT_SETTINGS, CompareSpec
+    from aimkp.compare.methods import parse_methods
     from aimkp.eval.robustness import resolve_settings
     from aimkp.train.config import TrainConfig
 
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     )
     from aimkp.data import load_dataset
     from aimkp.eval import compare_report
-    from aimkp.eval.compare import check_spec, run_all
+    from aimkp.compare.run import check_spec, run_all
 
     spec = build_spec(args, argv)
     check_spec(spec)

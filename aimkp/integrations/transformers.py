@@ -40,8 +40,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from aimkp.choices import GF_REDUCE, MASK_MODES, REWEIGHT_WAYS
+from aimkp.method.options import StepOptions
 from aimkp.method.pmm import StrideTable
-from aimkp.train.config import REWEIGHT_WAYS
 from aimkp.train.stats import EpochStats
 
 if TYPE_CHECKING:
@@ -79,12 +80,18 @@ class AimKPArguments:
     def __post_init__(self) -> None:
         from aimkp.errors import UsageError
 
-        if self.gf_reduce not in ("mean", "sum"):
-            raise UsageError(f"gf_reduce must be 'mean' or 'sum', got {self.gf_reduce!r}")
-        if self.mask_mode not in ("compact", "attention", "auto"):
-            raise UsageError(f"mask_mode must be compact or attention, got {self.mask_mode!r}")
-        if self.reweight not in REWEIGHT_WAYS:
-            raise UsageError(f"reweight must be one of {REWEIGHT_WAYS}, got {self.reweight!r}")
+        for name, allowed in (
+            ("gf_reduce", GF_REDUCE),
+            ("mask_mode", MASK_MODES),
+            ("reweight", REWEIGHT_WAYS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    def step_options(self, device: torch.device | str, bf16: bool) -> StepOptions:
+        """The AimKP step's options on ``device`` (bf16 autocast with Trainer's ``bf16``)."""
+        amp_dtype = torch.bfloat16 if bf16 else None
+        return StepOptions.from_fields(self, device=device, amp_dtype=amp_dtype)
 
 
 def as_records(dataset: Any) -> list:
@@ -316,21 +323,10 @@ class AimKPTrainerMixin:
         from aimkp.train.distributed import all_reduce_grads
 
         model.train()
-        a, n_total = self.aimkp_args, float(num_items_in_batch)
+        n_total = float(num_items_in_batch)
+        opts = self.aimkp_args.step_options(self.args.device, self.args.bf16)
         res = aimkp_step(
-            self.loaded,
-            inputs["samples"],
-            inputs["indices"],
-            self.strides,
-            n_total,
-            tau_text=a.tau_text,
-            tau_image=a.tau_image,
-            reduce=a.gf_reduce,
-            grand_threshold=a.grand_threshold,
-            mask_mode="compact" if a.mask_mode == "auto" else a.mask_mode,
-            device=self.args.device,
-            bf16=self.args.bf16,
-            reweight=a.reweight,
+            self.loaded, inputs["samples"], inputs["indices"], self.strides, n_total, opts
         )
         self.aimkp_callback.stats.add(res)
         ctx = _dist_context()

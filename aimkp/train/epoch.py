@@ -24,8 +24,8 @@ import torch
 
 from aimkp.method.nonfinite import grads_finite
 from aimkp.method.step import StepResult, aimkp_step, sft_step
-from aimkp.runs.signals import StopRequest, exit_status
-from aimkp.runs.step_log import StepLog
+from aimkp.train.signals import StopRequest, exit_status
+from aimkp.train.step_log import StepLog
 from aimkp.train import distributed as D
 from aimkp.train.run import Progress, TrainRun
 from aimkp.train.stats import EpochStats
@@ -41,32 +41,10 @@ def epoch_order(run: TrainRun, epoch: int) -> list[int]:
 
 def micro_step(run: TrainRun, indices: Sequence[int], n_total: float) -> StepResult:
     """One AimKP (or SFT) micro-step on the samples ``indices``; adds to ``.grad``."""
-    cfg = run.cfg
     samples = [run.samples[i] for i in indices]
     if run.strides is None:
-        return sft_step(
-            run.loaded,
-            samples,
-            n_total,
-            mask_mode=run.mask_mode,
-            device=run.device,
-            bf16=run.amp,
-        )
-    return aimkp_step(
-        run.loaded,
-        samples,
-        indices,
-        run.strides,
-        n_total,
-        tau_text=cfg.tau_text,
-        tau_image=cfg.tau_image,
-        reduce=cfg.gf_reduce,
-        grand_threshold=cfg.grand_threshold,
-        mask_mode=run.mask_mode,
-        device=run.device,
-        bf16=run.amp,
-        reweight=cfg.reweight,
-    )
+        return sft_step(run.loaded, samples, n_total, run.step_options)
+    return aimkp_step(run.loaded, samples, indices, run.strides, n_total, run.step_options)
 
 
 def accumulate(run: TrainRun, global_idx: Sequence[int]) -> Iterator[StepResult]:

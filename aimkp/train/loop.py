@@ -13,7 +13,7 @@ each epoch: totals over the ranks, greedy decoding on the validation split score
 protocol (:mod:`aimkp.train.evaluation`), best checkpoint by F1@1 + F1@3 + MAP@5
 (``OUTPUT/best``), latest with the full training state (``OUTPUT/last``), one row per epoch in
 ``OUTPUT/metrics.csv`` (and the ``--report-to`` reporter), every ``--logging-steps`` optimizer
-steps a row of ``OUTPUT/steps.csv`` (:mod:`aimkp.runs.step_log`); after the last epoch the optional
+steps a row of ``OUTPUT/steps.csv`` (:mod:`aimkp.train.step_log`); after the last epoch the optional
 test-split comparison with the majority and untrained baselines.
 """
 
@@ -24,9 +24,9 @@ import os
 from typing import Any
 
 from aimkp.runs.checkpoints import check_free_space, save_last, save_model
-from aimkp.runs.metrics_log import MetricsLog
-from aimkp.runs.signals import StopRequest
-from aimkp.runs.step_log import StepLog
+from aimkp.train.metrics_log import MetricsLog
+from aimkp.train.signals import StopRequest
+from aimkp.train.step_log import StepLog
 from aimkp.train.config import TrainConfig
 from aimkp.train.epoch import BackendLog, run_epoch
 from aimkp.train.evaluation import (
@@ -89,10 +89,10 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
 
 def read_resume_state(cfg: TrainConfig) -> tuple[dict[str, Any] | None, list[str]]:
     """With ``--resume``: the saved training state and the accepted option changes (UsageError
-    naming every refused one, see :mod:`aimkp.runs.resume_check`)."""
+    naming every refused one, see :mod:`aimkp.train.resume_check`)."""
     if not cfg.resume:
         return None, []
-    from aimkp.runs.resume_check import check_resume_options
+    from aimkp.train.resume_check import check_resume_options
     from aimkp.runs.state import read_train_state
 
     state = read_train_state(cfg.resume)

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from aimkp.method.nonfinite import SkipGuard
+from aimkp.method.options import StepOptions
 from aimkp.method.pmm import StrideTable
+from aimkp.models import precision as P
 from aimkp.train.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -54,7 +56,7 @@ class TrainRun:
     valid_records: list[Record]
     samples: list[EncodedSample]  # the encoded training records
     strides: StrideTable | None  # AimKP's PMM schedule (None for SFT)
-    mask_mode: str
+    step_options: StepOptions  # the micro-step's options, built once from cfg
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     global_batch: int  # samples per optimizer step over all ranks
@@ -74,13 +76,6 @@ class TrainRun:
     @property
     def is_main(self) -> bool:
         return self.ctx.is_main
-
-    @property
-    def amp(self) -> bool | torch.dtype:
-        """The step's autocast: the frozen base's half dtype (``--dtype``), else ``--bf16``."""
-        from aimkp.models import precision as P
-
-        return P.autocast_dtype(P.resolve_dtype(self.cfg.dtype, self.device), self.cfg.bf16)
 
     @property
     def last_epoch(self) -> int:
@@ -196,8 +191,10 @@ def set_up(cfg: TrainConfig) -> TrainRun:
         torch.manual_seed(cfg.seed + 7919 * ctx.rank)  # own dropout masks per rank
     model.train()
     samples = [loaded.adapter.encode(r) for r in train_recs]
-    mask_mode = cfg.resolved_mask_mode()
-    log.info("row mode: %s (--mask-mode %s, attention %s)", mask_mode, cfg.mask_mode, cfg.attn)
+    options = step_options(cfg, device)
+    log.info(
+        "row mode: %s (--mask-mode %s, attention %s)", options.mask_mode, cfg.mask_mode, cfg.attn
+    )
     global_batch = cfg.effective_batch * ctx.world_size
     steps_per_epoch = math.ceil(len(samples) / global_batch)
     total_steps = steps_per_epoch * cfg.epochs
@@ -214,13 +211,20 @@ def set_up(cfg: TrainConfig) -> TrainRun:
         valid_records=valid_recs,
         samples=samples,
         strides=StrideTable(len(samples)) if cfg.method == "aimkp" else None,
-        mask_mode=mask_mode,
+        step_options=options,
         optimizer=optimizer,
         scheduler=scheduler,
         global_batch=global_batch,
         steps_per_epoch=steps_per_epoch,
         skip_guard=SkipGuard(cfg.max_skipped_steps),
     )
+
+
+def step_options(cfg: TrainConfig, device: torch.device) -> StepOptions:
+    """The micro-step's options of ``cfg`` on ``device``; the autocast dtype is the frozen base's
+    half dtype (``--dtype``), else bf16 with ``--bf16``."""
+    amp_dtype = P.autocast_dtype(P.resolve_dtype(cfg.dtype, device), cfg.bf16)
+    return StepOptions.from_fields(cfg, device=device, amp_dtype=amp_dtype)
 
 
 def resume(run: TrainRun, st: dict[str, Any], directory: str) -> None:

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from tests.helpers.models import (
-    _one_thread,  # noqa: F401 - autouse: single-threaded tests
     records,
     tiny,
 )
@@ -18,6 +17,7 @@ from tests.helpers.models import (
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
 import memory_plan as M  # noqa: E402
 
+from aimkp.method.options import StepOptions  # noqa: E402
 from aimkp.method.pmm import StrideTable  # noqa: E402
 from aimkp.method.step import aimkp_step  # noqa: E402
 
@@ -42,7 +42,9 @@ def test_stash_and_saved_counts_on_tiny_llava(storage):
     counts: list = []
     with M.saved_in_layer(layer, params) as saved:
         with M.engine_storage(storage, counts, saved["ptrs"]):
-            res = aimkp_step(loaded, samples, [0, 1], table, 20.0, update_strides=False)
+            res = aimkp_step(
+                loaded, samples, [0, 1], table, 20.0, StepOptions(update_strides=False)
+            )
     (c,) = counts
     assert saved["bytes"] > 0 and c is not None
     lora = [m for n, m in layer.named_modules() if n.endswith(("lora_A.default", "lora_B.default"))]

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from aimkp.errors import UsageError
-from aimkp.eval.methods import Method
+from aimkp.compare.methods import Method
 from aimkp.train.config import TrainConfig
 
 log = logging.getLogger("aimkp.compare")

@@ -76,8 +76,8 @@ def base_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_spec(args: argparse.Namespace, argv: list[str] | None = None) -> Any:
-    from aimkp.compare.run import DEFAULT_SETTINGS, CompareSpec
     from aimkp.compare.methods import parse_methods
+    from aimkp.compare.run import DEFAULT_SETTINGS, CompareSpec
     from aimkp.eval.robustness import resolve_settings
     from aimkp.train.config import TrainConfig
 
@@ -107,9 +107,9 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    from aimkp.compare.run import check_spec, run_all
     from aimkp.data import load_dataset
     from aimkp.eval import compare_report
-    from aimkp.compare.run import check_spec, run_all
 
     spec = build_spec(args, argv)
     check_spec(spec)

@@ -86,8 +86,8 @@ def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     import json
     import pathlib
 
-    from aimkp.train.resume_check import resumed_fields
     from aimkp.runs.state import find_train_state, read_train_state
+    from aimkp.train.resume_check import resumed_fields
 
     state_file = find_train_state(cfg.resume)
     run_dir = state_file.parent.parent if state_file.parent.name == "last" else state_file.parent

@@ -24,11 +24,11 @@ import torch
 
 from aimkp.method.nonfinite import grads_finite
 from aimkp.method.step import StepResult, aimkp_step, sft_step
-from aimkp.train.signals import StopRequest, exit_status
-from aimkp.train.step_log import StepLog
 from aimkp.train import distributed as D
 from aimkp.train.run import Progress, TrainRun
+from aimkp.train.signals import StopRequest, exit_status
 from aimkp.train.stats import EpochStats
+from aimkp.train.step_log import StepLog
 
 log = logging.getLogger("aimkp.train")
 

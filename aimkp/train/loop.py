@@ -24,9 +24,6 @@ import os
 from typing import Any
 
 from aimkp.runs.checkpoints import check_free_space, save_last, save_model
-from aimkp.train.metrics_log import MetricsLog
-from aimkp.train.signals import StopRequest
-from aimkp.train.step_log import StepLog
 from aimkp.train.config import TrainConfig
 from aimkp.train.epoch import BackendLog, run_epoch
 from aimkp.train.evaluation import (
@@ -36,6 +33,7 @@ from aimkp.train.evaluation import (
     print_comparison,
     score_predictions,
 )
+from aimkp.train.metrics_log import MetricsLog
 from aimkp.train.run import (
     TrainRun,
     build_optimizer,
@@ -44,7 +42,9 @@ from aimkp.train.run import (
     resume,
     set_up,
 )
+from aimkp.train.signals import StopRequest
 from aimkp.train.stats import EpochStats
+from aimkp.train.step_log import StepLog
 
 __all__ = [
     "build_optimizer",
@@ -92,8 +92,8 @@ def read_resume_state(cfg: TrainConfig) -> tuple[dict[str, Any] | None, list[str
     naming every refused one, see :mod:`aimkp.train.resume_check`)."""
     if not cfg.resume:
         return None, []
-    from aimkp.train.resume_check import check_resume_options
     from aimkp.runs.state import read_train_state
+    from aimkp.train.resume_check import check_resume_options
 
     state = read_train_state(cfg.resume)
     return state, check_resume_options(state["config"], cfg)

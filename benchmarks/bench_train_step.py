@@ -43,36 +43,32 @@ the engine keeps per decoder layer, extrapolated to 32 layers; CPU-capable).
 
 Usage::
 
-    python benchmarks/bench_train_step.py            # auto config for the device
-    python benchmarks/bench_train_step.py --quick    # fewer repetitions
-    python benchmarks/bench_train_step.py --config gpu-qwen2vl7b --layers 2
-    python benchmarks/bench_train_step.py --config gpu-llava7b --memory-plan
+    python -m benchmarks.bench_train_step            # auto config for the device
+    python -m benchmarks.bench_train_step --quick    # fewer repetitions
+    python -m benchmarks.bench_train_step --config gpu-qwen2vl7b --layers 2
+    python -m benchmarks.bench_train_step --config gpu-llava7b --memory-plan
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import pathlib
-import sys
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import env_info, peak_memory_mb, print_table, time_fn, write_results  # noqa: E402
-from workload import build_workload  # noqa: E402
-
-from aimkp.method.options import StepOptions  # noqa: E402
-from aimkp.method.reference import reference_step  # noqa: E402
-from aimkp.method.step import (  # noqa: E402
+from aimkp.method.options import StepOptions
+from aimkp.method.reference import reference_step
+from aimkp.method.step import (
     aimkp_step,
     forward_backward,
     plan_rows,
     sft_step,
     weighted_sum,
 )
-from aimkp.models.attention import apply_attention, last_kernel, resolve_attention  # noqa: E402
+from aimkp.models.attention import apply_attention, last_kernel, resolve_attention
+from benchmarks.common import env_info, peak_memory_mb, print_table, time_fn, write_results
+from benchmarks.workload import build_workload
 
 
 def fed_tokens(loaded: Any, samples: list, rows: list, mode: str, device: str) -> dict[str, int]:
@@ -123,7 +119,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     args, rest = ap.parse_known_args()
     if args.memory_plan:
-        import memory_plan
+        from benchmarks import memory_plan
 
         shape = ["--shape", args.config.removeprefix("gpu-")] if "7b" in args.config else []
         memory_plan.main(rest + shape + (["--no-write"] if args.no_write else []))

@@ -28,8 +28,8 @@ gradients and AdamW state (fp32). Frozen weights are counted for the full-depth 
 
 Usage::
 
-    python benchmarks/bench_train_step.py --config gpu-llava7b --memory-plan [--samples 1]
-    python benchmarks/memory_plan.py --samples 2 --batch 8 [--shape qwen2vl7b]
+    python -m benchmarks.bench_train_step --config gpu-llava7b --memory-plan [--samples 1]
+    python -m benchmarks.memory_plan --samples 2 --batch 8 [--shape qwen2vl7b]
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -267,7 +266,6 @@ def extrapolate(
 
 
 def _build(args: argparse.Namespace) -> tuple[Any, list, list[str]]:
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
     from aimkp.data import load_dataset
     from aimkp.models.lora import apply_lora
     from aimkp.models.shapes import build_shaped
@@ -292,13 +290,11 @@ def _build(args: argparse.Namespace) -> tuple[Any, list, list[str]]:
 
 def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     """One AimKP step per reweight storage and one reference step; measured bytes per row."""
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-    from common import peak_memory_mb
-
     from aimkp.method.options import StepOptions
     from aimkp.method.pmm import StrideTable
     from aimkp.method.reference import reference_step
     from aimkp.method.step import aimkp_step
+    from benchmarks.common import peak_memory_mb
 
     loaded, samples, _ = _build(args)
     model = loaded.model
@@ -514,8 +510,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llava7b", help="model shape")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-    from common import env_info, write_results
+    from benchmarks.common import env_info, write_results
 
     t0 = time.perf_counter()
     rows = report(measure(args), args)

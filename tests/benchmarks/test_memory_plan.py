@@ -3,23 +3,17 @@ layer by storage kind, saved activations per layer, and the extrapolation arithm
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
 import pytest
 import torch
 
+from aimkp.method.options import StepOptions
+from aimkp.method.pmm import StrideTable
+from aimkp.method.step import aimkp_step
+from benchmarks import memory_plan as M
 from tests.helpers.models import (
     records,
     tiny,
 )
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
-import memory_plan as M  # noqa: E402
-
-from aimkp.method.options import StepOptions  # noqa: E402
-from aimkp.method.pmm import StrideTable  # noqa: E402
-from aimkp.method.step import aimkp_step  # noqa: E402
 
 
 def test_tensor_bytes_counts_each_storage_once():

@@ -30,6 +30,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 test: setup lint
+	$(BIN)/mypy aimkp
 	$(BIN)/pytest -q -p no:cacheprovider
 
 format: setup

@@ -39,14 +39,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
-from aimkp.choices import GF_REDUCE, MASK_MODES, REWEIGHT_WAYS
+from aimkp.choices import check_choices
 from aimkp.method.options import StepOptions
 from aimkp.method.pmm import StrideTable
 from aimkp.train.stats import EpochStats
 
 if TYPE_CHECKING:
     from aimkp.models import EncodedSample, LoadedModel, MLLMAdapter
+
+    # the mixin is only ever mixed into a Trainer: type-check it as one
+    _TrainerBase = Trainer
+else:
+    _TrainerBase = object
 
 STRIDES_FILE = "aimkp_strides.pt"
 
@@ -80,13 +86,7 @@ class AimKPArguments:
     def __post_init__(self) -> None:
         from aimkp.errors import UsageError
 
-        for name, allowed in (
-            ("gf_reduce", GF_REDUCE),
-            ("mask_mode", MASK_MODES),
-            ("reweight", REWEIGHT_WAYS),
-        ):
-            if getattr(self, name) not in allowed:
-                raise UsageError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check_choices(self, UsageError)
 
     def step_options(self, device: torch.device | str, bf16: bool) -> StepOptions:
         """The AimKP step's options on ``device`` (bf16 autocast with Trainer's ``bf16``)."""
@@ -176,8 +176,12 @@ class AimKPBatchSampler(torch.utils.data.Sampler):
 class _EpochLoader(torch.utils.data.DataLoader):
     """A DataLoader whose ``set_epoch`` (called by Trainer every epoch) reaches its sampler."""
 
+    def __init__(self, rows: EncodedRows, sampler: AimKPBatchSampler, collate_fn: Any) -> None:
+        super().__init__(rows, batch_sampler=sampler, collate_fn=collate_fn)
+        self.aimkp_sampler = sampler
+
     def set_epoch(self, epoch: int) -> None:
-        self.batch_sampler.set_epoch(epoch)
+        self.aimkp_sampler.set_epoch(epoch)
 
 
 class AimKPCallback(TrainerCallback):
@@ -232,7 +236,7 @@ def _dist_context():
     return DistContext(rank=rank, world_size=world, backend=backend)
 
 
-class AimKPTrainerMixin:
+class AimKPTrainerMixin(_TrainerBase):
     """Mix into a ``transformers.Trainer`` subclass (``Trainer``, TRL's ``SFTTrainer``) before
     the Trainer class: ``class T(AimKPTrainerMixin, SFTTrainer)``. Takes the
     :class:`~aimkp.models.LoadedModel` first, the Trainer's own arguments after it."""
@@ -283,7 +287,7 @@ class AimKPTrainerMixin:
             rank=rank,
             world=world,
         )
-        return _EpochLoader(self.aimkp_rows, batch_sampler=sampler, collate_fn=self.data_collator)
+        return _EpochLoader(self.aimkp_rows, sampler, self.data_collator)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The micro-batches of one optimizer step and the answer tokens of all of them, summed
@@ -340,13 +344,13 @@ class AimKPTrainerMixin:
             logs = {**logs, **self.aimkp_callback.rates()}
         super().log(logs, *args, **kwargs)
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+    def train(  # type: ignore[override]  # Trainer's extra arguments pass through **kwargs
+        self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any
+    ) -> TrainOutput:
         """Trainer's ``train``; on resume also restores the PMM strides of that checkpoint."""
         if resume_from_checkpoint:
             ckpt = resume_from_checkpoint
             if ckpt is True:
-                from transformers.trainer_utils import get_last_checkpoint
-
                 ckpt = get_last_checkpoint(self.args.output_dir)
             if ckpt:
                 self.aimkp_callback.load(ckpt)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from aimkp.choices import GF_REDUCE, MASK_MODES, REWEIGHT_WAYS
+from aimkp.choices import GF_REDUCE, MASK_MODES, REWEIGHT_WAYS, check_choices
 
 __all__ = ["GF_REDUCE", "MASK_MODES", "REWEIGHT_WAYS", "StepOptions"]
 
@@ -56,13 +56,7 @@ class StepOptions:
         object.__setattr__(self, "device", torch.device(self.device))
         if self.mask_mode == "auto":
             object.__setattr__(self, "mask_mode", "compact")
-        for name, allowed in (
-            ("gf_reduce", GF_REDUCE),
-            ("mask_mode", MASK_MODES),
-            ("reweight", REWEIGHT_WAYS),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check_choices(self)
         if self.amp_dtype is not None and not isinstance(self.amp_dtype, torch.dtype):
             raise TypeError(f"amp_dtype must be a torch.dtype or None, got {self.amp_dtype!r}")
 

@@ -12,6 +12,8 @@ gradient copies per sample. The decision and the PMM stride update are coded her
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,7 +47,9 @@ def reference_step(
         raise ValueError(f"total answer tokens must be > 0, got {n_total}")
     model = loaded.model
     params = [p for p in model.parameters() if p.requires_grad]
-    prior = [None if p.grad is None else p.grad.detach().clone() for p in params]
+    prior: list[torch.Tensor | None] = [
+        None if p.grad is None else p.grad.detach().clone() for p in params
+    ]
     acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     contributions: list[list[torch.Tensor]] = []
     orig_norms: list[float] = []
@@ -64,8 +68,8 @@ def reference_step(
         n_i = int(sample.n_answer_tokens)
         # one forward per copy (batch size 1), graphs kept alive together as in the reference
         losses = []
-        for kind, g in zip(kinds, gs):
-            keep = build_keep(sample, kind, g)
+        for kind, stride in zip(kinds, gs):
+            keep = build_keep(sample, kind, stride)
             n_in += int(keep.sum())
             batch = collate_rows(
                 loaded, [sample], [keep], [0], mode=opts.mask_mode, device=opts.device
@@ -103,13 +107,16 @@ def reference_step(
                 image_passed = ok
         chosen = [gl for gl, k in zip(grads, kept) if k]
         scale = n_i / (len(chosen) if opts.gf_reduce == "mean" else 1)
-        contrib = [sum(gl[j] for gl in chosen) * scale for j in range(len(params))]
+        contrib = [
+            functools.reduce(operator.add, (gl[j] for gl in chosen)) * scale
+            for j in range(len(params))
+        ]
         if grand_threshold is not None:
             contributions.append(contrib)
             orig_norms.append(float(flat[0].norm()))
         else:
-            for a, c in zip(acc, contrib):
-                a += c
+            for a, part in zip(acc, contrib):
+                a += part
         if opts.update_strides:
             strides.update(int(idx), text_passed, image_passed)
         info.append({"kinds": kinds, "cosines": cosines, "kept": kept})
@@ -118,7 +125,7 @@ def reference_step(
         n_rows += len(kinds)
     if grand_threshold is not None:
         x = torch.tensor(orig_norms, dtype=torch.float64)
-        prune = torch.zeros(len(x), dtype=torch.bool)
+        prune: torch.Tensor = torch.zeros(len(x), dtype=torch.bool)
         if len(x) >= 3:
             med = x.median()
             mad = (x - med).abs().median() * 1.4826
@@ -127,11 +134,11 @@ def reference_step(
         for b, contrib in enumerate(contributions):
             info[b]["pruned"] = bool(prune[b])
             if not prune[b]:
-                for a, c in zip(acc, contrib):
-                    a += c
+                for a, part in zip(acc, contrib):
+                    a += part
     for p, a, pr in zip(params, acc, prior):
-        g = (a / n_total).to(p.dtype)
-        p.grad = g if pr is None else pr + g
+        step_grad = (a / n_total).to(p.dtype)
+        p.grad = step_grad if pr is None else pr + step_grad
     return (
         StepResult(
             loss=loss_total / max(1, n_ans_total),

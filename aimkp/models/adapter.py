@@ -51,10 +51,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 QUESTION = "What phrases should be used to tag the media?"
 _IMG = "\u27e6AIMKP_IMG\u27e7"
@@ -112,10 +115,10 @@ def register_adapter(model_type: str) -> Callable[[type[MLLMAdapter]], type[MLLM
     return deco
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> PreTrainedModel:
     """The ``*ForConditionalGeneration`` module inside a peft wrapper (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+    return get_base() if callable(get_base) else model  # type: ignore[return-value]
 
 
 @contextlib.contextmanager

@@ -61,10 +61,7 @@ def _write_state(run: TrainRun, directory: pathlib.Path, partial: dict[str, Any]
     p = run.progress
     save_train_state(
         directory,
-        model=run.model,
-        optimizer=run.optimizer,
-        scheduler=run.scheduler,
-        strides=run.strides,
+        **run.stateful(),
         epoch=p.epoch,
         step=p.step,
         best_score=p.best_score,

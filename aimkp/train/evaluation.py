@@ -35,7 +35,7 @@ def score_predictions(preds: list[list[str]], records: Sequence[Record]) -> Scor
     return out
 
 
-def _eval_amp(cfg: TrainConfig, device: torch.device) -> bool | torch.dtype:
+def _eval_amp(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """Autocast for decoding: a half frozen base computes with fp32 trainable weights."""
     from aimkp.models import precision as P
 

@@ -148,7 +148,7 @@ def epoch_row(run: TrainRun, epoch: int, stats: EpochStats, seconds: float) -> d
     row = stats.as_row(
         epoch=epoch + 1,
         step=run.progress.step,
-        lr=run.scheduler.get_last_lr()[0],
+        lr=float(run.scheduler.get_last_lr()[0]),
         seconds=seconds,
         n_samples=len(run.samples),
     )

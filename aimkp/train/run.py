@@ -77,6 +77,16 @@ class TrainRun:
     def is_main(self) -> bool:
         return self.ctx.is_main
 
+    def stateful(self) -> dict[str, Any]:
+        """What the training state saves and restores besides the progress: model, optimizer,
+        schedule and strides (the keyword arguments of ``aimkp.runs.state``'s functions)."""
+        return {
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "strides": self.strides,
+        }
+
     @property
     def last_epoch(self) -> int:
         """The epoch this invocation stops after (``stop_after_epochs`` caps ``epochs``)."""
@@ -104,7 +114,8 @@ def build_optimizer(
     """AdamW; the projector's parameters (the adapter's ``projector`` module) at
     ``projector_lr``, everything else trainable at ``lr``."""
     in_proj = {id(p) for p in projector.parameters()}
-    main, proj = [], []
+    main: list[torch.nn.Parameter] = []
+    proj: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (proj if id(p) in in_proj else main).append(p)
@@ -232,13 +243,7 @@ def resume(run: TrainRun, st: dict[str, Any], directory: str) -> None:
     ``st`` read from ``directory``."""
     from aimkp.runs.state import restore_train_state
 
-    restore_train_state(
-        st,
-        model=run.model,
-        optimizer=run.optimizer,
-        scheduler=run.scheduler,
-        strides=run.strides,
-    )
+    restore_train_state(st, **run.stateful())
     run.progress = Progress(
         epoch=int(st["epoch"]),
         step=int(st["step"]),

@@ -65,9 +65,10 @@ class EpochStats:
 
         fields = dataclasses.fields(self)
         sums = all_reduce_sum([getattr(self, f.name) for f in fields], ctx)
-        return EpochStats(
-            **{f.name: v if f.type == "float" else int(v) for f, v in zip(fields, sums)}
-        )
+        values: dict[str, Any] = {
+            f.name: v if f.type == "float" else int(v) for f, v in zip(fields, sums)
+        }
+        return EpochStats(**values)
 
     @property
     def train_loss(self) -> float:

@@ -8,13 +8,15 @@ breakdown benchmark (``benchmarks/phases.py``) times the step this way; nothing 
 a module imports its helpers.
 
 ``tap(name, value)`` hands a value the step computed to the functions registered with
-:func:`tapping`, which may replace it; the step uses what they return. Two taps exist:
+:func:`tapping`, which may replace it; the step uses what they return. The taps:
 
 - ``row_losses``: the :class:`aimkp.models.RowLosses` of each row forward, before its backward
   (the tests make one row's loss non-finite through it, to check that the row is excluded
   exactly);
 - ``grad_gram``: the engine's constructor, :func:`aimkp.engine.per_sample_grad_gram` (the memory
-  benchmark wraps it to choose the engine's reweight storage and measure its stash).
+  benchmark wraps it to choose the engine's reweight storage and measure its stash);
+- ``grads_finite``: the training loop's verdict (a bool) that an optimizer step's summed
+  gradient is finite (the tests force skipped steps through it).
 
 With nothing registered a span costs a ``record_function`` range and a tap nothing.
 

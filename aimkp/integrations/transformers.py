@@ -42,8 +42,16 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from aimkp.choices import check_choices
+from aimkp.data.hf import from_hf
+from aimkp.errors import CheckpointError, UsageError
 from aimkp.method.options import StepOptions
 from aimkp.method.pmm import StrideTable
+from aimkp.method.step import aimkp_step
+from aimkp.models.adapter import EncodedSample
+from aimkp.models.forward import use_masked_embedding_module
+from aimkp.train.config import TrainConfig
+from aimkp.train.distributed import DistContext, all_reduce_grads, all_reduce_sum
+from aimkp.train.run import build_optimizer
 from aimkp.train.stats import EpochStats
 
 if TYPE_CHECKING:
@@ -84,8 +92,6 @@ class AimKPArguments:
     projector_lr: float = field(default=2e-5, metadata={"help": "learning rate of the projector"})
 
     def __post_init__(self) -> None:
-        from aimkp.errors import UsageError
-
         check_choices(self, UsageError)
 
     def step_options(self, device: torch.device | str, bf16: bool) -> StepOptions:
@@ -98,8 +104,6 @@ def as_records(dataset: Any) -> list:
     """Records of a ``datasets.Dataset`` (columns of :func:`aimkp.data.to_hf`), or ``dataset``
     itself when it already holds :class:`aimkp.data.Record` s."""
     if hasattr(dataset, "column_names"):
-        from aimkp.data.hf import from_hf
-
         return list(from_hf(dataset))
     return list(dataset)
 
@@ -129,8 +133,6 @@ class AimKPCollator:
         self.adapter = adapter
 
     def __call__(self, features: Sequence[tuple[int, Any]]) -> dict[str, list]:
-        from aimkp.models.adapter import EncodedSample
-
         samples = [
             s if isinstance(s, EncodedSample) else self.adapter.encode(s) for _, s in features
         ]
@@ -202,8 +204,6 @@ class AimKPCallback(TrainerCallback):
 
     def load(self, checkpoint: str | os.PathLike[str]) -> None:
         """Restore the strides saved in a checkpoint folder (CheckpointError when unreadable)."""
-        from aimkp.errors import CheckpointError
-
         path = pathlib.Path(checkpoint) / STRIDES_FILE
         try:
             state = torch.load(path, weights_only=True)
@@ -229,8 +229,6 @@ def _world() -> tuple[int, int]:
 
 
 def _dist_context():
-    from aimkp.train.distributed import DistContext
-
     rank, world = _world()
     backend = torch.distributed.get_backend() if world > 1 else None
     return DistContext(rank=rank, world_size=world, backend=backend)
@@ -249,8 +247,6 @@ class AimKPTrainerMixin(_TrainerBase):
         train_dataset: Any = None,
         **kwargs: Any,
     ) -> None:
-        from aimkp.models.forward import use_masked_embedding_module
-
         if loaded.adapter.embed_tokens.weight.requires_grad:
             use_masked_embedding_module(loaded)  # the engine must see the table's rows
         self.loaded = loaded
@@ -298,16 +294,12 @@ class AimKPTrainerMixin(_TrainerBase):
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
-        from aimkp.train.distributed import all_reduce_sum
 
         local = sum(int(s.n_answer_tokens) for b in batches for s in b["samples"])
         return batches, int(all_reduce_sum([local], _dist_context())[0])
 
     # -- optimizer -------------------------------------------------------------------------
     def create_optimizer(self, model=None):
-        from aimkp.train.config import TrainConfig
-        from aimkp.train.run import build_optimizer
-
         if self.optimizer is None:
             cfg = TrainConfig(
                 lr=self.args.learning_rate,
@@ -323,9 +315,6 @@ class AimKPTrainerMixin(_TrainerBase):
         ranks' gradients are summed after the last micro-step. Returns the detached loss (the
         micro-step's share of the global batch's mean answer CE, times the world size, so
         that Trainer's mean over ranks logs the global mean)."""
-        from aimkp.method.step import aimkp_step
-        from aimkp.train.distributed import all_reduce_grads
-
         model.train()
         n_total = float(num_items_in_batch)
         opts = self.aimkp_args.step_options(self.args.device, self.args.bf16)

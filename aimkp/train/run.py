@@ -14,12 +14,19 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import get_cosine_schedule_with_warmup, set_seed
 
 from aimkp.method.nonfinite import SkipGuard
 from aimkp.method.options import StepOptions
 from aimkp.method.pmm import StrideTable
+from aimkp.models import load_model
 from aimkp.models import precision as P
+from aimkp.models.forward import use_masked_embedding_module
+from aimkp.models.lora import apply_lora
+from aimkp.runs.state import restore_train_state
+from aimkp.train import distributed as D
 from aimkp.train.config import TrainConfig
+from aimkp.train.data import load_split
 
 if TYPE_CHECKING:
     from aimkp.data import Record
@@ -103,8 +110,6 @@ def build_scheduler(
     then cosine decay to 0 at ``total_steps``, the schedule ``Trainer`` builds for
     ``lr_scheduler_type="cosine"`` (so :class:`aimkp.integrations.transformers.AimKPTrainer`
     runs the same one)."""
-    from transformers import get_cosine_schedule_with_warmup
-
     return get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
 
 
@@ -130,8 +135,6 @@ def build_optimizer(
 
 
 def _load_records(cfg: TrainConfig) -> tuple[list[Record], list[Record]]:
-    from aimkp.train.data import load_split
-
     train_recs = load_split(cfg, "train")[: cfg.max_train_samples]
     valid_recs = load_split(cfg, "valid")[: cfg.eval_max_samples]
     return train_recs, valid_recs
@@ -141,11 +144,6 @@ def _load_trainable_model(
     cfg: TrainConfig, train_recs: list[Record], device: torch.device
 ) -> LoadedModel:
     """The model with LoRA (or full fine-tuning) applied and the input embedding set up."""
-    from aimkp.models import load_model
-    from aimkp.models import precision as P
-    from aimkp.models.forward import use_masked_embedding_module
-    from aimkp.models.lora import apply_lora
-
     dtype = torch.bfloat16 if (cfg.bf16 and device.type == "cuda" and cfg.full_finetune) else None
     loaded = load_model(
         cfg.model,
@@ -180,8 +178,6 @@ def _load_trainable_model(
 
 def set_up(cfg: TrainConfig) -> TrainRun:
     """Validate ``cfg``, join the ranks, seed, load data and model, build optimizer + schedule."""
-    from aimkp.train import distributed as D
-
     cfg.validate()
     out = pathlib.Path(cfg.output)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -191,7 +187,6 @@ def set_up(cfg: TrainConfig) -> TrainRun:
         out.mkdir(parents=True, exist_ok=True)
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
-    from transformers import set_seed
 
     set_seed(cfg.seed)  # python, numpy, torch (and CUDA) generators
     train_recs, valid_recs = _load_records(cfg)
@@ -241,8 +236,6 @@ def step_options(cfg: TrainConfig, device: torch.device) -> StepOptions:
 def resume(run: TrainRun, st: dict[str, Any], directory: str) -> None:
     """Restore weights, optimizer, schedule, strides, RNG and progress from the training state
     ``st`` read from ``directory``."""
-    from aimkp.runs.state import restore_train_state
-
     restore_train_state(st, **run.stateful())
     run.progress = Progress(
         epoch=int(st["epoch"]),

@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from aimkp.train.distributed import all_reduce_sum
+
 if TYPE_CHECKING:
     from aimkp.method.step import StepResult
     from aimkp.train.distributed import DistContext
@@ -61,7 +63,6 @@ class EpochStats:
         """Totals over the ranks, field by field (self when not distributed)."""
         if not ctx.enabled:
             return self
-        from aimkp.train.distributed import all_reduce_sum
 
         fields = dataclasses.fields(self)
         sums = all_reduce_sum([getattr(self, f.name) for f in fields], ctx)

@@ -99,11 +99,11 @@ def _cfg(out, **kw):
     return TrainConfig(**base)
 
 
-def test_k_skipped_steps_in_a_row_stop_the_run(tmp_path, monkeypatch, capsys) -> None:
-    import aimkp.train.epoch as E
+def test_k_skipped_steps_in_a_row_stop_the_run(tmp_path, taps, capsys) -> None:
     from aimkp.cli import main
+    from aimkp.spans import tapping
 
-    monkeypatch.setattr(E, "grads_finite", lambda params: False)
+    taps.enter_context(tapping("grads_finite", lambda finite: False))
     out = tmp_path / "run"
     code = main(
         ["train", "--preset", "tiny-llava", "--output", str(out), "--max-train-samples", "6",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from types import ModuleType
 
 from aimkp.cli._common import VERBOSE_HELP, add_verbose
 from aimkp.errors import NONFINITE_EXIT, NonFiniteError, UsageError
@@ -31,7 +32,7 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object]:
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, ModuleType | None]:
     parser = argparse.ArgumentParser(prog="aimkp", description="AimKP multimodal keyphrase toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

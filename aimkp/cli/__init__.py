@@ -1,7 +1,10 @@
 """The ``aimkp`` command line: one module per subcommand under ``aimkp/cli/``.
 
 Each subcommand module defines ``HELP`` (one line), ``add_arguments(parser)`` and
-``run(args) -> int``; it is imported only when its subcommand runs.
+``run(args) -> int``; it is imported only when its subcommand runs. The subcommand modules import
+the torch-heavy parts of aimkp inside ``run`` (and its helpers), the one place in aimkp where
+imports stay inside functions: parsing the arguments (``--help``, a bad flag) stays instant and
+torch-free.
 
 Errors: a :class:`aimkp.errors.UsageError` (bad option, bad data, missing file; see
 :mod:`aimkp.errors` for the rule) raised anywhere in a subcommand is caught here once: one line

@@ -137,7 +137,7 @@ class MLLMAdapter:
     """Base class; see the module docstring for what a subclass supplies."""
 
     model_type: str = ""
-    model_class: type | None = None
+    model_class: type[PreTrainedModel] | None = None
     # The ``transformers`` processor saved into checkpoints / exports (None: tokenizer and image
     # processor files only).
     processor_class: type | None = None

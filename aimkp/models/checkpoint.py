@@ -27,7 +27,7 @@ import json
 import logging
 import pathlib
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from torch import nn
@@ -36,9 +36,11 @@ from aimkp.atomic import atomic_dir
 from aimkp.errors import CheckpointError
 from aimkp.models.adapter import unwrap_model
 from aimkp.models.hub import looks_like_hub_id, resolve_hub_id
-from aimkp.models.registry import adapter_class
+from aimkp.models.registry import model_class
 
 if TYPE_CHECKING:
+    from peft import PeftModel
+
     from aimkp.models import LoadedModel
 
 log = logging.getLogger("aimkp.models")
@@ -50,7 +52,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 _MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[^.]+\.")
 
 
-def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def _lora_layers(model: nn.Module) -> list[tuple[str, Any]]:
+    # peft's LoraLayer subclasses (Linear, Embedding, ...) each define get_delta_weight; the
+    # LoraLayer base class does not, so the layers are typed Any
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:
@@ -58,7 +62,7 @@ def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
-def is_peft_model(model: nn.Module) -> bool:
+def is_peft_model(model: nn.Module) -> TypeGuard[PeftModel]:
     """True for a peft wrapper (``apply_lora`` with LoRA), False for a plain HF model."""
     return bool(getattr(model, "peft_config", None))
 
@@ -127,7 +131,7 @@ def save_full_weights(
 ) -> None:
     """``config.json`` + ``model.safetensors`` of ``state`` (plain keys) in ``directory``."""
     base = unwrap_model(model)
-    cls = adapter_class(base.config.model_type).model_class
+    cls = model_class(base.config.model_type)
     # Save through a clean instance of the class so no peft / aimkp module structure leaks in.
     with torch.device("meta"):
         clean = cls(base.config)
@@ -247,7 +251,7 @@ def load_local(
         )
     meta = read_meta(d)
     config = AutoConfig.from_pretrained(d, local_files_only=True)
-    cls = adapter_class(config.model_type).model_class
+    cls = model_class(config.model_type)
     # safetensors only: pickled ``.bin`` weights could run code when loaded
     kw: dict[str, Any] = {
         "local_files_only": True,
@@ -340,7 +344,7 @@ def _remove_stale(d: pathlib.Path, names: tuple[str, ...]) -> None:
         (d / name).unlink(missing_ok=True)
 
 
-def save_adapter(d: pathlib.Path, model: nn.Module, base: str) -> None:
+def save_adapter(d: pathlib.Path, model: PeftModel, base: str) -> None:
     """peft's ``save_pretrained`` with ``base_model_name_or_path = base`` (restored after)."""
     if pathlib.Path(base).is_dir() and pathlib.Path(base).resolve() == d.resolve():
         raise CheckpointError(f"{d}: is the adapter's own base model; save the adapter elsewhere")

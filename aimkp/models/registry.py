@@ -10,11 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+from transformers import PreTrainedModel
 
 from aimkp.models import idefics3, llava, qwen2vl  # noqa: F401 - they register themselves
 from aimkp.models.adapter import REGISTRY, MLLMAdapter, unwrap_model
 
-__all__ = ["adapter_class", "get_adapter"]
+__all__ = ["adapter_class", "get_adapter", "model_class"]
 
 
 def adapter_class(model_type: str) -> type[MLLMAdapter]:
@@ -33,3 +34,11 @@ def get_adapter(
     base = unwrap_model(model)
     cls = adapter_class(base.config.model_type)
     return cls(model, tokenizer, image_processor)
+
+
+def model_class(model_type: str) -> type[PreTrainedModel]:
+    """The ``*ForConditionalGeneration`` class of a ``config.model_type`` (its adapter's)."""
+    cls = adapter_class(model_type).model_class
+    if cls is None:
+        raise ValueError(f"the adapter of model_type {model_type!r} names no model class")
+    return cls

@@ -30,6 +30,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 test: setup lint docs
+	$(BIN)/mypy aimkp
 	$(BIN)/pytest -q -p no:cacheprovider
 
 # The documentation site (docs/, mkdocs.yml) into the ignored site/: --strict fails on a broken

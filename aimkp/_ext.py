@@ -24,7 +24,7 @@ def load_ext() -> ModuleType:
     if _EXT is not None:  # a plain global, not lru_cache: torch.compile traces through this
         return _EXT
     try:
-        from aimkp import _C  # type: ignore[attr-defined]
+        from aimkp import _C
     except ImportError as exc:  # pragma: no cover - depends on the build
         raise ImportError(
             "aimkp._C (the C++/CUDA extension) is not available: "

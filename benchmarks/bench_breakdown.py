@@ -20,8 +20,8 @@ device's dense bf16 peak.
 
 Usage::
 
-    python benchmarks/bench_breakdown.py [--quick] [--device cpu|cuda] [--trace FILE]
-    python benchmarks/bench_breakdown.py --device cuda --shape qwen2vl7b
+    python -m benchmarks.bench_breakdown [--quick] [--device cpu|cuda] [--trace FILE]
+    python -m benchmarks.bench_breakdown --device cuda --shape qwen2vl7b
 """
 
 from __future__ import annotations
@@ -29,13 +29,11 @@ from __future__ import annotations
 import argparse
 import pathlib
 import statistics
-import sys
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from benchmarks.common import (
     add_step_arguments,
     env_info,
     print_table,
@@ -44,9 +42,9 @@ from common import (  # noqa: E402
     save_figure,
     sync,
     write_results,
-)  # noqa: E402
-from phases import Spans, instrumented, step_phases  # noqa: E402
-from workload import (  # noqa: E402
+)
+from benchmarks.phases import Spans, instrumented, step_phases
+from benchmarks.workload import (
     Workload,
     build_workload,
     image_tokens,
@@ -93,7 +91,9 @@ def one_repeat(w: Workload, opt_step: Any) -> dict[str, float]:
     plain = step_phases(spans.totals())
     with instrumented(w.loaded, Spans(w.device)) as spans:
         run_aimkp(w)
-        spans.wrap("optimizer", opt_step)()
+        spans.start("optimizer")
+        opt_step()
+        spans.stop("optimizer")
     totals = spans.totals()
     phases = step_phases(totals)
     phases["engine_hooks"] = phases["backward"] - plain["backward"]

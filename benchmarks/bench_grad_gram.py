@@ -13,8 +13,8 @@ linear layer, bf16, B=8, T=1024); on CPU a tiny LoRA Llama (hidden 256, 4 layers
 Reports median time, peak GPU memory, ratios to ``plain`` and the engine's ``gram.backend``; CPU
 targets (printed pass / fail): aimkp <= 1.3x plain and >= 3x faster than the loop.
 
-    .venv/bin/python benchmarks/bench_grad_gram.py            # full
-    .venv/bin/python benchmarks/bench_grad_gram.py --quick    # fewer repetitions, shorter rows
+    .venv/bin/python -m benchmarks.bench_grad_gram            # full
+    .venv/bin/python -m benchmarks.bench_grad_gram --quick    # fewer repetitions, shorter rows
 
 Timing: the methods are interleaved round by round (``interleaved``) so that load from other
 processes hits them alike; on the CPU torch runs 1 thread unless ``--threads`` says otherwise.
@@ -26,20 +26,16 @@ import argparse
 import collections
 import copy
 import json
-import pathlib
 import statistics
-import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import env_info, peak_memory_mb, print_table, time_fn, write_results  # noqa: E402
-
-import aimkp  # noqa: E402
-from aimkp.engine.reference import loop_per_row_grads  # noqa: E402
+import aimkp
+from aimkp.engine.reference import loop_per_row_grads
+from benchmarks.common import env_info, peak_memory_mb, print_table, time_fn, write_results
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

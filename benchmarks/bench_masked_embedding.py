@@ -14,9 +14,9 @@ bandwidth. Each row records device, dtype, shapes, versions and commit (benchmar
 
 Usage::
 
-    python benchmarks/bench_masked_embedding.py            # B=8 T=1024 D=2048 V=32000 (a few min)
-    python benchmarks/bench_masked_embedding.py --quick    # small config, seconds
-    python benchmarks/bench_masked_embedding.py --thp      # PyTorch's huge-page CPU allocations
+    python -m benchmarks.bench_masked_embedding            # B=8 T=1024 D=2048 V=32000 (a few min)
+    python -m benchmarks.bench_masked_embedding --quick    # small config, seconds
+    python -m benchmarks.bench_masked_embedding --thp      # PyTorch's huge-page CPU allocations
 
 On the CPU, first-touch page faults of the fresh output / gradient buffers (64 MB and 262 MB here)
 cost more than the copies themselves in a VM; ``--thp`` sets PyTorch's own switch
@@ -36,10 +36,8 @@ if "--thp" in sys.argv:  # must precede the torch import: read by c10's CPU allo
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import env_info, print_table, sync, time_fn, write_results  # noqa: E402
-
-from aimkp.ops import CompactEmbedding, last_backend, masked_embedding  # noqa: E402
+from aimkp.ops import CompactEmbedding, last_backend, masked_embedding
+from benchmarks.common import env_info, print_table, sync, time_fn, write_results
 
 IMG_H = IMG_W = 24  # LLaVA-1.5: 576 image tokens on a 24 x 24 grid
 

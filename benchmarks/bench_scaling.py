@@ -16,20 +16,18 @@ tokens), ``image_tokens`` per image, ``lora_rank``.
 
 Usage::
 
-    python benchmarks/bench_scaling.py [--quick] [--device cpu|cuda] [--axes batch,lora_rank]
-    python benchmarks/bench_scaling.py --device cuda --shape qwen2vl7b --axes image_tokens
+    python -m benchmarks.bench_scaling [--quick] [--device cpu|cuda] [--axes batch,lora_rank]
+    python -m benchmarks.bench_scaling --device cuda --shape qwen2vl7b --axes image_tokens
 """
 
 from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
 from collections.abc import Callable
 from typing import Any
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from benchmarks.common import (
     add_step_arguments,
     env_info,
     peak_memory_mb,
@@ -39,9 +37,9 @@ from common import (  # noqa: E402
     save_figure,
     time_fn,
     write_results,
-)  # noqa: E402
-from fit import loglog_fit  # noqa: E402
-from workload import (  # noqa: E402
+)
+from benchmarks.fit import loglog_fit
+from benchmarks.workload import (
     Workload,
     build_workload,
     image_tokens,
@@ -49,7 +47,7 @@ from workload import (  # noqa: E402
     run_sft,
     run_token_floor,
     step_facts,
-)  # noqa: E402
+)
 
 STEPS: dict[str, Callable[[Workload], Any]] = {
     "aimkp": run_aimkp,

@@ -43,34 +43,32 @@ the engine keeps per decoder layer, extrapolated to 32 layers; CPU-capable).
 
 Usage::
 
-    python benchmarks/bench_train_step.py            # auto config for the device
-    python benchmarks/bench_train_step.py --quick    # fewer repetitions
-    python benchmarks/bench_train_step.py --config gpu-qwen2vl7b --layers 2
-    python benchmarks/bench_train_step.py --config gpu-llava7b --memory-plan
+    python -m benchmarks.bench_train_step            # auto config for the device
+    python -m benchmarks.bench_train_step --quick    # fewer repetitions
+    python -m benchmarks.bench_train_step --config gpu-qwen2vl7b --layers 2
+    python -m benchmarks.bench_train_step --config gpu-llava7b --memory-plan
 """
 
 from __future__ import annotations
 
 import argparse
-import pathlib
-import sys
+import dataclasses
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import env_info, peak_memory_mb, print_table, time_fn, write_results  # noqa: E402
-from workload import build_workload  # noqa: E402
-
-from aimkp.method.reference import reference_step  # noqa: E402
-from aimkp.method.step import (  # noqa: E402
+from aimkp.method.options import StepOptions
+from aimkp.method.reference import reference_step
+from aimkp.method.step import (
     aimkp_step,
     forward_backward,
     plan_rows,
     sft_step,
     weighted_sum,
 )
-from aimkp.models.attention import apply_attention, last_kernel, resolve_attention  # noqa: E402
+from aimkp.models.attention import apply_attention, last_kernel, resolve_attention
+from benchmarks.common import env_info, peak_memory_mb, print_table, time_fn, write_results
+from benchmarks.workload import build_workload
 
 
 def fed_tokens(loaded: Any, samples: list, rows: list, mode: str, device: str) -> dict[str, int]:
@@ -78,7 +76,8 @@ def fed_tokens(loaded: Any, samples: list, rows: list, mode: str, device: str) -
     mode: ``R * T_max``), ``K`` for packed rows; the SFT step's originals and the AimKP rows."""
 
     def fed(rs: list) -> int:
-        batch = plan_rows(loaded, samples, rs, 1.0, mask_mode=mode, device=device).batch
+        opts = StepOptions(mask_mode=mode, device=device)
+        batch = plan_rows(loaded, samples, rs, 1.0, opts).batch
         return batch.n_kept if batch.layout == "packed" else batch.num_rows * batch.max_seqlen
 
     from aimkp.method.pmm import Copy
@@ -120,7 +119,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     args, rest = ap.parse_known_args()
     if args.memory_plan:
-        import memory_plan
+        from benchmarks import memory_plan
 
         shape = ["--shape", args.config.removeprefix("gpu-")] if "7b" in args.config else []
         memory_plan.main(rest + shape + (["--no-write"] if args.no_write else []))
@@ -139,7 +138,7 @@ def main() -> None:
         vision_layers=args.vision_layers,
     )  # fmt: skip
     loaded, samples, idx, table, rows = w.loaded, w.samples, w.indices, w.table, w.rows
-    bf16, shape, n_total, zero = w.bf16, w.shape, w.n_total, w.zero_grad
+    shape, n_total, zero = w.shape, w.n_total, w.zero_grad
     B = len(samples)
 
     all_rows: list[dict[str, Any]] = []
@@ -147,31 +146,28 @@ def main() -> None:
     attns = ["sdpa", "varlen"] if args.attn == "both" else [args.attn]
 
     def bench_mode(mode: str) -> list[dict[str, Any]]:
-        kw = dict(tau_text=args.tau_text, tau_image=args.tau_image, mask_mode=mode)
-        kw_dev = dict(device=device, bf16=bf16)
+        opts = dataclasses.replace(
+            w.options, tau_text=args.tau_text, tau_image=args.tau_image, mask_mode=mode
+        )
         last: dict[str, Any] = {}
 
         def run_sft() -> None:
             zero()
-            last["sft"] = sft_step(loaded, samples, n_total, mask_mode=mode, **kw_dev)
+            last["sft"] = sft_step(loaded, samples, n_total, opts)
 
         def run_plain_copies() -> None:
             zero()
-            plan = plan_rows(loaded, samples, rows, n_total, mask_mode=mode, device=device)
-            forward_backward(loaded, plan.batch, weighted_sum(plan.w0), **kw_dev)
+            plan = plan_rows(loaded, samples, rows, n_total, opts)
+            forward_backward(loaded, plan.batch, weighted_sum(plan.w0), opts)
             last["plain-copies"] = plan.n_input_tokens
 
         def run_aimkp() -> None:
             zero()
-            last["aimkp"] = aimkp_step(
-                loaded, samples, idx, table, n_total, update_strides=False, **kw, **kw_dev
-            )
+            last["aimkp"] = aimkp_step(loaded, samples, idx, table, n_total, opts)
 
         def run_reference() -> None:
             zero()
-            last["reference"] = reference_step(
-                loaded, samples, idx, table, n_total, update_strides=False, **kw, **kw_dev
-            )[0]
+            last["reference"] = reference_step(loaded, samples, idx, table, n_total, opts)[0]
 
         reps = 3 if args.quick else 7
         fns = {

@@ -8,15 +8,12 @@ Not collected by ``make test`` (pyproject's ``testpaths`` is ``tests/``). The pr
 from __future__ import annotations
 
 import os
-import pathlib
-import sys
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -81,7 +81,8 @@ def _pytest(*args: str) -> list[str]:
 
 
 def _bench(script: str, *args: str) -> list[str]:
-    return [PY, str(REPO / "benchmarks" / script), *args]
+    # run from REPO (Step's cwd) as a module: the scripts import their siblings as benchmarks.*
+    return [PY, "-m", f"benchmarks.{pathlib.Path(script).stem}", *args]
 
 
 def _wheels() -> list[str] | None:

@@ -28,8 +28,8 @@ gradients and AdamW state (fp32). Frozen weights are counted for the full-depth 
 
 Usage::
 
-    python benchmarks/bench_train_step.py --config gpu-llava7b --memory-plan [--samples 1]
-    python benchmarks/memory_plan.py --samples 2 --batch 8 [--shape qwen2vl7b]
+    python -m benchmarks.bench_train_step --config gpu-llava7b --memory-plan [--samples 1]
+    python -m benchmarks.memory_plan --samples 2 --batch 8 [--shape qwen2vl7b]
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ import dataclasses
 import gc
 import json
 import pathlib
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -160,10 +159,9 @@ def saved_in_layer(layer: torch.nn.Module, params: set[int]) -> Iterator[dict[st
 
 @contextlib.contextmanager
 def engine_storage(storage: str, counts: list, saved: set[int]) -> Iterator[None]:
-    """Make ``aimkp_step``'s engine keep ``storage`` and record its stash after the backward."""
-    import aimkp.engine as E
-
-    real = E.per_sample_grad_gram
+    """Make ``aimkp_step``'s engine keep ``storage`` and record its stash after the backward
+    (through the step's ``grad_gram`` tap, :mod:`aimkp.spans`)."""
+    from aimkp.spans import tapping
 
     class Counting:
         def __init__(self, gram: Any, prefix: str) -> None:
@@ -177,14 +175,14 @@ def engine_storage(storage: str, counts: list, saved: set[int]) -> Iterator[None
             counts.append(count_stash(self.gram, self.prefix, saved))
             return r
 
-    def patched(model: Any, **kw: Any) -> Any:
-        return Counting(real(model, reweight_storage=storage, **kw), engine_storage.prefix)
+    def counting(make: Any) -> Any:
+        def make_counting(model: Any, **kw: Any) -> Any:
+            return Counting(make(model, reweight_storage=storage, **kw), engine_storage.prefix)
 
-    E.per_sample_grad_gram = patched
-    try:
+        return make_counting
+
+    with tapping("grad_gram", counting):
         yield
-    finally:
-        E.per_sample_grad_gram = real
 
 
 engine_storage.prefix = ".layers.0."
@@ -364,8 +362,7 @@ def step_peak(fn: Any, device: str) -> dict[str, Any]:
     (no parts: the allocator's counters say how much, not where)."""
     if torch.device(device).type != "cuda":
         return profiled_peak(fn)
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-    from common import peak_memory_mb
+    from benchmarks.common import peak_memory_mb
 
     return {"peak": peak_memory_mb(fn, device) * 2**20, "parts": {}, "part_peaks": {}}
 
@@ -397,7 +394,6 @@ def lm_head_peaks(shape: str, tokens: int, device: str = "cpu") -> dict[str, flo
 
 
 def _build(args: argparse.Namespace) -> tuple[Any, list, list[str]]:
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
     from aimkp.data import load_dataset
     from aimkp.models.lora import apply_lora
     from aimkp.models.shapes import build_shaped
@@ -422,6 +418,7 @@ def _build(args: argparse.Namespace) -> tuple[Any, list, list[str]]:
 
 def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     """One AimKP step per reweight storage and one reference step; measured bytes per row."""
+    from aimkp.method.options import StepOptions
     from aimkp.method.pmm import StrideTable
     from aimkp.method.reference import reference_step
     from aimkp.method.step import aimkp_step
@@ -438,7 +435,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     table.text[:] = 2
     table.image[:] = 2
     train = [p for p in model.parameters() if p.requires_grad]
-    bf16 = args.device != "cpu"
+    amp_dtype = torch.bfloat16 if args.device != "cpu" else None
+    opts = StepOptions(update_strides=False, device=args.device, amp_dtype=amp_dtype)
     rows: list[dict[str, Any]] = []
 
     def zero(storage: str | None) -> None:
@@ -459,16 +457,10 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             with saved_in_layer(layer, params) as s:
                 saved_ptrs = s["ptrs"]
                 if storage is None:
-                    res["r"] = reference_step(
-                        loaded, samples, idx, table, n_total, mask_mode="compact",
-                        update_strides=False, device=args.device, bf16=bf16,
-                    )[0]  # fmt: skip
+                    res["r"] = reference_step(loaded, samples, idx, table, n_total, opts)[0]
                 else:
                     with engine_storage(storage, counts, saved_ptrs):
-                        res["r"] = aimkp_step(
-                            loaded, samples, idx, table, n_total, update_strides=False,
-                            device=args.device, bf16=bf16,
-                        )  # fmt: skip
+                        res["r"] = aimkp_step(loaded, samples, idx, table, n_total, opts)
             saved.update({k: v for k, v in s.items() if k != "ptrs"})
 
         t0 = time.perf_counter()
@@ -496,7 +488,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             "params": split,
             # the gradients the engine found (allocated by zero()) and copied for the reweight
             **grad_copy(split, storage),
-            "act_bytes": 2 if bf16 else 4,
+            "act_bytes": opts.element_size,
             "shape": args.shape,
             "layers_full": shape.layers,
             "vision_layers_full": shape.vision_layers,
@@ -712,8 +704,7 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-    from common import env_info, write_results
+    from benchmarks.common import env_info, write_results
 
     t0 = time.perf_counter()
     if args.from_results:

@@ -1,17 +1,19 @@
-"""Time the phases of the real AimKP step by instrumenting its code path (nothing re-implemented).
+"""Time the phases of the real AimKP step from the spans it opens itself (nothing re-implemented,
+nothing patched).
 
-While :func:`instrumented` is active, spans are recorded around:
+While :func:`instrumented` is active, these spans are recorded (the step's own
+:func:`aimkp.spans.span` s, plus forward hooks on three modules):
 
-- ``collate``: ``aimkp.method.step.plan_rows`` (rows, keep masks, collated batch);
-- ``embedding_masking``: the fused masked-embedding op (the ``aimkp.models.forward`` global, or
-  forward pre/post hooks on a ``MaskedEmbedding`` module when the table is trainable);
+- ``collate``: the ``plan_rows`` span (rows, keep masks, collated batch);
+- ``embedding_masking``: the span around the fused masked-embedding op in the row forward (the
+  op, or the ``MaskedEmbedding`` module when the table is trainable);
 - ``vision_tower`` / ``projector`` / ``language_model``: forward pre/post hooks on the adapter's
   modules (the language model is called on ready embeddings, so it does not contain the
   embedding; the projector runs after the tower, outside it);
-- ``forward``: ``aimkp.models.forward_rows`` as a whole; ``head_loss`` is what it spends outside
-  the four spans above (lm_head, cross-entropy, scatter of padded rows);
-- ``forward_backward``: ``aimkp.method.step.forward_backward``; ``backward`` is it minus
-  ``forward`` (autograd, with the engine's backward hooks when the engine is on);
+- ``forward``: the row forward as a whole; ``head_loss`` is what it spends outside the four
+  spans above (lm_head, cross-entropy, scatter of padded rows);
+- ``forward_backward``: the row forward and its backward; ``backward`` is it minus ``forward``
+  (autograd, with the engine's backward hooks when the engine is on);
 - ``step``: the whole ``aimkp_step`` call; ``filter_reweight`` is it minus ``collate`` and
   ``forward_backward`` (engine enter / exit, ``gf.decide``, ``gram.reweight``, the checks).
 
@@ -27,13 +29,14 @@ Timing: CUDA events on a GPU (read after one synchronize at the end of the step)
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+from aimkp.spans import listening
 
 
 class Spans:
@@ -65,26 +68,15 @@ class Spans:
             out[name] += a.elapsed_time(b) if self.cuda else (b - a) * 1e3
         return dict(out)
 
-    def wrap(self, name: str, fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            self.start(name)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.stop(name)
 
-        return timed
-
-
-@contextlib.contextmanager
-def _patched(obj: Any, attr: str, value: Any) -> Iterator[None]:
-    old = getattr(obj, attr)
-    setattr(obj, attr, value)
-    try:
-        yield
-    finally:
-        setattr(obj, attr, old)
+#: The step's span names (:mod:`aimkp.spans`) -> the names of the phases they time.
+STEP_SPANS = {
+    "plan_rows": "collate",
+    "embedding_masking": "embedding_masking",
+    "forward": "forward",
+    "forward_backward": "forward_backward",
+    "step": "step",
+}
 
 
 def _hook_module(stack: contextlib.ExitStack, module: torch.nn.Module, name: str, spans: Spans):
@@ -97,30 +89,16 @@ def _hook_module(stack: contextlib.ExitStack, module: torch.nn.Module, name: str
 @contextlib.contextmanager
 def instrumented(loaded: Any, spans: Spans) -> Iterator[Spans]:
     """Record the spans of every step run inside (module docstring) into ``spans``."""
-    import aimkp.method.step as step
-    import aimkp.models
-    import aimkp.models.forward as fwd
-    from aimkp.ops import MaskedEmbedding
+
+    def on_span(name: str, event: str) -> None:
+        if name in STEP_SPANS:
+            (spans.start if event == "start" else spans.stop)(STEP_SPANS[name])
 
     adapter = loaded.adapter
     with contextlib.ExitStack() as stack:
-        for obj, attr, name in [
-            (step, "plan_rows", "collate"),
-            (step, "forward_backward", "forward_backward"),
-            (step, "aimkp_step", "step"),
-            (aimkp.models, "forward_rows", "forward"),
-            (fwd, "masked_embedding", "embedding_masking"),
-        ]:
-            stack.enter_context(_patched(obj, attr, spans.wrap(name, getattr(obj, attr))))
-        modules = {
-            "vision_tower": adapter.vision_tower,
-            "projector": adapter.projector,
-            "language_model": adapter.language_model,
-        }
-        if isinstance(adapter.embed_tokens, MaskedEmbedding):
-            modules["embedding_masking"] = adapter.embed_tokens
-        for name, module in modules.items():
-            _hook_module(stack, module, name, spans)
+        stack.enter_context(listening(on_span))
+        for name in ("vision_tower", "projector", "language_model"):
+            _hook_module(stack, getattr(adapter, name), name, spans)
         yield spans
 
 

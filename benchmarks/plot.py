@@ -40,7 +40,8 @@ def plot_file(path: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from common import save_figure
+
+    from benchmarks.common import save_figure
 
     spec = _spec_for(path)
     rows = json.loads(path.read_text())
@@ -76,11 +77,11 @@ def plot_file(path: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path | None:
 def _own_plot(path: pathlib.Path, rows: list[dict[str, Any]], out_dir: pathlib.Path):
     """Breakdown and scaling results are drawn by their own benchmark's plot function."""
     if path.name.startswith("breakdown"):
-        from bench_breakdown import plot_breakdown
+        from benchmarks.bench_breakdown import plot_breakdown
 
         return [plot_breakdown(r, out_dir) for r in rows][-1]
     if path.name.startswith("scaling"):
-        from bench_scaling import plot_axis
+        from benchmarks.bench_scaling import plot_axis
 
         return [plot_axis(rows, a, out_dir) for a in dict.fromkeys(r["axis"] for r in rows)][-1]
     return None

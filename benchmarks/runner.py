@@ -72,7 +72,7 @@ def command(
 ) -> list[str]:
     """The child command line of one benchmark."""
     script, extra = BENCHMARKS[name]
-    cmd = [sys.executable, str(HERE / script), *extra]
+    cmd = [sys.executable, "-m", f"benchmarks.{pathlib.Path(script).stem}", *extra]
     if quick:
         cmd.append("--quick")
     if device:
@@ -101,7 +101,7 @@ def run_one(name: str, cmd: list[str], output: pathlib.Path) -> bool:
     print(f"== aimkp bench {name}: {' '.join(cmd[1:])}", flush=True)
     env = {**os.environ, "AIMKP_BENCH_OUT": str(output)}
     t0 = time.perf_counter()
-    rc = subprocess.call(cmd, env=env)
+    rc = subprocess.call(cmd, env=env, cwd=HERE.parent)  # -m finds this checkout's benchmarks
     status = "ok" if rc == 0 else f"FAILED (exit {rc})"
     print(f"== {name}: {status} in {time.perf_counter() - t0:.0f} s", flush=True)
     return rc == 0
@@ -117,7 +117,7 @@ def run(
     shape: str = "auto",
 ) -> int:
     """Run ``benchmark`` (or ``all``) into ``output``, then draw the plots; 0 if all ran."""
-    import plot
+    from benchmarks import plot
 
     names = list(BENCHMARKS) if benchmark == "all" else [benchmark]
     output = pathlib.Path(output or default_output(quick)).resolve()

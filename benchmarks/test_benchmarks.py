@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bench_masked_embedding import make_batch
-from workload import Workload, build_workload, run_aimkp, run_sft, run_token_floor
 
 from aimkp.ops import masked_embedding
+from benchmarks.bench_masked_embedding import make_batch
+from benchmarks.workload import Workload, build_workload, run_aimkp, run_sft, run_token_floor
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,15 @@ class Workload:
     shape: str  # one line naming the model and sizes
 
     @property
+    def options(self) -> Any:
+        """The step's options (``aimkp.method.options.StepOptions``): strides not advanced,
+        bf16 autocast when ``bf16``."""
+        from aimkp.method.options import StepOptions
+
+        amp_dtype = torch.bfloat16 if self.bf16 else None
+        return StepOptions(update_strides=False, device=self.device, amp_dtype=amp_dtype)
+
+    @property
     def params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.loaded.model.parameters() if p.requires_grad]
 
@@ -137,10 +146,7 @@ def run_aimkp(w: Workload) -> Any:
     from aimkp.method.step import aimkp_step
 
     w.zero_grad()
-    return aimkp_step(
-        w.loaded, w.samples, w.indices, w.table, w.n_total, update_strides=False,
-        device=w.device, bf16=w.bf16,
-    )  # fmt: skip
+    return aimkp_step(w.loaded, w.samples, w.indices, w.table, w.n_total, w.options)
 
 
 def run_token_floor(w: Workload) -> int:
@@ -149,8 +155,8 @@ def run_token_floor(w: Workload) -> int:
     from aimkp.method.step import forward_backward, plan_rows, weighted_sum
 
     w.zero_grad()
-    plan = plan_rows(w.loaded, w.samples, w.rows, w.n_total, device=w.device)
-    forward_backward(w.loaded, plan.batch, weighted_sum(plan.w0), device=w.device, bf16=w.bf16)
+    plan = plan_rows(w.loaded, w.samples, w.rows, w.n_total, w.options)
+    forward_backward(w.loaded, plan.batch, weighted_sum(plan.w0), w.options)
     return plan.n_input_tokens
 
 
@@ -159,7 +165,7 @@ def run_sft(w: Workload) -> Any:
     from aimkp.method.step import sft_step
 
     w.zero_grad()
-    return sft_step(w.loaded, w.samples, w.n_total, device=w.device, bf16=w.bf16)
+    return sft_step(w.loaded, w.samples, w.n_total, w.options)
 
 
 def image_tokens(sample: Any) -> int:

@@ -1,7 +1,10 @@
 """The ``aimkp`` command line: one module per subcommand under ``aimkp/cli/``.
 
 Each subcommand module defines ``HELP`` (one line), ``add_arguments(parser)`` and
-``run(args) -> int``; it is imported only when its subcommand runs.
+``run(args) -> int``; it is imported only when its subcommand runs. The subcommand modules import
+the torch-heavy parts of aimkp inside ``run`` (and its helpers), the one place in aimkp where
+imports stay inside functions: parsing the arguments (``--help``, a bad flag) stays instant and
+torch-free.
 
 Errors: a :class:`aimkp.errors.UsageError` (bad option, bad data, missing file; see
 :mod:`aimkp.errors` for the rule) raised anywhere in a subcommand is caught here once: one line
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from types import ModuleType
 
 from aimkp.cli._common import VERBOSE_HELP, add_verbose
 from aimkp.errors import NONFINITE_EXIT, NonFiniteError, UsageError
@@ -31,7 +35,7 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object]:
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, ModuleType | None]:
     parser = argparse.ArgumentParser(prog="aimkp", description="AimKP multimodal keyphrase toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -58,12 +58,18 @@ def benchmarks_dir() -> pathlib.Path:
 
 
 def load_runner(folder: pathlib.Path) -> ModuleType:
-    """Import ``folder/runner.py`` with ``folder`` on ``sys.path`` (its sibling imports)."""
-    sys.path.insert(0, str(folder))
-    spec = importlib.util.spec_from_file_location("aimkp_bench_runner", folder / "runner.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """Import ``folder`` as the package ``benchmarks`` (its modules import each other as
+    ``benchmarks.*``; opacus installs a ``benchmarks`` package of its own, which this one
+    replaces in ``sys.modules``) and return its ``runner`` module."""
+    spec = importlib.util.spec_from_file_location(
+        "benchmarks", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    if spec is None or spec.loader is None:
+        raise UsageError(f"{folder}: cannot import it as the benchmarks package")
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["benchmarks"] = package
+    spec.loader.exec_module(package)
+    return importlib.import_module("benchmarks.runner")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -77,8 +77,8 @@ def base_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_spec(args: argparse.Namespace, argv: list[str] | None = None) -> Any:
-    from aimkp.eval.compare import DEFAULT_SETTINGS, CompareSpec
-    from aimkp.eval.methods import parse_methods
+    from aimkp.compare.methods import parse_methods
+    from aimkp.compare.run import DEFAULT_SETTINGS, CompareSpec
     from aimkp.eval.robustness import resolve_settings
     from aimkp.train.config import TrainConfig
 
@@ -109,7 +109,7 @@ def check_method_options(spec: Any, given: set[str]) -> None:
     per method (``given``: the training flags set on the command line)."""
     import torch  # imported here, as in run(): parsing the command loads no torch
 
-    from aimkp.eval.compare import run_config
+    from aimkp.compare.run import run_config
 
     device = spec.base.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     for m in spec.methods:
@@ -124,9 +124,9 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    from aimkp.compare.run import check_spec, run_all
     from aimkp.data import load_dataset
     from aimkp.eval import compare_report
-    from aimkp.eval.compare import check_spec, run_all
 
     spec = build_spec(args, argv)
     if spec.plot:  # the plot comes last, after every run: its package is checked first

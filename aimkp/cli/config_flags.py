@@ -45,7 +45,7 @@ def field_types(cls: type) -> dict[str, tuple[type, bool]]:
     """``{name: (base type, None allowed)}`` of a dataclass's fields (``int | None`` ->
     ``(int, True)``)."""
     hints = typing.get_type_hints(cls)
-    out = {}
+    out: dict[str, tuple[type, bool]] = {}
     for f in dataclasses.fields(cls):
         if typing.get_origin(hints[f.name]) is list:  # list[str]: a comma-separated flag
             out[f.name] = (list, False)

@@ -89,16 +89,17 @@ def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     import json
     import pathlib
 
-    from aimkp.runs.resume_check import resumed_fields
     from aimkp.runs.state import find_train_state, read_train_state
+    from aimkp.train.resume_check import resumed_fields
 
-    state_file = find_train_state(cfg.resume)
+    resume = str(cfg.resume)  # set: this runs for --resume only
+    state_file = find_train_state(resume)
     run_dir = state_file.parent.parent if state_file.parent.name == "last" else state_file.parent
     saved_json = pathlib.Path(run_dir) / "config.json"
     try:
         saved = json.loads(saved_json.read_text())
     except (OSError, ValueError):  # no (readable) config.json: the one in the training state
-        saved = read_train_state(cfg.resume)["config"]
+        saved = read_train_state(resume)["config"]
     fields = resumed_fields(cfg.to_dict(), given, saved, str(run_dir))
     return TrainConfig(**fields).validate()
 

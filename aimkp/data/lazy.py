@@ -68,7 +68,7 @@ def iter_posts(
         raise DataError(f"dataset spec must be a non-empty string, got {spec!r}")
     if is_synthetic(spec):
         return _generated(spec, split, st)
-    opts = {"image_dir": image_dir, "on_missing_image": on_missing_image}
+    opts: dict[str, Any] = {"image_dir": image_dir, "on_missing_image": on_missing_image}
     opts.update(on_bad_record=on_bad_record, with_images=with_images, labelled=labelled)
     if spec.startswith("hf:"):
         return _hf_posts(spec[3:], split, st, **opts)

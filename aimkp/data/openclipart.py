@@ -337,7 +337,7 @@ def build(
         jobs.append((os.path.join(root, c["path"]), os.fspath(out / c["image"]), size))
     with multiprocessing.Pool(workers or os.cpu_count() or 1) as pool:
         errors = pool.map(_render_job, jobs, chunksize=16)
-    render_fail = collections.Counter()
+    render_fail: collections.Counter[str] = collections.Counter()
     good = []
     for c, err in zip(kept, errors):
         if err is None:

@@ -39,13 +39,28 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
+from aimkp.choices import check_choices
+from aimkp.data.hf import from_hf
+from aimkp.errors import CheckpointError, UsageError
+from aimkp.method.options import StepOptions
 from aimkp.method.pmm import StrideTable
-from aimkp.train.config import REWEIGHT_WAYS
+from aimkp.method.step import aimkp_step
+from aimkp.models.adapter import EncodedSample
+from aimkp.models.forward import use_masked_embedding_module
+from aimkp.train.config import TrainConfig
+from aimkp.train.distributed import DistContext, all_reduce_grads, all_reduce_sum
+from aimkp.train.run import build_optimizer
 from aimkp.train.stats import EpochStats
 
 if TYPE_CHECKING:
     from aimkp.models import EncodedSample, LoadedModel, MLLMAdapter
+
+    # the mixin is only ever mixed into a Trainer: type-check it as one
+    _TrainerBase = Trainer
+else:
+    _TrainerBase = object
 
 STRIDES_FILE = "aimkp_strides.pt"
 
@@ -77,22 +92,18 @@ class AimKPArguments:
     projector_lr: float = field(default=2e-5, metadata={"help": "learning rate of the projector"})
 
     def __post_init__(self) -> None:
-        from aimkp.errors import UsageError
+        check_choices(self, UsageError)
 
-        if self.gf_reduce not in ("mean", "sum"):
-            raise UsageError(f"gf_reduce must be 'mean' or 'sum', got {self.gf_reduce!r}")
-        if self.mask_mode not in ("compact", "attention", "auto"):
-            raise UsageError(f"mask_mode must be compact or attention, got {self.mask_mode!r}")
-        if self.reweight not in REWEIGHT_WAYS:
-            raise UsageError(f"reweight must be one of {REWEIGHT_WAYS}, got {self.reweight!r}")
+    def step_options(self, device: torch.device | str, bf16: bool) -> StepOptions:
+        """The AimKP step's options on ``device`` (bf16 autocast with Trainer's ``bf16``)."""
+        amp_dtype = torch.bfloat16 if bf16 else None
+        return StepOptions.from_fields(self, device=device, amp_dtype=amp_dtype)
 
 
 def as_records(dataset: Any) -> list:
     """Records of a ``datasets.Dataset`` (columns of :func:`aimkp.data.to_hf`), or ``dataset``
     itself when it already holds :class:`aimkp.data.Record` s."""
     if hasattr(dataset, "column_names"):
-        from aimkp.data.hf import from_hf
-
         return list(from_hf(dataset))
     return list(dataset)
 
@@ -122,8 +133,6 @@ class AimKPCollator:
         self.adapter = adapter
 
     def __call__(self, features: Sequence[tuple[int, Any]]) -> dict[str, list]:
-        from aimkp.models.adapter import EncodedSample
-
         samples = [
             s if isinstance(s, EncodedSample) else self.adapter.encode(s) for _, s in features
         ]
@@ -169,8 +178,12 @@ class AimKPBatchSampler(torch.utils.data.Sampler):
 class _EpochLoader(torch.utils.data.DataLoader):
     """A DataLoader whose ``set_epoch`` (called by Trainer every epoch) reaches its sampler."""
 
+    def __init__(self, rows: EncodedRows, sampler: AimKPBatchSampler, collate_fn: Any) -> None:
+        super().__init__(rows, batch_sampler=sampler, collate_fn=collate_fn)
+        self.aimkp_sampler = sampler
+
     def set_epoch(self, epoch: int) -> None:
-        self.batch_sampler.set_epoch(epoch)
+        self.aimkp_sampler.set_epoch(epoch)
 
 
 class AimKPCallback(TrainerCallback):
@@ -191,8 +204,6 @@ class AimKPCallback(TrainerCallback):
 
     def load(self, checkpoint: str | os.PathLike[str]) -> None:
         """Restore the strides saved in a checkpoint folder (CheckpointError when unreadable)."""
-        from aimkp.errors import CheckpointError
-
         path = pathlib.Path(checkpoint) / STRIDES_FILE
         try:
             state = torch.load(path, weights_only=True)
@@ -218,14 +229,12 @@ def _world() -> tuple[int, int]:
 
 
 def _dist_context():
-    from aimkp.train.distributed import DistContext
-
     rank, world = _world()
     backend = torch.distributed.get_backend() if world > 1 else None
     return DistContext(rank=rank, world_size=world, backend=backend)
 
 
-class AimKPTrainerMixin:
+class AimKPTrainerMixin(_TrainerBase):
     """Mix into a ``transformers.Trainer`` subclass (``Trainer``, TRL's ``SFTTrainer``) before
     the Trainer class: ``class T(AimKPTrainerMixin, SFTTrainer)``. Takes the
     :class:`~aimkp.models.LoadedModel` first, the Trainer's own arguments after it."""
@@ -238,8 +247,6 @@ class AimKPTrainerMixin:
         train_dataset: Any = None,
         **kwargs: Any,
     ) -> None:
-        from aimkp.models.forward import use_masked_embedding_module
-
         if loaded.adapter.embed_tokens.weight.requires_grad:
             use_masked_embedding_module(loaded)  # the engine must see the table's rows
         self.loaded = loaded
@@ -276,7 +283,7 @@ class AimKPTrainerMixin:
             rank=rank,
             world=world,
         )
-        return _EpochLoader(self.aimkp_rows, batch_sampler=sampler, collate_fn=self.data_collator)
+        return _EpochLoader(self.aimkp_rows, sampler, self.data_collator)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The micro-batches of one optimizer step and the answer tokens of all of them, summed
@@ -287,16 +294,12 @@ class AimKPTrainerMixin:
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
-        from aimkp.train.distributed import all_reduce_sum
 
         local = sum(int(s.n_answer_tokens) for b in batches for s in b["samples"])
         return batches, int(all_reduce_sum([local], _dist_context())[0])
 
     # -- optimizer -------------------------------------------------------------------------
     def create_optimizer(self, model=None):
-        from aimkp.train.config import TrainConfig
-        from aimkp.train.run import build_optimizer
-
         if self.optimizer is None:
             cfg = TrainConfig(
                 lr=self.args.learning_rate,
@@ -312,25 +315,11 @@ class AimKPTrainerMixin:
         ranks' gradients are summed after the last micro-step. Returns the detached loss (the
         micro-step's share of the global batch's mean answer CE, times the world size, so
         that Trainer's mean over ranks logs the global mean)."""
-        from aimkp.method.step import aimkp_step
-        from aimkp.train.distributed import all_reduce_grads
-
         model.train()
-        a, n_total = self.aimkp_args, float(num_items_in_batch)
+        n_total = float(num_items_in_batch)
+        opts = self.aimkp_args.step_options(self.args.device, self.args.bf16)
         res = aimkp_step(
-            self.loaded,
-            inputs["samples"],
-            inputs["indices"],
-            self.strides,
-            n_total,
-            tau_text=a.tau_text,
-            tau_image=a.tau_image,
-            reduce=a.gf_reduce,
-            grand_threshold=a.grand_threshold,
-            mask_mode="compact" if a.mask_mode == "auto" else a.mask_mode,
-            device=self.args.device,
-            bf16=self.args.bf16,
-            reweight=a.reweight,
+            self.loaded, inputs["samples"], inputs["indices"], self.strides, n_total, opts
         )
         self.aimkp_callback.stats.add(res)
         ctx = _dist_context()
@@ -344,13 +333,13 @@ class AimKPTrainerMixin:
             logs = {**logs, **self.aimkp_callback.rates()}
         super().log(logs, *args, **kwargs)
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+    def train(  # type: ignore[override]  # Trainer's extra arguments pass through **kwargs
+        self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any
+    ) -> TrainOutput:
         """Trainer's ``train``; on resume also restores the PMM strides of that checkpoint."""
         if resume_from_checkpoint:
             ckpt = resume_from_checkpoint
             if ckpt is True:
-                from transformers.trainer_utils import get_last_checkpoint
-
                 ckpt = get_last_checkpoint(self.args.output_dir)
             if ckpt:
                 self.aimkp_callback.load(ckpt)

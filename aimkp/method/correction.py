@@ -1,4 +1,6 @@
-"""The two exact ways of weighting the copies after the filter (``--reweight``).
+"""The two exact ways of weighting the copies after the filter (``--reweight``), side by side:
+:func:`engine_keeps_stash` / :func:`checks_losses_first` say what each needs before the backward,
+:func:`apply_weights` applies the decision after it.
 
 - ``stash``: the engine keeps, per hooked layer, what rebuilds each row's gradient
   (``keep_for_reweight=True``; ``aimkp.engine.reweight``), and ``gram.reweight(w / w0)`` turns
@@ -16,21 +18,33 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from aimkp.train.config import REWEIGHT_WAYS
+from aimkp.engine.gram import GradGram
+from aimkp.method.gf import GFDecision
+from aimkp.method.options import REWEIGHT_WAYS, StepOptions
+from aimkp.method.rows import StepRows, forward_backward, plan_rows, weighted_sum
+from aimkp.models import LoadedModel
+from aimkp.models.adapter import EncodedSample
+from aimkp.spans import span
 
-if TYPE_CHECKING:
-    from aimkp.method.step import StepRows
-    from aimkp.models import LoadedModel
-    from aimkp.models.adapter import EncodedSample
+__all__ = [
+    "REWEIGHT_WAYS",
+    "apply_weights",
+    "auto_way",
+    "checks_losses_first",
+    "choose_reweight",
+    "correction_backward",
+    "engine_keeps_stash",
+    "stash_bytes",
+]
 
-__all__ = ["REWEIGHT_WAYS", "auto_way", "choose_reweight", "correction_backward", "stash_bytes"]
+log = logging.getLogger(__name__)
 
 #: ``auto`` keeps the stash while it takes at most this share of the free device memory. Autograd
 #: saves about 4x the (per-row) stash per decoder layer (docs/memory-plan.md:
@@ -66,9 +80,15 @@ def auto_way(stash: float, free: float) -> str:
 
 
 def choose_reweight(
-    reweight: str, model: nn.Module, n_tokens: int, n_rows: int, device: torch.device | str, bf16
+    reweight: str,
+    model: nn.Module,
+    n_tokens: int,
+    n_rows: int,
+    device: torch.device | str,
+    amp_dtype: torch.dtype | None,
 ) -> str:
-    """``"stash"`` or ``"correction"`` for ``reweight`` (one of :data:`REWEIGHT_WAYS`)."""
+    """``"stash"`` or ``"correction"`` for ``reweight`` (one of :data:`REWEIGHT_WAYS`) and
+    ``n_rows`` rows of ``n_tokens`` tokens in all, computed in ``amp_dtype`` (None: fp32)."""
     if reweight not in REWEIGHT_WAYS:
         raise ValueError(f"reweight must be one of {REWEIGHT_WAYS}, got {reweight!r}")
     device = torch.device(device)
@@ -78,7 +98,8 @@ def choose_reweight(
         # the correction pass re-draws dropout masks, so it is exact only without dropout
         return "stash"
     free, _ = torch.cuda.mem_get_info(device)
-    return auto_way(stash_bytes(model, n_tokens, n_rows, 2 if bf16 else 4), free)
+    element_size = 4 if amp_dtype is None else amp_dtype.itemsize
+    return auto_way(stash_bytes(model, n_tokens, n_rows, element_size), free)
 
 
 def has_active_dropout(model: nn.Module) -> bool:
@@ -93,24 +114,63 @@ def affected_samples(plan: StepRows, weights: torch.Tensor) -> list[int]:
     return sorted({plan.rows[r].sample for r in torch.nonzero(changed).flatten().tolist()})
 
 
+def engine_keeps_stash(way: str) -> bool:
+    """The engine keeps what rebuilds each row's gradient (``keep_for_reweight``) for the stash."""
+    return way == "stash"
+
+
+def checks_losses_first(way: str) -> bool:
+    """Without the stash a non-finite row could not be removed after the backward (NaN - NaN):
+    the losses are checked between forward and backward (a non-finite one: no backward, the step
+    re-runs over the finite samples)."""
+    return way != "stash"
+
+
+def apply_weights(
+    way: str,
+    gram: GradGram,
+    decision: GFDecision,
+    excluded: torch.Tensor,
+    *,
+    loaded: LoadedModel,
+    samples: Sequence[EncodedSample],
+    plan: StepRows,
+    opts: StepOptions,
+) -> int:
+    """Turn ``.grad`` (every row at its provisional weight ``w0``) into the decision's weighting,
+    the ``excluded [R]`` rows removed. Returns the rows of the correction pass (0: none ran).
+
+    - stash: ``gram.reweight(w / w0)`` rescales each row's stashed gradient (no-op when every
+      scale is 1).
+    - correction: one more forward + backward with weights ``w - w0``
+      (:func:`correction_backward`). A row whose loss is finite (non-finite losses ran no
+      backward) but whose gradient is not has its NaN / inf in ``.grad`` already and no
+      correction can subtract it, so no pass runs; the step's gradient stays non-finite and the
+      loop skips the optimizer step (:class:`aimkp.method.nonfinite.SkipGuard`) instead of
+      letting it reach the weights."""
+    if way == "stash":
+        scale = decision.row_scale
+        if not torch.allclose(scale, torch.ones_like(scale)):
+            gram.reweight(scale.to(device=plan.batch.input_ids.device, dtype=torch.float32))
+        return 0
+    if bool(excluded.any()):
+        log.warning("non-finite gradient with --reweight correction: optimizer step lost")
+        return 0
+    return correction_backward(loaded, samples, plan, decision.weights, opts)
+
+
 def correction_backward(
     loaded: LoadedModel,
     samples: Sequence[EncodedSample],
     plan: StepRows,
     weights: torch.Tensor,
-    *,
-    reduce: str,
-    mask_mode: str,
-    device: torch.device | str,
-    bf16: bool,
+    opts: StepOptions,
 ) -> int:
     """Forward + backward of the affected samples' rows with loss weights ``weights - w0``
     (``[R]`` float64 each), which turns ``.grad`` from the provisional into the final weighting.
     Every row of an affected sample is run (its original too: the rows' plan needs it) and
     rebuilt with the same copy and stride, so its keep mask is the first pass's. Returns the rows
     run (0: nothing to correct, no pass)."""
-    from aimkp.method.step import forward_backward, plan_rows, weighted_sum
-
     affected = affected_samples(plan, weights)
     if not affected:
         return 0
@@ -118,15 +178,8 @@ def correction_backward(
     picked = [r for r, c in enumerate(plan.rows) if c.sample in new_pos]
     rows = [replace(plan.rows[r], sample=new_pos[plan.rows[r].sample]) for r in picked]
     n_total = 1.0  # the sub-plan's own provisional weights are not used
-    sub = plan_rows(
-        loaded,
-        [samples[b] for b in affected],
-        rows,
-        n_total,
-        reduce=reduce,
-        mask_mode=mask_mode,
-        device=device,
-    )
-    delta = (weights - plan.w0)[torch.tensor(picked, dtype=torch.long)]
-    forward_backward(loaded, sub.batch, weighted_sum(delta), device=device, bf16=bf16)
+    with span("correction"):
+        sub = plan_rows(loaded, [samples[b] for b in affected], rows, n_total, opts)
+        delta = (weights - plan.w0)[torch.tensor(picked, dtype=torch.long)]
+        forward_backward(loaded, sub.batch, weighted_sum(delta), opts)
     return len(rows)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 TEXT = "text"
 IMAGE = "image"
@@ -204,8 +205,6 @@ def reconcile_strides(tables: torch.Tensor | Sequence[torch.Tensor]) -> torch.Te
 
 def reconcile_distributed(table: torch.Tensor) -> torch.Tensor:
     """:func:`reconcile_strides` across the ranks of the default process group (all_gather)."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return table
     dev = table.device

@@ -12,16 +12,21 @@ gradient copies per sample. The decision and the PMM stride update are coded her
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from aimkp.method.options import StepOptions
 from aimkp.method.pmm import IMAGE, TEXT, StrideTable, build_keep, has_image, has_text
-from aimkp.method.step import StepResult, autocast_ctx
+from aimkp.method.rows import autocast_ctx
+from aimkp.method.step import StepResult
+from aimkp.models import LoadedModel, collate_rows, forward_rows
 
-if TYPE_CHECKING:
-    from aimkp.models import LoadedModel
+#: The reference code's rows: full rows, hidden tokens masked in the attention.
+REFERENCE_OPTIONS = StepOptions(mask_mode="attention")
 
 
 def reference_step(
@@ -30,27 +35,21 @@ def reference_step(
     indices: Sequence[int],
     strides: StrideTable,
     n_total: float,
-    *,
-    tau_text: float = 0.1,
-    tau_image: float = 0.4,
-    reduce: str = "mean",
-    grand_threshold: float | None = None,
-    mask_mode: str = "attention",
-    device: Any = "cpu",
-    bf16: bool = False,
-    update_strides: bool = True,
+    opts: StepOptions = REFERENCE_OPTIONS,
 ) -> tuple[StepResult, list[dict[str, Any]]]:
-    """Reference AimKP micro-step; ``.grad`` gains the same quantity as ``aimkp_step``'s.
+    """Reference AimKP micro-step; ``.grad`` gains the same quantity as ``aimkp_step``'s with
+    the same options (``opts.reweight`` aside: the reference keeps every copy's gradient).
 
     Returns the step result and, per sample, ``{"kinds", "cosines", "kept"}`` for comparisons.
     """
-    from aimkp.models import collate_rows, forward_rows
-
+    tau_text, tau_image, grand_threshold = opts.tau_text, opts.tau_image, opts.grand_threshold
     if n_total <= 0:
         raise ValueError(f"total answer tokens must be > 0, got {n_total}")
     model = loaded.model
     params = [p for p in model.parameters() if p.requires_grad]
-    prior = [None if p.grad is None else p.grad.detach().clone() for p in params]
+    prior: list[torch.Tensor | None] = [
+        None if p.grad is None else p.grad.detach().clone() for p in params
+    ]
     acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     contributions: list[list[torch.Tensor]] = []
     orig_norms: list[float] = []
@@ -69,11 +68,13 @@ def reference_step(
         n_i = int(sample.n_answer_tokens)
         # one forward per copy (batch size 1), graphs kept alive together as in the reference
         losses = []
-        for kind, g in zip(kinds, gs):
-            keep = build_keep(sample, kind, g)
+        for kind, stride in zip(kinds, gs):
+            keep = build_keep(sample, kind, stride)
             n_in += int(keep.sum())
-            batch = collate_rows(loaded, [sample], [keep], [0], mode=mask_mode, device=device)
-            with autocast_ctx(device, bf16):
+            batch = collate_rows(
+                loaded, [sample], [keep], [0], mode=opts.mask_mode, device=opts.device
+            )
+            with autocast_ctx(opts.device, opts.amp_dtype):
                 out = forward_rows(loaded, batch)
             losses.append(out.loss_sum.float().sum() / n_i)  # the copy's mean CE
         # one backward per copy, retained graph, cloned gradients
@@ -105,15 +106,18 @@ def reference_step(
             else:
                 image_passed = ok
         chosen = [gl for gl, k in zip(grads, kept) if k]
-        scale = n_i / (len(chosen) if reduce == "mean" else 1)
-        contrib = [sum(gl[j] for gl in chosen) * scale for j in range(len(params))]
+        scale = n_i / (len(chosen) if opts.gf_reduce == "mean" else 1)
+        contrib = [
+            functools.reduce(operator.add, (gl[j] for gl in chosen)) * scale
+            for j in range(len(params))
+        ]
         if grand_threshold is not None:
             contributions.append(contrib)
             orig_norms.append(float(flat[0].norm()))
         else:
-            for a, c in zip(acc, contrib):
-                a += c
-        if update_strides:
+            for a, part in zip(acc, contrib):
+                a += part
+        if opts.update_strides:
             strides.update(int(idx), text_passed, image_passed)
         info.append({"kinds": kinds, "cosines": cosines, "kept": kept})
         loss_total += float(losses[0].detach()) * n_i
@@ -121,7 +125,7 @@ def reference_step(
         n_rows += len(kinds)
     if grand_threshold is not None:
         x = torch.tensor(orig_norms, dtype=torch.float64)
-        prune = torch.zeros(len(x), dtype=torch.bool)
+        prune: torch.Tensor = torch.zeros(len(x), dtype=torch.bool)
         if len(x) >= 3:
             med = x.median()
             mad = (x - med).abs().median() * 1.4826
@@ -130,11 +134,11 @@ def reference_step(
         for b, contrib in enumerate(contributions):
             info[b]["pruned"] = bool(prune[b])
             if not prune[b]:
-                for a, c in zip(acc, contrib):
-                    a += c
+                for a, part in zip(acc, contrib):
+                    a += part
     for p, a, pr in zip(params, acc, prior):
-        g = (a / n_total).to(p.dtype)
-        p.grad = g if pr is None else pr + g
+        step_grad = (a / n_total).to(p.dtype)
+        p.grad = step_grad if pr is None else pr + step_grad
     return (
         StepResult(
             loss=loss_total / max(1, n_ans_total),

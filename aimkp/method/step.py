@@ -1,53 +1,81 @@
 """One micro-step of training: the AimKP step (PMM copies + one-backward Gradient-based Filtering)
 and the plain fine-tuning (SFT) step. Neither calls the optimizer: the loop does, after
 ``grad_accum`` micro-steps, so accumulation stays exact (every weight divides by the answer-token
-count ``n_total`` of the whole accumulated batch, computed before the micro-steps).
+count ``n_total`` of the whole accumulated batch, computed before the micro-steps). Both take
+their options as one :class:`~aimkp.method.options.StepOptions`.
 
-AimKP step, for a micro-batch of B encoded samples::
+The AimKP step, for a micro-batch of B encoded samples, reads as its recipe (:func:`aimkp_step`)::
 
-    plan   = plan_rows(...)                   # built once: rows (original, text copy if |g_T| > 1,
-                                              # image copy if |g_V| > 1), pairs, w0, keeps, batch
-    with per_sample_grad_gram(model, pairs=plan.pairs, module_rows=plan.batch.module_rows,
-                              keep_for_reweight=True) as gram:
-        forward_backward(plan.batch)          # (w0 * loss_sum).sum(): every copy kept
-    decision = gf.decide(rows, gram.cosines, pairs=plan.pairs, provisional=plan.w0)
-    gram.reweight(decision.weights / w0)      # exact gradient of the kept set, no 2nd backward
-    strides.update(decision)                  # PMM schedule from the same cosines
+    plan = plan_rows(...)                    # rows: original, text copy if |g_T| > 1, image copy
+                                             # if |g_V| > 1; pairs, w0, keep masks, batch
+    with per_sample_grad_gram(...) as gram:  # forward and ONE backward of (w0 * loss_sum).sum()
+        forward_backward(plan.batch)
+    excluded = excluded_rows(...)            # non-finite loss or gradient norm
+    decision = decide_copies(...)            # GF on the pair cosines, GraNd on the norms
+    apply_weights(...)                       # stash: gram.reweight(w / w0); or a correction pass
+    update_strides(...)                      # PMM schedule from the same decision
 
-Non-finite rows never reach ``.grad``: a row whose loss or engine norm is non-finite gets scale
-0 in the same ``reweight`` (a non-finite original: every row of its sample), which removes it
-exactly; without the engine (SFT, or an AimKP step with no masked copy) the losses are checked
-between the forward and the backward, and a step with a non-finite loss re-runs its forward and
-backward over the finite samples only (:func:`finite_only_backward`). Either way the excluded
-rows are counted in ``StepResult.nonfinite_rows``.
-
-``reweight="correction"`` (``--reweight``, :mod:`aimkp.method.correction`) replaces the stash:
-the engine keeps only norms / dots, the losses are checked before the backward (a non-finite one:
-no backward, re-run over the finite samples), and after the decision one more forward + backward
-over the affected samples' rows with weights ``w - w0`` makes ``.grad`` the kept set's gradient.
+Non-finite rows never reach ``.grad``: with the stash, a row whose loss or engine norm is
+non-finite gets scale 0 in the same reweight (a non-finite original: every row of its sample),
+which removes it exactly. Without the stash (``reweight="correction"``, SFT, or no masked copy
+and no GraNd, so no engine) the losses are checked between the forward and the backward, and a
+micro-step with a non-finite loss runs again over the finite samples only
+(:func:`without_nonfinite_samples`). Either way the excluded rows are counted in
+``StepResult.nonfinite_rows``. The phases open spans (:mod:`aimkp.spans`) that profilers and the
+phase benchmark read.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import torch
 
-from aimkp.method.gf import GFDecision, decide, pairs_of, provisional_weights
-from aimkp.method.pmm import Copy, StrideTable, build_keep
+from aimkp.engine.gram import GradGram, per_sample_grad_gram
+from aimkp.method.correction import (
+    apply_weights,
+    checks_losses_first,
+    choose_reweight,
+    engine_keeps_stash,
+)
+from aimkp.method.gf import GFDecision, decide
+from aimkp.method.options import StepOptions
+from aimkp.method.pmm import Copy, StrideTable
+from aimkp.method.rows import (
+    StepRows,
+    autocast_ctx,
+    build_rows,
+    finite_only_backward,
+    forward_backward,
+    forward_losses,
+    plan_rows,
+    weighted_sum,
+)
+from aimkp.models import LoadedModel, RowLosses
 from aimkp.models.adapter import EncodedSample
+from aimkp.models.forward import ForwardRecord
+from aimkp.ops import MaskedEmbedding
+from aimkp.spans import span, tap
 
-if TYPE_CHECKING:
-    from aimkp.models import LoadedModel, RowBatch, RowLosses
-    from aimkp.models.forward import ForwardRecord
+__all__ = [
+    "StepOptions",
+    "StepResult",
+    "StepRows",
+    "aimkp_step",
+    "autocast_ctx",
+    "build_rows",
+    "forward_backward",
+    "forward_losses",
+    "plan_rows",
+    "sft_step",
+    "weighted_sum",
+]
 
 log = logging.getLogger(__name__)
 
-Device = torch.device | str
+DEFAULT_OPTIONS = StepOptions()
 
 
 @dataclass
@@ -69,224 +97,144 @@ class StepResult:
 
 
 @dataclass
-class StepRows:
-    """The rows of one micro-step, built once and passed on (R rows, B samples, P pairs).
+class RowsRun:
+    """What the forward and backward of a micro-step's rows left: the losses, the engine's
+    context (None: no engine ran) and ``bad [B]``, the samples with a non-finite loss when the
+    losses were checked before the backward (then no backward ran)."""
 
-    Attributes:
-        rows: the copies, in row order.
-        pairs: LongTensor ``[P, 2]`` (original row, copy row) of every masked copy.
-        w0: float64 ``[R]`` provisional loss weights (every copy kept).
-        orig_rows: LongTensor ``[B]``: the row of each sample's original.
-        keeps: BoolTensor ``[T_i]`` keep mask of each row.
-        batch: the collated rows (with the engine's ``module_rows``).
-    """
-
-    rows: list[Copy]
-    pairs: torch.Tensor
-    w0: torch.Tensor
-    orig_rows: torch.Tensor
-    keeps: list[torch.Tensor]
-    batch: RowBatch
-
-    @property
-    def n_input_tokens(self) -> int:
-        """Tokens fed to the model: the kept tokens of every row."""
-        return int(sum(int(k.sum()) for k in self.keeps))
+    losses: RowLosses
+    gram: GradGram | None
+    bad: torch.Tensor
 
 
-def autocast_ctx(device: Device, bf16: bool | torch.dtype) -> contextlib.AbstractContextManager:
-    """Autocast on CUDA when asked (``bf16`` True: bf16; a dtype: that dtype, the frozen base's
-    half dtype of ``--dtype``), else a no-op context."""
-    device = torch.device(device)
-    if bf16 and device.type == "cuda":
-        return torch.autocast(
-            "cuda", dtype=bf16 if isinstance(bf16, torch.dtype) else torch.bfloat16
-        )
-    return contextlib.nullcontext()
+@dataclass
+class NonFiniteLosses:
+    """A micro-step attempt that found non-finite losses before its backward (none ran):
+    ``bad [B]`` marks the samples to leave out, ``n_rows`` the attempt's rows."""
+
+    bad: torch.Tensor
+    n_rows: int
 
 
-def build_rows(
-    samples: Sequence[EncodedSample], indices: Sequence[int], strides: StrideTable | None
-) -> list[Copy]:
-    """Rows of a micro-batch: originals only without a stride table, else every PMM copy."""
-    if len(samples) != len(indices):
-        raise ValueError(f"{len(samples)} samples but {len(indices)} dataset indices")
-    rows: list[Copy] = []
-    for b, (s, i) in enumerate(zip(samples, indices)):
-        rows += [Copy(b, None, 1)] if strides is None else strides.copies(int(i), s, b)
-    return rows
+#: ``attempt(kept sample positions)``: a micro-step over those samples.
+Attempt = Callable[[list[int]], "StepResult | NonFiniteLosses"]
 
 
-def plan_rows(
+def aimkp_step(
     loaded: LoadedModel,
     samples: Sequence[EncodedSample],
-    rows: Sequence[Copy],
+    indices: Sequence[int],
+    strides: StrideTable,
     n_total: float,
-    *,
-    reduce: str = "mean",
-    mask_mode: str = "compact",
-    device: Device = "cpu",
-    layout: str = "auto",
-) -> StepRows:
-    """Build a micro-step's rows once: pairs, provisional weights, keep masks, collated batch.
-
-    One row per copy. The model's row forward runs the frozen vision tower once per distinct
-    sample and the trainable projector once per ROW, so the per-row gradient engine sees each
-    copy's own projector activations (as if every copy had gone through the model alone).
-    Compact rows are packed (varlen) with flash-attn and padded to the longest kept row with
-    SDPA / eager (``layout="auto"``), whose packed form would need a dense ``[K, K]`` mask."""
-    from aimkp.models import collate_rows
-
-    rows = list(rows)
-    pairs = pairs_of(rows)
-    w0 = provisional_weights(rows, n_total, reduce)
-    orig_rows = torch.tensor([r for r, c in enumerate(rows) if c.kind is None], dtype=torch.long)
-    keeps = [build_keep(samples[c.sample], c.kind, c.stride) for c in rows]
-    batch = collate_rows(
-        loaded,
-        list(samples),
-        keeps,
-        [c.sample for c in rows],
-        mode=mask_mode,
-        device=device,
-        layout=layout,
-    )
-    return StepRows(rows=rows, pairs=pairs, w0=w0, orig_rows=orig_rows, keeps=keeps, batch=batch)
-
-
-def forward_backward(
-    loaded: LoadedModel,
-    batch: RowBatch,
-    objective: Callable[[torch.Tensor], torch.Tensor],
-    *,
-    device: Device,
-    bf16: bool,
-) -> RowLosses:
-    """Row forward (under bf16 autocast when asked) and ``objective(loss_sum).backward()``;
-    returns the :class:`RowLosses` with ``loss_sum [R]`` in fp32."""
-    out = forward_losses(loaded, batch, device=device, bf16=bf16)
-    objective(out.loss_sum).backward()
-    return out
-
-
-def forward_losses(
-    loaded: LoadedModel, batch: RowBatch, *, device: Device, bf16: bool
-) -> RowLosses:
-    """Row forward (under bf16 autocast when asked); ``loss_sum [R]`` in fp32, with autograd."""
-    from aimkp.models import forward_rows
-
-    with autocast_ctx(device, bf16):
-        out = forward_rows(loaded, batch)
-    return replace(out, loss_sum=out.loss_sum.float())
-
-
-def finite_only_backward(
-    loaded: LoadedModel,
-    plan: StepRows,
-    objective: Callable[[torch.Tensor], torch.Tensor],
-    *,
-    device: Device,
-    bf16: bool,
-) -> tuple[RowLosses | None, torch.Tensor]:
-    """Forward, then the backward only when every row's loss is finite.
-
-    Returns ``(losses, bad [B])``: ``losses`` is None (no backward ran, ``.grad`` untouched) when
-    some sample's loss is not finite; the caller then re-runs the step over the other samples.
-    Checking between forward and backward costs nothing in the usual (finite) case; masking the
-    objective instead would not be exact (0 times a non-finite activation gradient is NaN)."""
-    out = forward_losses(loaded, plan.batch, device=device, bf16=bf16)
-    bad = nonfinite_samples(plan, out.loss_sum)
-    if bool(bad.any()):
-        return None, bad
-    objective(out.loss_sum).backward()
-    return out, bad
-
-
-def nonfinite_samples(plan: StepRows, loss_sum: torch.Tensor) -> torch.Tensor:
-    """BoolTensor ``[B]`` (CPU): samples having a row whose ``loss_sum [R]`` is not finite."""
-    finite = torch.isfinite(loss_sum.detach()).cpu()
-    bad = torch.zeros(int(plan.orig_rows.numel()), dtype=torch.bool)
-    for r, c in enumerate(plan.rows):
-        bad[c.sample] |= not bool(finite[r])
-    return bad
-
-
-def without_samples(
-    bad: torch.Tensor, step: Callable[[list[int]], StepResult], n_rows: int
+    opts: StepOptions = DEFAULT_OPTIONS,
 ) -> StepResult:
-    """Re-run a micro-step (``step(kept sample positions)``) without the ``bad [B]`` samples;
-    the result counts the excluded rows (``n_rows``: rows of the full micro-step)."""
-    keep = [b for b in range(int(bad.numel())) if not bool(bad[b])]
-    res = step(keep) if keep else StepResult(0.0, 0, 0, 0, 0)
-    res.nonfinite_rows += n_rows - res.n_rows
-    res.n_rows = n_rows  # as in an engine step: the micro-step's rows, excluded ones included
-    log.warning("non-finite loss in %d sample(s) of a micro-step: excluded", int(bad.sum()))
-    return res
+    """AimKP micro-step on ``samples`` (encoded; dataset indices ``indices``): one forward and one
+    backward over all copies, then the filter and an exact reweight of ``.grad``.
 
-
-def weighted_sum(w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Objective ``sum_r w_r loss_sum_r`` (``w`` cast to the losses' device and dtype)."""
-    return lambda loss_sum: (loss_sum * w.to(loss_sum.device, loss_sum.dtype)).sum()
-
-
-def _check_tokens(
-    samples: Sequence[EncodedSample], rows: Sequence[Copy], n_tokens: torch.Tensor
-) -> None:
-    want = torch.tensor([int(samples[c.sample].n_answer_tokens) for c in rows])
-    got = n_tokens.detach().cpu().long().reshape(-1)
-    if not torch.equal(want, got):
-        raise ValueError(
-            f"forward_rows counted answer tokens {got.tolist()}, expected {want.tolist()}"
+    ``.grad`` of the trainable parameters gains ``sum_i n_i / n_total * mean_{kept c} grad CE_ic``
+    (``sum`` over kept copies with ``gf_reduce="sum"``). Strides of the visited samples are
+    updated (``opts.update_strides``). ``opts.reweight``: how ``.grad`` gets the final weights
+    (:mod:`aimkp.method.correction`)."""
+    check_step_inputs(loaded, n_total, engine=True)
+    with span("step"):
+        return without_nonfinite_samples(
+            len(samples),
+            lambda keep: aimkp_attempt(
+                loaded,
+                [samples[b] for b in keep],
+                [indices[b] for b in keep],
+                strides,
+                n_total,
+                opts,
+            ),
         )
+
+
+def aimkp_attempt(
+    loaded: LoadedModel,
+    samples: Sequence[EncodedSample],
+    indices: Sequence[int],
+    strides: StrideTable,
+    n_total: float,
+    opts: StepOptions,
+) -> StepResult | NonFiniteLosses:
+    """The AimKP micro-step's recipe (:class:`NonFiniteLosses` instead of a result when a loss
+    was found non-finite before the backward: ``.grad`` untouched)."""
+    plan = plan_rows(loaded, samples, build_rows(samples, indices, strides), n_total, opts)
+    way = reweight_way(loaded, plan, opts)
+    run = rows_forward_backward(loaded, plan, way, opts)
+    if bool(run.bad.any()):
+        return NonFiniteLosses(run.bad, len(plan.rows))
+    excluded = excluded_rows(plan, finite_rows(run.losses.loss_sum, run.gram))
+    decision = decide_copies(plan, samples, run.gram, excluded, n_total, opts)
+    corrected = 0
+    if way is not None and run.gram is not None:
+        corrected = apply_weights(
+            way, run.gram, decision, excluded, loaded=loaded, samples=samples, plan=plan, opts=opts
+        )
+    check_tokens(samples, plan.rows, run.losses.n_tokens)
+    lost = excluded[plan.orig_rows]  # [B] samples left out whole
+    if opts.update_strides:
+        update_strides(strides, indices, decision, lost)
+    if bool(excluded.any()):
+        log.warning("non-finite loss or gradient in %d row(s): excluded", int(excluded.sum()))
+    res = step_result(samples, plan, run, orig=plan.orig_rows[~lost])
+    res.decision, res.reweight, res.correction_rows = decision, way, corrected
+    res.nonfinite_rows = int(excluded.sum())
+    return res
 
 
 def sft_step(
     loaded: LoadedModel,
     samples: Sequence[EncodedSample],
     n_total: float,
-    *,
-    mask_mode: str = "compact",
-    device: Device = "cpu",
-    bf16: bool = False,
+    opts: StepOptions = DEFAULT_OPTIONS,
 ) -> StepResult:
     """Plain fine-tuning micro-step: ``sum_i loss_sum_i / n_total`` backward (originals only)."""
+    check_step_inputs(loaded, n_total, engine=False)
+    return without_nonfinite_samples(
+        len(samples), lambda keep: sft_attempt(loaded, [samples[b] for b in keep], n_total, opts)
+    )
+
+
+def sft_attempt(
+    loaded: LoadedModel, samples: Sequence[EncodedSample], n_total: float, opts: StepOptions
+) -> StepResult | NonFiniteLosses:
+    """The SFT micro-step (:class:`NonFiniteLosses` when a loss is non-finite: no backward)."""
+    rows = [Copy(b, None, 1) for b in range(len(samples))]
+    plan = plan_rows(loaded, samples, rows, n_total, opts)
+    out, bad = finite_only_backward(loaded, plan, lambda loss_sum: loss_sum.sum() / n_total, opts)
+    if bool(bad.any()):
+        return NonFiniteLosses(bad, len(rows))
+    return step_result(samples, plan, RowsRun(out, None, bad), orig=plan.orig_rows)
+
+
+def without_nonfinite_samples(n_samples: int, attempt: Attempt) -> StepResult:
+    """Run ``attempt`` over every sample; while it finds samples with a non-finite loss, run it
+    again without them. The result counts the excluded rows in ``nonfinite_rows`` and the first
+    attempt's rows in ``n_rows`` (as a step whose engine excluded them would)."""
+    keep = list(range(n_samples))
+    first_rows: int | None = None
+    while True:
+        out = attempt(keep) if keep else StepResult(0.0, 0, 0, 0, 0)
+        if isinstance(out, StepResult):
+            break
+        first_rows = out.n_rows if first_rows is None else first_rows
+        log.warning("non-finite loss in %d sample(s) of a micro-step: excluded", int(out.bad.sum()))
+        keep = [k for k, bad in zip(keep, out.bad.tolist()) if not bad]
+    if first_rows is not None:
+        out.nonfinite_rows += first_rows - out.n_rows
+        out.n_rows = first_rows
+    return out
+
+
+def check_step_inputs(loaded: LoadedModel, n_total: float, *, engine: bool) -> None:
+    """ValueError on a non-positive ``n_total`` or (``engine``) an input embedding the
+    per-sample gradient engine cannot see."""
     if n_total <= 0:
         raise ValueError(f"total answer tokens must be > 0, got {n_total}")
-    rows = [Copy(b, None, 1) for b in range(len(samples))]
-    plan = plan_rows(loaded, samples, rows, n_total, mask_mode=mask_mode, device=device)
-    out, bad = finite_only_backward(
-        loaded, plan, lambda loss_sum: loss_sum.sum() / n_total, device=device, bf16=bf16
-    )
-    if out is None:
-        return without_samples(
-            bad,
-            lambda keep: sft_step(
-                loaded,
-                [samples[b] for b in keep],
-                n_total,
-                mask_mode=mask_mode,
-                device=device,
-                bf16=bf16,
-            ),
-            len(rows),
-        )
-    n_ans = int(out.n_tokens.sum())
-    return StepResult(
-        loss=float(out.loss_sum.detach().sum()) / max(1, n_ans),
-        n_samples=len(samples),
-        n_rows=len(rows),
-        n_answer_tokens=n_ans,
-        n_input_tokens=plan.n_input_tokens,
-        rows=plan.rows,
-        ran=out.ran,
-    )
-
-
-def _check_embedding_hookable(loaded: LoadedModel) -> None:
-    from aimkp.ops import MaskedEmbedding
-
     emb = loaded.adapter.embed_tokens
-    if emb.weight.requires_grad and not isinstance(emb, MaskedEmbedding):
+    if engine and emb.weight.requires_grad and not isinstance(emb, MaskedEmbedding):
         raise ValueError(
             "aimkp_step: the input embedding is trainable but is a plain "
             f"{type(emb).__name__}, which the row forward bypasses (it calls the fused op on the "
@@ -296,7 +244,104 @@ def _check_embedding_hookable(loaded: LoadedModel) -> None:
         )
 
 
-def _original_norms(
+def reweight_way(loaded: LoadedModel, plan: StepRows, opts: StepOptions) -> str | None:
+    """``"stash"`` / ``"correction"``, or None when the step needs no engine (no masked copy
+    and no GraNd: nothing to decide)."""
+    if not plan.has_pairs and opts.grand_threshold is None:
+        return None
+    n_tokens, n_rows = plan.n_input_tokens, len(plan.rows)
+    return choose_reweight(
+        opts.reweight, loaded.model, n_tokens, n_rows, opts.device, opts.amp_dtype
+    )
+
+
+def rows_forward_backward(
+    loaded: LoadedModel, plan: StepRows, way: str | None, opts: StepOptions
+) -> RowsRun:
+    """Forward and backward of every row at its provisional weight ``w0``, under the per-sample
+    gradient engine when ``way`` is set (keeping the stash for ``"stash"``). Without the stash
+    the losses are checked first (:func:`aimkp.method.correction.checks_losses_first`)."""
+    objective = weighted_sum(plan.w0)
+    if way is None:
+        out, bad = finite_only_backward(loaded, plan, objective, opts)
+        return RowsRun(out, None, bad)
+    make_gram = tap("grad_gram", per_sample_grad_gram)
+    engine = make_gram(
+        loaded.model,
+        pairs=plan.pairs.to(opts.device) if plan.has_pairs else None,
+        cu_seqlens=plan.batch.cu_seqlens,
+        num_rows=len(plan.rows),
+        keep_for_reweight=engine_keeps_stash(way),
+        module_rows=plan.batch.module_rows,
+    )
+    with engine as gram:
+        if checks_losses_first(way):
+            out, bad = finite_only_backward(loaded, plan, objective, opts)
+        else:
+            out = forward_backward(loaded, plan.batch, objective, opts)
+            bad = torch.zeros(int(plan.orig_rows.numel()), dtype=torch.bool)
+    return RowsRun(out, gram, bad)
+
+
+def finite_rows(loss_sum: torch.Tensor, gram: GradGram | None) -> torch.Tensor:
+    """BoolTensor ``[R]`` (CPU): rows whose loss and (with the engine) gradient norm are finite."""
+    ok = torch.isfinite(loss_sum.detach()).cpu()
+    if gram is not None:
+        ok &= gram.finite_rows().detach().cpu()
+    return ok
+
+
+def excluded_rows(plan: StepRows, row_ok: torch.Tensor) -> torch.Tensor:
+    """BoolTensor ``[R]``: the non-finite rows, and every row of a sample whose original is."""
+    lost = ~row_ok[plan.orig_rows]  # [B]
+    sample_of = torch.tensor([c.sample for c in plan.rows], dtype=torch.long)
+    return ~row_ok | lost[sample_of]
+
+
+def decide_copies(
+    plan: StepRows,
+    samples: Sequence[EncodedSample],
+    gram: GradGram | None,
+    excluded: torch.Tensor,
+    n_total: float,
+    opts: StepOptions,
+) -> GFDecision:
+    """Gradient-based Filtering of the copies on their pair cosines, GraNd pruning of the
+    originals on their gradient norms (``opts.grand_threshold``); the ``excluded [R]`` rows get
+    weight 0."""
+    cosines = torch.zeros(0)
+    orig_norms = None
+    if gram is not None and plan.has_pairs:
+        cosines = pair_cosines(plan, gram, excluded)
+    if gram is not None and opts.grand_threshold is not None:
+        orig_norms = original_norms(plan, samples, gram.norms, ~excluded)
+    decision = decide(
+        plan.rows,
+        cosines,
+        n_total,
+        tau_text=opts.tau_text,
+        tau_image=opts.tau_image,
+        reduce=opts.gf_reduce,
+        grand_threshold=opts.grand_threshold,
+        orig_norms=orig_norms,
+        pairs=plan.pairs,
+        provisional=plan.w0,
+    )
+    decision.row_scale[excluded] = 0.0
+    decision.weights[excluded] = 0.0
+    return decision
+
+
+def pair_cosines(plan: StepRows, gram: GradGram, excluded: torch.Tensor) -> torch.Tensor:
+    """``[P]`` cosines, NaN for a pair with an excluded row (the filter then rejects the copy,
+    so the mean over a sample's kept copies counts only finite ones)."""
+    cos = gram.cosines.detach().float().cpu().clone()
+    pairs = plan.pairs
+    cos[excluded[pairs[:, 0]] | excluded[pairs[:, 1]]] = float("nan")
+    return cos
+
+
+def original_norms(
     plan: StepRows,
     samples: Sequence[EncodedSample],
     gram_norms: torch.Tensor,
@@ -314,184 +359,42 @@ def _original_norms(
     return norms
 
 
-def aimkp_step(
-    loaded: LoadedModel,
-    samples: Sequence[EncodedSample],
-    indices: Sequence[int],
-    strides: StrideTable,
-    n_total: float,
-    *,
-    tau_text: float = 0.1,
-    tau_image: float = 0.4,
-    reduce: str = "mean",
-    grand_threshold: float | None = None,
-    mask_mode: str = "compact",
-    device: Device = "cpu",
-    bf16: bool = False,
-    update_strides: bool = True,
-    reweight: str = "stash",
+def update_strides(
+    strides: StrideTable, indices: Sequence[int], decision: GFDecision, lost: torch.Tensor
+) -> None:
+    """The PMM schedule from the filter's decision; an excluded sample's (``lost [B]``) copies
+    tell nothing: its strides stay."""
+    for b, i in enumerate(indices):
+        if not bool(lost[b]):
+            strides.update(int(i), decision.text_passed[b], decision.image_passed[b])
+
+
+def check_tokens(
+    samples: Sequence[EncodedSample], rows: Sequence[Copy], n_tokens: torch.Tensor
+) -> None:
+    """ValueError when the row forward counted other answer tokens than the samples hold."""
+    want = torch.tensor([int(samples[c.sample].n_answer_tokens) for c in rows])
+    got = n_tokens.detach().cpu().long().reshape(-1)
+    if not torch.equal(want, got):
+        raise ValueError(
+            f"forward_rows counted answer tokens {got.tolist()}, expected {want.tolist()}"
+        )
+
+
+def step_result(
+    samples: Sequence[EncodedSample], plan: StepRows, run: RowsRun, orig: torch.Tensor
 ) -> StepResult:
-    """AimKP micro-step on ``samples`` (encoded; dataset indices ``indices``): one forward and one
-    backward over all copies, then the filter and an exact reweight of ``.grad``.
-
-    ``.grad`` of the trainable parameters gains ``sum_i n_i / n_total * mean_{kept c} grad CE_ic``
-    (``sum`` over kept copies with ``reduce="sum"``). Strides of the visited samples are updated.
-    ``reweight``: how ``.grad`` gets the final weights, ``"stash"``, ``"correction"`` (a second
-    forward + backward over the affected samples, no stash) or ``"auto"`` (by memory); see
-    :mod:`aimkp.method.correction`.
-    """
-    from aimkp.engine import per_sample_grad_gram
-    from aimkp.method.correction import REWEIGHT_WAYS, choose_reweight, correction_backward
-
-    if n_total <= 0:
-        raise ValueError(f"total answer tokens must be > 0, got {n_total}")
-    if reweight not in REWEIGHT_WAYS:
-        raise ValueError(f"reweight must be one of {REWEIGHT_WAYS}, got {reweight!r}")
-    _check_embedding_hookable(loaded)
-    rows = build_rows(samples, indices, strides)
-    plan = plan_rows(
-        loaded, samples, rows, n_total, reduce=reduce, mask_mode=mask_mode, device=device
-    )
-
-    def without(keep: list[int]) -> StepResult:  # the same step over the samples ``keep``
-        return aimkp_step(
-            loaded,
-            [samples[b] for b in keep],
-            [indices[b] for b in keep],
-            strides,
-            n_total,
-            tau_text=tau_text,
-            tau_image=tau_image,
-            reduce=reduce,
-            grand_threshold=grand_threshold,
-            mask_mode=mask_mode,
-            device=device,
-            bf16=bf16,
-            update_strides=update_strides,
-            reweight=reweight,
-        )
-
-    has_pairs = plan.pairs.shape[0] > 0
-    need_gram = has_pairs or grand_threshold is not None
-    way = None
-    if not need_gram:  # no engine: check the losses between forward and backward
-        out, bad = finite_only_backward(
-            loaded, plan, weighted_sum(plan.w0), device=device, bf16=bf16
-        )
-        if out is None:
-            return without_samples(bad, without, len(plan.rows))
-        gram = None
-    else:
-        way = choose_reweight(
-            reweight, loaded.model, plan.n_input_tokens, len(plan.rows), device, bf16
-        )
-        engine = per_sample_grad_gram(
-            loaded.model,
-            pairs=plan.pairs.to(device) if has_pairs else None,
-            cu_seqlens=plan.batch.cu_seqlens,
-            num_rows=len(plan.rows),
-            keep_for_reweight=way == "stash",
-            module_rows=plan.batch.module_rows,
-        )
-        with engine as gram:
-            if way == "stash":
-                out = forward_backward(
-                    loaded, plan.batch, weighted_sum(plan.w0), device=device, bf16=bf16
-                )
-            else:  # no stash: a non-finite row could not be removed after the backward
-                # (NaN - NaN); check the losses first, as without the engine: on a non-finite
-                # one no backward runs and the step re-runs over the finite samples
-                out, bad = finite_only_backward(
-                    loaded, plan, weighted_sum(plan.w0), device=device, bf16=bf16
-                )
-        if out is None:
-            return without_samples(bad, without, len(plan.rows))
-    row_ok = _finite_rows(out.loss_sum, gram)
-    excluded = _excluded_rows(plan, row_ok)
-    decision = decide(
-        plan.rows,
-        _pair_cosines(plan, gram, excluded) if has_pairs else torch.zeros(0),
-        n_total,
-        tau_text=tau_text,
-        tau_image=tau_image,
-        reduce=reduce,
-        grand_threshold=grand_threshold,
-        orig_norms=None
-        if grand_threshold is None
-        else _original_norms(plan, samples, gram.norms, row_ok),
-        pairs=plan.pairs,
-        provisional=plan.w0,
-    )
-    decision.row_scale[excluded] = 0.0
-    decision.weights[excluded] = 0.0
-    correction_rows = 0
-    if way == "stash" and not torch.allclose(
-        decision.row_scale, torch.ones_like(decision.row_scale)
-    ):
-        gram.reweight(decision.row_scale.to(device=out.loss_sum.device, dtype=torch.float32))
-    elif way == "correction" and bool(excluded.any()):
-        # a row whose loss is finite (non-finite losses ran no backward) but whose gradient is
-        # not: its NaN / inf is in .grad already and no correction can subtract it, so no pass
-        # runs; the step's gradient stays non-finite and the loop skips the optimizer step
-        # (aimkp.method.nonfinite.SkipGuard) instead of letting it reach the weights
-        log.warning("non-finite gradient with --reweight correction: optimizer step lost")
-    elif way == "correction":
-        correction_rows = correction_backward(
-            loaded,
-            samples,
-            plan,
-            decision.weights,
-            reduce=reduce,
-            mask_mode=mask_mode,
-            device=device,
-            bf16=bf16,
-        )
-    _check_tokens(samples, plan.rows, out.n_tokens)
-    lost = excluded[plan.orig_rows]  # [B] samples left out whole
-    if update_strides:  # an excluded sample's copies tell nothing: its strides stay
-        for b, i in enumerate(indices):
-            if not bool(lost[b]):
-                strides.update(int(i), decision.text_passed[b], decision.image_passed[b])
-    orig = plan.orig_rows[~lost]
-    ls = out.loss_sum.detach().cpu()
-    n_ans = int(out.n_tokens.detach().cpu()[orig].sum())
-    if bool(excluded.any()):
-        log.warning("non-finite loss or gradient in %d row(s): excluded", int(excluded.sum()))
+    """The result of a micro-step: loss and answer tokens over the ``orig`` rows (the originals
+    that reached ``.grad``), the rows, what ran."""
+    n_ans = int(run.losses.n_tokens.detach().cpu()[orig].sum())
+    loss = float(run.losses.loss_sum.detach().cpu()[orig].sum()) / max(1, n_ans)
     return StepResult(
-        loss=float(ls[orig].sum()) / max(1, n_ans),
+        loss=loss,
         n_samples=len(samples),
         n_rows=len(plan.rows),
         n_answer_tokens=n_ans,
         n_input_tokens=plan.n_input_tokens,
         rows=plan.rows,
-        decision=decision,
-        engine_backend=None if gram is None else getattr(gram, "backend", None),
-        ran=out.ran,
-        nonfinite_rows=int(excluded.sum()),
-        reweight=way,
-        correction_rows=correction_rows,
+        engine_backend=None if run.gram is None else run.gram.backend,
+        ran=run.losses.ran,
     )
-
-
-def _finite_rows(loss_sum: torch.Tensor, gram: object | None) -> torch.Tensor:
-    """BoolTensor ``[R]`` (CPU): rows whose loss and (with the engine) gradient norm are finite."""
-    ok = torch.isfinite(loss_sum.detach()).cpu()
-    if gram is not None:
-        ok &= gram.finite_rows().detach().cpu()  # type: ignore[attr-defined]
-    return ok
-
-
-def _pair_cosines(plan: StepRows, gram: object, excluded: torch.Tensor) -> torch.Tensor:
-    """``[P]`` cosines, NaN for a pair with an excluded row (the filter then rejects the copy,
-    so the mean over a sample's kept copies counts only finite ones)."""
-    cos = gram.cosines.detach().float().cpu().clone()  # type: ignore[attr-defined]
-    pairs = plan.pairs
-    cos[excluded[pairs[:, 0]] | excluded[pairs[:, 1]]] = float("nan")
-    return cos
-
-
-def _excluded_rows(plan: StepRows, row_ok: torch.Tensor) -> torch.Tensor:
-    """BoolTensor ``[R]``: the non-finite rows, and every row of a sample whose original is."""
-    lost = ~row_ok[plan.orig_rows]  # [B]
-    sample_of = torch.tensor([c.sample for c in plan.rows], dtype=torch.long)
-    return ~row_ok | lost[sample_of]

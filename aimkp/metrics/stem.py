@@ -6,6 +6,8 @@ so a 5k-post prediction file stems each distinct word once.
 
 from __future__ import annotations
 
+from typing import cast
+
 from nltk.stem.porter import PorterStemmer
 
 _STEMMER = PorterStemmer()
@@ -27,10 +29,10 @@ def stem_word(word: str) -> str:
 def stem_tokens(tokens: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """Stem every token: ``["wildflower", "hours"]`` -> ``("wildflow", "hour")``."""
     get = _CACHE.get
-    out = [get(t) for t in tokens]
-    if None in out:
-        out = [s if s is not None else stem_word(t) for s, t in zip(out, tokens)]
-    return tuple(out)
+    cached = [get(t) for t in tokens]
+    if None in cached:
+        return tuple(s if s is not None else stem_word(t) for s, t in zip(cached, tokens))
+    return tuple(cast(list[str], cached))  # every token was in the cache
 
 
 def stem_phrase(phrase: str) -> tuple[str, ...]:

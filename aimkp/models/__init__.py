@@ -14,7 +14,6 @@ from aimkp.models.adapter import (
     QUESTION,
     EncodedSample,
     MLLMAdapter,
-    get_adapter,
     register_adapter,
     unwrap_model,
 )
@@ -28,6 +27,7 @@ from aimkp.models.forward import (
     forward_rows,
 )
 from aimkp.models.loading import LoadedModel, check_model_spec, load_model
+from aimkp.models.registry import get_adapter
 
 __all__ = [
     "QUESTION",

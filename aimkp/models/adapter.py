@@ -51,13 +51,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from aimkp.data.images import to_rgb
 from aimkp.errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 QUESTION = "What phrases should be used to tag the media?"
 _IMG = "\u27e6AIMKP_IMG\u27e7"
@@ -99,39 +102,26 @@ class EncodedSample:
         return int(self.input_ids.shape[0])
 
 
-_REGISTRY: dict[str, type[MLLMAdapter]] = {}
+#: ``config.model_type`` -> adapter class, filled by :func:`register_adapter`; read through
+#: :func:`aimkp.models.registry.adapter_class`, which imports the built-in adapters.
+REGISTRY: dict[str, type[MLLMAdapter]] = {}
 
 
 def register_adapter(model_type: str) -> Callable[[type[MLLMAdapter]], type[MLLMAdapter]]:
     """Class decorator registering an adapter for ``config.model_type == model_type``."""
 
     def deco(cls: type[MLLMAdapter]) -> type[MLLMAdapter]:
-        _REGISTRY[model_type] = cls
+        REGISTRY[model_type] = cls
         cls.model_type = model_type
         return cls
 
     return deco
 
 
-def adapter_class(model_type: str) -> type[MLLMAdapter]:
-    """The adapter class registered for a ``config.model_type``; ValueError when none is."""
-    _ensure_builtin()
-    if model_type not in _REGISTRY:
-        raise ValueError(
-            f"no aimkp adapter for model_type {model_type!r}; known: {sorted(_REGISTRY)}"
-        )
-    return _REGISTRY[model_type]
-
-
-def _ensure_builtin() -> None:
-    # The built-in adapters register themselves on import.
-    from aimkp.models import idefics3, llava, qwen2vl  # noqa: F401
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> PreTrainedModel:
     """The ``*ForConditionalGeneration`` module inside a peft wrapper (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+    return get_base() if callable(get_base) else model  # type: ignore[return-value]
 
 
 @contextlib.contextmanager
@@ -146,20 +136,11 @@ def swapped_module(parent: nn.Module, name: str, replacement: nn.Module) -> Iter
         setattr(parent, name, original)
 
 
-def get_adapter(
-    model: nn.Module, tokenizer: Any = None, image_processor: Any = None
-) -> MLLMAdapter:
-    """Build the adapter for ``model`` (a HF multimodal model, possibly peft-wrapped)."""
-    base = unwrap_model(model)
-    cls = adapter_class(base.config.model_type)
-    return cls(model, tokenizer, image_processor)
-
-
 class MLLMAdapter:
     """Base class; see the module docstring for what a subclass supplies."""
 
     model_type: str = ""
-    model_class: type | None = None
+    model_class: type[PreTrainedModel] | None = None
     # The ``transformers`` processor saved into checkpoints / exports (None: tokenizer and image
     # processor files only).
     processor_class: type | None = None

@@ -27,16 +27,20 @@ import json
 import logging
 import pathlib
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from torch import nn
 
-from aimkp.atomic import apply_umask
+from aimkp.atomic import apply_umask, atomic_dir
 from aimkp.errors import CheckpointError
-from aimkp.models.adapter import adapter_class, unwrap_model
+from aimkp.models.adapter import unwrap_model
+from aimkp.models.hub import looks_like_hub_id, resolve_hub_id
+from aimkp.models.registry import model_class
 
 if TYPE_CHECKING:
+    from peft import PeftModel
+
     from aimkp.models import LoadedModel
 
 log = logging.getLogger("aimkp.models")
@@ -48,7 +52,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 _MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[^.]+\.")
 
 
-def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def _lora_layers(model: nn.Module) -> list[tuple[str, Any]]:
+    # peft's LoraLayer subclasses (Linear, Embedding, ...) each define get_delta_weight; the
+    # LoraLayer base class does not, so the layers are typed Any
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:
@@ -56,7 +62,7 @@ def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
-def is_peft_model(model: nn.Module) -> bool:
+def is_peft_model(model: nn.Module) -> TypeGuard[PeftModel]:
     """True for a peft wrapper (``apply_lora`` with LoRA), False for a plain HF model."""
     return bool(getattr(model, "peft_config", None))
 
@@ -125,7 +131,7 @@ def save_full_weights(
 ) -> None:
     """``config.json`` + ``model.safetensors`` of ``state`` (plain keys) in ``directory``."""
     base = unwrap_model(model)
-    cls = adapter_class(base.config.model_type).model_class
+    cls = model_class(base.config.model_type)
     # Save through a clean instance of the class so no peft / aimkp module structure leaks in.
     with torch.device("meta"):
         clean = cls(base.config)
@@ -193,14 +199,10 @@ def save_checkpoint(
     d.mkdir(parents=True, exist_ok=True)
     fields: dict[str, Any] = {"lora": _lora_info(loaded.model), "extra": extra_json}
     if is_peft_model(loaded.model):
-        from aimkp.models.peft_io import base_reference, save_adapter
-
         base = base_reference(loaded, pathlib.Path(base_dir) if base_dir else d / "base")
         save_adapter(d, loaded.model, base)
         fields.update(weights="peft", base=base)
     else:
-        from aimkp.models.peft_io import remove_stale_adapter
-
         remove_stale_adapter(d)
         save_full_weights(d, loaded.model, merged_state_dict(loaded.model))
         fields.update(weights="full")
@@ -244,11 +246,9 @@ def safetensors_shapes(path: pathlib.Path) -> dict[str, tuple[int, ...]]:
         raise CheckpointError(f"{path}: cannot be read ({exc.strerror})") from None
     except (ValueError, UnicodeDecodeError):
         raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON)") from None
-    entries = (
-        {k: v for k, v in header.items() if k != "__metadata__"}
-        if isinstance(header, dict)
-        else None
-    )
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (malformed header)")
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
     try:
         end = max((int(v["data_offsets"][1]) for v in entries.values()), default=0)
         shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in entries.items()}
@@ -347,8 +347,6 @@ def load_local(
     d = pathlib.Path(directory)
     validate_checkpoint(d)  # a truncated or mismatched file named before anything loads
     if (d / ADAPTER_CONFIG).is_file():
-        from aimkp.models.peft_io import load_adapter_checkpoint
-
         return load_adapter_checkpoint(d, dtype=dtype, attn=attn)
     if not (d / "config.json").is_file():
         raise CheckpointError(
@@ -356,7 +354,7 @@ def load_local(
         )
     meta = read_meta(d)
     config = AutoConfig.from_pretrained(d, local_files_only=True)
-    cls = adapter_class(config.model_type).model_class
+    cls = model_class(config.model_type)
     # safetensors only: pickled ``.bin`` weights could run code when loaded
     kw: dict[str, Any] = {
         "local_files_only": True,
@@ -398,3 +396,125 @@ def load_processors(d: pathlib.Path) -> tuple[Any, Any]:
         if tmpl:
             tok.chat_template = tmpl
     return tok, proc
+
+
+# -- LoRA checkpoints in peft's own format ------------------------------------------------
+FULL_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+)
+
+
+def _has_full_weights(d: pathlib.Path) -> bool:
+    return (d / "config.json").is_file() and not (d / ADAPTER_CONFIG).is_file()
+
+
+def save_base_copy(loaded: Any, base_dir: pathlib.Path) -> pathlib.Path:
+    """The initial base model (LoRA and the trained projector copy left out) + tokenizer + image
+    processor, saved with ``save_pretrained`` into ``base_dir`` once per loaded model."""
+    if loaded.info.get("saved_base") == str(base_dir) and _has_full_weights(base_dir):
+        return base_dir
+    with atomic_dir(base_dir) as tmp:  # written whole or not at all
+        save_full_weights(tmp, loaded.model, merged_state_dict(loaded.model, trained=False))
+        save_processors(tmp, loaded)
+        write_meta(tmp, loaded, weights="full", lora=None, extra={"role": "initial base model"})
+    loaded.info["saved_base"] = str(base_dir)
+    return base_dir
+
+
+def base_reference(loaded: Any, base_dir: pathlib.Path) -> str:
+    """What an adapter of ``loaded`` names as its base: the hub id, the local full-weights
+    directory it was loaded from (absolute), else a base copy saved to ``base_dir``."""
+    hub_id = loaded.info.get("hub_id")
+    if hub_id:
+        return str(hub_id)
+    source = str(loaded.info.get("source", ""))
+    if source and not source.startswith("preset:") and _has_full_weights(pathlib.Path(source)):
+        return str(pathlib.Path(source).resolve())
+    # a preset, or a model merged from an adapter checkpoint: its weights exist nowhere on disk
+    return str(save_base_copy(loaded, base_dir).resolve())
+
+
+def _remove_stale(d: pathlib.Path, names: tuple[str, ...]) -> None:
+    """Drop files of the other checkpoint kind left in an aimkp checkpoint directory (a run
+    resumed from a checkpoint of an older aimkp), so that what loads is what was saved."""
+    if read_meta(d) is None:
+        return
+    for name in names:
+        (d / name).unlink(missing_ok=True)
+
+
+def save_adapter(d: pathlib.Path, model: PeftModel, base: str) -> None:
+    """peft's ``save_pretrained`` with ``base_model_name_or_path = base`` (restored after)."""
+    if pathlib.Path(base).is_dir() and pathlib.Path(base).resolve() == d.resolve():
+        raise CheckpointError(f"{d}: is the adapter's own base model; save the adapter elsewhere")
+    configs = model.peft_config.values()
+    previous = [c.base_model_name_or_path for c in configs]
+    for c in configs:
+        c.base_model_name_or_path = base
+    try:
+        # no embedding layers are adapted; "auto" would look the base up on the Hub
+        model.save_pretrained(str(d), safe_serialization=True, save_embedding_layers=False)
+    finally:
+        for c, p in zip(configs, previous):
+            c.base_model_name_or_path = p
+    _remove_stale(d, FULL_WEIGHT_FILES)
+
+
+def remove_stale_adapter(d: pathlib.Path) -> None:
+    """Before full weights are written: drop an adapter an older save left there."""
+    _remove_stale(d, (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
+
+
+def adapter_base_name(d: pathlib.Path) -> str:
+    """``base_model_name_or_path`` of the adapter checkpoint ``d``."""
+    p = d / ADAPTER_CONFIG
+    try:
+        ref = json.loads(p.read_text()).get("base_model_name_or_path")
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{p}: line {exc.lineno}: not valid JSON ({exc.msg})") from exc
+    if not isinstance(ref, str) or not ref:
+        raise CheckpointError(f"{p}: no base_model_name_or_path: cannot tell which base to load")
+    return ref
+
+
+def resolve_base(ref: str, d: pathlib.Path) -> pathlib.Path:
+    """The local directory of the base ``ref`` an adapter at ``d`` names.
+
+    Tried in order: ``ref`` as a path, relative to ``d``, by its name inside or beside ``d``
+    (a run directory moved since training: ``OUTPUT/best/base``, ``OUTPUT/base``), then a hub
+    id in the local cache."""
+    name = pathlib.Path(ref).name
+    cands = [pathlib.Path(ref).expanduser(), d / ref, d / name, d.parent / name]
+    for cand in cands:
+        if _has_full_weights(cand):
+            return cand
+    if looks_like_hub_id(ref):
+        return resolve_hub_id(ref)
+    raise CheckpointError(
+        f"{d}: the base model {ref!r} named in {ADAPTER_CONFIG} is neither a local model "
+        "directory nor a hub id (also looked for it beside the checkpoint)"
+    )
+
+
+def load_adapter_checkpoint(
+    d: pathlib.Path, *, dtype: torch.dtype | None = None, attn: str = "sdpa"
+) -> tuple[nn.Module, Any, Any, str | None, dict[str, Any]]:
+    """Load (model, tokenizer, image processor, preset, info) of an adapter checkpoint: its base,
+    the adapter with peft's ``PeftModel.from_pretrained``, merged (``merge_and_unload``), so
+    prediction runs a plain model as it does for full checkpoints."""
+    try:
+        from peft import PeftModel
+    except ImportError as exc:
+        raise CheckpointError(f"{d}: a LoRA adapter checkpoint needs peft ({exc})") from exc
+    base_dir = resolve_base(adapter_base_name(d), d)
+    model, tok, proc, preset, _ = load_local(base_dir, dtype=dtype, attn=attn)
+    model = PeftModel.from_pretrained(model, str(d), is_trainable=False).merge_and_unload()
+    if (d / "tokenizer_config.json").is_file():
+        tok, proc = load_processors(d)
+    meta = read_meta(d)
+    if meta and meta.get("preset"):
+        preset = meta["preset"]
+    return model, tok, proc, preset, {"source": str(d), "aimkp": meta, "base": str(base_dir)}

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from aimkp import spans
 from aimkp.models.adapter import EncodedSample
 from aimkp.models.lm_loss import row_answer_losses
 from aimkp.ops import MaskedEmbedding, last_backend, masked_embedding
@@ -486,14 +487,15 @@ def forward_rows(loaded: LoadedModel, batch: RowBatch) -> RowLosses:
     impl = adapter.attn_implementation
     kwargs: dict[str, Any] = {}
     if batch.mode == "compact":
-        ce = op(
-            batch.input_ids,
-            weight,
-            keep=batch.keep,
-            image_features=feats,
-            image_token_id=adapter.image_token_id,
-            compact=True,
-        )
+        with spans.span("embedding_masking"):
+            ce = op(
+                batch.input_ids,
+                weight,
+                keep=batch.keep,
+                image_features=feats,
+                image_token_id=adapter.image_token_id,
+                compact=True,
+            )
         if batch.layout == "packed":
             embeds = ce.values.unsqueeze(0)  # [1, K, D]
         else:  # [R, K_max, D], padding slots zero (masked out as keys)
@@ -503,13 +505,14 @@ def forward_rows(loaded: LoadedModel, batch: RowBatch) -> RowLosses:
         if impl in VARLEN_ATTENTION:
             kwargs.update(flash_varlen_kwargs(batch.cu_seqlens))
     else:
-        embeds = op(
-            batch.input_ids,
-            weight,
-            keep=batch.keep,
-            image_features=feats,
-            image_token_id=adapter.image_token_id,
-        )  # [R, T, D]
+        with spans.span("embedding_masking"):
+            embeds = op(
+                batch.input_ids,
+                weight,
+                keep=batch.keep,
+                image_features=feats,
+                image_token_id=adapter.image_token_id,
+            )  # [R, T, D]
     mask = _mask_for(batch.attn_mask, impl, embeds.dtype)
     out = adapter.language_model(
         inputs_embeds=embeds,

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +77,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     (fp32), computed ``chunk`` rows of ``h`` at a time; see the module doc."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+    def forward(
+        ctx: Any,  # torch's FunctionCtx stubs declare none of the attributes a Function sets
         h: Tensor,
         weight: Tensor,
         bias: Tensor | None,
@@ -101,9 +102,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return ce
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad_ce: Tensor
-    ) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_ce: Tensor) -> tuple[Tensor | None, ...]:
         h, weight, bias, targets, lse = ctx.saved_tensors
         dtype, chunk = ctx.dtype, ctx.chunk
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -164,6 +163,7 @@ def row_answer_losses(
     """``loss_sum [num_rows]`` (fp32): per row, the summed cross-entropy of its answer tokens
     (``h [A, D]`` the hidden states predicting them, ``rows [A]`` their rows)."""
     if uses_chunked_head(head):
+        assert isinstance(head, nn.Linear)  # uses_chunked_head checked it
         ce = linear_cross_entropy(h, head.weight, head.bias, targets)
     else:
         ce = F.cross_entropy(head(h).float(), targets, reduction="none")

@@ -11,10 +11,17 @@ import torch
 from torch import nn
 
 from aimkp.errors import UsageError
-from aimkp.models.adapter import MLLMAdapter, get_adapter
+from aimkp.models.adapter import MLLMAdapter
 from aimkp.models.attention import apply_attention
-from aimkp.models.checkpoint import ADAPTER_CONFIG, validate_checkpoint
+from aimkp.models.checkpoint import (
+    ADAPTER_CONFIG,
+    adapter_base_name,
+    load_local,
+    resolve_base,
+    validate_checkpoint,
+)
 from aimkp.models.hub import looks_like_hub_id, resolve_hub_id
+from aimkp.models.registry import adapter_class, get_adapter
 
 
 @dataclass
@@ -75,8 +82,6 @@ def check_model_spec(spec: str | pathlib.Path) -> str:
     if p.is_dir() and (p / "config.json").is_file():
         _check_model_type(p / "config.json")
     elif p.is_dir() and (p / ADAPTER_CONFIG).is_file():
-        from aimkp.models.peft_io import adapter_base_name, resolve_base
-
         resolve_base(adapter_base_name(p), p)  # the base it names must be here too
     else:
         raise UsageError(
@@ -99,8 +104,6 @@ def _names_a_local_path(spec: str) -> bool:
 
 def _check_model_type(config_file: pathlib.Path) -> None:
     import json
-
-    from aimkp.models.adapter import adapter_class
 
     try:
         model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
@@ -156,13 +159,9 @@ def load_model(
         preset: str | None = spec_s
         info: dict[str, Any] = {"source": f"preset:{spec_s}"}
     elif pathlib.Path(spec_s).is_dir():
-        from aimkp.models.checkpoint import load_local
-
         model, tok, proc, preset, info = load_local(pathlib.Path(spec_s), dtype=dtype, attn=impl)
         _check_tokenizer(spec_s, model, tok)
     else:  # a hub id: check_model_spec found it in the local cache
-        from aimkp.models.checkpoint import load_local
-
         snapshot = resolve_hub_id(spec_s)
         model, tok, proc, preset, info = load_local(snapshot, dtype=dtype, attn=impl)
         _check_tokenizer(spec_s, model, tok)

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from aimkp.models.adapter import get_adapter, unwrap_model
+from aimkp.models.adapter import unwrap_model
+from aimkp.models.registry import get_adapter
 
 if TYPE_CHECKING:
     from aimkp.models import LoadedModel

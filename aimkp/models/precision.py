@@ -42,10 +42,12 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
     return dtype
 
 
-def autocast_dtype(base: torch.dtype, bf16: bool) -> bool | torch.dtype:
-    """What the training step's ``bf16`` argument gets: the base's half dtype (autocast to it),
-    else the ``--bf16`` flag (bf16 autocast on CUDA when True)."""
-    return base if base in HALF else bf16
+def autocast_dtype(base: torch.dtype, bf16: bool) -> torch.dtype | None:
+    """The training step's autocast dtype (``StepOptions.amp_dtype``): the base's half dtype,
+    else bfloat16 with ``--bf16``, else None (no autocast)."""
+    if base in HALF:
+        return base
+    return torch.bfloat16 if bf16 else None
 
 
 def cast_frozen_base(loaded: Any, dtype: torch.dtype) -> int:

@@ -28,17 +28,19 @@ from typing import Any
 from torch import nn
 
 from aimkp.errors import CheckpointError
-from aimkp.models.adapter import get_adapter
 from aimkp.models.checkpoint import (
     ADAPTER_CONFIG,
+    adapter_base_name,
     load_local,
     read_meta,
+    resolve_base,
+    save_adapter,
     save_full_weights,
     save_processors,
     write_meta,
 )
 from aimkp.models.loading import LoadedModel, load_model
-from aimkp.models.peft_io import adapter_base_name, resolve_base, save_adapter
+from aimkp.models.registry import get_adapter
 
 BASE_DIR = "base"
 ADAPTER_DIR = "adapter"

@@ -1,4 +1,3 @@
-"""Run infrastructure beside the training loop: checkpoint directories (:mod:`.checkpoints`),
-resumable state (:mod:`.state`), the run lock (:mod:`.lock`), signal handling (:mod:`.signals`),
-resume option checks (:mod:`.resume_check`) and the metrics / step logs (:mod:`.metrics_log`,
-:mod:`.step_log`)."""
+"""What a run directory holds: checkpoint directories (:mod:`.checkpoints`), resumable state
+(:mod:`.state`) and the run lock (:mod:`.lock`). The loop's own helpers (signal handling, resume
+option checks, metrics and step logs) live in :mod:`aimkp.train`, which builds on this package."""

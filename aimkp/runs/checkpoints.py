@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from aimkp.atomic import atomic_dir, tree_bytes
 from aimkp.errors import UsageError
+from aimkp.method.nonfinite import check_finite_weights
+from aimkp.models.checkpoint import save_checkpoint
+from aimkp.runs.state import save_train_state
 
 if TYPE_CHECKING:
     from aimkp.train.run import TrainRun
@@ -27,16 +30,12 @@ SPACE_MARGIN = 1.1  # free space wanted: the estimated checkpoint bytes times th
 def save_model(run: TrainRun, name: str, extra: dict[str, Any]) -> None:
     """``OUTPUT/<name>``: the model (LoRA: a peft adapter naming one copy of a preset's initial
     base per run, ``OUTPUT/base``). Refused when a trainable weight is non-finite."""
-    from aimkp.method.nonfinite import check_finite_weights
-
     check_finite_weights(run.model, str(run.out / name))
     with atomic_dir(run.out / name, need_bytes=model_bytes(run)) as tmp:
         _write_model(run, tmp, extra)
 
 
 def _write_model(run: TrainRun, directory: pathlib.Path, extra: dict[str, Any]) -> None:
-    from aimkp.models.checkpoint import save_checkpoint
-
     save_checkpoint(directory, run.loaded, extra_json=extra, base_dir=run.out / "base")
 
 
@@ -44,8 +43,6 @@ def save_last(run: TrainRun, partial: dict[str, Any] | None = None) -> None:
     """``OUTPUT/last``: the model and the full training state at ``run.progress`` (mid-epoch
     when ``progress.epoch_step`` > 0; ``partial``: the epoch's totals so far). With
     ``--keep-last`` also a copy as ``OUTPUT/step-NNNNNN``."""
-    from aimkp.method.nonfinite import check_finite_weights
-
     p = run.progress
     check_finite_weights(run.model, str(run.out / "last"))
     with atomic_dir(run.out / "last", need_bytes=checkpoint_bytes(run)) as tmp:
@@ -56,15 +53,10 @@ def save_last(run: TrainRun, partial: dict[str, Any] | None = None) -> None:
 
 
 def _write_state(run: TrainRun, directory: pathlib.Path, partial: dict[str, Any] | None) -> None:
-    from aimkp.runs.state import save_train_state
-
     p = run.progress
     save_train_state(
         directory,
-        model=run.model,
-        optimizer=run.optimizer,
-        scheduler=run.scheduler,
-        strides=run.strides,
+        **run.stateful(),
         epoch=p.epoch,
         step=p.step,
         best_score=p.best_score,

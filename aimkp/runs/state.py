@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from aimkp.atomic import recover
 from aimkp.errors import CheckpointError, UsageError
 from aimkp.method.pmm import StrideTable
 
@@ -144,8 +145,6 @@ def save_train_state(
 def find_train_state(directory: str | pathlib.Path) -> pathlib.Path:
     """``train_state.pt`` of a run's ``last`` directory (or of the directory itself). A
     ``last`` left renamed aside by a crash in the middle of its swap is put back first."""
-    from aimkp.atomic import recover
-
     d = pathlib.Path(directory)
     recover(d / "last")
     for cand in (d / STATE_FILE, d / "last" / STATE_FILE):

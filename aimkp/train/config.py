@@ -15,15 +15,13 @@ import pathlib
 from dataclasses import dataclass
 from typing import Any
 
+from aimkp.choices import GF_REDUCE, MASK_MODES, REWEIGHT_WAYS
 from aimkp.data.options import ON_BAD_RECORD, ON_MISSING_IMAGE
 from aimkp.errors import UsageError
 
 METHODS = ("aimkp", "sft")
-MASK_MODES = ("compact", "attention", "auto")
 ATTN = ("auto", "sdpa", "varlen", "flash", "eager")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-GF_REDUCE = ("mean", "sum")
-REWEIGHT_WAYS = ("auto", "stash", "correction")  # --reweight: aimkp.method.correction
 REPORT_TO = ("auto", "tensorboard", "wandb", "none")
 
 

@@ -21,14 +21,18 @@ import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from aimkp.method.nonfinite import grads_finite
 from aimkp.method.step import StepResult, aimkp_step, sft_step
-from aimkp.runs.signals import StopRequest, exit_status
-from aimkp.runs.step_log import StepLog
+from aimkp.models.attention import kernel_name
+from aimkp.runs.checkpoints import save_last
+from aimkp.spans import tap
 from aimkp.train import distributed as D
 from aimkp.train.run import Progress, TrainRun
+from aimkp.train.signals import StopRequest, exit_status
 from aimkp.train.stats import EpochStats
+from aimkp.train.step_log import StepLog
 
 log = logging.getLogger("aimkp.train")
 
@@ -41,32 +45,10 @@ def epoch_order(run: TrainRun, epoch: int) -> list[int]:
 
 def micro_step(run: TrainRun, indices: Sequence[int], n_total: float) -> StepResult:
     """One AimKP (or SFT) micro-step on the samples ``indices``; adds to ``.grad``."""
-    cfg = run.cfg
     samples = [run.samples[i] for i in indices]
     if run.strides is None:
-        return sft_step(
-            run.loaded,
-            samples,
-            n_total,
-            mask_mode=run.mask_mode,
-            device=run.device,
-            bf16=run.amp,
-        )
-    return aimkp_step(
-        run.loaded,
-        samples,
-        indices,
-        run.strides,
-        n_total,
-        tau_text=cfg.tau_text,
-        tau_image=cfg.tau_image,
-        reduce=cfg.gf_reduce,
-        grand_threshold=cfg.grand_threshold,
-        mask_mode=run.mask_mode,
-        device=run.device,
-        bf16=run.amp,
-        reweight=cfg.reweight,
-    )
+        return sft_step(run.loaded, samples, n_total, run.step_options)
+    return aimkp_step(run.loaded, samples, indices, run.strides, n_total, run.step_options)
 
 
 def accumulate(run: TrainRun, global_idx: Sequence[int]) -> Iterator[StepResult]:
@@ -91,7 +73,8 @@ def optimizer_step(run: TrainRun, used_rows: int) -> bool:
     D.all_reduce_grads(model.parameters(), run.ctx)
     params = [p for p in model.parameters() if p.requires_grad]
     (used_total,) = D.all_reduce_sum([used_rows], run.ctx)
-    ok = run.skip_guard.step_ok(used_total > 0 and grads_finite(params), run.progress.step)
+    finite = tap("grads_finite", grads_finite(params))
+    ok = run.skip_guard.step_ok(used_total > 0 and finite, run.progress.step)
     run.grad_norm = None
     if ok:
         if run.cfg.max_grad_norm is not None:
@@ -126,7 +109,6 @@ def backend_names(res: StepResult) -> dict[str, str]:
     ran = res.ran
     if ran is None:
         raise ValueError("the step result has no record of its row forward")
-    from aimkp.models.attention import kernel_name
 
     kernel = kernel_name(ran.attention)
     return {
@@ -151,8 +133,6 @@ def run_epoch(
     rank's totals and the epoch's wall time (seconds, including the strides' reconcile across
     ranks and, resumed, the time before the interruption). ``step_log``: per-step rows
     (``--logging-steps``)."""
-    from tqdm.auto import tqdm
-
     cfg, gb, p = run.cfg, run.global_batch, run.progress
     order = epoch_order(run, epoch)
     stats, t0 = resume_point(p)
@@ -196,8 +176,6 @@ def after_step(run: TrainRun, stats: EpochStats, seconds: float, stop: StopReque
     """The hooks after each optimizer step: on SIGINT / SIGTERM save ``OUTPUT/last`` and exit
     (130 / 143); every ``--save-every`` steps a mid-epoch ``OUTPUT/last`` (the epoch's last
     step is saved by the end of the epoch)."""
-    from aimkp.runs.checkpoints import save_last
-
     p, cfg = run.progress, run.cfg
     signum = None if stop is None else stop.agreed(run.ctx)
     periodic = cfg.save_every is not None and p.step % cfg.save_every == 0

@@ -9,7 +9,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from aimkp.eval.predict import Predictor
 from aimkp.method.step import autocast_ctx
+from aimkp.metrics.cmkp import score_cmkp
+from aimkp.models import precision as P
 
 if TYPE_CHECKING:
     from aimkp.data import Record
@@ -27,25 +30,19 @@ def majority_keyphrases(records: Sequence[Record], k: int = 5) -> list[str]:
 
 def score_predictions(preds: list[list[str]], records: Sequence[Record]) -> Scores:
     """CMKP-protocol F1@1, F1@3, MAP@5 (percent) plus their sum ``score``."""
-    from aimkp.metrics.cmkp import score_cmkp
-
     m = score_cmkp([r.text for r in records], [r.keyphrases for r in records], preds)
     out = {k: float(m[k]) for k in ("F1@1", "F1@3", "F1@5", "MAP@5") if k in m}
     out["score"] = out["F1@1"] + out["F1@3"] + out["MAP@5"]
     return out
 
 
-def _eval_amp(cfg: TrainConfig, device: torch.device) -> bool | torch.dtype:
+def _eval_amp(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """Autocast for decoding: a half frozen base computes with fp32 trainable weights."""
-    from aimkp.models import precision as P
-
     return P.autocast_dtype(P.resolve_dtype(cfg.dtype, device), cfg.bf16)
 
 
 def evaluate(loaded: LoadedModel, records: Sequence[Record], cfg: TrainConfig) -> Scores:
     """Greedy decoding on ``records`` and CMKP scores; the model is left in train mode."""
-    from aimkp.eval.predict import Predictor
-
     model = loaded.model
     was_training = model.training
     model.eval()

@@ -13,7 +13,7 @@ each epoch: totals over the ranks, greedy decoding on the validation split score
 protocol (:mod:`aimkp.train.evaluation`), best checkpoint by F1@1 + F1@3 + MAP@5
 (``OUTPUT/best``), latest with the full training state (``OUTPUT/last``), one row per epoch in
 ``OUTPUT/metrics.csv`` (and the ``--report-to`` reporter), every ``--logging-steps`` optimizer
-steps a row of ``OUTPUT/steps.csv`` (:mod:`aimkp.runs.step_log`); after the last epoch the optional
+steps a row of ``OUTPUT/steps.csv`` (:mod:`aimkp.train.step_log`); after the last epoch the optional
 test-split comparison with the majority and untrained baselines.
 """
 
@@ -24,10 +24,10 @@ import os
 from typing import Any
 
 from aimkp.runs.checkpoints import check_free_space, save_last, save_model
-from aimkp.runs.metrics_log import MetricsLog
-from aimkp.runs.signals import StopRequest
-from aimkp.runs.step_log import StepLog
+from aimkp.runs.lock import run_lock
+from aimkp.runs.state import load_trainable_state, read_train_state, trainable_state
 from aimkp.train.config import TrainConfig
+from aimkp.train.data import load_split
 from aimkp.train.epoch import BackendLog, run_epoch
 from aimkp.train.evaluation import (
     baseline_scores,
@@ -36,6 +36,9 @@ from aimkp.train.evaluation import (
     print_comparison,
     score_predictions,
 )
+from aimkp.train.metrics_log import MetricsLog
+from aimkp.train.reporting import Reporter, make_reporter
+from aimkp.train.resume_check import check_resume_options
 from aimkp.train.run import (
     TrainRun,
     build_optimizer,
@@ -44,7 +47,9 @@ from aimkp.train.run import (
     resume,
     set_up,
 )
+from aimkp.train.signals import StopRequest
 from aimkp.train.stats import EpochStats
+from aimkp.train.step_log import StepLog
 
 __all__ = [
     "build_optimizer",
@@ -62,8 +67,6 @@ log = logging.getLogger("aimkp.train")
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training as configured; returns a summary dict (history, best score, paths). The run
     directory is locked for the run (rank 0; a second run into it is refused)."""
-    from aimkp.runs.lock import run_lock
-
     with run_lock(cfg.output, enabled=int(os.environ.get("RANK", "0") or 0) == 0):
         return _train(cfg)
 
@@ -89,11 +92,9 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
 
 def read_resume_state(cfg: TrainConfig) -> tuple[dict[str, Any] | None, list[str]]:
     """With ``--resume``: the saved training state and the accepted option changes (UsageError
-    naming every refused one, see :mod:`aimkp.runs.resume_check`)."""
+    naming every refused one, see :mod:`aimkp.train.resume_check`)."""
     if not cfg.resume:
         return None, []
-    from aimkp.runs.resume_check import check_resume_options
-    from aimkp.runs.state import read_train_state
 
     state = read_train_state(cfg.resume)
     return state, check_resume_options(state["config"], cfg)
@@ -101,8 +102,6 @@ def read_resume_state(cfg: TrainConfig) -> tuple[dict[str, Any] | None, list[str
 
 def reporter_of(run: TrainRun) -> Any:
     """The ``--report-to`` reporter on rank 0 (a no-op one on the others)."""
-    from aimkp.train.reporting import Reporter, make_reporter
-
     if not run.is_main:
         return Reporter()
     return make_reporter(run.cfg.report_to, run.out, run.cfg.to_dict())
@@ -148,7 +147,7 @@ def epoch_row(run: TrainRun, epoch: int, stats: EpochStats, seconds: float) -> d
     row = stats.as_row(
         epoch=epoch + 1,
         step=run.progress.step,
-        lr=run.scheduler.get_last_lr()[0],
+        lr=float(run.scheduler.get_last_lr()[0]),
         seconds=seconds,
         n_samples=len(run.samples),
     )
@@ -164,8 +163,6 @@ def epoch_row(run: TrainRun, epoch: int, stats: EpochStats, seconds: float) -> d
 def validate_and_select(run: TrainRun, epoch: int) -> dict[str, float]:
     """Validation scores (``valid_*``); a new best score saves ``OUTPUT/best`` and keeps the
     trainable weights for the final test comparison."""
-    from aimkp.runs.state import trainable_state
-
     ev = evaluate(run.loaded, run.valid_records, run.cfg)
     p = run.progress
     if p.best_score is None or ev["score"] > p.best_score:
@@ -192,8 +189,6 @@ def summarize(run: TrainRun) -> dict[str, Any]:
 
 def load_test_split(cfg: TrainConfig) -> list[Any]:
     """The test split, capped at ``eval_max_samples``."""
-    from aimkp.train.data import load_split
-
     return load_split(cfg, "test")[: cfg.eval_max_samples]
 
 
@@ -202,8 +197,6 @@ def compare_on_test(
 ) -> dict[str, dict[str, float]]:
     """Score the best epoch's weights on the test split next to the baselines; print the table
     and write ``OUTPUT/baselines.csv``."""
-    from aimkp.runs.state import load_trainable_state
-
     recs = load_test_split(run.cfg)
     if run.best_state is not None:
         load_trainable_state(run.model, run.best_state)

@@ -14,10 +14,19 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import get_cosine_schedule_with_warmup, set_seed
 
 from aimkp.method.nonfinite import SkipGuard
+from aimkp.method.options import StepOptions
 from aimkp.method.pmm import StrideTable
+from aimkp.models import load_model
+from aimkp.models import precision as P
+from aimkp.models.forward import use_masked_embedding_module
+from aimkp.models.lora import apply_lora
+from aimkp.runs.state import restore_train_state
+from aimkp.train import distributed as D
 from aimkp.train.config import TrainConfig
+from aimkp.train.data import load_split
 
 if TYPE_CHECKING:
     from aimkp.data import Record
@@ -54,7 +63,7 @@ class TrainRun:
     valid_records: list[Record]
     samples: list[EncodedSample]  # the encoded training records
     strides: StrideTable | None  # AimKP's PMM schedule (None for SFT)
-    mask_mode: str
+    step_options: StepOptions  # the micro-step's options, built once from cfg
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     global_batch: int  # samples per optimizer step over all ranks
@@ -75,12 +84,15 @@ class TrainRun:
     def is_main(self) -> bool:
         return self.ctx.is_main
 
-    @property
-    def amp(self) -> bool | torch.dtype:
-        """The step's autocast: the frozen base's half dtype (``--dtype``), else ``--bf16``."""
-        from aimkp.models import precision as P
-
-        return P.autocast_dtype(P.resolve_dtype(self.cfg.dtype, self.device), self.cfg.bf16)
+    def stateful(self) -> dict[str, Any]:
+        """What the training state saves and restores besides the progress: model, optimizer,
+        schedule and strides (the keyword arguments of ``aimkp.runs.state``'s functions)."""
+        return {
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "strides": self.strides,
+        }
 
     @property
     def last_epoch(self) -> int:
@@ -98,8 +110,6 @@ def build_scheduler(
     then cosine decay to 0 at ``total_steps``, the schedule ``Trainer`` builds for
     ``lr_scheduler_type="cosine"`` (so :class:`aimkp.integrations.transformers.AimKPTrainer`
     runs the same one)."""
-    from transformers import get_cosine_schedule_with_warmup
-
     return get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
 
 
@@ -109,7 +119,8 @@ def build_optimizer(
     """AdamW; the projector's parameters (the adapter's ``projector`` module) at
     ``projector_lr``, everything else trainable at ``lr``."""
     in_proj = {id(p) for p in projector.parameters()}
-    main, proj = [], []
+    main: list[torch.nn.Parameter] = []
+    proj: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (proj if id(p) in in_proj else main).append(p)
@@ -124,8 +135,6 @@ def build_optimizer(
 
 
 def _load_records(cfg: TrainConfig) -> tuple[list[Record], list[Record]]:
-    from aimkp.train.data import load_split
-
     train_recs = load_split(cfg, "train")[: cfg.max_train_samples]
     valid_recs = load_split(cfg, "valid")[: cfg.eval_max_samples]
     return train_recs, valid_recs
@@ -135,11 +144,6 @@ def _load_trainable_model(
     cfg: TrainConfig, train_recs: list[Record], device: torch.device
 ) -> LoadedModel:
     """The model with LoRA (or full fine-tuning) applied and the input embedding set up."""
-    from aimkp.models import load_model
-    from aimkp.models import precision as P
-    from aimkp.models.forward import use_masked_embedding_module
-    from aimkp.models.lora import apply_lora
-
     dtype = torch.bfloat16 if (cfg.bf16 and device.type == "cuda" and cfg.full_finetune) else None
     loaded = load_model(
         cfg.model,
@@ -174,8 +178,6 @@ def _load_trainable_model(
 
 def set_up(cfg: TrainConfig) -> TrainRun:
     """Validate ``cfg``, join the ranks, seed, load data and model, build optimizer + schedule."""
-    from aimkp.train import distributed as D
-
     cfg.validate()
     out = pathlib.Path(cfg.output)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -185,7 +187,6 @@ def set_up(cfg: TrainConfig) -> TrainRun:
         out.mkdir(parents=True, exist_ok=True)
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
-    from transformers import set_seed
 
     set_seed(cfg.seed)  # python, numpy, torch (and CUDA) generators
     train_recs, valid_recs = _load_records(cfg)
@@ -196,8 +197,10 @@ def set_up(cfg: TrainConfig) -> TrainRun:
         torch.manual_seed(cfg.seed + 7919 * ctx.rank)  # own dropout masks per rank
     model.train()
     samples = [loaded.adapter.encode(r) for r in train_recs]
-    mask_mode = cfg.resolved_mask_mode()
-    log.info("row mode: %s (--mask-mode %s, attention %s)", mask_mode, cfg.mask_mode, cfg.attn)
+    options = step_options(cfg, device)
+    log.info(
+        "row mode: %s (--mask-mode %s, attention %s)", options.mask_mode, cfg.mask_mode, cfg.attn
+    )
     global_batch = cfg.effective_batch * ctx.world_size
     steps_per_epoch = math.ceil(len(samples) / global_batch)
     total_steps = steps_per_epoch * cfg.epochs
@@ -214,7 +217,7 @@ def set_up(cfg: TrainConfig) -> TrainRun:
         valid_records=valid_recs,
         samples=samples,
         strides=StrideTable(len(samples)) if cfg.method == "aimkp" else None,
-        mask_mode=mask_mode,
+        step_options=options,
         optimizer=optimizer,
         scheduler=scheduler,
         global_batch=global_batch,
@@ -223,18 +226,17 @@ def set_up(cfg: TrainConfig) -> TrainRun:
     )
 
 
+def step_options(cfg: TrainConfig, device: torch.device) -> StepOptions:
+    """The micro-step's options of ``cfg`` on ``device``; the autocast dtype is the frozen base's
+    half dtype (``--dtype``), else bf16 with ``--bf16``."""
+    amp_dtype = P.autocast_dtype(P.resolve_dtype(cfg.dtype, device), cfg.bf16)
+    return StepOptions.from_fields(cfg, device=device, amp_dtype=amp_dtype)
+
+
 def resume(run: TrainRun, st: dict[str, Any], directory: str) -> None:
     """Restore weights, optimizer, schedule, strides, RNG and progress from the training state
     ``st`` read from ``directory``."""
-    from aimkp.runs.state import restore_train_state
-
-    restore_train_state(
-        st,
-        model=run.model,
-        optimizer=run.optimizer,
-        scheduler=run.scheduler,
-        strides=run.strides,
-    )
+    restore_train_state(st, **run.stateful())
     run.progress = Progress(
         epoch=int(st["epoch"]),
         step=int(st["step"]),

@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from aimkp.train.distributed import all_reduce_sum
+
 if TYPE_CHECKING:
     from aimkp.method.step import StepResult
     from aimkp.train.distributed import DistContext
@@ -61,13 +63,13 @@ class EpochStats:
         """Totals over the ranks, field by field (self when not distributed)."""
         if not ctx.enabled:
             return self
-        from aimkp.train.distributed import all_reduce_sum
 
         fields = dataclasses.fields(self)
         sums = all_reduce_sum([getattr(self, f.name) for f in fields], ctx)
-        return EpochStats(
-            **{f.name: v if f.type == "float" else int(v) for f, v in zip(fields, sums)}
-        )
+        values: dict[str, Any] = {
+            f.name: v if f.type == "float" else int(v) for f, v in zip(fields, sums)
+        }
+        return EpochStats(**values)
 
     @property
     def train_loss(self) -> float:

@@ -6,16 +6,14 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-import sys
 
 import pytest
 
 from aimkp.cli import main
+from benchmarks.bench_breakdown import ORDER
+from benchmarks.fit import loglog_fit
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_breakdown import ORDER  # noqa: E402
-from fit import loglog_fit  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -58,8 +58,7 @@ def test_dry_run_skips_every_gpu_step(tmp_path):
 
 def test_without_cuda_every_gpu_step_has_its_reason():
     """What a plain run (no --dry-run) skips on a machine without CUDA, and why."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import gpu_check
+    from benchmarks import gpu_check
 
     reasons = {s.name: gpu_check._skip_reason(s, False, False, 400.0) for s in gpu_check.steps()}
     assert reasons.pop("env") is None

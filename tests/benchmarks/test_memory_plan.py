@@ -3,23 +3,17 @@ layer by storage kind, saved activations per layer, and the extrapolation arithm
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
 import pytest
 import torch
 
+from aimkp.method.options import StepOptions
+from aimkp.method.pmm import StrideTable
+from aimkp.method.step import aimkp_step
+from benchmarks import memory_plan as M
 from tests.helpers.models import (
-    _one_thread,  # noqa: F401 - autouse: single-threaded tests
     records,
     tiny,
 )
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
-import memory_plan as M  # noqa: E402
-
-from aimkp.method.pmm import StrideTable  # noqa: E402
-from aimkp.method.step import aimkp_step  # noqa: E402
 
 
 def test_tensor_bytes_counts_each_storage_once():
@@ -42,7 +36,9 @@ def test_stash_and_saved_counts_on_tiny_llava(storage):
     counts: list = []
     with M.saved_in_layer(layer, params) as saved:
         with M.engine_storage(storage, counts, saved["ptrs"]):
-            res = aimkp_step(loaded, samples, [0, 1], table, 20.0, update_strides=False)
+            res = aimkp_step(
+                loaded, samples, [0, 1], table, 20.0, StepOptions(update_strides=False)
+            )
     (c,) = counts
     assert saved["bytes"] > 0 and c is not None
     lora = [m for n, m in layer.named_modules() if n.endswith(("lora_A.default", "lora_B.default"))]

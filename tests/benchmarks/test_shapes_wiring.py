@@ -7,17 +7,15 @@ from __future__ import annotations
 import argparse
 import math
 import pathlib
-import sys
 
 import pytest
 
+from benchmarks import runner
+from benchmarks.common import resolve_shape
+from benchmarks.workload import build_workload, run_aimkp
 from tests.helpers.shapes import SMALL
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "benchmarks"))
-import runner  # noqa: E402
-from common import resolve_shape  # noqa: E402
-from workload import build_workload, run_aimkp  # noqa: E402
 
 
 def test_the_shape_reaches_the_step_benchmarks_only():

@@ -114,10 +114,10 @@ def test_evaluate_without_matplotlib_says_so_before_decoding(tmp_path, capsys, m
 
 
 def test_compare_without_matplotlib_says_so_before_training(tmp_path, capsys, monkeypatch):
-    import aimkp.eval.compare
+    import aimkp.compare.run
 
     _no_matplotlib(monkeypatch)
-    monkeypatch.setattr(aimkp.eval.compare, "run_all", lambda spec: pytest.fail("trained"))
+    monkeypatch.setattr(aimkp.compare.run, "run_all", lambda spec: pytest.fail("trained"))
     code = main(["compare", "--quick", "--seeds", "1", "--output", str(tmp_path / "cmp")])
     err = _error_lines(capsys)
     assert code == 2 and len(err) == 1 and "compare.png needs the matplotlib package" in err[0]
@@ -214,12 +214,12 @@ def test_save_checkpoint_outside_a_run_follows_the_umask(tmp_path) -> None:
 
 
 def test_compare_names_a_variant_option_that_does_nothing(tmp_path, caplog, monkeypatch):
-    import aimkp.eval.compare
+    import aimkp.compare.run
 
     def stop(spec):
         raise UsageError("stopped before training")
 
-    monkeypatch.setattr(aimkp.eval.compare, "run_all", stop)
+    monkeypatch.setattr(aimkp.compare.run, "run_all", stop)
     argv = ["compare", "--quick", "--seeds", "1", "--no-plot", "--methods",
             "aimkp,sft:tau_text=0.3", "--output", str(tmp_path / "cmp")]  # fmt: skip
     assert main(argv) == 2

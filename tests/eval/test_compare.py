@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from aimkp.cli import main
 from aimkp.data import load_dataset
@@ -33,13 +32,6 @@ TINY = [
     "--no-plot",
 ]
 SETTINGS = "clean,text_only,text_hidden"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

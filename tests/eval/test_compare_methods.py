@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from aimkp.eval.methods import parse_method, parse_methods
+from aimkp.compare.methods import parse_method, parse_methods
 
 
 def test_variant_options_are_typed() -> None:

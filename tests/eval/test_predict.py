@@ -13,7 +13,6 @@ from aimkp.eval.predict import Predictor, load_predictor, parse_keyphrases
 from aimkp.models import collate_rows, forward_rows, load_model, save_checkpoint
 from tests.helpers.models import (
     Record,
-    _one_thread,  # noqa: F401 - autouse: single-threaded tests
     image,
     records,
     tiny,

@@ -6,23 +6,10 @@ import functools
 from typing import Any
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
 from aimkp.data import Record
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls gain nothing from intra-op threads, and when the 2 cores are shared with
-    other test processes the OpenMP barriers cost 10-40x (measured 11.5 s vs 0.3 s for 8
-    tiny forwards). Modules that import this fixture run single-threaded; restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 TEXTS = [
     "wildflower hour in the spring meadow with bees",

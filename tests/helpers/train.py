@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import replace
+
 import numpy as np
 import torch
 from PIL import Image
 
-import aimkp.models
 from aimkp.data import Record
 from aimkp.method.pmm import StrideTable
+from aimkp.models import RowLosses
+from aimkp.spans import tapping
 
 WORDS = "red blue green circle square tree cat dog house sun moon star flower car boat".split()
 
@@ -43,21 +47,20 @@ def zero_trainable_grads(loaded):
         p.grad = None
 
 
-def poison_row_loss(monkeypatch, row: int, calls: int = 10**9) -> None:
-    """Make ``row``'s loss (hence its gradient) NaN in the next ``calls`` row forwards."""
-    real = aimkp.models.forward_rows
+def poison_row_loss(stack: contextlib.ExitStack, row: int, calls: int = 10**9) -> None:
+    """Make ``row``'s loss (hence its gradient) NaN in the next ``calls`` row forwards of the
+    step, through the step's ``row_losses`` tap (:mod:`aimkp.spans`), until ``stack`` closes."""
     left = [calls]
 
-    def poisoned(loaded, batch):
-        out = real(loaded, batch)
+    def poisoned(out: RowLosses) -> RowLosses:
         if left[0] <= 0:
             return out
         left[0] -= 1
         ls = out.loss_sum
         bad = ls[row : row + 1] * float("nan")  # only this row's backward sees the NaN
-        return type(out)(torch.cat([ls[:row], bad, ls[row + 1 :]]), out.n_tokens, out.ran)
+        return replace(out, loss_sum=torch.cat([ls[:row], bad, ls[row + 1 :]]))
 
-    monkeypatch.setattr(aimkp.models, "forward_rows", poisoned)
+    stack.enter_context(tapping("row_losses", poisoned))
 
 
 def weights_after_step(loaded, run_step, **adamw) -> list[torch.Tensor]:

@@ -5,15 +5,18 @@ loss); ``auto`` picks by memory. tiny-llava, LoRA + projector, fp32, dropout 0, 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
 
 from aimkp.method.correction import choose_reweight, stash_bytes
 from aimkp.method.nonfinite import grads_finite
+from aimkp.method.options import StepOptions
 from aimkp.method.step import aimkp_step, build_rows
+from aimkp.spans import listening
 from aimkp.train.config import TrainConfig
-from tests.helpers.models import _one_thread  # noqa: F401 - autouse: single-threaded tests
 from tests.helpers.train import (
     lora_tiny_llava,
     mixed_strides,
@@ -43,8 +46,7 @@ def _micro_steps(loaded, samples, way: str, split: int = 2, **kw):
             list(range(i, i + split)),
             t,
             n_total,
-            reweight=way,
-            **kw,
+            StepOptions(reweight=way, **kw),
         )
         for i in range(0, len(samples), split)
     ]
@@ -122,23 +124,23 @@ def test_no_rejection_runs_no_correction_pass(setup) -> None:
     _assert_same(got, ref)
 
 
-def test_nan_loss_reruns_without_its_sample(setup, monkeypatch) -> None:
+def test_nan_loss_reruns_without_its_sample(setup, taps) -> None:
     """A non-finite loss is caught before the backward: the step re-runs over the other
     samples, which equals the stash way's exact removal."""
     loaded, samples = setup
     n_total = float(sum(s.n_answer_tokens for s in samples))
     rows = build_rows(samples, [0, 1, 2, 3], _strides())
     orig_1 = next(r for r, c in enumerate(rows) if c.sample == 1 and c.kind is None)
-    kw = dict(tau_image=0.99)
-    poison_row_loss(monkeypatch, orig_1, calls=1)
+    opts = StepOptions(tau_image=0.99)
+    poison_row_loss(taps, orig_1, calls=1)
     ref, _ = _step_weights(
-        loaded, lambda: aimkp_step(loaded, samples, [0, 1, 2, 3], _strides(), n_total, **kw)
+        loaded, lambda: aimkp_step(loaded, samples, [0, 1, 2, 3], _strides(), n_total, opts)
     )
-    poison_row_loss(monkeypatch, orig_1, calls=1)  # only the first forward of the step
+    poison_row_loss(taps, orig_1, calls=1)  # only the first forward of the step
     got, res = _step_weights(
         loaded,
         lambda: aimkp_step(
-            loaded, samples, [0, 1, 2, 3], _strides(), n_total, reweight="correction", **kw
+            loaded, samples, [0, 1, 2, 3], _strides(), n_total, replace(opts, reweight="correction")
         ),
     )
     assert res.nonfinite_rows == sum(c.sample == 1 for c in rows) > 1
@@ -172,7 +174,9 @@ def test_nan_gradient_of_a_finite_loss_leaves_a_step_the_loop_skips(setup) -> No
         p.grad = None
     handle = _nan_gradient_of_row_0(loaded)
     try:
-        res = aimkp_step(loaded, samples, [0, 1, 2, 3], _strides(), n_total, reweight="correction")
+        res = aimkp_step(
+            loaded, samples, [0, 1, 2, 3], _strides(), n_total, StepOptions(reweight="correction")
+        )
     finally:
         handle.remove()
     assert res.nonfinite_rows > 0 and res.correction_rows == 0
@@ -185,18 +189,20 @@ def test_auto_picks_by_memory(setup, monkeypatch) -> None:
     loaded, samples = setup
     model = loaded.model
     assert TrainConfig().reweight == "auto"
-    assert choose_reweight("auto", model, 10**9, 100, "cpu", False) == "stash"  # CPU: always
+    assert choose_reweight("auto", model, 10**9, 100, "cpu", None) == "stash"  # CPU: always
     need = stash_bytes(model, 1000, 3, 2)
     assert need > 0
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * need, 10**12))
-    assert choose_reweight("auto", model, 1000, 3, "cuda", True) == "stash"
+    assert choose_reweight("auto", model, 1000, 3, "cuda", torch.bfloat16) == "stash"
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * need, 10**12))
-    assert choose_reweight("auto", model, 1000, 3, "cuda", True) == "correction"
-    assert choose_reweight("correction", model, 1000, 3, "cpu", False) == "correction"
+    assert choose_reweight("auto", model, 1000, 3, "cuda", torch.bfloat16) == "correction"
+    assert choose_reweight("correction", model, 1000, 3, "cpu", None) == "correction"
     with pytest.raises(ValueError, match="reweight"):
-        choose_reweight("rows", model, 1000, 3, "cpu", False)
+        choose_reweight("rows", model, 1000, 3, "cpu", None)
     n_total = float(sum(s.n_answer_tokens for s in samples))
-    res = aimkp_step(loaded, samples, [0, 1, 2, 3], _strides(), n_total, reweight="auto")
+    res = aimkp_step(
+        loaded, samples, [0, 1, 2, 3], _strides(), n_total, StepOptions(reweight="auto")
+    )
     assert res.reweight == "stash"
     for p in trainable_params(loaded):
         p.grad = None
@@ -211,7 +217,7 @@ def test_stash_bytes_of_a_linear_layer() -> None:
     assert stash_bytes(lin, 100, 3, 2) == 0
 
 
-def test_loop_passes_the_flag_and_logs_the_way(tmp_path, caplog, monkeypatch) -> None:
+def test_loop_passes_the_flag_and_logs_the_way(tmp_path, caplog) -> None:
     """``TrainConfig.reweight`` reaches the step through the loop: two epochs (the second one
     with copies; tau_image 0.99 rejects the image ones) give the stash run's weights, and the
     backends line names the way."""
@@ -243,22 +249,19 @@ def test_loop_passes_the_flag_and_logs_the_way(tmp_path, caplog, monkeypatch) ->
         m = out["model"]
         return {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
 
-    import aimkp.method.correction as correction
+    passes: list[str] = []
 
-    passes: list[int] = []
-    real = correction.correction_backward
+    def counted(name: str, event: str) -> None:
+        if name == "correction" and event == "end":
+            passes.append(name)
 
-    def counted(*a, **kw) -> int:
-        passes.append(real(*a, **kw))
-        return passes[-1]
-
-    monkeypatch.setattr(correction, "correction_backward", counted)
-    ref = run("stash")
-    assert passes == []
-    caplog.clear()
-    got = run("correction")
+    with listening(counted):
+        ref = run("stash")
+        assert passes == []
+        caplog.clear()
+        got = run("correction")
     assert "'reweight': 'correction'" in caplog.text
-    assert any(n > 0 for n in passes), "the run must exercise a correction pass"
+    assert passes, "the run must exercise a correction pass"
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], atol=1e-5, rtol=0, msg=n)
 
@@ -273,7 +276,7 @@ def test_auto_keeps_the_stash_while_dropout_is_active(monkeypatch):
     model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.05)).train()
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (1, 10**12))  # no room: correction
     assert C.has_active_dropout(model)
-    assert C.choose_reweight("auto", model, 100, 3, "cuda", False) == "stash"
+    assert C.choose_reweight("auto", model, 100, 3, "cuda", None) == "stash"
     model.eval()
     assert not C.has_active_dropout(model)
-    assert C.choose_reweight("auto", model, 10**9, 3, "cuda", False) == "correction"
+    assert C.choose_reweight("auto", model, 10**9, 3, "cuda", None) == "correction"

@@ -13,11 +13,13 @@ of a small fraction of lr (measured 1.1e-5 after 4 steps; 5e-5 is 0.5% of lr). C
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
 
 from aimkp.method.gf import provisional_weights
+from aimkp.method.options import StepOptions
 from aimkp.method.pmm import StrideTable
 from aimkp.method.reference import reference_step
 from aimkp.method.step import aimkp_step, build_rows, sft_step
@@ -33,16 +35,6 @@ from tests.helpers.train import (
 from tests.helpers.train import (
     zero_trainable_grads as _zero,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on 2 shared cores OpenMP barriers cost
-    10x or more. Single-threaded for this module, restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +60,12 @@ def test_gradient_matches_reference_with_rejections(setup) -> None:
         t.text[:] = torch.tensor([2, 4, 2, -2])
         t.image[:] = torch.tensor([2, 4, 2, 8])
     # image cosines here are ~0.6-0.8 and text ones ~0.999: tau_image 0.7 rejects some copies
-    kw = dict(tau_text=0.1, tau_image=0.7)
+    opts = StepOptions(tau_text=0.1, tau_image=0.7)
     _zero(loaded)
-    res = aimkp_step(loaded, samples, idx, t_a, n_total, **kw)
+    res = aimkp_step(loaded, samples, idx, t_a, n_total, opts)
     g_a = _grads(loaded)
     _zero(loaded)
-    _, info = reference_step(loaded, samples, idx, t_r, n_total, mask_mode="compact", **kw)
+    _, info = reference_step(loaded, samples, idx, t_r, n_total, opts)
     g_r = _grads(loaded)
     _zero(loaded)
     d = res.decision
@@ -92,18 +84,20 @@ def test_gradient_matches_reference_with_rejections(setup) -> None:
 def test_sum_reduce_and_accumulation_match_reference(setup) -> None:
     loaded, samples = setup
     n_total = float(sum(s.n_answer_tokens for s in samples))
-    kw = dict(tau_text=0.1, tau_image=0.7, reduce="sum")
+    opts = StepOptions(tau_text=0.1, tau_image=0.7, gf_reduce="sum")
     t_a, t_r = StrideTable(4), StrideTable(4)
     for t in (t_a, t_r):
         t.text[:] = 2
         t.image[:] = 2
     _zero(loaded)
     # two micro-batches accumulate into one step; weights divide by the whole batch's tokens
-    aimkp_step(loaded, samples[:2], [0, 1], t_a, n_total, **kw)
-    aimkp_step(loaded, samples[2:], [2, 3], t_a, n_total, **kw)
+    aimkp_step(loaded, samples[:2], [0, 1], t_a, n_total, opts)
+    aimkp_step(loaded, samples[2:], [2, 3], t_a, n_total, opts)
     g_a = _grads(loaded)
     _zero(loaded)
-    reference_step(loaded, samples, [0, 1, 2, 3], t_r, n_total, **kw)  # attention mode
+    reference_step(
+        loaded, samples, [0, 1, 2, 3], t_r, n_total, replace(opts, mask_mode="attention")
+    )
     g_r = _grads(loaded)
     _zero(loaded)
     scale = max(float(g.abs().max()) for g in g_r)
@@ -116,7 +110,8 @@ def test_training_steps_match_reference(setup) -> None:
     """Four optimizer steps (AdamW) over the natural PMM schedule: first visit without copies,
     then copies at stride 2, then 4 or frozen; same parameters, decisions and strides."""
     base, samples = setup
-    kw = dict(tau_text=0.9, tau_image=0.85)  # rejects some copies on this data (asserted below)
+    # rejects some copies on this data (asserted below)
+    opts = StepOptions(tau_text=0.9, tau_image=0.85)
     runs = {}
     for name in ("aimkp", "reference"):
         loaded = copy.deepcopy(base)
@@ -129,7 +124,7 @@ def test_training_steps_match_reference(setup) -> None:
         for _ in range(4):
             n_total = float(sum(s.n_answer_tokens for s in samples))
             if name == "aimkp":
-                r = aimkp_step(loaded, samples, [0, 1, 2, 3], table, n_total, **kw)
+                r = aimkp_step(loaded, samples, [0, 1, 2, 3], table, n_total, opts)
                 kept_log.append(r.decision.kept.tolist())
             else:
                 _, info = reference_step(
@@ -138,8 +133,7 @@ def test_training_steps_match_reference(setup) -> None:
                     [0, 1, 2, 3],
                     table,
                     n_total,
-                    mask_mode="compact",
-                    **kw,
+                    opts,
                 )
                 kept_log.append([k for i in info for k in i["kept"]])
             opt.step()
@@ -163,7 +157,14 @@ def test_sft_step_gradient(setup) -> None:
     g_a = _grads(loaded)
     _zero(loaded)
     t = StrideTable(4)  # all strides 1: the reference trains on originals only
-    reference_step(loaded, samples, [0, 1, 2, 3], t, n_total, update_strides=False)
+    reference_step(
+        loaded,
+        samples,
+        [0, 1, 2, 3],
+        t,
+        n_total,
+        StepOptions(mask_mode="attention", update_strides=False),
+    )
     g_r = _grads(loaded)
     _zero(loaded)
     assert res.n_rows == 4 and res.n_answer_tokens == int(n_total)
@@ -231,11 +232,11 @@ def test_full_finetune_matches_reference(embedding: str, mode: str) -> None:
     for t in (t_a, t_r):
         t.text[:] = 2
         t.image[:] = 4
-    kw = dict(tau_text=0.1, tau_image=0.9)
-    res = aimkp_step(loaded, samples, [0, 1, 2], t_a, n_total, mask_mode=mode, **kw)
+    opts = StepOptions(tau_text=0.1, tau_image=0.9)
+    res = aimkp_step(loaded, samples, [0, 1, 2], t_a, n_total, replace(opts, mask_mode=mode))
     g_a = _grads(loaded)
     _zero(loaded)
-    _, info = reference_step(loaded, samples, [0, 1, 2], t_r, n_total, mask_mode="compact", **kw)
+    _, info = reference_step(loaded, samples, [0, 1, 2], t_r, n_total, opts)
     g_r = _grads(loaded)
     assert len(g_a) == len(g_r) == sum(p.requires_grad for p in loaded.model.parameters())
     assert res.decision.kept.tolist() == [k for i in info for k in i["kept"]]
@@ -268,11 +269,11 @@ def test_qwen2vl_step_matches_reference() -> None:
     for t in (t_a, t_r):
         t.text[:] = 2
         t.image[:] = 2
-    kw = dict(tau_text=0.1, tau_image=0.9)
-    res = aimkp_step(loaded, samples, [0, 1, 2], t_a, n_total, **kw)
+    opts = StepOptions(tau_text=0.1, tau_image=0.9)
+    res = aimkp_step(loaded, samples, [0, 1, 2], t_a, n_total, opts)
     g_a = _grads(loaded)
     _zero(loaded)
-    _, info = reference_step(loaded, samples, [0, 1, 2], t_r, n_total, mask_mode="compact", **kw)
+    _, info = reference_step(loaded, samples, [0, 1, 2], t_r, n_total, opts)
     g_r = _grads(loaded)
     assert res.decision.kept.tolist() == [k for i in info for k in i["kept"]]
     torch.testing.assert_close(
@@ -294,12 +295,15 @@ def test_grand_pruning_matches_reference(setup) -> None:
     for t in (t_a, t_r):
         t.text[:] = 2
         t.image[:] = 2
-    kw = dict(grand_threshold=0.5)  # low: prunes the sample(s) with the largest gradient norm
+    # low: prunes the sample(s) with the largest gradient norm
+    opts = StepOptions(grand_threshold=0.5)
     _zero(loaded)
-    res = aimkp_step(loaded, samples, [0, 1, 2, 3], t_a, n_total, **kw)
+    res = aimkp_step(loaded, samples, [0, 1, 2, 3], t_a, n_total, opts)
     g_a = _grads(loaded)
     _zero(loaded)
-    _, info = reference_step(loaded, samples, [0, 1, 2, 3], t_r, n_total, **kw)
+    _, info = reference_step(
+        loaded, samples, [0, 1, 2, 3], t_r, n_total, replace(opts, mask_mode="attention")
+    )
     g_r = _grads(loaded)
     _zero(loaded)
     assert res.decision.pruned.tolist() == [i["pruned"] for i in info]

@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 from aimkp.models import collate_rows, flash_varlen_kwargs, forward_rows
 from tests.helpers.models import (
-    _one_thread,  # noqa: F401 - autouse: single-threaded tests
     random_keeps,
     records,
     tiny,

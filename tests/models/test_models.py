@@ -20,7 +20,6 @@ from aimkp.models.lora import apply_lora, language_linear_names
 from tests.helpers.models import (
     TEXTS,
     Record,
-    _one_thread,  # noqa: F401 - autouse: single-threaded tests
     records,
     tiny,
 )

@@ -13,7 +13,6 @@ from aimkp.models import QUESTION, collate_rows, forward_rows, load_model, save_
 from aimkp.models.idefics3 import Idefics3Adapter
 from tests.helpers.models import (
     Record,
-    _one_thread,  # noqa: F401 - autouse: single-threaded tests
     random_keeps,
     records,
     tiny,
@@ -123,6 +122,7 @@ def test_compact_equals_attention_losses_and_grads():
 
 def test_aimkp_step_matches_reference():
     """Per-row connector gradients (engine module_rows on the post-shuffle linear) are exact."""
+    from aimkp.method.options import StepOptions
     from aimkp.method.pmm import StrideTable
     from aimkp.method.reference import reference_step
     from aimkp.method.step import aimkp_step, plan_rows
@@ -137,16 +137,16 @@ def test_aimkp_step_matches_reference():
     for t in (t_a, t_r):
         t.text[:] = 2
         t.image[:] = 2
-    kw = dict(tau_text=0.1, tau_image=0.9)
-    res = aimkp_step(loaded, samples, [0, 1, 2], t_a, n_total, **kw)
-    mr = plan_rows(loaded, samples, res.rows, n_total).batch.module_rows
+    opts = StepOptions(tau_text=0.1, tau_image=0.9)
+    res = aimkp_step(loaded, samples, [0, 1, 2], t_a, n_total, opts)
+    mr = plan_rows(loaded, samples, res.rows, n_total, opts).batch.module_rows
     proj = [n for n in mr if "connector" in n]
     assert proj and torch.equal(
         mr[proj[0]].diff(), torch.tensor([16 * (c.sample != 2) for c in res.rows])
     )
     g_a = _grads(loaded)
     _zero(loaded)
-    _, info = reference_step(loaded, samples, [0, 1, 2], t_r, n_total, mask_mode="compact", **kw)
+    _, info = reference_step(loaded, samples, [0, 1, 2], t_r, n_total, opts)
     g_r = _grads(loaded)
     assert res.decision.kept.tolist() == [k for i in info for k in i["kept"]]
     assert not all(res.decision.kept.tolist()), "a rejected copy exercises the reweighting"

@@ -16,7 +16,6 @@ from aimkp.models import load_model, save_checkpoint
 from aimkp.models.lora import apply_lora
 from aimkp.runs.state import frozen_checksum, load_trainable_state, trainable_state
 from tests.helpers.models import (
-    _one_thread,  # noqa: F401 - autouse: single-threaded tests
     records,
     tiny,
 )

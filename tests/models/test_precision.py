@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from aimkp.method.options import StepOptions
 from aimkp.method.pmm import StrideTable
 from aimkp.method.step import aimkp_step
 from aimkp.models import precision as P
 from tests.helpers.cuda import requires_cuda
 from tests.helpers.models import (
-    _one_thread,  # noqa: F401 - autouse: single-threaded tests
     random_keeps,
     records,
     tiny,
@@ -27,7 +27,8 @@ def test_resolve_dtype():
     with pytest.raises(ValueError, match="dtype must be one of"):
         P.resolve_dtype("int8", "cpu")
     assert P.autocast_dtype(torch.bfloat16, False) is torch.bfloat16
-    assert P.autocast_dtype(torch.float32, True) is True
+    assert P.autocast_dtype(torch.float32, True) is torch.bfloat16
+    assert P.autocast_dtype(torch.float32, False) is None
 
 
 def test_cast_frozen_base_keeps_trainable_fp32_and_steps():
@@ -75,11 +76,12 @@ def _train(loaded, samples, steps: int, checkpointing: bool):
     table.image[:] = 2
     n_total = float(sum(s.n_answer_tokens for s in samples))
     idx = list(range(len(samples)))
+    opts = StepOptions(tau_image=0.9, update_strides=False)
     try:
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
             # tau_image 0.9 rejects image copies: the reweight path runs
-            aimkp_step(loaded, samples, idx, table, n_total, tau_image=0.9, update_strides=False)
+            aimkp_step(loaded, samples, idx, table, n_total, opts)
             opt.step()
     finally:
         h.remove()
@@ -114,13 +116,14 @@ def test_bf16_base_step_on_cuda_close_to_fp32():
     P.cast_frozen_base(bf16, P.resolve_dtype("auto", "cuda"))
     samples = [fp32.adapter.encode(r) for r in records()]
     res = {}
-    for name, m, amp in (("fp32", fp32, False), ("bf16", bf16, torch.bfloat16)):
+    for name, m, amp in (("fp32", fp32, None), ("bf16", bf16, torch.bfloat16)):
         table = StrideTable(len(samples))
         table.text[:] = 2
         table.image[:] = 2
         n_total = float(sum(s.n_answer_tokens for s in samples))
         idx = list(range(len(samples)))
-        res[name] = aimkp_step(m, samples, idx, table, n_total, device="cuda", bf16=amp)
+        opts = StepOptions(device="cuda", amp_dtype=amp)
+        res[name] = aimkp_step(m, samples, idx, table, n_total, opts)
     assert all(
         p.grad.dtype == torch.float32 and bool(torch.isfinite(p.grad).all())
         for p in bf16.model.parameters()

@@ -15,7 +15,6 @@ from aimkp.models import load_model, save_checkpoint
 from aimkp.models.adapter import QUESTION, MLLMAdapter
 from aimkp.models.checkpoint import PROCESSOR_CONFIG
 from tests.helpers.models import (
-    _one_thread,  # noqa: F401 - autouse: single-threaded tests
     records,
     tiny,
 )

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from aimkp.errors import UsageError
+from aimkp.method.options import StepOptions
 from aimkp.method.pmm import StrideTable
 from aimkp.method.step import aimkp_step
 from aimkp.models.lora import apply_lora
@@ -17,7 +18,6 @@ from aimkp.models.shapes import SHAPES, build_shaped, qwen2vl7b_text, qwen2vl7b_
 from tests.helpers.models import (
     KEYPHRASES,
     TEXTS,
-    _one_thread,  # noqa: F401 - autouse: single-threaded tests
     records,
 )
 from tests.helpers.shapes import SMALL
@@ -85,7 +85,7 @@ def test_shape_builds_and_trains_one_aimkp_step(name):
     table.text[:] = 2
     table.image[:] = 2
     n = float(sum(s.n_answer_tokens for s in samples))
-    res = aimkp_step(loaded, samples, [0, 1], table, n, update_strides=False)
+    res = aimkp_step(loaded, samples, [0, 1], table, n, StepOptions(update_strides=False))
     assert res.n_rows == 6 and math.isfinite(res.loss)
     grads = [p.grad for p in loaded.model.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -16,7 +16,6 @@ import aimkp.models.attention as A
 from aimkp.models import collate_rows, forward_rows
 from tests.helpers.cuda import requires_cuda
 from tests.helpers.models import (
-    _one_thread,  # noqa: F401 - autouse: single-threaded tests
     random_keeps,
     records,
     tiny,

@@ -8,18 +8,9 @@ import errno
 from collections import namedtuple
 
 import pytest
-import torch
 
 from aimkp.atomic import atomic_dir, recover
 from aimkp.errors import UsageError
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _dir(path, text: str):

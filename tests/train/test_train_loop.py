@@ -14,16 +14,6 @@ from aimkp.train.config import TrainConfig
 from aimkp.train.loop import train
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on 2 shared cores OpenMP barriers cost
-    10x or more. Single-threaded for this module, restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cfg(out, **kw) -> TrainConfig:
     base = dict(
         model="tiny-llava",

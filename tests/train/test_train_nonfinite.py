@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from aimkp.errors import NonFiniteError
+from aimkp.method.options import StepOptions
 from aimkp.method.step import aimkp_step, build_rows, sft_step
-from tests.helpers.models import _one_thread  # noqa: F401 - autouse: single-threaded tests
 from tests.helpers.train import lora_tiny_llava, mixed_strides
 from tests.helpers.train import poison_row_loss as _poison
 from tests.helpers.train import weights_after_step as _step_weights
@@ -30,7 +30,7 @@ def _assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
         torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
 
 
-def test_nan_original_excludes_its_whole_sample(setup, monkeypatch) -> None:
+def test_nan_original_excludes_its_whole_sample(setup, taps) -> None:
     loaded, samples = setup
     n_total = float(sum(s.n_answer_tokens for s in samples))
     rows = build_rows(samples, [0, 1, 2, 3], _strides())
@@ -41,7 +41,7 @@ def test_nan_original_excludes_its_whole_sample(setup, monkeypatch) -> None:
         loaded,
         lambda: aimkp_step(loaded, [samples[i] for i in (0, 2, 3)], [0, 2, 3], t_ref, n_total),
     )
-    _poison(monkeypatch, orig_1)
+    _poison(taps, orig_1)
     t = _strides()
     got, res = _step_weights(loaded, lambda: aimkp_step(loaded, samples, [0, 1, 2, 3], t, n_total))
     assert res.nonfinite_rows == n_rows_1 > 1
@@ -50,32 +50,32 @@ def test_nan_original_excludes_its_whole_sample(setup, monkeypatch) -> None:
     _assert_same(got, ref)
 
 
-def test_nan_copy_row_is_removed_like_a_rejected_copy(setup, monkeypatch) -> None:
+def test_nan_copy_row_is_removed_like_a_rejected_copy(setup, taps) -> None:
     loaded, samples = setup
     n_total = float(sum(s.n_answer_tokens for s in samples))
     rows = build_rows(samples, [0, 1, 2, 3], _strides())
     text_0 = next(r for r, c in enumerate(rows) if c.sample == 0 and c.kind == "text")
     t_ref = _strides()
     t_ref.text[0] = 1  # the same step without sample 0's text copy
-    kw = dict(update_strides=False)
+    opts = StepOptions(update_strides=False)
     ref, _ = _step_weights(
-        loaded, lambda: aimkp_step(loaded, samples, [0, 1, 2, 3], t_ref, n_total, **kw)
+        loaded, lambda: aimkp_step(loaded, samples, [0, 1, 2, 3], t_ref, n_total, opts)
     )
-    _poison(monkeypatch, text_0)
+    _poison(taps, text_0)
     got, res = _step_weights(
-        loaded, lambda: aimkp_step(loaded, samples, [0, 1, 2, 3], _strides(), n_total, **kw)
+        loaded, lambda: aimkp_step(loaded, samples, [0, 1, 2, 3], _strides(), n_total, opts)
     )
     assert res.nonfinite_rows == 1 and not bool(res.decision.kept[text_0])
     _assert_same(got, ref)
 
 
-def test_sft_nan_row_reruns_over_the_finite_samples(setup, monkeypatch) -> None:
+def test_sft_nan_row_reruns_over_the_finite_samples(setup, taps) -> None:
     loaded, samples = setup
     n_total = float(sum(s.n_answer_tokens for s in samples))
     ref, _ = _step_weights(
         loaded, lambda: sft_step(loaded, [samples[i] for i in (0, 2, 3)], n_total)
     )
-    _poison(monkeypatch, 1, calls=1)
+    _poison(taps, 1, calls=1)
     got, res = _step_weights(loaded, lambda: sft_step(loaded, samples, n_total))
     assert res.nonfinite_rows == 1 and res.n_rows == 4
     _assert_same(got, ref)
@@ -99,11 +99,11 @@ def _cfg(out, **kw):
     return TrainConfig(**base)
 
 
-def test_k_skipped_steps_in_a_row_stop_the_run(tmp_path, monkeypatch, capsys) -> None:
-    import aimkp.train.epoch as E
+def test_k_skipped_steps_in_a_row_stop_the_run(tmp_path, taps, capsys) -> None:
     from aimkp.cli import main
+    from aimkp.spans import tapping
 
-    monkeypatch.setattr(E, "grads_finite", lambda params: False)
+    taps.enter_context(tapping("grads_finite", lambda finite: False))
     out = tmp_path / "run"
     code = main(
         ["train", "--preset", "tiny-llava", "--output", str(out), "--max-train-samples", "6",

@@ -42,7 +42,7 @@ def changed_options(saved: dict[str, Any], cfg: TrainConfig) -> list[tuple[str, 
     for f in dataclasses.fields(TrainConfig):
         if f.name in NOT_COMPARED:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         was, now = saved.get(f.name, default), getattr(cfg, f.name)
         if _norm(was) != _norm(now):
             out.append((f.name, was, now))

@@ -17,6 +17,7 @@ import math
 import time
 from typing import TYPE_CHECKING
 
+from aimkp.train.reporting import numeric
 from aimkp.train.stats import EpochStats
 
 if TYPE_CHECKING:
@@ -56,7 +57,6 @@ class StepLog:
         self._reset()
         if run.is_main:
             self._append(row)
-            from aimkp.train.reporting import numeric
 
             self.reporter.log(
                 {f"step/{k}": v for k, v in numeric(row, ("step",)).items()}, row["step"]

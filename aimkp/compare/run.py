@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aimkp.compare.methods import Method
 from aimkp.errors import UsageError
-from aimkp.eval.methods import Method
 from aimkp.train.config import TrainConfig
 
 log = logging.getLogger("aimkp.compare")

@@ -15,7 +15,6 @@ import time
 import pytest
 
 from aimkp.cli import main
-from tests.helpers.models import _one_thread  # noqa: F401 - autouse: single-threaded tests
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 N_POSTS = 40

@@ -14,7 +14,6 @@ from aimkp.data.lazy import iter_posts
 from aimkp.data.record import ReadStats
 from aimkp.errors import DataError, UsageError
 from aimkp.eval.streaming import claim_output, read_done_ids
-from tests.helpers.models import _one_thread  # noqa: F401 - autouse: single-threaded tests
 
 OPENCLIPART = pathlib.Path(__file__).resolve().parents[2] / "aimkp" / "datasets" / "openclipart"
 

@@ -8,7 +8,6 @@ import torch
 
 from aimkp.models import forward as fw
 from tests.helpers.models import (
-    _one_thread,  # noqa: F401 - autouse: single-threaded tests
     records,
     tiny,
 )

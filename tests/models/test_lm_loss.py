@@ -17,7 +17,6 @@ from aimkp.models.lm_loss import (
 )
 from tests.helpers.cuda import requires_cuda
 from tests.helpers.models import (
-    _one_thread,  # noqa: F401 - autouse: single-threaded tests
     random_keeps,
     records,
     tiny,

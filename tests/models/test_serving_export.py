@@ -17,7 +17,6 @@ from aimkp.cli import main
 from aimkp.eval.predict import parse_keyphrases
 from aimkp.models import QUESTION, collate_rows, forward_rows, load_model, save_checkpoint
 from tests.helpers.models import (
-    _one_thread,  # noqa: F401 - autouse: single-threaded tests
     records,
     tiny,
 )

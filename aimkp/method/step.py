@@ -175,9 +175,16 @@ def forward_losses(
     """Row forward (under bf16 autocast when asked); ``loss_sum [R]`` in fp32, with autograd."""
     from aimkp.models import forward_rows
 
+    runner = row_runner(loaded)
     with autocast_ctx(device, bf16):
-        out = forward_rows(loaded, batch)
+        out = forward_rows(loaded, batch) if runner is None else runner(batch)
     return replace(out, loss_sum=out.loss_sum.float())
+
+
+def row_runner(loaded: LoadedModel) -> Callable[[RowBatch], RowLosses] | None:
+    """Under ``--fsdp`` the module the rows run through (the FSDP2 root,
+    :class:`aimkp.train.fsdp.RowRunner`), else None (rows run by ``forward_rows``)."""
+    return getattr(loaded, "row_runner", None)
 
 
 def finite_only_backward(
@@ -196,7 +203,11 @@ def finite_only_backward(
     objective instead would not be exact (0 times a non-finite activation gradient is NaN)."""
     out = forward_losses(loaded, plan.batch, device=device, bf16=bf16)
     bad = nonfinite_samples(plan, out.loss_sum)
-    if bool(bad.any()):
+    if bool(bad.any()) and row_runner(loaded) is not None:
+        # --fsdp: the ranks run their forwards and backwards in lockstep (each all-gathers the
+        # shards), so the backward runs; its non-finite gradient skips the optimizer step
+        log.warning("non-finite loss under --fsdp: this optimizer step will be skipped")
+    elif bool(bad.any()):
         return None, bad
     objective(out.loss_sum).backward()
     return out, bad

@@ -2,7 +2,9 @@
 ``OUTPUT/best`` (the model), ``OUTPUT/last`` (the model and the full training state, at the end
 of an epoch or mid-epoch with ``--save-every`` / on SIGINT / SIGTERM), optional step checkpoints
 ``OUTPUT/step-NNNNNN`` (``--keep-last K``: the K newest kept) and, before the first step, a check
-that the disk holds one more checkpoint.
+that the disk holds one more checkpoint. With ``--fsdp`` the training state of ``OUTPUT/last`` is
+sharded (``torch.distributed.checkpoint``) and the model files come from a consolidated copy:
+:meth:`aimkp.train.fsdp.FSDPParallel.save_last`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from aimkp.atomic import atomic_dir
 from aimkp.errors import UsageError
 
 if TYPE_CHECKING:
+    from aimkp.models import LoadedModel
     from aimkp.train.run import TrainRun
 
 log = logging.getLogger("aimkp.train")
@@ -24,32 +27,41 @@ STEP_PREFIX = "step-"
 SPACE_MARGIN = 1.1  # free space wanted: the estimated checkpoint bytes times this
 
 
-def save_model(run: TrainRun, name: str, extra: dict[str, Any]) -> None:
+def save_model(
+    run: TrainRun, name: str, extra: dict[str, Any], loaded: LoadedModel | None = None
+) -> None:
     """``OUTPUT/<name>``: the model (LoRA: a peft adapter naming one copy of a preset's initial
-    base per run, ``OUTPUT/base``). Refused when a trainable weight is non-finite."""
-    from aimkp.method.nonfinite import check_finite_weights
-
-    check_finite_weights(run.model, str(run.out / name))
+    base per run, ``OUTPUT/base``). Refused when a trainable weight is non-finite. ``loaded``:
+    the model to write when it is not ``run.loaded`` (``--fsdp``: rank 0's consolidated copy)."""
     with atomic_dir(run.out / name) as tmp:
-        _write_model(run, tmp, extra)
+        write_model_files(run, tmp, extra, loaded or run.loaded, name=name)
 
 
-def _write_model(run: TrainRun, directory: pathlib.Path, extra: dict[str, Any]) -> None:
+def write_model_files(
+    run: TrainRun,
+    directory: pathlib.Path,
+    extra: dict[str, Any],
+    loaded: LoadedModel,
+    *,
+    name: str,
+) -> None:
+    """The model files of ``loaded`` into ``directory`` (refused, naming ``OUTPUT/<name>``, when a
+    trainable weight is non-finite)."""
+    from aimkp.method.nonfinite import check_finite_weights
     from aimkp.models.checkpoint import save_checkpoint
 
-    save_checkpoint(directory, run.loaded, extra_json=extra, base_dir=run.out / "base")
+    check_finite_weights(loaded.model, str(run.out / name))
+    save_checkpoint(directory, loaded, extra_json=extra, base_dir=run.out / "base")
 
 
 def save_last(run: TrainRun, partial: dict[str, Any] | None = None) -> None:
     """``OUTPUT/last``: the model and the full training state at ``run.progress`` (mid-epoch
     when ``progress.epoch_step`` > 0; ``partial``: the epoch's totals so far). With
     ``--keep-last`` also a copy as ``OUTPUT/step-NNNNNN``."""
-    from aimkp.method.nonfinite import check_finite_weights
-
     p = run.progress
-    check_finite_weights(run.model, str(run.out / "last"))
     with atomic_dir(run.out / "last") as tmp:
-        _write_model(run, tmp, {"epoch": p.epoch, "epoch_step": p.epoch_step, "step": p.step})
+        extra = {"epoch": p.epoch, "epoch_step": p.epoch_step, "step": p.step}
+        write_model_files(run, tmp, extra, run.loaded, name="last")
         _write_state(run, tmp, partial)
     if run.cfg.keep_last:
         save_step_copy(run.out, p.step, run.cfg.keep_last)

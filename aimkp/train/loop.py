@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aimkp.runs.checkpoints import check_free_space, save_last, save_model
+from aimkp.runs.checkpoints import check_free_space, save_model
 from aimkp.runs.metrics_log import MetricsLog
 from aimkp.runs.signals import StopRequest
 from aimkp.runs.step_log import StepLog
@@ -45,6 +45,9 @@ from aimkp.train.run import (
     set_up,
 )
 from aimkp.train.stats import EpochStats
+
+if TYPE_CHECKING:
+    from aimkp.models import LoadedModel
 
 __all__ = [
     "build_optimizer",
@@ -132,14 +135,17 @@ def end_epoch(
     ranks wait for rank 0 at the barrier."""
     row = epoch_row(run, epoch, stats, seconds)
     run.progress.epoch, run.progress.epoch_step = epoch + 1, 0
-    if run.is_main:
-        if run.cfg.eval_every_epoch and run.valid_records:
-            row.update(validate_and_select(run, epoch))
-        run.progress.history.append(row)
-        metrics.write(row, run.progress.history)
-        save_last(run)
-    else:
-        run.progress.history.append(row)
+    validate = run.cfg.eval_every_epoch and bool(run.valid_records)
+    # --fsdp: every rank takes part in gathering the weights, rank 0 gets a plain copy
+    with run.parallel.consolidated(run, on_device=validate) as view:
+        if run.is_main:
+            if validate:
+                row.update(validate_and_select(run, epoch, view))
+            run.progress.history.append(row)
+            metrics.write(row, run.progress.history)
+        else:
+            run.progress.history.append(row)
+        run.parallel.save_last(run, view)
     run.ctx.barrier()
 
 
@@ -161,17 +167,21 @@ def epoch_row(run: TrainRun, epoch: int, stats: EpochStats, seconds: float) -> d
     return row
 
 
-def validate_and_select(run: TrainRun, epoch: int) -> dict[str, float]:
-    """Validation scores (``valid_*``); a new best score saves ``OUTPUT/best`` and keeps the
-    trainable weights for the final test comparison."""
+def validate_and_select(
+    run: TrainRun, epoch: int, loaded: LoadedModel | None = None
+) -> dict[str, float]:
+    """Validation scores (``valid_*``) of ``loaded`` (default ``run.loaded``; ``--fsdp``: rank
+    0's consolidated copy); a new best score saves ``OUTPUT/best`` and keeps the trainable
+    weights for the final test comparison."""
     from aimkp.runs.state import trainable_state
 
-    ev = evaluate(run.loaded, run.valid_records, run.cfg)
+    loaded = loaded or run.loaded
+    ev = evaluate(loaded, run.valid_records, run.cfg)
     p = run.progress
     if p.best_score is None or ev["score"] > p.best_score:
         p.best_score, p.best_epoch = ev["score"], epoch + 1
-        run.best_state = trainable_state(run.model)
-        save_model(run, "best", {"epoch": epoch + 1, "valid": ev})
+        run.best_state = trainable_state(loaded.model)
+        save_model(run, "best", {"epoch": epoch + 1, "valid": ev}, loaded)
     return {f"valid_{k}": v for k, v in ev.items()}
 
 

@@ -22,7 +22,7 @@ from aimkp.train.config import TrainConfig
 if TYPE_CHECKING:
     from aimkp.data import Record
     from aimkp.models import EncodedSample, LoadedModel
-    from aimkp.train.distributed import DistContext
+    from aimkp.train.distributed import DataParallel, DistContext
 
 log = logging.getLogger("aimkp.train")
 
@@ -59,6 +59,7 @@ class TrainRun:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     global_batch: int  # samples per optimizer step over all ranks
     steps_per_epoch: int
+    parallel: DataParallel  # how the ranks share the work (aimkp.train.distributed / .fsdp)
     progress: Progress = field(default_factory=Progress)
     best_state: dict[str, torch.Tensor] | None = None  # trainable weights of the best epoch
     resumed_changes: list[str] = field(default_factory=list)  # accepted by --allow-changed
@@ -179,8 +180,9 @@ def set_up(cfg: TrainConfig) -> TrainRun:
     cfg.validate()
     out = pathlib.Path(cfg.output)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ctx = D.init_distributed(device)
+    ctx = D.init_distributed(device, cfg.dist_timeout, single_group=cfg.fsdp)
     device = D.rank_device(ctx, device)
+    parallel = D.make_parallel(cfg, ctx, device)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
     if cfg.num_threads is not None:
@@ -191,8 +193,8 @@ def set_up(cfg: TrainConfig) -> TrainRun:
     train_recs, valid_recs = _load_records(cfg)
     loaded = _load_trainable_model(cfg, train_recs, device)
     model = loaded.model
+    parallel.wrap(loaded)  # before the optimizer: FSDP2 replaces the parameters
     if ctx.enabled:
-        D.broadcast_trainable(model, ctx)
         torch.manual_seed(cfg.seed + 7919 * ctx.rank)  # own dropout masks per rank
     model.train()
     samples = [loaded.adapter.encode(r) for r in train_recs]
@@ -219,6 +221,7 @@ def set_up(cfg: TrainConfig) -> TrainRun:
         scheduler=scheduler,
         global_batch=global_batch,
         steps_per_epoch=steps_per_epoch,
+        parallel=parallel,
         skip_guard=SkipGuard(cfg.max_skipped_steps),
     )
 
@@ -226,15 +229,7 @@ def set_up(cfg: TrainConfig) -> TrainRun:
 def resume(run: TrainRun, st: dict[str, Any], directory: str) -> None:
     """Restore weights, optimizer, schedule, strides, RNG and progress from the training state
     ``st`` read from ``directory``."""
-    from aimkp.runs.state import restore_train_state
-
-    restore_train_state(
-        st,
-        model=run.model,
-        optimizer=run.optimizer,
-        scheduler=run.scheduler,
-        strides=run.strides,
-    )
+    run.parallel.restore(run, st, directory)
     run.progress = Progress(
         epoch=int(st["epoch"]),
         step=int(st["step"]),

@@ -1,0 +1,438 @@
+"""Sharded data parallelism with FSDP2 (``torchrun --nproc_per_node N -m aimkp train ... --fsdp``).
+
+Every rank holds ``1/N`` of every weight, gradient and AdamW moment (``fully_shard``: one unit per
+decoder layer, one for the vision tower, the rest (embeddings, projector, final norm, LM head) at
+the root). A unit's weights are all-gathered for its forward and again for its backward, and its
+gradients reduce-scattered. What the batch does is the data-parallel scheme of
+:mod:`aimkp.train.distributed`: the same global batch on every rank, rank ``r`` trains on samples
+``r, r + N, ...`` of it, every loss weight divided by the answer tokens of the whole global batch,
+so the summed (not averaged: ``set_gradient_divide_factor(1)``) reduce-scatter is the gradient of
+the global batch.
+
+How AimKP's pieces run sharded:
+
+- The per-sample engine hooks modules, never parameters (FSDP2 never calls parameter hooks on its
+  sharded parameters); its forward hooks see the full activations and its output-gradient hooks
+  the full output gradients, and it reads only the weights' (global) shapes. Each rank's per-row
+  norms, dots and cosines cover its own rows completely: a row is never split across ranks, so
+  there is nothing to reduce and the filter decides per rank exactly as one process would.
+- The copies' final weights are applied by the correction pass (``--reweight correction``, forced
+  by ``--fsdp``): after an FSDP2 backward ``.grad`` is the sharded reduce-scattered gradient, which
+  the stash could not rescale; the correction is one more forward + backward with weights
+  ``w - w0``, reduced like any other.
+- Lockstep: every forward and backward all-gathers every unit, so all ranks must run the same
+  number of passes. A rank runs as many micro-steps as rank 0 (the largest share), and after each
+  micro-step the ranks agree on the most passes any of them ran (a correction pass runs only
+  where a copy was rejected) and the others run that many zero-weight passes (``0 * loss``: their
+  gradient is exactly zero). For the same reason a non-finite loss does not skip the backward (as
+  it does in one process): the backward runs, the gradient is non-finite and the optimizer step
+  is skipped (:class:`aimkp.method.nonfinite.SkipGuard`).
+- Accumulation: ``set_requires_gradient_sync(False)`` for every micro-step but the last, so the
+  gradients are reduce-scattered once per optimizer step (each rank keeps unsharded gradients of
+  the trainable weights in between).
+- The vision tower is frozen and called only for rows with an image, so each pass all-gathers it
+  explicitly (the ranks' rows differ) and reshards it after the forward.
+- Non-finite check and clipping: the squared norms and non-finite counts of the local shards,
+  all-reduced once; the global norm clips the local shards (what ``clip_grad_norm_`` does).
+- Checkpoints: ``OUTPUT/last`` holds the consolidated model in today's formats (written by rank 0
+  from ``get_model_state_dict(full_state_dict=True, cpu_offload=True)`` loaded into a plain copy of
+  the model kept on the meta device), the trainable weights and AdamW state sharded with
+  ``torch.distributed.checkpoint`` (``dcp/``), and each rank's RNG and stride tables
+  (``rank-R.pt``); the directory is written under a temporary name and swapped in whole by rank 0
+  after a barrier. ``OUTPUT/best`` and validation use the same consolidated copy on rank 0.
+
+The frozen base is sharded like the trainable weights (LoRA re-gathers it every pass): the point of
+``--fsdp`` is a base that does not fit one device; a LoRA run whose base fits is cheaper under
+plain data parallelism (no ``--fsdp``). See docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import math
+import shutil
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from aimkp.atomic import fsync_tree, swap_in
+from aimkp.errors import CheckpointError, UsageError
+from aimkp.method.pmm import Copy
+from aimkp.models.forward import forward_rows
+from aimkp.runs import state as S
+from aimkp.runs.checkpoints import save_step_copy, write_model_files
+from aimkp.train.distributed import DataParallel, DistContext, broadcast_trainable
+
+if TYPE_CHECKING:
+    from aimkp.models import LoadedModel, RowBatch, RowLosses
+    from aimkp.train.run import TrainRun
+
+log = logging.getLogger("aimkp.train")
+
+__all__ = ["FSDPParallel", "RowRunner", "sharded_frozen_checksum"]
+
+DCP_DIR = "dcp"
+RANK_FILE = "rank-{}.pt"
+TMP_LAST = ".last.tmp-fsdp"  # matches aimkp.atomic.recover's pattern: a killed writer's is removed
+
+
+class RowRunner(nn.Module):
+    """FSDP2's root module: ``forward(batch)`` runs the rows through the model.
+
+    The row forward (:func:`aimkp.models.forward.forward_rows`) calls the model's parts directly
+    (embedding op, vision tower, projector, decoder stack, LM head), never the model's own
+    forward; FSDP2 unshards a unit in its module's pre-forward hook, so the parameters outside the
+    decoder layers and the tower need a root module whose forward wraps the row forward."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        super().__init__()
+        self.model = loaded.model
+        object.__setattr__(self, "loaded", loaded)  # not a submodule: the model is, once
+        object.__setattr__(self, "tower", [])  # the vision tower's FSDP units
+        self.passes = 0  # forwards with grad (each is followed by its backward)
+
+    def forward(self, batch: RowBatch) -> RowLosses:
+        if torch.is_grad_enabled():
+            self.passes += 1
+        for block in self.tower:  # every rank all-gathers them, whether its rows have images or not
+            block.unshard()
+        out = forward_rows(self.loaded, batch)
+        for block in self.tower:
+            block.reshard()
+        return out
+
+
+def _decoder_layers(loaded: LoadedModel) -> list[nn.Module]:
+    layers = getattr(loaded.adapter.language_model, "layers", None)
+    if layers is None:
+        raise UsageError(
+            f"--fsdp: {type(loaded.adapter.language_model).__name__} has no .layers to shard"
+        )
+    return list(layers)
+
+
+def _vision_blocks(loaded: LoadedModel) -> list[nn.Module]:
+    """The vision tower's blocks (its largest ``ModuleList``: CLIP's encoder layers, Qwen2-VL's
+    blocks); [] without a tower. The blocks are sharded rather than the tower module: a tower
+    wrapped whole loses transformers' output capturing (its hidden states come back None)."""
+    try:
+        tower = loaded.adapter.vision_tower
+    except NotImplementedError:
+        return []
+    if any(p.requires_grad for p in tower.parameters()):
+        raise UsageError("--fsdp: the vision tower must be frozen (AimKP trains the projector)")
+    lists = [m for m in tower.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        return []
+    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters live on the meta device (no memory; buffers are
+    copied: rotary tables and the like are not in the state dict). Ties are kept."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+    return copy.deepcopy(model, memo)
+
+
+def _params_to_meta(model: nn.Module) -> None:
+    """Free the parameters of a consolidated copy (back to the meta device, ties kept)."""
+    seen: dict[int, nn.Parameter] = {}
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in seen:
+                seen[id(p)] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+            mod._parameters[name] = seen[id(p)]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor, the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def sharded_frozen_checksum(model: nn.Module, ctx: DistContext) -> float:
+    """:func:`aimkp.runs.state.frozen_checksum` of a sharded model: each parameter's sum and sum
+    of absolute values over the local shards, summed over the ranks (float64)."""
+    named = [(n, p) for n, p in model.named_parameters() if ".original_module." not in n]
+    parts = torch.zeros(len(named), 2, dtype=torch.float64)
+    with torch.no_grad():
+        for k, (_, p) in enumerate(named):
+            if not p.requires_grad:
+                t = _local(p.detach()).double()
+                parts[k, 0], parts[k, 1] = t.sum().cpu(), t.abs().sum().cpu()
+    if ctx.enabled:
+        parts = _all_reduce(parts, ctx)
+    total = 0.0
+    for k in range(len(named)):
+        if not named[k][1].requires_grad:
+            total += (k + 1) * float(parts[k, 0]) + float(parts[k, 1])
+    return total
+
+
+def _all_reduce(t: torch.Tensor, ctx: DistContext, op: Any = None) -> torch.Tensor:
+    dev = t.device
+    if ctx.backend == "nccl":
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
+    return t.to(dev)
+
+
+class FSDPParallel(DataParallel):
+    """The ``--fsdp`` strategy: the hooks the loop calls (see :class:`DataParallel`)."""
+
+    name = "fsdp"
+
+    def __init__(self, cfg: Any, ctx: DistContext, device: torch.device) -> None:
+        super().__init__(cfg, ctx, device)
+        self.runner: RowRunner | None = None
+        self.mirror: nn.Module | None = None  # rank 0: a plain copy for checkpoints / validation
+        self._sq_norm: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------------------- set-up
+    def wrap(self, loaded: LoadedModel) -> None:
+        """Shard ``loaded.model`` in place (every rank starts from rank 0's weights)."""
+        broadcast_trainable(loaded.model, self.ctx)
+        if self.ctx.is_main:
+            self.mirror = meta_copy(loaded.model)
+        kw: dict[str, Any] = {"mesh": init_device_mesh(self.device.type, (self.ctx.world_size,))}
+        if self.device.type == "cuda":
+            # the frozen base in bf16 and the trainable weights in fp32 share units: gathered in
+            # bf16 (the compute dtype of autocast), gradients reduced in fp32
+            kw["mp_policy"] = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+            )
+        units: list[nn.Module] = []
+        for layer in _decoder_layers(loaded):
+            fully_shard(layer, **kw)
+            units.append(layer)
+        n_layers = len(units)
+        blocks = _vision_blocks(loaded)
+        for block in blocks:
+            fully_shard(block, **kw)
+        units += blocks
+        runner = RowRunner(loaded)
+        fully_shard(runner, **kw)
+        units.append(runner)
+        object.__setattr__(runner, "tower", blocks)
+        for unit in units:
+            assert isinstance(unit, FSDPModule)
+            # summed over the ranks: every loss weight divides by the global batch's tokens
+            unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+            # every rank reduce-scatters every trainable weight, used by its rows or not
+            unit.set_reduce_scatter_unused_params(True, recurse=False)
+        self.runner = runner
+        loaded.row_runner = runner  # type: ignore[attr-defined]  # aimkp.method.step runs rows here
+        log.info(
+            "fsdp: %d decoder layers and %d vision blocks sharded over %d ranks (%s)",
+            n_layers,
+            len(blocks),
+            self.ctx.world_size,
+            "bf16 all-gather, fp32 reduce" if self.device.type == "cuda" else "fp32",
+        )
+
+    # ----------------------------------------------------------------------- accumulation
+    def micro_batches(
+        self, idx: Sequence[int], global_size: int, batch_size: int
+    ) -> Iterator[tuple[list[int], bool]]:
+        """As many micro-steps as rank 0 (the largest share) has; a shorter share gets empty
+        ones (only lockstep passes run there)."""
+        most = math.ceil(global_size / self.ctx.world_size)
+        n = max(1, math.ceil(most / batch_size))
+        for m in range(n):
+            yield list(idx[m * batch_size : (m + 1) * batch_size]), m == n - 1
+
+    @contextlib.contextmanager
+    def micro_step(self, run: TrainRun, last: bool, pad_sample: int) -> Iterator[None]:
+        """Gradient sync only on the last micro-step; afterwards zero-weight passes until every
+        rank ran as many passes as the busiest one."""
+        runner = self.runner
+        assert runner is not None
+        runner.set_requires_gradient_sync(last)
+        before = runner.passes
+        yield
+        ran = torch.tensor([runner.passes - before], dtype=torch.float64)
+        most = int(_all_reduce(ran, self.ctx, dist.ReduceOp.MAX)) if self.ctx.enabled else 0
+        for _ in range(most - (runner.passes - before)):
+            self._zero_pass(run, pad_sample)
+
+    def _zero_pass(self, run: TrainRun, sample: int) -> None:
+        """A forward + backward whose gradient is exactly zero (``0 * loss``)."""
+        from aimkp.method.step import forward_losses, plan_rows
+
+        plan = plan_rows(
+            run.loaded,
+            [run.samples[sample]],
+            [Copy(0, None, 1)],
+            1.0,
+            mask_mode=run.mask_mode,
+            device=run.device,
+        )
+        out = forward_losses(run.loaded, plan.batch, device=run.device, bf16=run.amp)
+        (out.loss_sum * 0.0).sum().backward()
+
+    # ------------------------------------------------------------------- optimizer step
+    def reduce_grads(self, params: Sequence[nn.Parameter], used_rows: int) -> tuple[bool, float]:
+        """The gradients are reduce-scattered already: one all-reduce of (squared norm of the
+        local shards, their non-finite entries, rows used); True when the global gradient is
+        finite."""
+        sq = torch.zeros((), dtype=torch.float64)
+        bad = 0
+        for p in params:
+            if p.grad is None:
+                continue
+            g = _local(p.grad).detach()
+            bad += int((~torch.isfinite(g)).sum())
+            sq += torch.linalg.vector_norm(g.float()).double().square().cpu()
+        t = torch.stack([sq, torch.tensor(float(bad), dtype=torch.float64),
+                         torch.tensor(float(used_rows), dtype=torch.float64)])  # fmt: skip
+        if self.ctx.enabled:
+            t = _all_reduce(t, self.ctx)
+        self._sq_norm = t[0]
+        return bool(t[1] == 0) and bool(torch.isfinite(t[0])), float(t[2])
+
+    def clip(self, params: Sequence[nn.Parameter], max_norm: float) -> torch.Tensor:
+        """``clip_grad_norm_`` over the sharded gradients: the global norm (from
+        :meth:`reduce_grads`) scales every local shard by ``min(1, max_norm / (norm + 1e-6))``."""
+        assert self._sq_norm is not None, "reduce_grads runs first"
+        norm = self._sq_norm.sqrt().float()
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    _local(p.grad).mul_(coef.to(_local(p.grad).device))
+        return norm
+
+    # ------------------------------------------------------------------------ checkpoints
+    @contextlib.contextmanager
+    def consolidated(self, run: TrainRun, on_device: bool = False) -> Iterator[LoadedModel | None]:
+        """All ranks gather the full weights; rank 0 gets a :class:`LoadedModel` on a plain copy
+        (on the CPU; on the run's device with ``on_device``, for validation), the others None."""
+        full = get_model_state_dict(
+            run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if not self.ctx.is_main:
+            yield None
+            return
+        mirror = self.mirror
+        assert mirror is not None
+        mirror.load_state_dict(full, assign=True, strict=True)
+        del full
+        if on_device:
+            mirror.to(self.device)
+        view = dataclasses.replace(run.loaded, model=mirror)
+        adapter = copy.copy(run.loaded.adapter)
+        adapter.model = mirror
+        view.adapter = adapter
+        view.__dict__.pop("row_runner", None)
+        try:
+            yield view
+        finally:
+            _params_to_meta(mirror)
+
+    def save_last(
+        self, run: TrainRun, view: LoadedModel | None, partial: dict[str, Any] | None = None
+    ) -> None:
+        """``OUTPUT/last`` (collective): the consolidated model (rank 0), the sharded trainable
+        weights and AdamW state (``dcp/``), every rank's RNG and strides, the training state;
+        written under a temporary name, swapped in whole by rank 0 after a barrier."""
+        ctx, out = self.ctx, run.out
+        tmp = out / TMP_LAST
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        ctx.barrier()
+        msd, osd = get_state_dict(
+            run.model, run.optimizer, options=StateDictOptions(ignore_frozen_params=True)
+        )
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / DCP_DIR))
+        torch.save(self._rank_state(run), tmp / RANK_FILE.format(ctx.rank))
+        checksum = sharded_frozen_checksum(run.model, ctx)
+        ctx.barrier()
+        if ctx.is_main:
+            assert view is not None
+            p = run.progress
+            extra = {"epoch": p.epoch, "epoch_step": p.epoch_step, "step": p.step}
+            write_model_files(run, tmp, extra, view, name="last")
+            S.save_train_state(
+                tmp,
+                model=run.model,
+                optimizer=run.optimizer,
+                scheduler=run.scheduler,
+                strides=run.strides,
+                epoch=p.epoch,
+                step=p.step,
+                best_score=p.best_score,
+                best_epoch=p.best_epoch,
+                history=p.history,
+                config=run.cfg.to_dict(),
+                epoch_step=p.epoch_step,
+                partial=partial,
+                sharded={"format": "dcp", "world_size": ctx.world_size,
+                         "frozen_checksum": checksum},
+            )  # fmt: skip
+            fsync_tree(tmp)
+            swap_in(tmp, out / "last")
+            if run.cfg.keep_last:
+                save_step_copy(out, p.step, run.cfg.keep_last)
+        ctx.barrier()
+
+    @staticmethod
+    def _rank_state(run: TrainRun) -> dict[str, Any]:
+        return {
+            "rng": S.rng_state(),
+            "strides": None if run.strides is None else run.strides.state_dict(),
+        }
+
+    def restore(self, run: TrainRun, st: dict[str, Any], directory: str) -> None:
+        """Load what :meth:`save_last` wrote: the sharded weights and AdamW state, the schedule,
+        this rank's strides and RNG."""
+        sharded = st.get("sharded")
+        if not sharded:
+            raise CheckpointError(f"{directory}: the checkpoint was written without --fsdp")
+        if int(sharded["world_size"]) != self.ctx.world_size:
+            raise UsageError(
+                f"--resume {directory}: written by {sharded['world_size']} ranks, resumed with "
+                f"{self.ctx.world_size}: resume with the same --nproc_per_node"
+            )
+        want, got = float(sharded["frozen_checksum"]), sharded_frozen_checksum(run.model, self.ctx)
+        if abs(want - got) > 1e-9 * max(1.0, abs(want)):
+            raise UsageError(
+                "the frozen base model differs from the one the checkpoint was trained on "
+                f"(checksum {got!r} vs {want!r}): resume with the same --model and --seed"
+            )
+        last = S.find_train_state(directory).parent
+        opts = StateDictOptions(ignore_frozen_params=True)
+        msd, osd = get_state_dict(run.model, run.optimizer, options=opts)
+        sd = {"model": msd, "optim": osd}
+        dcp.load(sd, checkpoint_id=str(last / DCP_DIR))
+        set_state_dict(
+            run.model,
+            run.optimizer,
+            model_state_dict=sd["model"],
+            optim_state_dict=sd["optim"],
+            options=opts,
+        )
+        run.scheduler.load_state_dict(st["scheduler"])
+        mine = S.read_rank_state(last / RANK_FILE.format(self.ctx.rank))
+        if run.strides is not None and mine.get("strides") is not None:
+            run.strides.load_state_dict(mine["strides"])
+        S.set_rng_state(mine["rng"])

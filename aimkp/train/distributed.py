@@ -27,6 +27,7 @@ import contextlib
 import datetime
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -44,7 +45,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aimkp.train")
 
+#: exit status of a rank that lost its peers (one died, or did not answer within --dist-timeout)
+PEER_LOST_EXIT = 4
+
 __all__ = [
+    "PEER_LOST_EXIT",
     "DataParallel",
     "DistContext",
     "all_reduce_grads",
@@ -52,6 +57,7 @@ __all__ = [
     "broadcast_trainable",
     "init_distributed",
     "make_parallel",
+    "peer_loss_exits",
     "rank_device",
     "rank_share",
 ]
@@ -124,6 +130,37 @@ def init_distributed(
                       backend=dist.get_backend())  # fmt: skip
     log.info("distributed: rank %d of %d (%s)", ctx.rank, ctx.world_size, ctx.backend)
     return ctx
+
+
+# what gloo / NCCL / the store say when a peer is gone or silent (their errors share no type)
+_PEER_LOST = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
+              "NCCL communicator was aborted", "Broken pipe")  # fmt: skip
+
+
+@contextlib.contextmanager
+def peer_loss_exits(timeout_s: float) -> Iterator[None]:
+    """Turn a collective that failed because another rank died or hangs into one line on stderr
+    and exit status :data:`PEER_LOST_EXIT` (torchrun then stops the remaining ranks), instead of a
+    traceback per rank. Outside a process group nothing changes."""
+    try:
+        yield
+    except (RuntimeError, ConnectionError) as exc:
+        dist = torch.distributed
+        msg = str(exc)
+        if not (dist.is_available() and dist.is_initialized()) or not any(
+            s in msg for s in _PEER_LOST
+        ):
+            raise
+        rank = dist.get_rank()
+        first = " ".join(msg.split())[:200]
+        print(
+            f"aimkp train: error: rank {rank}: another rank died or did not answer within "
+            f"--dist-timeout {timeout_s:g} s ({first}); resume from the last checkpoint with "
+            "aimkp train --resume OUTPUT",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(PEER_LOST_EXIT) from None
 
 
 def rank_device(ctx: DistContext, device: torch.device) -> torch.device:

@@ -424,12 +424,14 @@ class FSDPParallel(DataParallel):
         msd, osd = get_state_dict(run.model, run.optimizer, options=opts)
         sd = {"model": msd, "optim": osd}
         dcp.load(sd, checkpoint_id=str(last / DCP_DIR))
+        # dcp.load filled exactly the trainable keys get_state_dict listed (a key missing from
+        # the checkpoint is an error there); strict=False only lets the frozen ones be absent
         set_state_dict(
             run.model,
             run.optimizer,
             model_state_dict=sd["model"],
             optim_state_dict=sd["optim"],
-            options=opts,
+            options=StateDictOptions(ignore_frozen_params=True, strict=False),
         )
         run.scheduler.load_state_dict(st["scheduler"])
         mine = S.read_rank_state(last / RANK_FILE.format(self.ctx.rank))

@@ -66,9 +66,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training as configured; returns a summary dict (history, best score, paths). The run
     directory is locked for the run (rank 0; a second run into it is refused)."""
     from aimkp.runs.lock import run_lock
+    from aimkp.train.distributed import peer_loss_exits
 
     with run_lock(cfg.output, enabled=int(os.environ.get("RANK", "0") or 0) == 0):
-        return _train(cfg)
+        with peer_loss_exits(cfg.dist_timeout):  # a rank died or hangs: one line, exit 4
+            return _train(cfg)
 
 
 def _train(cfg: TrainConfig) -> dict[str, Any]:

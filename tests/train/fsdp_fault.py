@@ -1,0 +1,40 @@
+"""``aimkp`` with a fault injected after an optimizer step, for tests/train/test_train_fsdp.py.
+
+``AIMKP_TEST_FAULT=KIND:STEP``: after optimizer step STEP (and its checkpoint, if any) ``kill``
+makes every rank send SIGKILL to torchrun and to itself (``kill -9`` of the whole group),
+``exit`` ends rank 1 with status 1, ``hang`` makes rank 1 sleep. Run as torchrun's
+script: ``torchrun ... tests/train/fsdp_fault.py train ...``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+from aimkp.cli import main
+from aimkp.train import epoch
+
+KIND, STEP = os.environ["AIMKP_TEST_FAULT"].split(":")
+RANK = int(os.environ.get("RANK", "0"))
+_after_step = epoch.after_step
+
+
+def after_step(run, stats, seconds, stop) -> None:  # noqa: ANN001
+    _after_step(run, stats, seconds, stop)
+    if run.progress.step != int(STEP):
+        return
+    if KIND == "kill":  # every rank: torchrun first, then itself
+        os.kill(os.getppid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif KIND == "exit" and RANK == 1:
+        os._exit(1)
+    elif KIND == "hang" and RANK == 1:
+        time.sleep(600)
+
+
+epoch.after_step = after_step
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -231,3 +231,16 @@ def test_fsdp_refuses_stash_and_baselines() -> None:
         TrainConfig(fsdp=True, baselines=True).validate()
     assert TrainConfig(fsdp=True).resolved_reweight == "correction"
     assert TrainConfig().resolved_reweight == "auto"
+
+
+def test_trainer_refuses_accelerate_fsdp() -> None:
+    """accelerate 1.16 enables its FSDP plugin only on accelerator devices (on the CPU it wraps
+    DDP and ignores the plugin), so the refusal is checked on the Trainer's flag."""
+    from types import SimpleNamespace
+
+    from aimkp.errors import UsageError
+    from aimkp.integrations.transformers import refuse_fsdp
+
+    refuse_fsdp(SimpleNamespace(is_fsdp_enabled=False))
+    with pytest.raises(UsageError, match="aimkp train ... --fsdp"):
+        refuse_fsdp(SimpleNamespace(is_fsdp_enabled=True))

@@ -100,10 +100,11 @@ def _cfg(out, **kw):
 
 
 def test_k_skipped_steps_in_a_row_stop_the_run(tmp_path, monkeypatch, capsys) -> None:
-    import aimkp.train.epoch as E
+    import aimkp.train.distributed as D
     from aimkp.cli import main
 
-    monkeypatch.setattr(E, "grads_finite", lambda params: False)
+    # the data-parallel strategy's finiteness check (DataParallel.reduce_grads)
+    monkeypatch.setattr(D, "grads_finite", lambda params: False)
     out = tmp_path / "run"
     code = main(
         ["train", "--preset", "tiny-llava", "--output", str(out), "--max-train-samples", "6",

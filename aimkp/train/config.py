@@ -170,7 +170,7 @@ class TrainConfig:
     fsdp: bool = _f(
         False,
         "shard weights, gradients and optimizer state over the ranks with FSDP2 (fully_shard: "
-        "each decoder layer, the vision tower, the rest at the root); implies --reweight "
+        "each decoder layer and vision block, the rest at the root); implies --reweight "
         "correction; see docs/distributed.md",
     )
     dist_timeout: float = _f(

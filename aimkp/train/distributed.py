@@ -28,7 +28,6 @@ import datetime
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -108,11 +107,11 @@ def init_distributed(
     timeout = datetime.timedelta(seconds=timeout_s)
     if world <= 1:
         if single_group and not torch.distributed.is_initialized():
-            store = tempfile.NamedTemporaryFile(prefix="aimkp-pg-", delete=False).name
             backend = "nccl" if device.type == "cuda" else "gloo"
-            torch.distributed.init_process_group(
-                backend, init_method=f"file://{store}", rank=0, world_size=1, timeout=timeout
-            )
+            torch.distributed.init_process_group(  # an in-memory store: nobody else joins
+                backend, store=torch.distributed.HashStore(), rank=0, world_size=1,
+                timeout=timeout,
+            )  # fmt: skip
             return DistContext(backend=backend)
         return DistContext()
     rank, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)

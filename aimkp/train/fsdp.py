@@ -73,6 +73,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from aimkp.atomic import fsync_tree, swap_in
 from aimkp.errors import CheckpointError, UsageError
 from aimkp.method.pmm import Copy
+from aimkp.models.checkpoint import is_peft_model
 from aimkp.models.forward import forward_rows
 from aimkp.runs import state as S
 from aimkp.runs.checkpoints import save_step_copy, write_model_files
@@ -205,6 +206,7 @@ class FSDPParallel(DataParallel):
         self.runner: RowRunner | None = None
         self.mirror: nn.Module | None = None  # rank 0: a plain copy for checkpoints / validation
         self._sq_norm: torch.Tensor | None = None
+        self._lora_saved_once = False  # see consolidated()
 
     # ------------------------------------------------------------------------------- set-up
     def wrap(self, loaded: LoadedModel) -> None:
@@ -213,12 +215,11 @@ class FSDPParallel(DataParallel):
         if self.ctx.is_main:
             self.mirror = meta_copy(loaded.model)
         kw: dict[str, Any] = {"mesh": init_device_mesh(self.device.type, (self.ctx.world_size,))}
-        if self.device.type == "cuda":
-            # the frozen base in bf16 and the trainable weights in fp32 share units: gathered in
-            # bf16 (the compute dtype of autocast), gradients reduced in fp32
-            kw["mp_policy"] = MixedPrecisionPolicy(
-                param_dtype=torch.bfloat16, reduce_dtype=torch.float32
-            )
+        half = self._compute_dtype(loaded.model)
+        if half is not None:
+            # a half frozen base (--dtype) and fp32 trainable weights share units: gathered in
+            # the half dtype (autocast's compute dtype), gradients reduced in fp32
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
         units: list[nn.Module] = []
         for layer in _decoder_layers(loaded):
             fully_shard(layer, **kw)
@@ -246,8 +247,18 @@ class FSDPParallel(DataParallel):
             n_layers,
             len(blocks),
             self.ctx.world_size,
-            "bf16 all-gather, fp32 reduce" if self.device.type == "cuda" else "fp32",
+            f"gathered in {half or 'the weights dtype'}, reduced in fp32",
         )
+
+    def _compute_dtype(self, model: nn.Module) -> torch.dtype | None:
+        """The dtype units are gathered in: the frozen base's half dtype when it has one, bf16
+        with ``--bf16`` on CUDA, else None (the weights' own dtype, fp32)."""
+        halves = {p.dtype for p in model.parameters()} & {torch.bfloat16, torch.float16}
+        if halves:
+            return torch.bfloat16 if torch.bfloat16 in halves else torch.float16
+        if self.cfg.bf16 and self.device.type == "cuda":
+            return torch.bfloat16
+        return None
 
     # ----------------------------------------------------------------------- accumulation
     def micro_batches(
@@ -325,16 +336,27 @@ class FSDPParallel(DataParallel):
     @contextlib.contextmanager
     def consolidated(self, run: TrainRun, on_device: bool = False) -> Iterator[LoadedModel | None]:
         """All ranks gather the full weights; rank 0 gets a :class:`LoadedModel` on a plain copy
-        (on the CPU; on the run's device with ``on_device``, for validation), the others None."""
+        (on the CPU; on the run's device with ``on_device``, for validation), the others None.
+
+        LoRA gathers only the trainable weights after the first time (when nothing validates):
+        the adapter files hold nothing else, and the first save wrote the base copy a preset
+        needs (``OUTPUT/base``), so a mid-epoch checkpoint of a 7B LoRA run does not move the
+        frozen base to rank 0 again. The choice depends only on what every rank knows alike."""
+        frozen_too = on_device or not self._lora_saved_once or not is_peft_model(run.model)
         full = get_model_state_dict(
-            run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            run.model,
+            options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True, ignore_frozen_params=not frozen_too
+            ),
         )
+        self._lora_saved_once = True
         if not self.ctx.is_main:
             yield None
             return
         mirror = self.mirror
         assert mirror is not None
-        mirror.load_state_dict(full, assign=True, strict=True)
+        # without the frozen weights they stay on the meta device (the adapter files skip them)
+        mirror.load_state_dict(full, assign=True, strict=frozen_too)
         del full
         if on_device:
             mirror.to(self.device)

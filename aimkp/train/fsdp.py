@@ -280,9 +280,13 @@ class FSDPParallel(DataParallel):
         runner.set_requires_gradient_sync(last)
         before = runner.passes
         yield
-        ran = torch.tensor([runner.passes - before], dtype=torch.float64)
-        most = int(_all_reduce(ran, self.ctx, dist.ReduceOp.MAX)) if self.ctx.enabled else 0
-        for _ in range(most - (runner.passes - before)):
+        ran = runner.passes - before
+        if run.strides is None:  # SFT: one pass per micro-step, known without asking
+            most = 1
+        else:  # AimKP: a correction pass runs only where a copy was rejected
+            t = torch.tensor([ran], dtype=torch.float64)
+            most = int(_all_reduce(t, self.ctx, dist.ReduceOp.MAX)) if self.ctx.enabled else ran
+        for _ in range(most - ran):
             self._zero_pass(run, pad_sample)
 
     def _zero_pass(self, run: TrainRun, sample: int) -> None:

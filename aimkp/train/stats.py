@@ -65,9 +65,12 @@ class EpochStats:
 
         fields = dataclasses.fields(self)
         sums = all_reduce_sum([getattr(self, f.name) for f in fields], ctx)
-        return EpochStats(
+        out = EpochStats(
             **{f.name: v if f.type == "float" else int(v) for f, v in zip(fields, sums)}
         )
+        # a skipped optimizer step is one decision taken by every rank alike, not one per rank
+        out.nonfinite_skipped_steps = self.nonfinite_skipped_steps
+        return out
 
     @property
     def train_loss(self) -> float:

@@ -2,7 +2,8 @@
 
 ``AIMKP_TEST_FAULT=KIND:STEP``: after optimizer step STEP (and its checkpoint, if any) ``kill``
 makes every rank send SIGKILL to torchrun and to itself (``kill -9`` of the whole group),
-``exit`` ends rank 1 with status 1, ``hang`` makes rank 1 sleep. Run as torchrun's
+``exit`` ends rank 1 with status 1, ``hang`` makes rank 1 sleep; ``nan`` makes rank 1's row
+losses NaN in the first forward of optimizer step STEP. Run as torchrun's
 script: ``torchrun ... tests/train/fsdp_fault.py train ...``.
 """
 
@@ -14,7 +15,7 @@ import sys
 import time
 
 from aimkp.cli import main
-from aimkp.train import epoch
+from aimkp.train import epoch, fsdp
 
 KIND, STEP = os.environ["AIMKP_TEST_FAULT"].split(":")
 RANK = int(os.environ.get("RANK", "0"))
@@ -35,6 +36,29 @@ def after_step(run, stats, seconds, stop) -> None:  # noqa: ANN001
 
 
 epoch.after_step = after_step
+_forward_rows = fsdp.forward_rows
+_steps_done = [0]
+_poisoned: list[int] = []
+
+
+def forward_rows(loaded, batch):  # noqa: ANN001, ANN201
+    out = _forward_rows(loaded, batch)
+    step = _steps_done[0] + 1
+    if KIND == "nan" and RANK == 1 and step == int(STEP) and step not in _poisoned:
+        _poisoned.append(step)
+        out.loss_sum = out.loss_sum * float("nan")
+    return out
+
+
+def optimizer_step(run, used_rows):  # noqa: ANN001, ANN201
+    ok = _optimizer_step(run, used_rows)
+    _steps_done[0] = run.progress.step
+    return ok
+
+
+_optimizer_step = epoch.optimizer_step
+epoch.optimizer_step = optimizer_step
+fsdp.forward_rows = forward_rows
 
 if __name__ == "__main__":
     sys.exit(main())

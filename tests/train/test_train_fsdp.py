@@ -158,6 +158,21 @@ def test_resume_after_kill_is_bit_identical(
             assert torch.equal(_strides(whole, rank)[key], _strides(run, rank)[key])
 
 
+def test_nonfinite_loss_on_one_rank_skips_the_step(tmp_path: pathlib.Path) -> None:
+    """Rank 1's losses are NaN in step 2: its backward still runs (the ranks stay in lockstep),
+    the global gradient is non-finite, both ranks skip that optimizer step, training goes on."""
+    run = tmp_path / "nan"
+    args = [*COMMON, *AIMKP, "--batch-size", "2", "--fsdp", "--epochs", "1"]
+    proc = _start([*TORCHRUN, str(ROOT / "tests/train/fsdp_fault.py"), *args,
+                   "--output", str(run)], tmp_path, AIMKP_TEST_FAULT="nan:2")  # fmt: skip
+    _, log = _finish(proc)
+    assert "non-finite loss under --fsdp" in log
+    assert _column(run, "nonfinite_skipped_steps") == ["1"]
+    assert int(_column(run, "nonfinite_rows")[0]) >= 1
+    for k, w in _weights(run).items():
+        assert bool(torch.isfinite(w).all()), k
+
+
 @pytest.mark.parametrize("fault", ["exit", "hang"])
 def test_lost_rank_ends_the_run(fault: str, tmp_path: pathlib.Path) -> None:
     """Rank 1 exits (status 1) or hangs after step 1: rank 0's next collective fails within

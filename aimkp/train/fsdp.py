@@ -16,6 +16,8 @@ How AimKP's pieces run sharded:
   the full output gradients, and it reads only the weights' (global) shapes. Each rank's per-row
   norms, dots and cosines cover its own rows completely: a row is never split across ranks, so
   there is nothing to reduce and the filter decides per rank exactly as one process would.
+  (The engine's safety net for a parameter used outside its module's forward, a
+  post-accumulate-grad hook, is inert on sharded parameters; the row forward uses none.)
 - The copies' final weights are applied by the correction pass (``--reweight correction``, forced
   by ``--fsdp``): after an FSDP2 backward ``.grad`` is the sharded reduce-scattered gradient, which
   the stash could not rescale; the correction is one more forward + backward with weights

@@ -16,7 +16,8 @@ a module imports its helpers.
 - ``grad_gram``: the engine's constructor, :func:`aimkp.engine.per_sample_grad_gram` (the memory
   benchmark wraps it to choose the engine's reweight storage and measure its stash);
 - ``grads_finite``: the training loop's verdict (a bool) that an optimizer step's summed
-  gradient is finite (the tests force skipped steps through it).
+  gradient is finite, from the run's parallel strategy (data parallel or ``--fsdp``'s sharded
+  check); the tests force skipped steps through it.
 
 With nothing registered a span costs a ``record_function`` range and a tap nothing.
 

@@ -234,6 +234,20 @@ def _dist_context():
     return DistContext(rank=rank, world_size=world, backend=backend)
 
 
+def refuse_fsdp(trainer: Any) -> None:
+    """UsageError when accelerate runs the Trainer under FSDP (``fsdp_config`` / an accelerate
+    FSDP plugin). The AimKP step calls the model's parts (embedding op, tower, projector, decoder
+    stack, head) rather than the model's forward, so the root FSDP unit would never be gathered,
+    and its ranks must run their passes in lockstep (a correction pass on one rank needs a
+    matching pass on the others); ``aimkp train --fsdp`` does both (:mod:`aimkp.train.fsdp`)."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        raise UsageError(
+            "AimKPTrainer does not run under accelerate's FSDP (fsdp_config / FSDP plugin): the "
+            "AimKP step bypasses the model's forward, where FSDP gathers the root's weights; "
+            "train sharded with: torchrun --nproc_per_node N -m aimkp train ... --fsdp"
+        )
+
+
 class AimKPTrainerMixin(_TrainerBase):
     """Mix into a ``transformers.Trainer`` subclass (``Trainer``, TRL's ``SFTTrainer``) before
     the Trainer class: ``class T(AimKPTrainerMixin, SFTTrainer)``. Takes the
@@ -266,6 +280,7 @@ class AimKPTrainerMixin(_TrainerBase):
             callbacks=callbacks,
             **kwargs,
         )
+        refuse_fsdp(self)
 
     @property
     def strides(self) -> StrideTable:

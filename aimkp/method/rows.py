@@ -10,6 +10,7 @@ sum of their losses.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -33,6 +34,8 @@ __all__ = [
     "plan_rows",
     "weighted_sum",
 ]
+
+log = logging.getLogger(__name__)
 
 #: ``objective(loss_sum [R]) -> scalar`` whose backward a micro-step runs.
 Objective = Callable[[torch.Tensor], torch.Tensor]
@@ -132,10 +135,12 @@ def plan_rows(
 
 
 def forward_losses(loaded: LoadedModel, batch: RowBatch, opts: StepOptions) -> RowLosses:
-    """Row forward (under the step's autocast); ``loss_sum [R]`` in fp32, with autograd. The
-    losses pass the ``row_losses`` tap (:mod:`aimkp.spans`) before anything reads them."""
+    """Row forward (under the step's autocast; through ``loaded.row_runner`` when it has one);
+    ``loss_sum [R]`` in fp32, with autograd. The losses pass the ``row_losses`` tap
+    (:mod:`aimkp.spans`) before anything reads them."""
+    runner = loaded.row_runner  # --fsdp: the FSDP2 root module (aimkp.train.fsdp.RowRunner)
     with span("forward"), autocast_ctx(opts.device, opts.amp_dtype):
-        out = forward_rows(loaded, batch)
+        out = forward_rows(loaded, batch) if runner is None else runner(batch)
     return tap("row_losses", replace(out, loss_sum=out.loss_sum.float()))
 
 
@@ -157,10 +162,19 @@ def finite_only_backward(
     Returns ``(losses, bad [B])``: when some sample's loss is not finite (``bad.any()``) no
     backward ran (``.grad`` untouched) and the caller re-runs the step over the other samples.
     Checking between forward and backward costs nothing in the usual (finite) case; masking the
-    objective instead would not be exact (0 times a non-finite activation gradient is NaN)."""
+    objective instead would not be exact (0 times a non-finite activation gradient is NaN).
+
+    Under ``--fsdp`` (``loaded.row_runner``) the ranks run their forwards and backwards in
+    lockstep (each pass all-gathers the shards on every rank), so the backward runs anyway and
+    nothing is left out (``bad`` all False): the non-finite rows are excluded from the filter
+    (their losses are non-finite), and the non-finite gradient skips the optimizer step on every
+    rank (:class:`aimkp.method.nonfinite.SkipGuard`)."""
     with span("forward_backward"):
         out = forward_losses(loaded, plan.batch, opts)
         bad = nonfinite_samples(plan, out.loss_sum)
+        if bool(bad.any()) and loaded.row_runner is not None:
+            log.warning("non-finite loss under --fsdp: this optimizer step will be skipped")
+            bad = torch.zeros_like(bad)
         if not bool(bad.any()):
             objective(out.loss_sum).backward()
     return out, bad

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pathlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,6 +23,11 @@ from aimkp.models.checkpoint import (
 from aimkp.models.hub import looks_like_hub_id, resolve_hub_id
 from aimkp.models.registry import adapter_class, get_adapter
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from aimkp.models.forward import RowBatch, RowLosses
+
 
 @dataclass
 class LoadedModel:
@@ -35,6 +40,9 @@ class LoadedModel:
         adapter: the :class:`MLLMAdapter` bound to the three above.
         preset: preset name when built from one (kept in checkpoints), else None.
         info: free-form facts (source path, attention implementation, ...).
+        row_runner: what the training step runs its rows through instead of
+            :func:`aimkp.models.forward.forward_rows` (``aimkp train --fsdp``: the FSDP2 root
+            module, :class:`aimkp.train.fsdp.RowRunner`); None: ``forward_rows``.
     """
 
     model: nn.Module
@@ -43,6 +51,7 @@ class LoadedModel:
     adapter: MLLMAdapter
     preset: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    row_runner: Callable[[RowBatch], RowLosses] | None = field(default=None, repr=False)
 
     def set_model(self, model: nn.Module) -> None:
         """Replace the model (e.g. by its peft wrapper) and rebind the adapter."""

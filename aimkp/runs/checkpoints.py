@@ -2,7 +2,9 @@
 ``OUTPUT/best`` (the model), ``OUTPUT/last`` (the model and the full training state, at the end
 of an epoch or mid-epoch with ``--save-every`` / on SIGINT / SIGTERM), optional step checkpoints
 ``OUTPUT/step-NNNNNN`` (``--keep-last K``: the K newest kept) and, before the first step, a check
-that the disk holds one more checkpoint.
+that the disk holds one more checkpoint. With ``--fsdp`` the training state of ``OUTPUT/last`` is
+sharded (``torch.distributed.checkpoint``) and the model files come from a consolidated copy:
+:meth:`aimkp.train.fsdp.FSDPParallel.save_last`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from aimkp.models.checkpoint import save_checkpoint
 from aimkp.runs.state import save_train_state
 
 if TYPE_CHECKING:
+    from aimkp.models import LoadedModel
     from aimkp.train.run import TrainRun
 
 log = logging.getLogger("aimkp.train")
@@ -27,16 +30,23 @@ STEP_PREFIX = "step-"
 SPACE_MARGIN = 1.1  # free space wanted: the estimated checkpoint bytes times this
 
 
-def save_model(run: TrainRun, name: str, extra: dict[str, Any]) -> None:
+def save_model(
+    run: TrainRun, name: str, extra: dict[str, Any], loaded: LoadedModel | None = None
+) -> None:
     """``OUTPUT/<name>``: the model (LoRA: a peft adapter naming one copy of a preset's initial
-    base per run, ``OUTPUT/base``). Refused when a trainable weight is non-finite."""
-    check_finite_weights(run.model, str(run.out / name))
+    base per run, ``OUTPUT/base``). Refused when a trainable weight is non-finite. ``loaded``:
+    the model to write when it is not ``run.loaded`` (``--fsdp``: rank 0's consolidated copy)."""
+    loaded = loaded or run.loaded
+    check_finite_weights(loaded.model, str(run.out / name))
     with atomic_dir(run.out / name, need_bytes=model_bytes(run)) as tmp:
-        _write_model(run, tmp, extra)
+        write_model_files(run, tmp, extra, loaded)
 
 
-def _write_model(run: TrainRun, directory: pathlib.Path, extra: dict[str, Any]) -> None:
-    save_checkpoint(directory, run.loaded, extra_json=extra, base_dir=run.out / "base")
+def write_model_files(
+    run: TrainRun, directory: pathlib.Path, extra: dict[str, Any], loaded: LoadedModel
+) -> None:
+    """The model files of ``loaded`` into ``directory`` (its weights checked finite before)."""
+    save_checkpoint(directory, loaded, extra_json=extra, base_dir=run.out / "base")
 
 
 def save_last(run: TrainRun, partial: dict[str, Any] | None = None) -> None:
@@ -46,7 +56,8 @@ def save_last(run: TrainRun, partial: dict[str, Any] | None = None) -> None:
     p = run.progress
     check_finite_weights(run.model, str(run.out / "last"))
     with atomic_dir(run.out / "last", need_bytes=checkpoint_bytes(run)) as tmp:
-        _write_model(run, tmp, {"epoch": p.epoch, "epoch_step": p.epoch_step, "step": p.step})
+        extra = {"epoch": p.epoch, "epoch_step": p.epoch_step, "step": p.step}
+        write_model_files(run, tmp, extra, run.loaded)
         _write_state(run, tmp, partial)
     if run.cfg.keep_last:
         save_step_copy(run.out, p.step, run.cfg.keep_last)

@@ -110,19 +110,25 @@ def save_train_state(
     config: dict[str, Any],
     epoch_step: int = 0,
     partial: dict[str, Any] | None = None,
+    sharded: dict[str, Any] | None = None,
 ) -> pathlib.Path:
     """Write ``train_state.pt`` under ``directory`` (created); returns its path.
 
     ``epoch``: epochs completed; ``epoch_step``: optimizer steps done in the next epoch (a
     mid-epoch checkpoint, > 0) with ``partial`` its totals so far (``EpochStats`` fields and
-    ``seconds``)."""
+    ``seconds``). ``sharded`` (``--fsdp``): the weights and optimizer state are in a
+    ``torch.distributed.checkpoint`` beside this file, which records ``sharded`` (its format,
+    world size and the frozen checksum) instead."""
     d = pathlib.Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {
         "format": 1,
-        "trainable": trainable_state(model),
-        "frozen_checksum": frozen_checksum(model),
-        "optimizer": optimizer.state_dict(),
+        "trainable": trainable_state(model) if sharded is None else {},
+        "frozen_checksum": frozen_checksum(model)
+        if sharded is None
+        else sharded["frozen_checksum"],
+        "optimizer": optimizer.state_dict() if sharded is None else {},
+        "sharded": sharded,
         "scheduler": scheduler.state_dict(),
         "strides": None if strides is None else strides.state_dict(),
         "rng": rng_state(),
@@ -177,6 +183,16 @@ def read_train_state(directory: str | pathlib.Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != 1:
         raise CheckpointError(f"{path}: not a training state written by aimkp (format 1)")
     return state
+
+
+def read_rank_state(path: pathlib.Path) -> dict[str, Any]:
+    """One rank's RNG states and stride tables of a sharded checkpoint (``--fsdp``), read as
+    safely as :func:`read_train_state`."""
+    try:
+        with _allowed_globals(_numpy_rng_types()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path}: cannot read this rank's training state ({exc})") from None
 
 
 def _numpy_rng_types() -> list[Any]:

@@ -171,6 +171,19 @@ class TrainConfig:
     keep_last: int | None = _f(
         None, "with --save-every: keep the K newest OUTPUT/step-NNNNNN checkpoints", metavar="K"
     )
+    # --- several processes (torchrun): aimkp.train.distributed, aimkp.train.fsdp ---
+    fsdp: bool = _f(
+        False,
+        "shard weights, gradients and optimizer state over the ranks with FSDP2 (fully_shard: "
+        "each decoder layer and vision block, the rest at the root); implies --reweight "
+        "correction; see docs/distributed.md",
+    )
+    dist_timeout: float = _f(
+        1800.0,
+        "seconds a rank waits in a collective for the others before the run stops with an "
+        "error (a rank that died or hangs)",
+        metavar="S",
+    )
     allow_changed: list[str] = dataclasses.field(
         default_factory=list,
         metadata={
@@ -186,6 +199,7 @@ class TrainConfig:
         self._validate_counts()
         self._validate_rates()
         self._validate_data()
+        self._validate_parallel()
         return self
 
     def _validate_choices(self) -> None:
@@ -241,6 +255,23 @@ class TrainConfig:
             )
         if self.grand_threshold is not None:
             _check_range("grand_threshold", self.grand_threshold, low=0.0, low_open=True)
+
+    def _validate_parallel(self) -> None:
+        _check_range("dist_timeout", self.dist_timeout, low=0.0, low_open=True)
+        if not self.fsdp:
+            return
+        if self.reweight == "stash":
+            # FSDP2 leaves .grad sharded (reduce-scattered) after the backward, while the stash
+            # rescales the full per-layer gradients; the correction pass needs no .grad surgery
+            raise UsageError(
+                "--fsdp needs --reweight correction (or auto): the stash rescales full .grad "
+                "tensors, which FSDP2 shards after the backward"
+            )
+        if self.baselines:
+            raise UsageError(
+                "--baselines is not available with --fsdp: score the baselines with a "
+                "single-process run (aimkp train --baselines) or aimkp compare"
+            )
 
     def _validate_data(self) -> None:
         if self.valid_data is None and pathlib.Path(self.data).expanduser().is_file():
@@ -305,6 +336,15 @@ class TrainConfig:
         compact rows cost the same as ``attention`` rows there). ``attention``: the reference
         formulation (full padded rows, hidden tokens masked)."""
         return "compact" if self.mask_mode == "auto" else self.mask_mode
+
+    @property
+    def resolved_reweight(self) -> str:
+        """``--reweight``, except that ``--fsdp`` always weights the copies by the correction
+        pass: after an FSDP2 backward ``.grad`` is the sharded, reduce-scattered gradient, so
+        the stash's in-place rescaling of the full ``.grad`` has nothing to act on, while the
+        correction is one more forward + backward with weights ``w - w0`` that FSDP2 reduces
+        like any other (exact without dropout, :mod:`aimkp.method.correction`)."""
+        return "correction" if self.fsdp else self.reweight
 
     @property
     def effective_batch(self) -> int:

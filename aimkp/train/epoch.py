@@ -23,10 +23,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from aimkp.method.nonfinite import grads_finite
 from aimkp.method.step import StepResult, aimkp_step, sft_step
 from aimkp.models.attention import kernel_name
-from aimkp.runs.checkpoints import save_last
 from aimkp.spans import tap
 from aimkp.train import distributed as D
 from aimkp.train.run import Progress, TrainRun
@@ -58,9 +56,14 @@ def accumulate(run: TrainRun, global_idx: Sequence[int]) -> Iterator[StepResult]
     of the ranks' gradients is the gradient of the global batch's mean loss."""
     n_total = float(sum(run.samples[i].n_answer_tokens for i in global_idx))
     idx = D.rank_share(global_idx, run.ctx)
-    bs = run.cfg.batch_size
-    for m in range(0, len(idx), bs):
-        yield micro_step(run, idx[m : m + bs], n_total)
+    par = run.parallel  # --fsdp: every rank the same micro-steps and passes (lockstep)
+    for chunk, last in par.micro_batches(idx, len(global_idx), run.cfg.batch_size):
+        res = None
+        with par.micro_step(run, last, pad_sample=global_idx[0]):
+            if chunk:
+                res = micro_step(run, chunk, n_total)
+        if res is not None:
+            yield res
 
 
 def optimizer_step(run: TrainRun, used_rows: int) -> bool:
@@ -69,16 +72,14 @@ def optimizer_step(run: TrainRun, used_rows: int) -> bool:
     ``used_rows``: this rank's rows that reached ``.grad``. A step whose summed gradient is
     non-finite, or that used no row on any rank, is skipped (no AdamW step; the schedule still
     advances so the learning rate follows the data position); returns False then."""
-    model = run.model
-    D.all_reduce_grads(model.parameters(), run.ctx)
-    params = [p for p in model.parameters() if p.requires_grad]
-    (used_total,) = D.all_reduce_sum([used_rows], run.ctx)
-    finite = tap("grads_finite", grads_finite(params))
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    finite, used_total = run.parallel.reduce_grads(params, used_rows)
+    finite = tap("grads_finite", finite)
     ok = run.skip_guard.step_ok(used_total > 0 and finite, run.progress.step)
     run.grad_norm = None
     if ok:
         if run.cfg.max_grad_norm is not None:
-            run.grad_norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.max_grad_norm)
+            run.grad_norm = run.parallel.clip(params, run.cfg.max_grad_norm)
         run.optimizer.step()
     else:
         run.progress.skipped_steps += 1
@@ -181,8 +182,8 @@ def after_step(run: TrainRun, stats: EpochStats, seconds: float, stop: StopReque
     periodic = cfg.save_every is not None and p.step % cfg.save_every == 0
     if signum is None and not (periodic and p.epoch_step < run.steps_per_epoch):
         return
-    if run.is_main:
-        save_last(run, {**dataclasses.asdict(stats), "seconds": seconds})
+    with run.parallel.consolidated(run) as view:  # --fsdp: every rank takes part
+        run.parallel.save_last(run, view, {**dataclasses.asdict(stats), "seconds": seconds})
     run.ctx.barrier()
     if signum is not None:
         if run.is_main:

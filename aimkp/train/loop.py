@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aimkp.runs.checkpoints import check_free_space, save_last, save_model
+from aimkp.runs.checkpoints import check_free_space, save_model
 from aimkp.runs.lock import run_lock
 from aimkp.runs.state import load_trainable_state, read_train_state, trainable_state
 from aimkp.train.config import TrainConfig
 from aimkp.train.data import load_split
+from aimkp.train.distributed import peer_loss_exits
 from aimkp.train.epoch import BackendLog, run_epoch
 from aimkp.train.evaluation import (
     baseline_scores,
@@ -51,6 +52,9 @@ from aimkp.train.signals import StopRequest
 from aimkp.train.stats import EpochStats
 from aimkp.train.step_log import StepLog
 
+if TYPE_CHECKING:
+    from aimkp.models import LoadedModel
+
 __all__ = [
     "build_optimizer",
     "build_scheduler",
@@ -68,7 +72,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training as configured; returns a summary dict (history, best score, paths). The run
     directory is locked for the run (rank 0; a second run into it is refused)."""
     with run_lock(cfg.output, enabled=int(os.environ.get("RANK", "0") or 0) == 0):
-        return _train(cfg)
+        with peer_loss_exits(cfg.dist_timeout):  # a rank died or hangs: one line, exit 4
+            return _train(cfg)
 
 
 def _train(cfg: TrainConfig) -> dict[str, Any]:
@@ -131,14 +136,17 @@ def end_epoch(
     ranks wait for rank 0 at the barrier."""
     row = epoch_row(run, epoch, stats, seconds)
     run.progress.epoch, run.progress.epoch_step = epoch + 1, 0
-    if run.is_main:
-        if run.cfg.eval_every_epoch and run.valid_records:
-            row.update(validate_and_select(run, epoch))
-        run.progress.history.append(row)
-        metrics.write(row, run.progress.history)
-        save_last(run)
-    else:
-        run.progress.history.append(row)
+    validate = run.cfg.eval_every_epoch and bool(run.valid_records)
+    # --fsdp: every rank takes part in gathering the weights, rank 0 gets a plain copy
+    with run.parallel.consolidated(run, on_device=validate) as view:
+        if run.is_main:
+            if validate:
+                row.update(validate_and_select(run, epoch, view))
+            run.progress.history.append(row)
+            metrics.write(row, run.progress.history)
+        else:
+            run.progress.history.append(row)
+        run.parallel.save_last(run, view)
     run.ctx.barrier()
 
 
@@ -160,15 +168,19 @@ def epoch_row(run: TrainRun, epoch: int, stats: EpochStats, seconds: float) -> d
     return row
 
 
-def validate_and_select(run: TrainRun, epoch: int) -> dict[str, float]:
-    """Validation scores (``valid_*``); a new best score saves ``OUTPUT/best`` and keeps the
-    trainable weights for the final test comparison."""
-    ev = evaluate(run.loaded, run.valid_records, run.cfg)
+def validate_and_select(
+    run: TrainRun, epoch: int, loaded: LoadedModel | None = None
+) -> dict[str, float]:
+    """Validation scores (``valid_*``) of ``loaded`` (default ``run.loaded``; ``--fsdp``: rank
+    0's consolidated copy); a new best score saves ``OUTPUT/best`` and keeps the trainable
+    weights for the final test comparison."""
+    loaded = loaded or run.loaded
+    ev = evaluate(loaded, run.valid_records, run.cfg)
     p = run.progress
     if p.best_score is None or ev["score"] > p.best_score:
         p.best_score, p.best_epoch = ev["score"], epoch + 1
-        run.best_state = trainable_state(run.model)
-        save_model(run, "best", {"epoch": epoch + 1, "valid": ev})
+        run.best_state = trainable_state(loaded.model)
+        save_model(run, "best", {"epoch": epoch + 1, "valid": ev}, loaded)
     return {f"valid_{k}": v for k, v in ev.items()}
 
 

@@ -31,6 +31,7 @@ SAFE_TO_CHANGE = frozenset(
         "max_skipped_steps",
         "num_threads",
         "device",
+        "dist_timeout",
     }
 )
 

@@ -23,7 +23,6 @@ from aimkp.models import load_model
 from aimkp.models import precision as P
 from aimkp.models.forward import use_masked_embedding_module
 from aimkp.models.lora import apply_lora
-from aimkp.runs.state import restore_train_state
 from aimkp.train import distributed as D
 from aimkp.train.config import TrainConfig
 from aimkp.train.data import load_split
@@ -31,7 +30,7 @@ from aimkp.train.data import load_split
 if TYPE_CHECKING:
     from aimkp.data import Record
     from aimkp.models import EncodedSample, LoadedModel
-    from aimkp.train.distributed import DistContext
+    from aimkp.train.distributed import DataParallel, DistContext
 
 log = logging.getLogger("aimkp.train")
 
@@ -68,6 +67,7 @@ class TrainRun:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     global_batch: int  # samples per optimizer step over all ranks
     steps_per_epoch: int
+    parallel: DataParallel  # how the ranks share the work (aimkp.train.distributed / .fsdp)
     progress: Progress = field(default_factory=Progress)
     best_state: dict[str, torch.Tensor] | None = None  # trainable weights of the best epoch
     resumed_changes: list[str] = field(default_factory=list)  # accepted by --allow-changed
@@ -181,8 +181,9 @@ def set_up(cfg: TrainConfig) -> TrainRun:
     cfg.validate()
     out = pathlib.Path(cfg.output)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ctx = D.init_distributed(device)
+    ctx = D.init_distributed(device, cfg.dist_timeout, single_group=cfg.fsdp)
     device = D.rank_device(ctx, device)
+    parallel = make_parallel(cfg, ctx, device)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
     if cfg.num_threads is not None:
@@ -192,8 +193,8 @@ def set_up(cfg: TrainConfig) -> TrainRun:
     train_recs, valid_recs = _load_records(cfg)
     loaded = _load_trainable_model(cfg, train_recs, device)
     model = loaded.model
+    parallel.wrap(loaded)  # before the optimizer: FSDP2 replaces the parameters
     if ctx.enabled:
-        D.broadcast_trainable(model, ctx)
         torch.manual_seed(cfg.seed + 7919 * ctx.rank)  # own dropout masks per rank
     model.train()
     samples = [loaded.adapter.encode(r) for r in train_recs]
@@ -222,6 +223,7 @@ def set_up(cfg: TrainConfig) -> TrainRun:
         scheduler=scheduler,
         global_batch=global_batch,
         steps_per_epoch=steps_per_epoch,
+        parallel=parallel,
         skip_guard=SkipGuard(cfg.max_skipped_steps),
     )
 
@@ -230,13 +232,27 @@ def step_options(cfg: TrainConfig, device: torch.device) -> StepOptions:
     """The micro-step's options of ``cfg`` on ``device``; the autocast dtype is the frozen base's
     half dtype (``--dtype``), else bf16 with ``--bf16``."""
     amp_dtype = P.autocast_dtype(P.resolve_dtype(cfg.dtype, device), cfg.bf16)
-    return StepOptions.from_fields(cfg, device=device, amp_dtype=amp_dtype)
+    return StepOptions.from_fields(
+        cfg, device=device, amp_dtype=amp_dtype, reweight=cfg.resolved_reweight
+    )
+
+
+def make_parallel(cfg: TrainConfig, ctx: D.DistContext, device: torch.device) -> D.DataParallel:
+    """How the ranks share the work: :class:`aimkp.train.fsdp.FSDPParallel` with ``--fsdp``,
+    else :class:`aimkp.train.distributed.DataParallel`."""
+    if cfg.fsdp:
+        # imported only here: torch.distributed.fsdp and its checkpoint modules take a while to
+        # import, and a run without --fsdp never needs them
+        from aimkp.train.fsdp import FSDPParallel
+
+        return FSDPParallel(cfg, ctx, device)
+    return D.DataParallel(cfg, ctx, device)
 
 
 def resume(run: TrainRun, st: dict[str, Any], directory: str) -> None:
     """Restore weights, optimizer, schedule, strides, RNG and progress from the training state
     ``st`` read from ``directory``."""
-    restore_train_state(st, **run.stateful())
+    run.parallel.restore(run, st, directory)
     run.progress = Progress(
         epoch=int(st["epoch"]),
         step=int(st["step"]),

@@ -69,7 +69,10 @@ class EpochStats:
         values: dict[str, Any] = {
             f.name: v if f.type == "float" else int(v) for f, v in zip(fields, sums)
         }
-        return EpochStats(**values)
+        out = EpochStats(**values)
+        # a skipped optimizer step is one decision taken by every rank alike, not one per rank
+        out.nonfinite_skipped_steps = self.nonfinite_skipped_steps
+        return out
 
     @property
     def train_loss(self) -> float:

@@ -8,8 +8,8 @@ KV cache. Rows report the model load, the prediction time, posts/s without and w
 and, for batches > 1, the same run with no length sorting across batches (``--sort-window``
 equal to the batch size: batches in input order) to show what the sorting buys.
 
-    .venv/bin/python benchmarks/bench_predict.py                     # tiny-llava, 64 posts
-    .venv/bin/python benchmarks/bench_predict.py --posts 16 --quick  # fewer posts, 1 repeat
+    .venv/bin/python -m benchmarks.bench_predict                     # tiny-llava, 64 posts
+    .venv/bin/python -m benchmarks.bench_predict --posts 16 --quick  # fewer posts, 1 repeat
 
 Writes ``benchmarks/results/predict_<model>-<device>.json``. The tiny presets have random
 weights: they never emit eos, so every post generates exactly ``--max-new-tokens`` tokens (the
@@ -32,13 +32,11 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import env_info, print_table, results_dir  # noqa: E402
-
-from aimkp.data.lazy import iter_posts  # noqa: E402
-from aimkp.eval.predict import Predictor  # noqa: E402
-from aimkp.eval.streaming import JsonlWriter, predict_stream  # noqa: E402
-from aimkp.models import load_model  # noqa: E402
+from aimkp.data.lazy import iter_posts
+from aimkp.eval.predict import Predictor
+from aimkp.eval.streaming import JsonlWriter, predict_stream
+from aimkp.models import load_model
+from benchmarks.common import env_info, print_table, results_dir
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -118,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 "predict_s": secs,
                 "posts_per_s": args.posts / secs,
                 "posts_per_s_with_load": args.posts / (secs + load_s),
-                "command": "python benchmarks/bench_predict.py " + " ".join(argv or sys.argv[1:]),
+                "command": "python -m benchmarks.bench_predict " + " ".join(argv or sys.argv[1:]),
                 "note": args.note,
             }
         )

@@ -33,7 +33,9 @@ def test_breakdown_row_structure(breakdown):
         assert row[key], key
     assert row["rows"] == 3 * row["batch_samples"]  # originals + text + image copies
     assert all(math.isfinite(v) for v in row["phases"].values())
-    for k in ("language_model", "backward", "engine_hooks", "vision_tower", "optimizer"):
+    # measured spans only: engine_hooks is a difference of two timings, which a loaded machine
+    # can make negative, and tests check structure, never timings
+    for k in ("language_model", "backward", "vision_tower", "optimizer"):
         assert row["phases"][k] > 0, k
     assert sum(row["shares"].values()) == pytest.approx(1.0)
     assert row["total_min_ms"] <= row["total_ms"] <= row["total_max_ms"]

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
-import fsdp_plan as F  # noqa: E402
+from benchmarks import fsdp_plan as F
 
 
 @pytest.mark.parametrize("shape", list(F.SHAPES))

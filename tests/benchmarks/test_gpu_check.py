@@ -97,8 +97,7 @@ def test_requires_cuda_marker_selects_the_cuda_tests():
 def test_step_timeouts_fit_the_budget_and_the_lease():
     """Every step gets its whole timeout inside the budget, and the budget, the machine's start,
     the transfers and the idle time after it leave at least 3 minutes of a 15-minute lease."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import gpu_check
+    from benchmarks import gpu_check
 
     assert sum(s.timeout_s for s in gpu_check.steps()) <= gpu_check.BUDGET_S
     lease = gpu_check.LEASE
@@ -113,8 +112,7 @@ def test_archive_and_what_to_commit(tmp_path):
     assert rc == 0
     with tarfile.open(out / "all.tar.gz") as tar:
         assert sorted(tar.getnames()) == ["gpu_check.json", "gpu_check.log"]
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import gpu_check
+    from benchmarks import gpu_check
 
     (out / "train_step-nvidia-h200.json").write_text("[]\n")
     ran = [{"name": "env", "status": "ran"}, {"name": "bench_train_step", "status": "ran"}]

@@ -56,10 +56,11 @@ def _attn_name(attn: str, device: torch.device | str | None = None) -> str:
 def check_model_spec(spec: str | pathlib.Path) -> str:
     """``spec`` as a string when it is a preset name or a local checkpoint directory (one with a
     ``config.json``); a :class:`~aimkp.errors.UsageError` naming it otherwise. Reads no weights."""
-    from aimkp.models.presets import PRESETS
+    from aimkp.models.presets import PRESETS, check_preset
 
     spec_s = str(spec)
     if spec_s in PRESETS:
+        check_preset(spec_s)
         return spec_s
     p = pathlib.Path(spec_s)
     if not p.exists() and looks_like_hub_id(spec_s):

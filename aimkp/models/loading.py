@@ -117,8 +117,8 @@ def load_model(
     device: torch.device | str | None = None,
     seed: int = 0,
 ) -> LoadedModel:
-    """Load a preset (``tiny-llava``, ``tiny-qwen2vl``, ``tiny-qwen25vl``, ``tiny-idefics3``) or
-    a LOCAL checkpoint directory.
+    """Load a preset (``tiny-llava``, ``tiny-qwen2vl``, ``tiny-qwen25vl``, ``tiny-idefics3``, the
+    pretrained ``smol-llava``) or a LOCAL checkpoint directory.
 
     Args:
         spec: preset name, an aimkp checkpoint written by ``save_checkpoint`` (full weights or

@@ -20,12 +20,13 @@ from aimkp.metrics import read_predictions
 def format_examples(
     records: Sequence[Any], predictions: Sequence[Sequence[str]], n: int, width: int = 70
 ) -> str:
-    """The first ``n`` posts: text (cut at ``width``), true and predicted keyphrases, and which
-    predicted ones are right."""
-    if len(predictions) < min(n, len(records)):
+    """The first ``n`` posts that have a prediction (a prediction file may cover the first posts
+    of a split only): text (cut at ``width``), true and predicted keyphrases, and which predicted
+    ones are right."""
+    if len(predictions) > len(records):
         raise UsageError(
-            f"{len(predictions)} prediction lines for {min(n, len(records))} posts: the "
-            "predictions belong to another split or were cut short"
+            f"{len(predictions)} prediction lines for a split of {len(records)} posts: the "
+            "predictions belong to another split"
         )
     lines = []
     for rec, pred in list(zip(records, predictions))[:n]:

@@ -14,11 +14,13 @@ def test_hits_are_marked_and_long_texts_cut() -> None:
     assert out[3] == "post b: ''" and out[5] == "  predicted: (nothing)"
 
 
-def test_too_few_predictions_is_a_user_error(tmp_path, capsys) -> None:
+def test_predictions_cover_the_first_posts_only(tmp_path, capsys) -> None:
     pred = tmp_path / "p.txt"
     pred.write_text("cat\n")
-    assert main(["--predictions", str(pred), "--data", "default", "-n", "3"]) == 2
+    assert main(["--predictions", str(pred), "--data", "default", "-n", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 and out[2] == "  predicted: cat"  # one post shown, the one predicted
+    pred.write_text("cat\n" * 251)  # the default test split has 250 posts
+    assert main(["--predictions", str(pred), "--data", "default"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "1 prediction lines for 3 posts" in err[0]
-    assert main(["--predictions", str(pred), "--data", "default", "-n", "1"]) == 0
-    assert "  predicted: cat" in capsys.readouterr().out
+    assert len(err) == 1 and "251 prediction lines for a split of 250 posts" in err[0]

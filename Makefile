@@ -32,7 +32,7 @@ pretrained: setup
 # training posts of the default data for 2 epochs, validated / tested on the first SMOL_EVAL posts;
 # prints the test scores next to the untrained model and the majority baseline, the robustness
 # table (clean / text-only / image-only) and a few test posts with true and predicted keyphrases.
-# About 14 minutes on an idle 2-core CPU (estimated from measured seconds per sample; see the docs).
+# 9 minutes measured on the 2-core CPU at a load average of about 2 (after set-up; see the docs).
 # One thread: beside other work two threads can run many times slower than one.
 SMOL_SAMPLES ?= 128
 SMOL_EVAL ?= 50

@@ -92,12 +92,21 @@ def run_dir(spec: CompareSpec, method: Method, seed: int, epochs: int) -> Path:
     return Path(spec.output) / "runs" / method.slug / f"e{epochs}-s{seed}"
 
 
+# How often a run saved does not change what it trained: a comparison made before step
+# checkpoints existed (save_every None) is still reused by one that writes them.
+NOT_DEFINING = ("save_every", "keep_last")
+
+
+def _defining(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in NOT_DEFINING}
+
+
 def _read_result(path: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     f = path / RESULT
     if not f.is_file():
         return None
     res = json.loads(f.read_text())
-    if res.get("config") != cfg.to_dict():
+    if _defining(res.get("config") or {}) != _defining(cfg.to_dict()):
         raise UsageError(
             f"{path} holds a finished run with another configuration; use another --output "
             "or delete it"

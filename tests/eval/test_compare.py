@@ -237,3 +237,9 @@ def test_a_stopped_run_continues_from_its_last_checkpoint(tmp_path, monkeypatch)
     res = json.loads((tmp_path / "runs/sft/e2-s0/result.json").read_text())
     assert res["resumed"] is True and [h["epoch"] for h in res["history"]] == [1, 2]
     assert res["config"] == cfg.to_dict()  # the result records the run's config, not the resume
+
+    def no_training(c):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(aimkp.train.loop, "train", no_training)
+    assert main([*argv, "--save-every", "5"]) == 0  # how often it saved does not define a run

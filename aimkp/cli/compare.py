@@ -6,7 +6,9 @@
 Every method x seed is trained (same initial weights and data order per seed), its best
 checkpoint evaluated on the robustness settings, and OUTPUT/compare.{json,md,png} written:
 mean and 95% t-interval over seeds, and a paired bootstrap over test posts of each method's
-difference to the first. Finished runs are not trained again (rerun the same command to resume).
+difference to the first. Rerun the same command to resume: finished runs are not trained again,
+and a run that was stopped continues from its last checkpoint (written every ``--save-every``
+optimizer steps, default 20, and at every epoch's end).
 A variant is METHOD:FIELD=VALUE,... with TrainConfig fields (``aimkp:lr=1e-3,tau_text=0.3``).
 """
 
@@ -21,6 +23,8 @@ from typing import Any
 from aimkp.deps import require
 from aimkp.errors import UsageError
 
+# optimizer steps between step checkpoints: what a killed comparison loses at most per run
+SAVE_EVERY = 20
 HELP = "compare methods (sft, aimkp, variants) over seeds with t-intervals and a paired bootstrap"
 
 # pass-through training options: flag -> TrainConfig field (None = not given)
@@ -29,6 +33,10 @@ _PASS = {
     "eval_max_samples": int,
     "batch_size": int,
     "lr": float,
+    "projector_lr": float,
+    "lora_r": int,
+    "lora_alpha": int,
+    "save_every": int,
     "max_new_tokens": int,
     "threads": int,
     "device": str,
@@ -64,7 +72,7 @@ def base_fields(args: argparse.Namespace) -> dict[str, Any]:
     """Shared TrainConfig fields: the defaults, ``--quick``'s, then the flags given."""
     from aimkp.train.config import TrainConfig
 
-    fields: dict[str, Any] = {"model": args.model, "data": args.data}
+    fields: dict[str, Any] = {"model": args.model, "data": args.data, "save_every": SAVE_EVERY}
     if args.quick:
         fields.update(TrainConfig.quick_overrides())
     given = {k: getattr(args, k) for k in _PASS if getattr(args, k) is not None}

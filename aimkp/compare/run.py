@@ -1,9 +1,11 @@
 """``aimkp compare``: train every method x seed, evaluate each best checkpoint, compare honestly.
 
 Runs live in ``OUT/runs/<method>/e<epochs>-s<seed>/`` (the training loop's run directory); a run
-whose ``result.json`` exists with the same config is not trained again, and each robustness
-setting's predictions are cached in ``<run>/eval/<setting>/``, so an interrupted or extended
-comparison (more seeds, more settings) redoes only what is missing.
+whose ``result.json`` exists with the same config is not trained again, a run stopped part-way
+(killed, Ctrl-C) continues from its last step checkpoint (``<run>/last``, written every
+``save_every`` optimizer steps and at each epoch's end: the loop's ``--resume``), and each
+robustness setting's predictions are cached in ``<run>/eval/<setting>/``, so an interrupted or
+extended comparison (more seeds, more settings) redoes only what is missing.
 
 The same seed gives every method the same initial weights and the same data order (the loop
 seeds the model with ``seed`` and permutes with ``seed + epoch``).
@@ -22,6 +24,7 @@ Budgets:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -31,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from aimkp.compare.methods import Method
-from aimkp.errors import UsageError
+from aimkp.errors import CheckpointError, UsageError
+from aimkp.runs.state import find_train_state
 from aimkp.train.config import TrainConfig
 
 log = logging.getLogger("aimkp.compare")
@@ -88,12 +92,21 @@ def run_dir(spec: CompareSpec, method: Method, seed: int, epochs: int) -> Path:
     return Path(spec.output) / "runs" / method.slug / f"e{epochs}-s{seed}"
 
 
+# How often a run saved does not change what it trained: a comparison made before step
+# checkpoints existed (save_every None) is still reused by one that writes them.
+NOT_DEFINING = ("save_every", "keep_last")
+
+
+def _defining(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in NOT_DEFINING}
+
+
 def _read_result(path: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     f = path / RESULT
     if not f.is_file():
         return None
     res = json.loads(f.read_text())
-    if res.get("config") != cfg.to_dict():
+    if _defining(res.get("config") or {}) != _defining(cfg.to_dict()):
         raise UsageError(
             f"{path} holds a finished run with another configuration; use another --output "
             "or delete it"
@@ -101,8 +114,19 @@ def _read_result(path: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     return res
 
 
+def resumable(out: Path) -> bool:
+    """True when run directory ``out`` holds a step / epoch checkpoint to continue from."""
+    try:
+        find_train_state(out)
+    except CheckpointError:
+        return False
+    return True
+
+
 def train_run(cfg: TrainConfig, label: str) -> dict[str, Any]:
-    """Train one run (or read its result when finished): ``result.json``'s content."""
+    """Train one run (or read its result when finished): ``result.json``'s content. A run that
+    stopped part-way continues from its ``last`` checkpoint (the loop refuses, naming them, any
+    option that differs from the saved run's); ``train_s`` counts this invocation only."""
     out = Path(cfg.output)
     done = _read_result(out, cfg)
     if done is not None:
@@ -111,13 +135,19 @@ def train_run(cfg: TrainConfig, label: str) -> dict[str, Any]:
     from aimkp.train.loop import train
 
     t0 = time.perf_counter()
-    summary = train(cfg)
+    resumed = resumable(out)
+    if resumed:
+        log.info("%s seed %d: continuing from %s", label, cfg.seed, out / "last")
+        summary = train(dataclasses.replace(cfg, resume=str(out)))
+    else:
+        summary = train(cfg)
     res = {
         "label": label,
         "seed": cfg.seed,
         "epochs": cfg.epochs,
         "config": cfg.to_dict(),
         "train_s": round(time.perf_counter() - t0, 2),
+        "resumed": resumed,
         "trained_tokens": trained_tokens(summary["history"]),
         "first_epoch_tokens": trained_tokens(summary["history"][:1]),
         "best_epoch": summary["best_epoch"],

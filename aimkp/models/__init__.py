@@ -28,6 +28,7 @@ from aimkp.models.forward import (
 )
 from aimkp.models.loading import LoadedModel, check_model_spec, load_model
 from aimkp.models.registry import get_adapter
+from aimkp.models.vision_cnn import CNNVisionConfig, CNNVisionModel  # registers the CNN tower
 
 __all__ = [
     "QUESTION",
@@ -42,6 +43,8 @@ __all__ = [
     "MLLMAdapter",
     "get_adapter",
     "check_model_spec",
+    "CNNVisionConfig",
+    "CNNVisionModel",
     "load_model",
     "register_adapter",
     "save_checkpoint",

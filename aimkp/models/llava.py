@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from aimkp.models import vision_cnn  # noqa: F401 - registers the CNN tower a LLaVA config may name
 from aimkp.models.adapter import EncodedSample, MLLMAdapter, register_adapter, swapped_module
 
 

@@ -72,10 +72,11 @@ def _attn_name(attn: str, device: torch.device | str | None = None) -> str:
 def check_model_spec(spec: str | pathlib.Path) -> str:
     """``spec`` as a string when it is a preset name or a local checkpoint directory (one with a
     ``config.json``); a :class:`~aimkp.errors.UsageError` naming it otherwise. Reads no weights."""
-    from aimkp.models.presets import PRESETS
+    from aimkp.models.presets import PRESETS, check_preset
 
     spec_s = str(spec)
     if spec_s in PRESETS:
+        check_preset(spec_s)
         return spec_s
     p = pathlib.Path(spec_s)
     if not p.exists() and _names_a_local_path(spec_s):
@@ -143,8 +144,8 @@ def load_model(
     device: torch.device | str | None = None,
     seed: int = 0,
 ) -> LoadedModel:
-    """Load a preset (``tiny-llava``, ``tiny-qwen2vl``, ``tiny-qwen25vl``, ``tiny-idefics3``) or
-    a LOCAL checkpoint directory.
+    """Load a preset (``tiny-llava``, ``tiny-qwen2vl``, ``tiny-qwen25vl``, ``tiny-idefics3``, the
+    pretrained ``smol-llava``) or a LOCAL checkpoint directory.
 
     Args:
         spec: preset name, an aimkp checkpoint written by ``save_checkpoint`` (full weights or

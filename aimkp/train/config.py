@@ -53,7 +53,8 @@ class TrainConfig:
 
     model: str = _f(
         "tiny-llava",
-        "preset name (tiny-llava, tiny-qwen2vl, tiny-qwen25vl, tiny-idefics3), a local checkpoint "
+        "preset name (tiny-llava, tiny-qwen2vl, tiny-qwen25vl, tiny-idefics3, smol-llava: "
+        "pretrained, needs `make pretrained`), a local checkpoint "
         "directory (LLaVA, Qwen2-VL, Qwen2.5-VL, Idefics3 / SmolVLM) or a hub id (org/name) in "
         "the local Hugging Face cache",
         aliases=["--preset"],

@@ -194,3 +194,44 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, extra, message) -> N
     assert err.startswith("aimkp compare: error:") and message in err
     assert len(err.splitlines()) == 1
     assert not (tmp_path / "x" / "runs").exists()  # nothing trained
+
+
+def test_a_stopped_run_continues_from_its_last_checkpoint(tmp_path, monkeypatch) -> None:
+    """A run stopped after its first epoch (as a killed comparison leaves it: ``last`` written,
+    no result.json) is resumed from ``last`` by the next ``aimkp compare``, not retrained."""
+    import dataclasses
+
+    import aimkp.train.loop
+    from aimkp.cli import build_parser
+    from aimkp.cli.compare import build_spec
+    from aimkp.compare.methods import parse_methods
+    from aimkp.compare.run import run_config
+
+    argv = [
+        "compare", *TINY, "--methods", "sft", "--seeds", "1", "--epochs", "2",
+        "--settings", "clean", "--bootstrap", "10", "--output", str(tmp_path),
+    ]  # fmt: skip
+    spec = build_spec(build_parser(argv)[0].parse_args(argv), argv)
+    cfg = run_config(spec, parse_methods("sft")[0], 0, 2)
+    assert cfg.save_every == 20  # the comparison's step checkpoints
+    real_train = aimkp.train.loop.train
+    real_train(dataclasses.replace(cfg, stop_after_epochs=1))  # the "killed" run
+    assert not (tmp_path / "runs/sft/e2-s0/result.json").exists()
+    seen: list[str | None] = []
+
+    def spy(c):
+        seen.append(c.resume)
+        return real_train(c)
+
+    monkeypatch.setattr(aimkp.train.loop, "train", spy)
+    assert main(argv) == 0
+    assert seen == [cfg.output]
+    res = json.loads((tmp_path / "runs/sft/e2-s0/result.json").read_text())
+    assert res["resumed"] is True and [h["epoch"] for h in res["history"]] == [1, 2]
+    assert res["config"] == cfg.to_dict()  # the result records the run's config, not the resume
+
+    def no_training(c):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(aimkp.train.loop, "train", no_training)
+    assert main([*argv, "--save-every", "5"]) == 0  # how often it saved does not define a run

@@ -31,13 +31,13 @@ from .readers import (
     _BadRecords,
     _cmkp_line,
     _ImageResolver,
+    _iter_located_lines,
     _jsonl_line,
     _parsed,
     _record_from_obj,
     detect_format,
 )
 from .record import ReadStats, Record
-from .text_io import open_text, utf8_checked
 
 
 class Post(NamedTuple):
@@ -122,20 +122,7 @@ def _line_posts(
     path: Path, parse: Callable[..., Record | None], bad: _BadRecords, st: ReadStats
 ) -> Iterator[Post]:
     """The records of a one-record-per-line file with their ``file:line``."""
-
-    def parse_line(line: str, lineno: int, where: str) -> Record | None:
-        return parse(utf8_checked(line, where), lineno, where)
-
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                st.skip("blank line", where)
-                continue
-            rec = _parsed(bad, st, where, parse_line, line, lineno, where)
-            if rec is not None:
-                yield Post(where, rec)
+    return (Post(where, rec) for where, rec in _iter_located_lines(path, parse, bad, st))
 
 
 def _json_array_posts(

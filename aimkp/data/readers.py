@@ -190,6 +190,13 @@ def _parsed(
 
 def _iter_lines(path: Path, parse: Any, bad: _BadRecords, stats: ReadStats) -> Iterator[Record]:
     """Records of a one-record-per-line file; ``parse(line, lineno, where)`` -> Record | None."""
+    return (rec for _, rec in _iter_located_lines(path, parse, bad, stats))
+
+
+def _iter_located_lines(
+    path: Path, parse: Any, bad: _BadRecords, stats: ReadStats
+) -> Iterator[tuple[str, Record]]:
+    """``(file:line, record)`` of a one-record-per-line file, blank lines counted as skipped."""
 
     def parse_line(line: str, lineno: int, where: str) -> Record | None:
         return parse(utf8_checked(line, where), lineno, where)
@@ -203,7 +210,7 @@ def _iter_lines(path: Path, parse: Any, bad: _BadRecords, stats: ReadStats) -> I
                 continue
             rec = _parsed(bad, stats, where, parse_line, line, lineno, where)
             if rec is not None:
-                yield rec
+                yield where, rec
 
 
 def _cmkp_line(

@@ -40,6 +40,16 @@ from .readers import (
 from .record import ReadStats, Record
 
 
+class _ReadOptions(NamedTuple):
+    """The reader options of :func:`iter_posts`, passed on to the file and ``hf:`` readers."""
+
+    image_dir: str | os.PathLike[str] | None
+    on_missing_image: str
+    on_bad_record: str
+    with_images: bool
+    labelled: bool
+
+
 class Post(NamedTuple):
     """One record and where it was read (``file:line``)."""
 
@@ -68,11 +78,10 @@ def iter_posts(
         raise DataError(f"dataset spec must be a non-empty string, got {spec!r}")
     if is_synthetic(spec):
         return _generated(spec, split, st)
-    opts: dict[str, Any] = {"image_dir": image_dir, "on_missing_image": on_missing_image}
-    opts.update(on_bad_record=on_bad_record, with_images=with_images, labelled=labelled)
+    opts = _ReadOptions(image_dir, on_missing_image, on_bad_record, with_images, labelled)
     if spec.startswith("hf:"):
-        return _hf_posts(spec[3:], split, st, **opts)
-    return _file_posts(_data_file(spec, split), st, **opts)
+        return _hf_posts(spec[3:], split, st, opts)
+    return _file_posts(_data_file(spec, split), st, opts)
 
 
 def _data_file(spec: str, split: str) -> Path:
@@ -97,20 +106,12 @@ def _generated(spec: str, split: str, st: ReadStats) -> Iterator[Post]:
     return (Post(f"{spec}[{split}] #{i}", r) for i, r in enumerate(recs))
 
 
-def _file_posts(
-    path: Path,
-    st: ReadStats,
-    *,
-    image_dir: str | os.PathLike[str] | None,
-    on_missing_image: str,
-    on_bad_record: str,
-    with_images: bool,
-    labelled: bool,
-) -> Iterator[Post]:
+def _file_posts(path: Path, st: ReadStats, opts: _ReadOptions) -> Iterator[Post]:
     fmt = detect_format(path)  # "cmkp", "aimkp_json" or "jsonl"; a DataError otherwise
     st.source = os.fspath(path)
-    res = _ImageResolver(path, image_dir, on_missing_image, with_images, True)
-    bad = _BadRecords(on_bad_record, st)
+    res = _ImageResolver(path, opts.image_dir, opts.on_missing_image, opts.with_images, True)
+    bad = _BadRecords(opts.on_bad_record, st)
+    labelled = opts.labelled
     if fmt == "aimkp_json":
         parse_obj = functools.partial(_record_from_obj, res=res, stats=st, labelled=labelled)
         return _json_array_posts(path, parse_obj, bad, st)
@@ -134,17 +135,7 @@ def _json_array_posts(
             yield Post(where, rec)
 
 
-def _hf_posts(
-    directory: str,
-    split: str,
-    st: ReadStats,
-    *,
-    image_dir: str | os.PathLike[str] | None,
-    on_missing_image: str,
-    on_bad_record: str,
-    with_images: bool,
-    labelled: bool,
-) -> Iterator[Post]:
+def _hf_posts(directory: str, split: str, st: ReadStats, opts: _ReadOptions) -> Iterator[Post]:
     """Rows of a ``save_to_disk`` dataset, read in batches by ``datasets`` (memory-mapped)."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -153,12 +144,12 @@ def _hf_posts(
     st.source = f"{root}[{split_name}]"
     if "text" not in ds.column_names:
         raise DataError(f"{st.source}: missing column text (has {', '.join(ds.column_names)})")
-    if labelled:
+    if opts.labelled:
         hf._check_columns(ds, st.source)
-    base = Path(image_dir) if image_dir is not None else root
-    images = hf._Images(base, on_missing_image, with_images, True)
-    bad = _BadRecords(on_bad_record, st)
-    return _hf_rows(ds, root, split_name, images, bad, st, labelled)
+    base = Path(opts.image_dir) if opts.image_dir is not None else root
+    images = hf._Images(base, opts.on_missing_image, opts.with_images, True)
+    bad = _BadRecords(opts.on_bad_record, st)
+    return _hf_rows(ds, root, split_name, images, bad, st, opts.labelled)
 
 
 def _hf_rows(

@@ -15,9 +15,8 @@ here) also accepts posts without keyphrases: posts to tag need none.
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,16 +24,12 @@ from aimkp.data import SPLITS, _split_file, default_dataset_dir, load_dataset
 from aimkp.errors import DataError
 
 from . import hf
-from .json_array import iter_json_array
 from .options import is_synthetic
 from .readers import (
     _BadRecords,
-    _cmkp_line,
     _ImageResolver,
-    _iter_located_lines,
-    _jsonl_line,
+    _located_records,
     _parsed,
-    _record_from_obj,
     detect_format,
 )
 from .record import ReadStats, Record
@@ -111,28 +106,8 @@ def _file_posts(path: Path, st: ReadStats, opts: _ReadOptions) -> Iterator[Post]
     st.source = os.fspath(path)
     res = _ImageResolver(path, opts.image_dir, opts.on_missing_image, opts.with_images, True)
     bad = _BadRecords(opts.on_bad_record, st)
-    labelled = opts.labelled
-    if fmt == "aimkp_json":
-        parse_obj = functools.partial(_record_from_obj, res=res, stats=st, labelled=labelled)
-        return _json_array_posts(path, parse_obj, bad, st)
-    line = _cmkp_line if fmt == "cmkp" else _jsonl_line
-    return _line_posts(path, functools.partial(line, res=res, stats=st, labelled=labelled), bad, st)
-
-
-def _line_posts(
-    path: Path, parse: Callable[..., Record | None], bad: _BadRecords, st: ReadStats
-) -> Iterator[Post]:
-    """The records of a one-record-per-line file with their ``file:line``."""
-    return (Post(where, rec) for where, rec in _iter_located_lines(path, parse, bad, st))
-
-
-def _json_array_posts(
-    path: Path, parse_obj: Callable[..., Record | None], bad: _BadRecords, st: ReadStats
-) -> Iterator[Post]:
-    for where, index, obj in iter_json_array(path):
-        rec = _parsed(bad, st, where, parse_obj, obj, where, str(index))
-        if rec is not None:
-            yield Post(where, rec)
+    located = _located_records(path, fmt, res, bad, st, opts.labelled)
+    return (Post(where, rec) for where, rec in located)
 
 
 def _hf_posts(directory: str, split: str, st: ReadStats, opts: _ReadOptions) -> Iterator[Post]:

@@ -238,15 +238,10 @@ def _cmkp_line(
 
 
 def _jsonl_line(
-    line: str,
-    lineno: int,
-    where: str,
-    res: _ImageResolver,
-    stats: ReadStats,
-    labelled: bool = True,
+    line: str, lineno: int, where: str, parse_obj: Callable[..., Record | None]
 ) -> Record | None:
-    obj = _json_loads(line, where)
-    return _record_from_obj(obj, where, str(lineno - 1), res, stats, labelled)
+    """One JSONL line: the object parser of AimKP JSON (``parse_obj``) on the line's object."""
+    return parse_obj(_json_loads(line, where), where, str(lineno - 1))
 
 
 def _record_from_obj(
@@ -304,11 +299,13 @@ def _located_records(
     labelled: bool = True,
 ) -> Iterator[tuple[str, Record]]:
     """``(where, record)`` of a data file in ``fmt``: its records parsed by that format's parser."""
+    parse_obj = functools.partial(_record_from_obj, res=res, stats=stats, labelled=labelled)
     if fmt == "aimkp_json":
-        parse_obj = functools.partial(_record_from_obj, res=res, stats=stats, labelled=labelled)
         return _located_json_array(path, parse_obj, bad, stats)
-    line = _cmkp_line if fmt == "cmkp" else _jsonl_line
-    parse = functools.partial(line, res=res, stats=stats, labelled=labelled)
+    if fmt == "cmkp":
+        parse = functools.partial(_cmkp_line, res=res, stats=stats, labelled=labelled)
+    else:
+        parse = functools.partial(_jsonl_line, parse_obj=parse_obj)
     return _iter_located_lines(path, parse, bad, stats)
 
 

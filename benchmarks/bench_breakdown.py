@@ -34,12 +34,11 @@ from typing import Any
 import torch
 
 from benchmarks.common import (
-    add_step_arguments,
     env_info,
     print_table,
     resolve_shape,
-    results_dir,
     save_figure,
+    step_parser,
     sync,
     write_results,
 )
@@ -196,8 +195,7 @@ def plot_breakdown(row: dict[str, Any], out_dir: pathlib.Path) -> pathlib.Path:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_step_arguments(ap, "B=4, 7 repeats")
+    ap = step_parser(__doc__, "B=4, 7 repeats")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--trace", type=pathlib.Path, default=None, help="torch.profiler trace file")
     return ap.parse_args(argv)
@@ -205,7 +203,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse(argv)
-    args.output = args.output or results_dir()
     size, config = resolve_shape(args)
     big = size != "tiny"
     batch = args.batch_size or (4 if args.quick or not big else 8)

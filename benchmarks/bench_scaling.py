@@ -28,13 +28,12 @@ from collections.abc import Callable
 from typing import Any
 
 from benchmarks.common import (
-    add_step_arguments,
     env_info,
     peak_memory_mb,
     print_table,
     resolve_shape,
-    results_dir,
     save_figure,
+    step_parser,
     time_fn,
     write_results,
 )
@@ -144,15 +143,13 @@ def plot_axis(rows: list[dict[str, Any]], axis: str, out_dir: pathlib.Path) -> p
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_step_arguments(ap, "3 points per axis, 3 repeats")
+    ap = step_parser(__doc__, "3 points per axis, 3 repeats")
     ap.add_argument("--axes", default=None, help="comma-separated subset of the axes")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse(argv)
-    args.output = args.output or results_dir()
     size, config = resolve_shape(args)
     big = size != "tiny"
     axes = AXES_GPU if big else AXES_CPU

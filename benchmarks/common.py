@@ -6,6 +6,7 @@ number can always be traced back to what produced it.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import json
@@ -191,9 +192,12 @@ def save_figure(fig: Any, out_dir: pathlib.Path, stem: str) -> pathlib.Path:
     return out
 
 
-def add_step_arguments(ap: Any, quick_help: str) -> None:
-    """``--quick``, ``--device``, ``--shape``, ``--layers``, ``--output``, ``--no-write``: the
-    options of the benchmarks built on :mod:`workload` (breakdown, scaling)."""
+def step_parser(description: str | None, quick_help: str) -> argparse.ArgumentParser:
+    """The parser of the benchmarks built on :mod:`workload` (breakdown, scaling): ``--quick``,
+    ``--device``, ``--shape``, ``--layers``, ``--output`` (default :func:`results_dir`),
+    ``--no-write``."""
+    raw = argparse.RawTextHelpFormatter  # the module docstrings are the --help text
+    ap = argparse.ArgumentParser(description=description, formatter_class=raw)
     ap.add_argument("--quick", action="store_true", help=quick_help)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument(
@@ -204,8 +208,9 @@ def add_step_arguments(ap: Any, quick_help: str) -> None:
         "(llava7b: auto on CUDA)",
     )
     ap.add_argument("--layers", type=int, default=2, help="decoder and vision layers (7B shapes)")
-    ap.add_argument("--output", type=pathlib.Path, default=None, help="results directory")
+    ap.add_argument("--output", type=pathlib.Path, default=results_dir(), help="results directory")
     ap.add_argument("--no-write", action="store_true")
+    return ap
 
 
 def resolve_shape(args: Any) -> tuple[str, str]:

@@ -15,9 +15,8 @@ here) also accepts posts without keyphrases: posts to tag need none.
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,19 +24,25 @@ from aimkp.data import SPLITS, _split_file, default_dataset_dir, load_dataset
 from aimkp.errors import DataError
 
 from . import hf
-from .json_array import iter_json_array
 from .options import is_synthetic
 from .readers import (
     _BadRecords,
-    _cmkp_line,
     _ImageResolver,
-    _jsonl_line,
+    _located_records,
     _parsed,
-    _record_from_obj,
     detect_format,
 )
 from .record import ReadStats, Record
-from .text_io import open_text, utf8_checked
+
+
+class _ReadOptions(NamedTuple):
+    """The reader options of :func:`iter_posts`, passed on to the file and ``hf:`` readers."""
+
+    image_dir: str | os.PathLike[str] | None
+    on_missing_image: str
+    on_bad_record: str
+    with_images: bool
+    labelled: bool
 
 
 class Post(NamedTuple):
@@ -68,11 +73,10 @@ def iter_posts(
         raise DataError(f"dataset spec must be a non-empty string, got {spec!r}")
     if is_synthetic(spec):
         return _generated(spec, split, st)
-    opts: dict[str, Any] = {"image_dir": image_dir, "on_missing_image": on_missing_image}
-    opts.update(on_bad_record=on_bad_record, with_images=with_images, labelled=labelled)
+    opts = _ReadOptions(image_dir, on_missing_image, on_bad_record, with_images, labelled)
     if spec.startswith("hf:"):
-        return _hf_posts(spec[3:], split, st, **opts)
-    return _file_posts(_data_file(spec, split), st, **opts)
+        return _hf_posts(spec[3:], split, st, opts)
+    return _file_posts(_data_file(spec, split), st, opts)
 
 
 def _data_file(spec: str, split: str) -> Path:
@@ -97,67 +101,16 @@ def _generated(spec: str, split: str, st: ReadStats) -> Iterator[Post]:
     return (Post(f"{spec}[{split}] #{i}", r) for i, r in enumerate(recs))
 
 
-def _file_posts(
-    path: Path,
-    st: ReadStats,
-    *,
-    image_dir: str | os.PathLike[str] | None,
-    on_missing_image: str,
-    on_bad_record: str,
-    with_images: bool,
-    labelled: bool,
-) -> Iterator[Post]:
+def _file_posts(path: Path, st: ReadStats, opts: _ReadOptions) -> Iterator[Post]:
     fmt = detect_format(path)  # "cmkp", "aimkp_json" or "jsonl"; a DataError otherwise
     st.source = os.fspath(path)
-    res = _ImageResolver(path, image_dir, on_missing_image, with_images, True)
-    bad = _BadRecords(on_bad_record, st)
-    if fmt == "aimkp_json":
-        parse_obj = functools.partial(_record_from_obj, res=res, stats=st, labelled=labelled)
-        return _json_array_posts(path, parse_obj, bad, st)
-    line = _cmkp_line if fmt == "cmkp" else _jsonl_line
-    return _line_posts(path, functools.partial(line, res=res, stats=st, labelled=labelled), bad, st)
+    res = _ImageResolver(path, opts.image_dir, opts.on_missing_image, opts.with_images, True)
+    bad = _BadRecords(opts.on_bad_record, st)
+    located = _located_records(path, fmt, res, bad, st, opts.labelled)
+    return (Post(where, rec) for where, rec in located)
 
 
-def _line_posts(
-    path: Path, parse: Callable[..., Record | None], bad: _BadRecords, st: ReadStats
-) -> Iterator[Post]:
-    """The records of a one-record-per-line file with their ``file:line``."""
-
-    def parse_line(line: str, lineno: int, where: str) -> Record | None:
-        return parse(utf8_checked(line, where), lineno, where)
-
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                st.skip("blank line", where)
-                continue
-            rec = _parsed(bad, st, where, parse_line, line, lineno, where)
-            if rec is not None:
-                yield Post(where, rec)
-
-
-def _json_array_posts(
-    path: Path, parse_obj: Callable[..., Record | None], bad: _BadRecords, st: ReadStats
-) -> Iterator[Post]:
-    for where, index, obj in iter_json_array(path):
-        rec = _parsed(bad, st, where, parse_obj, obj, where, str(index))
-        if rec is not None:
-            yield Post(where, rec)
-
-
-def _hf_posts(
-    directory: str,
-    split: str,
-    st: ReadStats,
-    *,
-    image_dir: str | os.PathLike[str] | None,
-    on_missing_image: str,
-    on_bad_record: str,
-    with_images: bool,
-    labelled: bool,
-) -> Iterator[Post]:
+def _hf_posts(directory: str, split: str, st: ReadStats, opts: _ReadOptions) -> Iterator[Post]:
     """Rows of a ``save_to_disk`` dataset, read in batches by ``datasets`` (memory-mapped)."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -166,12 +119,12 @@ def _hf_posts(
     st.source = f"{root}[{split_name}]"
     if "text" not in ds.column_names:
         raise DataError(f"{st.source}: missing column text (has {', '.join(ds.column_names)})")
-    if labelled:
+    if opts.labelled:
         hf._check_columns(ds, st.source)
-    base = Path(image_dir) if image_dir is not None else root
-    images = hf._Images(base, on_missing_image, with_images, True)
-    bad = _BadRecords(on_bad_record, st)
-    return _hf_rows(ds, root, split_name, images, bad, st, labelled)
+    base = Path(opts.image_dir) if opts.image_dir is not None else root
+    images = hf._Images(base, opts.on_missing_image, opts.with_images, True)
+    bad = _BadRecords(opts.on_bad_record, st)
+    return _hf_rows(ds, root, split_name, images, bad, st, opts.labelled)
 
 
 def _hf_rows(

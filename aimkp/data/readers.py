@@ -188,8 +188,11 @@ def _parsed(
     return rec
 
 
-def _iter_lines(path: Path, parse: Any, bad: _BadRecords, stats: ReadStats) -> Iterator[Record]:
-    """Records of a one-record-per-line file; ``parse(line, lineno, where)`` -> Record | None."""
+def _iter_located_lines(
+    path: Path, parse: Any, bad: _BadRecords, stats: ReadStats
+) -> Iterator[tuple[str, Record]]:
+    """``(file:line, record)`` of a one-record-per-line file, blank lines counted as skipped;
+    ``parse(line, lineno, where)`` -> Record | None."""
 
     def parse_line(line: str, lineno: int, where: str) -> Record | None:
         return parse(utf8_checked(line, where), lineno, where)
@@ -203,7 +206,7 @@ def _iter_lines(path: Path, parse: Any, bad: _BadRecords, stats: ReadStats) -> I
                 continue
             rec = _parsed(bad, stats, where, parse_line, line, lineno, where)
             if rec is not None:
-                yield rec
+                yield where, rec
 
 
 def _cmkp_line(
@@ -235,15 +238,10 @@ def _cmkp_line(
 
 
 def _jsonl_line(
-    line: str,
-    lineno: int,
-    where: str,
-    res: _ImageResolver,
-    stats: ReadStats,
-    labelled: bool = True,
+    line: str, lineno: int, where: str, parse_obj: Callable[..., Record | None]
 ) -> Record | None:
-    obj = _json_loads(line, where)
-    return _record_from_obj(obj, where, str(lineno - 1), res, stats, labelled)
+    """One JSONL line: the object parser of AimKP JSON (``parse_obj``) on the line's object."""
+    return parse_obj(_json_loads(line, where), where, str(lineno - 1))
 
 
 def _record_from_obj(
@@ -292,13 +290,33 @@ def _record_from_obj(
     )
 
 
-def _iter_aimkp_json(
-    path: Path, res: _ImageResolver, stats: ReadStats, bad: _BadRecords
-) -> Iterator[Record]:
+def _located_records(
+    path: Path,
+    fmt: str,
+    res: _ImageResolver,
+    bad: _BadRecords,
+    stats: ReadStats,
+    labelled: bool = True,
+) -> Iterator[tuple[str, Record]]:
+    """``(where, record)`` of a data file in ``fmt``: its records parsed by that format's parser."""
+    parse_obj = functools.partial(_record_from_obj, res=res, stats=stats, labelled=labelled)
+    if fmt == "aimkp_json":
+        return _located_json_array(path, parse_obj, bad, stats)
+    if fmt == "cmkp":
+        parse = functools.partial(_cmkp_line, res=res, stats=stats, labelled=labelled)
+    else:
+        parse = functools.partial(_jsonl_line, parse_obj=parse_obj)
+    return _iter_located_lines(path, parse, bad, stats)
+
+
+def _located_json_array(
+    path: Path, parse_obj: Callable[..., Record | None], bad: _BadRecords, stats: ReadStats
+) -> Iterator[tuple[str, Record]]:
+    """``(where, record)`` of an AimKP JSON array; ``parse_obj(obj, where, index)`` parses one."""
     for where, index, obj in _iter_json_array(path):
-        rec = _parsed(bad, stats, where, _record_from_obj, obj, where, str(index), res, stats)
+        rec = _parsed(bad, stats, where, parse_obj, obj, where, str(index))
         if rec is not None:
-            yield rec
+            yield where, rec
 
 
 def iter_records(
@@ -340,11 +358,7 @@ def iter_records(
     st.source = os.fspath(p)
     res = _ImageResolver(p, image_dir, on_missing_image, with_images, check_images)
     bad = _BadRecords(on_bad_record, st)
-    if fmt == "aimkp_json":
-        return _logged(_iter_aimkp_json(p, res, st, bad), st)
-    line = _cmkp_line if fmt == "cmkp" else _jsonl_line
-    parse = functools.partial(line, res=res, stats=st)
-    return _logged(_iter_lines(p, parse, bad, st), st)
+    return _logged((rec for _, rec in _located_records(p, fmt, res, bad, st)), st)
 
 
 def _logged(it: Iterator[Record], st: ReadStats) -> Iterator[Record]:

@@ -58,12 +58,18 @@ def save_last(run: TrainRun, partial: dict[str, Any] | None = None) -> None:
     with atomic_dir(run.out / "last", need_bytes=checkpoint_bytes(run)) as tmp:
         extra = {"epoch": p.epoch, "epoch_step": p.epoch_step, "step": p.step}
         write_model_files(run, tmp, extra, run.loaded)
-        _write_state(run, tmp, partial)
+        write_train_state(run, tmp, partial)
     if run.cfg.keep_last:
         save_step_copy(run.out, p.step, run.cfg.keep_last)
 
 
-def _write_state(run: TrainRun, directory: pathlib.Path, partial: dict[str, Any] | None) -> None:
+def write_train_state(
+    run: TrainRun,
+    directory: pathlib.Path,
+    partial: dict[str, Any] | None,
+    sharded: dict[str, Any] | None = None,
+) -> None:
+    """``train_state.pt`` of ``run`` at its progress (``sharded``: see ``save_train_state``)."""
     p = run.progress
     save_train_state(
         directory,
@@ -76,6 +82,7 @@ def _write_state(run: TrainRun, directory: pathlib.Path, partial: dict[str, Any]
         config=run.cfg.to_dict(),
         epoch_step=p.epoch_step,
         partial=partial,
+        sharded=sharded,
     )
 
 

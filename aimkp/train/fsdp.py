@@ -81,7 +81,7 @@ from aimkp.method.rows import forward_losses, plan_rows
 from aimkp.models.checkpoint import is_peft_model
 from aimkp.models.forward import forward_rows
 from aimkp.runs import state as S
-from aimkp.runs.checkpoints import save_step_copy, write_model_files
+from aimkp.runs.checkpoints import save_step_copy, write_model_files, write_train_state
 from aimkp.train.distributed import DataParallel, DistContext, broadcast_trainable
 
 if TYPE_CHECKING:
@@ -416,20 +416,8 @@ class FSDPParallel(DataParallel):
             extra = {"epoch": p.epoch, "epoch_step": p.epoch_step, "step": p.step}
             check_finite_weights(view.model, str(out / "last"))
             write_model_files(run, tmp, extra, view)
-            S.save_train_state(
-                tmp,
-                **run.stateful(),
-                epoch=p.epoch,
-                step=p.step,
-                best_score=p.best_score,
-                best_epoch=p.best_epoch,
-                history=p.history,
-                config=run.cfg.to_dict(),
-                epoch_step=p.epoch_step,
-                partial=partial,
-                sharded={"format": "dcp", "world_size": ctx.world_size,
-                         "frozen_checksum": checksum},
-            )  # fmt: skip
+            sharded = {"format": "dcp", "world_size": ctx.world_size, "frozen_checksum": checksum}
+            write_train_state(run, tmp, partial, sharded)
             apply_umask(tmp)  # what atomic_dir does for the other checkpoints
             fsync_tree(tmp)
             swap_in(tmp, out / "last")

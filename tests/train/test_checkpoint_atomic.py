@@ -88,7 +88,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
     from aimkp.cli import main
     from aimkp.runs.state import read_train_state
 
-    real = C._write_state
+    real = C.write_train_state
     calls = []
 
     def full_on_second(run, directory, partial):
@@ -98,7 +98,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
             raise OSError(errno.ENOSPC, "No space left on device")
         real(run, directory, partial)
 
-    monkeypatch.setattr(C, "_write_state", full_on_second)
+    monkeypatch.setattr(C, "write_train_state", full_on_second)
     out = tmp_path / "run"
     code = main([*ARGS, "--output", str(out), "--epochs", "2"])
     err = _error_lines(capsys)

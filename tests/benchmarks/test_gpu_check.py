@@ -4,6 +4,7 @@ reason, the JSON says so, and the command exits 0."""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -132,9 +133,13 @@ def test_make_gpu_check_runs_the_venv_python_when_there(tmp_path, venv):
     if venv:
         (vdir / "bin").mkdir(parents=True)
         (vdir / "bin" / "python").write_text("#!/bin/sh\n")
+    # under `make test` this make is a sub-make: without the outer MAKEFLAGS / MAKELEVEL it prints
+    # no "Entering directory" lines and reads the variables given here alone
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     p = subprocess.run(
-        ["make", "-n", "gpu-check", f"VENV={vdir}", "PYTHON=sys-python", f"OUT={tmp_path}"],
-        capture_output=True, text=True, cwd=REPO, timeout=60,
+        ["make", "--no-print-directory", "-n", "gpu-check", f"VENV={vdir}",
+         "PYTHON=sys-python", f"OUT={tmp_path}"],
+        capture_output=True, text=True, cwd=REPO, timeout=60, env=env,
     )  # fmt: skip
     assert p.returncode == 0, p.stderr
     want = f"{vdir}/bin/python" if venv else "sys-python"

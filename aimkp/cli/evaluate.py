@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from aimkp.data import load_dataset
+    from aimkp.data import Record, load_dataset
     from aimkp.eval.predict import Predictor
     from aimkp.eval.robustness import markdown_table, resolve_settings, run_robustness
     from aimkp.models import check_model_spec, load_model
@@ -58,10 +58,11 @@ def run(args: argparse.Namespace) -> int:
     check_model_spec(args.checkpoint)
     settings = resolve_settings(args.settings)
     Predictor.check_options(decoding=args.decoding)
-    records = load_dataset(args.data, args.split, **read_options(args, args.data))
-    print(records.stats.summary(), file=sys.stderr)
+    dataset = load_dataset(args.data, args.split, **read_options(args, args.data))
+    print(dataset.stats.summary(), file=sys.stderr)
+    records: list[Record] = dataset  # a slice of a RecordList is a plain list
     if args.max_samples is not None:
-        records = records[: args.max_samples]
+        records = dataset[: args.max_samples]
     from aimkp.eval.hidden import predict_fn_for
 
     loaded = load_model(args.checkpoint, device=args.device)

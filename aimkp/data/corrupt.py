@@ -194,14 +194,22 @@ def _settings() -> dict[str, Callable[[list[Record], int], list[Record]]]:
     }
     for kind, levels in NOISE_LEVELS.items():
         for lv in levels:
-            s[f"noisy_image_{kind}_{lv:g}"] = lambda recs, seed, k=kind, v=lv: noisy_image(
-                recs, k, v, seed
-            )
+
+            def _noisy_image(
+                recs: list[Record], seed: int, k: str = kind, v: float = lv
+            ) -> list[Record]:
+                return noisy_image(recs, k, v, seed)
+
+            s[f"noisy_image_{kind}_{lv:g}"] = _noisy_image
     for kind, levels in TEXT_LEVELS.items():
         for lv in levels:
-            s[f"noisy_text_{kind}_{lv:g}"] = lambda recs, seed, k=kind, v=lv: noisy_text(
-                recs, k, v, seed
-            )
+
+            def _noisy_text(
+                recs: list[Record], seed: int, k: str = kind, v: float = lv
+            ) -> list[Record]:
+                return noisy_text(recs, k, v, seed)
+
+            s[f"noisy_text_{kind}_{lv:g}"] = _noisy_text
     s["misaligned"] = misaligned
     return s
 

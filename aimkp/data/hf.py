@@ -205,8 +205,9 @@ def from_hf(
             index and counted as ``"bad record"`` (image problems follow ``on_missing_image``).
         with_images: False ignores the image column. check_images: check path images' headers.
     """
+    root: Path | None
     if isinstance(dataset_or_path, (str, os.PathLike)):
-        root: Path | None = Path(os.path.expanduser(os.fspath(dataset_or_path)))
+        root = Path(os.path.expanduser(os.fspath(dataset_or_path)))
         ds = _load_from_disk(root)
     else:
         root, ds = None, dataset_or_path
@@ -294,6 +295,8 @@ def write_embedded_images(records: Sequence[Record], out_file: str | os.PathLike
             continue
         folder.mkdir(parents=True, exist_ok=True)
         name = f"{i:06d}.png"
-        rec.load_image().save(folder / name, format="PNG")
+        img = rec.load_image()
+        assert img is not None  # rec.image is set
+        img.save(folder / name, format="PNG")
         out.append(rec.replace(image=None, image_path=f"images/{name}"))
     return out

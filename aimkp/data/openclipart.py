@@ -283,8 +283,8 @@ def render_png(svg_path: str, out_path: str, size: int) -> None:
     from PIL import Image
 
     data = cairosvg.svg2png(url=svg_path, output_width=size * 3)
-    with Image.open(io.BytesIO(data)) as im:
-        im = to_rgb(im)  # transparent SVG background on white
+    with Image.open(io.BytesIO(data)) as src:
+        im = to_rgb(src)  # transparent SVG background on white
         im.thumbnail((size, size), Image.Resampling.LANCZOS)
         canvas = Image.new("RGB", (size, size), (255, 255, 255))
         canvas.paste(im, ((size - im.width) // 2, (size - im.height) // 2))

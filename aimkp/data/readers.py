@@ -38,7 +38,7 @@ from aimkp.errors import DataError
 from .json_array import iter_json_array as _iter_json_array
 from .json_array import json_loads as _json_loads
 from .options import ON_BAD_RECORD, ON_MISSING_IMAGE
-from .record import ReadStats, Record
+from .record import ReadStats, Record, RecordList
 from .text_io import open_text, utf8_checked
 
 logger = logging.getLogger("aimkp.data")
@@ -366,10 +366,8 @@ def _logged(it: Iterator[Record], st: ReadStats) -> Iterator[Record]:
     logger.info(st.summary())
 
 
-def read_records(path: str | os.PathLike[str], **kwargs: Any) -> list[Record]:
+def read_records(path: str | os.PathLike[str], **kwargs: Any) -> RecordList:
     """All records of one file as a :class:`RecordList` (``.stats``: the :class:`ReadStats`)."""
-    from .record import RecordList
-
     stats = ReadStats()
     recs = list(iter_records(path, stats=stats, **kwargs))
     return RecordList(recs, stats)

@@ -31,9 +31,11 @@ def tokens_of(st: ModState, layout: RowLayout) -> Tokens | None:
     if not calls:
         return None
     B = layout.num_rows
+    assert B is not None  # start() fixed B at the first gradient
     a_l, g_l, r_l = [], [], []
     for c in calls:
         n = math.prod(c.lead)
+        assert c.g is not None  # kept above
         a_l.append(_flat(c.a, c.lead, n, False))
         g_l.append(_flat(c.g, c.lead, n, True))
         r_l.append(layout.of(st.name, type(st.module).__name__, c.lead, c.g.device))
@@ -130,6 +132,8 @@ class Accumulator:
                 grp = self.tied[gi]
                 grp.factors[st.name] = (tok, st.rule.factors(st.module, tok, pname))
                 if len(grp.factors) == len(grp.members):
+                    # start() fixed B and made the totals before any module is processed
+                    assert self.layout.num_rows is not None and self.sq is not None
                     sq, dots = cross_terms(grp, self.layout.num_rows, self.pairs, self.sq.device)
                     grp.factors.clear()
                     self._add(sq, dots, "torch/cross", f"tied: {grp.label}")
@@ -137,8 +141,10 @@ class Accumulator:
     def _add(self, sq: torch.Tensor, dots: torch.Tensor | None, ran: str, label: str) -> None:
         self.ran.add(ran.split("/")[0])
         self.layers[label] = ran
+        assert self.sq is not None  # start() made the totals
         self.sq += sq.to(self.sq.device)  # layers may sit on other devices (model parallel)
         if self.dots is not None:
+            assert dots is not None  # pairs were given: every Gram has its dots
             self.dots += dots.to(self.dots.device)
 
     def finish(self, states: list[ModState]) -> None:

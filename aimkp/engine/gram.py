@@ -160,6 +160,7 @@ class GradGram:
     def num_rows(self) -> int:
         """B (known once the backward started)."""
         self._finalize()
+        assert self._rows.num_rows is not None  # fixed when the backward started
         return int(self._rows.num_rows)
 
     @property
@@ -172,6 +173,7 @@ class GradGram:
     def sq_norms(self) -> torch.Tensor:
         """``[B]`` float32 squared per-row gradient norms (NaN / inf for a non-finite row)."""
         self._finalize()
+        assert self._acc.sq is not None  # set when the backward started (finish checks)
         return self._acc.sq.clamp_min(0)
 
     @property
@@ -186,7 +188,9 @@ class GradGram:
 
     def _finite_pairs(self) -> torch.Tensor:
         ok = self.finite_rows()
-        return ok[self._acc.pairs[:, 0]] & ok[self._acc.pairs[:, 1]]
+        pairs = self._acc.pairs
+        assert pairs is not None  # only asked for once dots checked that pairs were given
+        return ok[pairs[:, 0]] & ok[pairs[:, 1]]
 
     @property
     def dots(self) -> torch.Tensor:
@@ -205,6 +209,7 @@ class GradGram:
         d = self.dots
         n = self.norms
         pairs = self._acc.pairs
+        assert pairs is not None  # self.dots raised if no pairs were given
         den = n[pairs[:, 0]] * n[pairs[:, 1]]
         cos = torch.where(den > 0, d / den.clamp_min(1e-30), torch.zeros_like(d))
         return torch.where(self._finite_pairs(), cos, torch.full_like(d, float("nan")))

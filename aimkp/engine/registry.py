@@ -207,6 +207,7 @@ class Rule:
             s2, d2, r = self.param_gram(module, tok, name, req)
             sq += s2
             if dots is not None:
+                assert d2 is not None  # pairs given: every parameter's Gram has its dots
                 dots += d2
             ran = r if ran == "torch" else ran
         return sq, dots, ran

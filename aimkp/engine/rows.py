@@ -132,6 +132,7 @@ class RowLayout:
         hit = self._cache.get(key)
         if hit is None:
             rows = self._row_ids(name, kind, lead, torch.device(device))
+            assert self.num_rows is not None  # start() fixed B before any call is hooked
             hit = self._cache[key] = RowsOfCall(rows, *offsets_of(rows, self.num_rows))
         return hit
 
@@ -145,6 +146,7 @@ class RowLayout:
             if len(lead) == 1 or lead[0] == 1:
                 cu = self.cu
         if cu is not None:
+            assert B is not None  # start() fixed B before any call is hooked
             counts = (cu[1:] - cu[:-1]).to(device)
             return torch.repeat_interleave(torch.arange(B, device=device), counts, output_size=n)
         if len(lead) >= 1 and lead[0] == B:

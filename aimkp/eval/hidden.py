@@ -99,7 +99,7 @@ class KeepMaskPredictor:
     def _prompt(self, samples: list[Any], kind: str | None) -> tuple[Tensor, Any, Tensor]:
         """Compact prompt rows: embeds ``[R, K_max, D]``, the collated batch, kept counts [R]."""
         from aimkp.models.forward import collate_rows
-        from aimkp.ops import masked_embedding
+        from aimkp.ops import CompactEmbedding, masked_embedding
 
         adapter = self.loaded.adapter
         weight = adapter.embed_tokens.weight
@@ -122,6 +122,8 @@ class KeepMaskPredictor:
             image_token_id=adapter.image_token_id,
             compact=True,
         )
+        assert isinstance(ce, CompactEmbedding)  # compact=True
+        assert batch.scatter_index is not None  # compact + padded rows have a scatter index
         R, km = batch.num_rows, batch.max_seqlen
         flat = ce.values.new_zeros(R * km, ce.values.shape[-1])
         embeds = flat.index_copy(0, batch.scatter_index, ce.values).view(R, km, -1)

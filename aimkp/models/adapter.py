@@ -172,11 +172,15 @@ class MLLMAdapter:
 
     @property
     def lm_head(self) -> nn.Module:
-        return self.base.lm_head
+        head = self.base.lm_head
+        assert isinstance(head, nn.Module)  # the output projection, not a tensor
+        return head
 
     @property
     def embed_tokens(self) -> nn.Embedding:
-        return self.base.get_input_embeddings()
+        get_input_embeddings = self.base.get_input_embeddings
+        assert callable(get_input_embeddings)  # a transformers model's method
+        return get_input_embeddings()
 
     @property
     def projector(self) -> nn.Module:
@@ -198,7 +202,8 @@ class MLLMAdapter:
 
     @property
     def attn_implementation(self) -> str:
-        return str(self.language_model.config._attn_implementation)
+        config: Any = self.language_model.config  # a transformers config, not a submodule
+        return str(config._attn_implementation)
 
     @property
     def pad_token_id(self) -> int:
@@ -402,6 +407,7 @@ class MLLMAdapter:
         image_span = None
         if has_image:
             s = len(ids) + img_off
+            assert grid is not None  # set with the image above
             image_span = (s, s + grid[0] * grid[1])
             ids += img_ids
         ids += self._tok(between)
@@ -464,7 +470,11 @@ class MLLMAdapter:
         if not kept:
             return out
         feats = self.project(torch.cat(kept, dim=0))
-        sizes = [s.grid[0] * s.grid[1] for s, h in zip(samples, hidden) if h is not None]
+        sizes = []
+        for s, h in zip(samples, hidden):
+            if h is not None:
+                assert s.grid is not None  # a sample with an image has its token grid
+                sizes.append(s.grid[0] * s.grid[1])
         for i, f in zip([i for i, h in enumerate(hidden) if h is not None], feats.split(sizes)):
             out[i] = f
         return out
@@ -479,13 +489,27 @@ class MLLMAdapter:
         if not with_img:
             return out
         dev = device if device is not None else self.embed_tokens.weight.device
-        pv = torch.cat([samples[i].pixel_values for i in with_img], dim=0).to(dev)
+        pvs: list[torch.Tensor] = []
+        for i in with_img:
+            sample_pv = samples[i].pixel_values
+            assert sample_pv is not None  # with_img
+            pvs.append(sample_pv)
+        pv = torch.cat(pvs, dim=0).to(dev)
         thw = None
         if samples[with_img[0]].image_grid_thw is not None:
-            thw = torch.cat([samples[i].image_grid_thw for i in with_img], dim=0).to(dev)
+            thws: list[torch.Tensor] = []
+            for i in with_img:  # one model's samples: all have a grid when the first has
+                sample_thw = samples[i].image_grid_thw
+                assert sample_thw is not None
+                thws.append(sample_thw)
+            thw = torch.cat(thws, dim=0).to(dev)
         feats = self.vision_hidden(pv, thw)
         k = self.vision_tokens_per_image_token
-        sizes = [samples[i].grid[0] * samples[i].grid[1] * k for i in with_img]
+        sizes = []
+        for i in with_img:
+            grid = samples[i].grid
+            assert grid is not None  # a sample with an image has its token grid
+            sizes.append(grid[0] * grid[1] * k)
         if feats.shape[0] != sum(sizes):
             raise ValueError(
                 f"the vision tower gave {feats.shape[0]} rows but the samples' image tokens "

@@ -65,8 +65,10 @@ def kernel_name(impl: str) -> str | None:
     return None
 
 
-def torch_varlen_attn() -> Callable[..., Tensor] | None:
-    """``torch.nn.attention.varlen.varlen_attn`` where this torch has it (2.10+), else None."""
+def torch_varlen_attn() -> Callable[..., Any] | None:
+    """``torch.nn.attention.varlen.varlen_attn`` where this torch has it (2.10+), else None.
+    Typed loosely: its signature and return (``Tensor``, or a pair with ``return_aux``) differ
+    across torch releases."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -102,12 +104,14 @@ def resolve_attention(attn: str, device: torch.device | str | None) -> str:
 def apply_attention(model: torch.nn.Module, impl: str) -> None:
     """Set ``impl`` on ``model``; :data:`VARLEN_IMPL` goes to the text model only (the vision
     tower keeps SDPA: its sequences are not packed rows)."""
+    set_attn_implementation = model.set_attn_implementation
+    assert callable(set_attn_implementation)  # a transformers model's method
     if impl == VARLEN_IMPL:
         register()
-        model.set_attn_implementation("sdpa")
-        model.set_attn_implementation({"text_config": VARLEN_IMPL})
+        set_attn_implementation("sdpa")
+        set_attn_implementation({"text_config": VARLEN_IMPL})
     else:
-        model.set_attn_implementation(impl)
+        set_attn_implementation(impl)
 
 
 def varlen_reference(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, scale: float | None) -> Tensor:
@@ -139,6 +143,7 @@ def _torch_varlen(
     """``varlen_attn`` across its signatures: torch 2.10 takes ``is_causal=``; later releases
     ``window_size=(-1, 0)`` for causal, ``scale=`` and ``enable_gqa=`` (guarded by inspection)."""
     fn = torch_varlen_attn()
+    assert fn is not None  # TORCH_KERNEL is only chosen where this torch has varlen_attn
     params = inspect.signature(fn).parameters
     kw: dict[str, Any] = {}
     if "is_causal" in params:

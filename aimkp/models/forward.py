@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 from torch import Tensor
@@ -334,6 +334,12 @@ def collate_rows(
         scatter_index = None
         layout = "padded"
 
+    @overload
+    def dev(t: Tensor) -> Tensor: ...
+    @overload
+    def dev(t: None) -> None: ...
+    @overload
+    def dev(t: Tensor | None) -> Tensor | None: ...
     def dev(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.to(device, non_blocking=True)
 
@@ -449,7 +455,7 @@ def _row_image_features(loaded: LoadedModel, batch: RowBatch) -> Tensor | None:
     used = sorted(set(batch.row_sample))
     hidden = _frozen_tower_hidden(loaded, [batch.samples[i] for i in used])
     by_sample = dict(zip(used, hidden))
-    rows = [by_sample[si] for si in batch.row_sample if by_sample[si] is not None]
+    rows = [h for si in batch.row_sample if (h := by_sample[si]) is not None]
     if not rows:
         return None
     return loaded.adapter.project(torch.cat(rows, dim=0))
@@ -503,6 +509,7 @@ def forward_rows(loaded: LoadedModel, batch: RowBatch) -> RowLosses:
             flat = ce.values.new_zeros(R * km, ce.values.shape[-1])
             embeds = flat.index_copy(0, batch.scatter_index, ce.values).view(R, km, -1)
         if impl in VARLEN_ATTENTION:
+            assert batch.cu_seqlens is not None  # collate_rows packs compact rows for varlen
             kwargs.update(flash_varlen_kwargs(batch.cu_seqlens))
     else:
         with spans.span("embedding_masking"):

@@ -103,9 +103,12 @@ class Idefics3Adapter(MLLMAdapter):
         computed by the model's own ``get_image_features`` (its patch-attention mask included)
         with the connector swapped out for the identity."""
         model = self.base.model
+        assert isinstance(model, nn.Module)  # the Idefics3Model inside the wrapper
+        get_image_features = model.get_image_features
+        assert callable(get_image_features)  # a method, not a submodule attribute
         pv = pixel_values.reshape(-1, *pixel_values.shape[-3:])
         with swapped_module(model, "connector", nn.Identity()):
-            out = model.get_image_features(pixel_values=pv.unsqueeze(1), return_dict=True)
+            out = get_image_features(pixel_values=pv.unsqueeze(1), return_dict=True)
         return self.flat_image_features(out)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:

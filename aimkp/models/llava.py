@@ -68,8 +68,12 @@ class LlavaAdapter(MLLMAdapter):
         out for the identity."""
         cfg = self.config
         vt_dtype = next(self.vision_tower.parameters()).dtype
-        with swapped_module(self.base.model, "multi_modal_projector", nn.Identity()):
-            out = self.base.model.get_image_features(
+        model = self.base.model
+        assert isinstance(model, nn.Module)  # the LlavaModel inside the wrapper
+        with swapped_module(model, "multi_modal_projector", nn.Identity()):
+            get_image_features = model.get_image_features
+            assert callable(get_image_features)  # a method, not a submodule attribute
+            out = get_image_features(
                 pixel_values=pixel_values.to(vt_dtype),
                 vision_feature_layer=cfg.vision_feature_layer,
                 vision_feature_select_strategy=cfg.vision_feature_select_strategy,

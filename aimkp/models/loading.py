@@ -127,7 +127,9 @@ def _check_model_type(config_file: pathlib.Path) -> None:
 
 def _check_tokenizer(spec: str, model: nn.Module, tok: Any) -> None:
     """A tokenizer whose ids run past the model's input embedding rows belongs to another model."""
-    rows = model.get_input_embeddings().num_embeddings
+    get_embeddings = model.get_input_embeddings
+    assert callable(get_embeddings)  # a transformers model's method, not a submodule attribute
+    rows = get_embeddings().num_embeddings
     if len(tok) > rows:
         raise UsageError(
             f"{spec}: the tokenizer has {len(tok)} tokens but the model's input embedding has "

@@ -8,7 +8,7 @@ language model (with lm_head) and the projector instead.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from torch import nn
 
@@ -55,7 +55,12 @@ def apply_lora(
     (embeddings, decoder, lm_head) and the projector are trained. Returns the model to train
     (the peft wrapper with LoRA); a LoadedModel is updated in place.
     """
-    loaded = target if hasattr(target, "adapter") and hasattr(target, "set_model") else None
+    # duck-typed: anything with .adapter and .set_model is handled as a LoadedModel
+    loaded = (
+        cast("LoadedModel", target)
+        if hasattr(target, "adapter") and hasattr(target, "set_model")
+        else None
+    )
     model = loaded.model if loaded is not None else target
     if not isinstance(model, nn.Module):
         raise ValueError(f"apply_lora expects a model or LoadedModel, got {type(target).__name__}")
@@ -84,7 +89,8 @@ def apply_lora(
             lora_dropout=dropout,
             target_modules=language_linear_names(base),
             bias="none",
-            init_lora_weights=init_lora_weights,
+            # peft's Literal lacks the "pissa_niter_<n>" strings it accepts
+            init_lora_weights=init_lora_weights,  # type: ignore[arg-type]
             modules_to_save=[module_name(base, adapter.projector)] if train_projector else None,
         )
         out = get_peft_model(base, cfg)

@@ -42,6 +42,7 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -150,7 +151,8 @@ def llava_config(
     return LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        # transformers 5 takes image_token_id (its stubs still name only image_token_index)
+        image_token_id=tok.convert_tokens_to_ids("<image>"),  # type: ignore[call-arg]
         projector_hidden_act="gelu",
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
@@ -235,7 +237,6 @@ def build_tiny_qwen2vl(
     }
     if version == "2":
         vision.update(embed_dim=64, hidden_size=128, num_heads=4, mlp_ratio=2)
-        model_cls = Qwen2VLForConditionalGeneration
     else:  # 2.5: window of 32 px = 2 x 2 merged tokens, block 1 attends to the whole image
         vision.update(
             hidden_size=64,
@@ -245,7 +246,6 @@ def build_tiny_qwen2vl(
             window_size=32,
             fullatt_block_indexes=[1],
         )
-        model_cls = Qwen2_5_VLForConditionalGeneration
     text = {
         "vocab_size": len(tok),
         "hidden_size": 128,
@@ -256,7 +256,14 @@ def build_tiny_qwen2vl(
         "max_position_embeddings": 1024,
         "rope_parameters": {"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1e4},
     }
-    model = model_cls(qwen_vl_config(tok, text, vision, version))
+    config = qwen_vl_config(tok, text, vision, version)
+    model: PreTrainedModel
+    if version == "2":
+        assert isinstance(config, Qwen2VLConfig)  # the config class follows the version
+        model = Qwen2VLForConditionalGeneration(config)
+    else:
+        assert isinstance(config, Qwen2_5_VLConfig)
+        model = Qwen2_5_VLForConditionalGeneration(config)
     _set_generation_ids(model, tok)
     return model, tok, qwen_processor(IMAGE_SIZE, PATCH)
 
@@ -295,13 +302,16 @@ def build_tiny_idefics3(texts: Iterable[str] | None) -> tuple[nn.Module, Any, An
     )
     vision = Idefics3VisionConfig(**tiny_vit())
     text = _tiny_llama_text_config(tok)
+    image_token_id = tok.convert_tokens_to_ids("<image>")
+    assert isinstance(image_token_id, int)  # one token in, one id out
     cfg = Idefics3Config(
         vision_config=vision,
         text_config=text,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        image_token_id=image_token_id,
         scale_factor=2,
         tie_word_embeddings=False,
-        pad_token_id=tok.pad_token_id,
+        # the config takes pad_token_id at runtime; its generated signature omits it
+        pad_token_id=tok.pad_token_id,  # type: ignore[call-arg]
     )
     model = Idefics3ForConditionalGeneration(cfg)
     _set_generation_ids(model, tok)
@@ -327,7 +337,7 @@ def _tiny_llama_text_config(tok: Any) -> LlamaConfig:
 
 
 def _set_generation_ids(model: nn.Module, tok: Any) -> None:
-    gc = model.generation_config
+    gc: Any = model.generation_config  # a transformers GenerationConfig, not a submodule
     gc.eos_token_id = tok.eos_token_id
     gc.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     gc.bos_token_id = tok.bos_token_id

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import (
+    PreTrainedModel,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
     Qwen2VLForConditionalGeneration,
@@ -30,8 +31,8 @@ from aimkp.models.adapter import EncodedSample, MLLMAdapter, register_adapter, s
 class Qwen2VLAdapter(MLLMAdapter):
     """Adapter for ``Qwen2VLForConditionalGeneration`` (ViT with 2x2 patch merger)."""
 
-    model_class = Qwen2VLForConditionalGeneration
-    processor_class = Qwen2VLProcessor
+    model_class: type[PreTrainedModel] | None = Qwen2VLForConditionalGeneration
+    processor_class: type | None = Qwen2VLProcessor
     image_marker = "<|vision_start|><|image_pad|><|vision_end|>"
     projector_path = "model.visual.merger"
     vision_tower_path = "model.visual"
@@ -75,10 +76,18 @@ class Qwen2VLAdapter(MLLMAdapter):
         merge-window order, so :meth:`project` (the merger) can run on any concatenation."""
         if image_grid_thw is None:
             raise ValueError("Qwen2-VL image features need image_grid_thw")
-        visual = self.base.model.visual
+        visual = self._visual()
         with swapped_module(visual, "merger", nn.Identity()):
             out = visual(pixel_values.type(visual.dtype), grid_thw=image_grid_thw, return_dict=True)
         return out.pooler_output
+
+    def _visual(self) -> PreTrainedModel:
+        """The vision model (``base.model.visual``)."""
+        model = self.base.model
+        assert isinstance(model, nn.Module)  # the Qwen2-VL model inside the wrapper
+        visual = model.visual
+        assert isinstance(visual, PreTrainedModel)  # transformers' vision transformer
+        return visual
 
     def mm_token_type_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """1 at image-placeholder tokens, 2 at video ones, else 0 (same shape as input_ids)."""
@@ -94,7 +103,11 @@ class Qwen2VLAdapter(MLLMAdapter):
     ) -> torch.Tensor:
         """``[3, T]`` multimodal RoPE positions of the full sequence (model's get_rope_index)."""
         ids = input_ids.reshape(1, -1).cpu()
-        pos, _ = self.base.model.get_rope_index(
+        model = self.base.model
+        assert isinstance(model, nn.Module)  # the Qwen2-VL model inside the wrapper
+        get_rope_index = model.get_rope_index
+        assert callable(get_rope_index)  # a method, not a submodule attribute
+        pos, _ = get_rope_index(
             ids,
             mm_token_type_ids=self.mm_token_type_ids(ids),
             image_grid_thw=None if image_grid_thw is None else image_grid_thw.cpu(),
@@ -109,8 +122,15 @@ class Qwen2VLAdapter(MLLMAdapter):
         with_img = [s for s in samples if s.pixel_values is not None]
         if with_img:
             dev = input_ids.device
-            kw["pixel_values"] = torch.cat([s.pixel_values for s in with_img], 0).to(dev)
-            kw["image_grid_thw"] = torch.cat([s.image_grid_thw for s in with_img], 0).to(dev)
+            pvs: list[torch.Tensor] = []
+            thws: list[torch.Tensor] = []
+            for s in with_img:
+                assert s.pixel_values is not None  # with_img
+                assert s.image_grid_thw is not None  # a Qwen2-VL image comes with its grid
+                pvs.append(s.pixel_values)
+                thws.append(s.image_grid_thw)
+            kw["pixel_values"] = torch.cat(pvs, 0).to(dev)
+            kw["image_grid_thw"] = torch.cat(thws, 0).to(dev)
         return kw
 
 
@@ -140,7 +160,7 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
         """``[P, Dv]`` merger inputs in the model's final (un-windowed) patch order."""
         if image_grid_thw is None:
             raise ValueError("Qwen2.5-VL image features need image_grid_thw")
-        visual = self.base.model.visual
+        visual = self._visual()
         k = self.vision_tokens_per_image_token
         with swapped_module(visual, "merger", _GroupMergeWindows(k)):
             out = visual(pixel_values.type(visual.dtype), grid_thw=image_grid_thw, return_dict=True)

@@ -30,11 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from aimkp.errors import UsageError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +61,7 @@ class Shape:
     layers: int  # decoder layers of the real model
     vision_layers: int  # vision-tower layers of the real model
     image_px: int  # default image side
-    build: Callable[[ShapeRequest], tuple[torch.nn.Module, Any, Any]]  # -> (model, tokenizer,
+    build: Callable[[ShapeRequest], tuple[PreTrainedModel, Any, Any]]  # -> (model, tokenizer,
     # image processor)
 
     def describe(self, layers: int, vision_layers: int, image_tokens: int) -> str:
@@ -106,7 +109,7 @@ def llava7b_vision(vision_layers: int, image_px: int) -> dict[str, Any]:
     )
 
 
-def _build_llava7b(req: ShapeRequest) -> tuple[torch.nn.Module, Any, Any]:
+def _build_llava7b(req: ShapeRequest) -> tuple[PreTrainedModel, Any, Any]:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration
 
     from aimkp.models.presets import llava_config, llava_processor, llava_tokenizer
@@ -122,6 +125,7 @@ def _build_llava7b(req: ShapeRequest) -> tuple[torch.nn.Module, Any, Any]:
         pad_token_id=tok.pad_token_id,
     )
     patch = vision.patch_size
+    assert isinstance(patch, int)  # CLIP's patch side (14 here), not a per-axis pair
     cfg = llava_config(vision, text, tok, (req.image_px // patch) ** 2)
     with torch.device(req.device):
         model = LlavaForConditionalGeneration(cfg)
@@ -162,8 +166,8 @@ def qwen2vl7b_vision(vision_layers: int) -> dict[str, Any]:
     }
 
 
-def _build_qwen2vl7b(req: ShapeRequest) -> tuple[torch.nn.Module, Any, Any]:
-    from transformers import Qwen2VLForConditionalGeneration
+def _build_qwen2vl7b(req: ShapeRequest) -> tuple[PreTrainedModel, Any, Any]:
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     from aimkp.models.presets import qwen_processor, qwen_tokenizer, qwen_vl_config
 
@@ -171,6 +175,7 @@ def _build_qwen2vl7b(req: ShapeRequest) -> tuple[torch.nn.Module, Any, Any]:
     vision = _merge(qwen2vl7b_vision(req.vision_layers), req.overrides.get("vision"))
     text = _text_fields(qwen2vl7b_text(req.layers), req.overrides.get("text"), tok)
     cfg = qwen_vl_config(tok, text, vision)
+    assert isinstance(cfg, Qwen2VLConfig)  # version "2", the default
     with torch.device(req.device):
         model = Qwen2VLForConditionalGeneration(cfg)
     return model, tok, qwen_processor(req.image_px, vision["patch_size"])
@@ -204,7 +209,7 @@ def build_shaped(
     px = image_px or shape.image_px
     req = ShapeRequest(layers, vision_layers, texts, px, overrides or {}, device)
     model, tok, proc = shape.build(req)
-    model.to(dtype)
+    model.to(dtype)  # type: ignore[arg-type]  # transformers wraps .to; its stub loses the signature
     model.set_attn_implementation("sdpa")
     adapter = get_adapter(model, tok, proc)
     info = {"attn": "sdpa", "shape": name, "image_px": px}

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 import torch
 from torch import Tensor, nn
@@ -137,7 +137,11 @@ def _check_args(
 
 
 def _check_values(
-    ids: Tensor, num_rows: int, num_image_rows: int, image_token_id: int | None, ignore_index: int
+    ids: Tensor,
+    num_rows: int,
+    num_image_rows: int,
+    image_token_id: int | None,
+    ignore_index: int | None,
 ) -> None:
     """Id range and image-token count (one reduction, one host sync). ``ids`` is flat."""
     n = ids.numel()
@@ -148,7 +152,9 @@ def _check_values(
                 f"image_features has {num_image_rows} rows but input_ids holds 0 image tokens"
             )
         return
-    special = ids == ignore_index if ignore_index is not None else torch.zeros_like(ids, dtype=bool)
+    special = (
+        ids == ignore_index if ignore_index is not None else torch.zeros_like(ids, dtype=torch.bool)
+    )
     if is_img is not None:
         special = special | is_img
     text = torch.where(special, 0, ids)
@@ -212,6 +218,12 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device | str = "cpu") 
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
+@overload
+def _row_major(t: Tensor) -> Tensor: ...
+@overload
+def _row_major(t: None) -> None: ...
+@overload
+def _row_major(t: Tensor | None) -> Tensor | None: ...
 def _row_major(t: Tensor | None) -> Tensor | None:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
@@ -291,7 +303,7 @@ class Segments(NamedTuple):
     sorted_src: Tensor
     perm: Tensor
     starts: Tensor
-    count: int
+    count: int  # type: ignore[assignment]  # the field deliberately shadows tuple.count
 
 
 def sorted_segments(src: Tensor) -> Segments:
@@ -679,7 +691,12 @@ class MaskedEmbedding(nn.Module):
         if emb.max_norm is not None or emb.sparse or emb.scale_grad_by_freq:
             raise ValueError("emb uses max_norm / sparse / scale_grad_by_freq: not supported")
         return cls(
-            emb.num_embeddings, emb.embedding_dim, emb.padding_idx, weight=emb.weight, **kwargs
+            emb.num_embeddings,
+            emb.embedding_dim,
+            emb.padding_idx,
+            # nn.Embedding.weight is a Parameter; torch's stub types it as a Tensor
+            weight=emb.weight,  # type: ignore[arg-type]
+            **kwargs,
         )
 
     def forward(
@@ -723,9 +740,13 @@ class MaskedEmbedding(nn.Module):
 
 def replace_input_embedding(model: nn.Module, **kwargs: Any) -> MaskedEmbedding:
     """Swap ``model.get_input_embeddings()`` for a :class:`MaskedEmbedding` sharing its weight."""
-    emb = model.get_input_embeddings()
+    get_input_embeddings = model.get_input_embeddings
+    assert callable(get_input_embeddings)  # a transformers model's method
+    emb = get_input_embeddings()
     if isinstance(emb, MaskedEmbedding):
         return emb
     new = MaskedEmbedding.from_embedding(emb, **kwargs)
-    model.set_input_embeddings(new)
+    set_input_embeddings = model.set_input_embeddings
+    assert callable(set_input_embeddings)  # a transformers model's method
+    set_input_embeddings(new)
     return new

@@ -33,7 +33,7 @@ class CompactEmbedding(NamedTuple):
     values: Tensor
     positions: Tensor
     cu_seqlens: Tensor
-    index: Tensor
+    index: Tensor  # type: ignore[assignment]  # the field deliberately shadows tuple.index
 
 
 def compaction_index(input_ids: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:

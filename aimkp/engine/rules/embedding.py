@@ -33,6 +33,13 @@ def _ranges(starts: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, t
     return idx, owner
 
 
+def _num_ids(module: nn.Module) -> int:
+    """V, the rows of the module's ``weight [V, D]`` (an nn.Embedding or a MaskedEmbedding)."""
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)  # a Parameter, not a submodule
+    return weight.shape[0]
+
+
 @register_rule(nn.Embedding)
 class EmbeddingRule(Rule):
     """``weight``: per-(row, id) sums of output gradients, then norms / shared-id dots."""
@@ -49,12 +56,14 @@ class EmbeddingRule(Rule):
 
     def _valid(self, module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         """Tokens whose gradient reaches ``weight`` (all but ``padding_idx``)."""
-        if module.padding_idx is None:
+        pad = module.padding_idx
+        if pad is None:
             return torch.ones_like(ids, dtype=torch.bool)
-        return ids != (module.padding_idx % module.weight.shape[0])
+        assert isinstance(pad, int)  # nn.Embedding's and MaskedEmbedding's padding_idx
+        return ids != (pad % _num_ids(module))
 
     def _groups(self, module: nn.Module, tok: Tokens):  # noqa: ANN202
-        V = module.weight.shape[0]
+        V = _num_ids(module)
         ids = tok.a.reshape(-1).to(torch.int64)
         keep = self._valid(module, ids)
         keys = tok.rows[keep] * V + ids[keep]
@@ -104,7 +113,7 @@ class EmbeddingRule(Rule):
     ) -> torch.Tensor:
         ids = tok.a.reshape(-1).to(torch.int64)
         sel = self._valid(module, ids)
-        out = torch.zeros(module.weight.shape[0], tok.g.shape[1], dtype=torch.float32,
+        out = torch.zeros(_num_ids(module), tok.g.shape[1], dtype=torch.float32,
                           device=tok.g.device)  # fmt: skip
         out.index_add_(0, ids[sel], tok.g[sel].to(torch.float32) * scale[sel, None])
         return out

@@ -67,12 +67,14 @@ def linear_weight_gram_torch(
             G = torch.bmm(g_pad[:, :, o0 : o0 + chunk].transpose(1, 2), a_pad)  # [B, c, d_in]
             Gf = G.flatten(1)
             if P and B <= _GRAM_ROWS:  # one [B, B] Gram matmul gives norms and every pair
+                assert pairs is not None and dots is not None  # P > 0: pairs were given
                 K = Gf @ Gf.t()
                 sq += K.diagonal()
                 dots += K[pairs[:, 0], pairs[:, 1]]
                 continue
             sq += torch.linalg.vector_norm(Gf, dim=1).square()
             if P:
+                assert pairs is not None and dots is not None  # P > 0: pairs were given
                 dots += (Gf[pairs[:, 0]] * Gf[pairs[:, 1]]).sum(1)
         return sq, dots
     if form != "ghost":
@@ -84,6 +86,7 @@ def linear_weight_gram_torch(
             torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))
         ).sum((1, 2))
     for p0 in range(0, P, rows_per):
+        assert pairs is not None and dots is not None  # P > 0: pairs were given
         pi, pj = pairs[p0 : p0 + rows_per, 0], pairs[p0 : p0 + rows_per, 1]
         ka = torch.bmm(a_pad[pi], a_pad[pj].transpose(1, 2))
         kg = torch.bmm(g_pad[pi], g_pad[pj].transpose(1, 2))
@@ -110,7 +113,9 @@ class LinearRule(Rule):
     def param_gram(self, module: nn.Module, tok: Tokens, name: str, req: GramRequest) -> Gram:
         if name != "weight":
             return super().param_gram(module, tok, name, req)
-        d_out, d_in = module.weight.shape
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)  # a Parameter, not a submodule
+        d_out, d_in = weight.shape
         pairs = req.pairs
         f = req.form
         if f == "auto":
@@ -146,6 +151,7 @@ class LinearRule(Rule):
         w = module.weight
         if storage == "tokens" or w is None or not w.requires_grad:
             return tok
+        assert isinstance(w, torch.Tensor)  # a Parameter, not a submodule
         d_out, d_in = w.shape
         n = tok.g.shape[0]
         per_row = tok.num_rows * d_out * d_in * 4

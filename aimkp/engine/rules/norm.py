@@ -46,6 +46,7 @@ class LayerNormRule(_NormRule):
     """``weight``: ``sum_t xhat_t * g_t``; ``bias``: ``sum_t g_t``."""
 
     def xhat(self, module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+        assert isinstance(module, nn.LayerNorm)  # the rule is registered for nn.LayerNorm only
         return F.layer_norm(a.to(torch.float32), module.normalized_shape, eps=module.eps)
 
 

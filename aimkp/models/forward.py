@@ -492,34 +492,27 @@ def forward_rows(loaded: LoadedModel, batch: RowBatch) -> RowLosses:
 
     impl = adapter.attn_implementation
     kwargs: dict[str, Any] = {}
-    if batch.mode == "compact":
-        with spans.span("embedding_masking"):
-            ce = op(
-                batch.input_ids,
-                weight,
-                keep=batch.keep,
-                image_features=feats,
-                image_token_id=adapter.image_token_id,
-                compact=True,
-            )
-        if batch.layout == "packed":
-            embeds = ce.values.unsqueeze(0)  # [1, K, D]
-        else:  # [R, K_max, D], padding slots zero (masked out as keys)
-            R, km = batch.num_rows, batch.max_seqlen
-            flat = ce.values.new_zeros(R * km, ce.values.shape[-1])
-            embeds = flat.index_copy(0, batch.scatter_index, ce.values).view(R, km, -1)
-        if impl in VARLEN_ATTENTION:
-            assert batch.cu_seqlens is not None  # collate_rows packs compact rows for varlen
-            kwargs.update(flash_varlen_kwargs(batch.cu_seqlens))
-    else:
-        with spans.span("embedding_masking"):
-            embeds = op(
-                batch.input_ids,
-                weight,
-                keep=batch.keep,
-                image_features=feats,
-                image_token_id=adapter.image_token_id,
-            )  # [R, T, D]
+    compact = batch.mode == "compact"
+    with spans.span("embedding_masking"):  # compact: CompactEmbedding; else [R, T, D]
+        out_emb = op(
+            batch.input_ids,
+            weight,
+            keep=batch.keep,
+            image_features=feats,
+            image_token_id=adapter.image_token_id,
+            compact=compact,
+        )
+    if not compact:
+        embeds = out_emb
+    elif batch.layout == "packed":
+        embeds = out_emb.values.unsqueeze(0)  # [1, K, D]
+    else:  # [R, K_max, D], padding slots zero (masked out as keys)
+        R, km = batch.num_rows, batch.max_seqlen
+        flat = out_emb.values.new_zeros(R * km, out_emb.values.shape[-1])
+        embeds = flat.index_copy(0, batch.scatter_index, out_emb.values).view(R, km, -1)
+    if compact and impl in VARLEN_ATTENTION:
+        assert batch.cu_seqlens is not None  # collate_rows packs compact rows for varlen
+        kwargs.update(flash_varlen_kwargs(batch.cu_seqlens))
     mask = _mask_for(batch.attn_mask, impl, embeds.dtype)
     out = adapter.language_model(
         inputs_embeds=embeds,

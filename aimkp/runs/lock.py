@@ -2,7 +2,8 @@
 
 A second run into a directory in use is refused at once (:class:`~aimkp.errors.UsageError`,
 one line, exit 2); a lock left by a dead process on this host is taken over with a warning.
-Under torchrun only rank 0 locks. Released when the run ends, however it ends (but SIGKILL:
+Under torchrun only rank 0 locks (the lock names the job, so the other ranks' checks, which may
+run after rank 0 took it, let it pass). Released when the run ends, however it ends (but SIGKILL:
 then the next run finds the owner dead and takes the lock over).
 """
 
@@ -40,11 +41,16 @@ def _owner(path: pathlib.Path) -> dict[str, object]:
         return {}  # unreadable / half-written: treated as stale
 
 
+def _job() -> str | None:
+    """The torchrun job this process belongs to (its rendezvous id), None outside torchrun."""
+    return os.environ.get("TORCHELASTIC_RUN_ID")
+
+
 def acquire(out: pathlib.Path) -> pathlib.Path:
     """Create ``out`` and take its lock; UsageError when a live run holds it."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK_FILE
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    me: dict[str, object] = {"pid": os.getpid(), "host": socket.gethostname(), "job": _job()}
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -61,6 +67,9 @@ def check_not_in_use(out: pathlib.Path) -> None:
     """UsageError when a live run holds the lock of ``out`` (nothing is changed here)."""
     path = out / LOCK_FILE
     if path.exists():
+        job = _job()
+        if job is not None and _owner(path).get("job") == job:
+            return  # rank 0 of this very torchrun job took it already
         _refuse_if_live(path, {"host": socket.gethostname()})
 
 

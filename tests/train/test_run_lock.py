@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from aimkp.errors import UsageError
-from aimkp.runs.lock import LOCK_FILE, acquire, release, run_lock
+from aimkp.runs.lock import LOCK_FILE, acquire, check_not_in_use, release, run_lock
 
 
 def _write_lock(out, pid: int, host: str | None = None) -> None:
@@ -67,3 +67,17 @@ def test_released_on_error_and_not_taken_by_other_ranks(tmp_path) -> None:
     _write_lock(tmp_path / "c", os.getpid() + 1)  # someone else's now: release leaves it
     release(path)
     assert path.exists()
+
+
+def test_other_ranks_of_the_locking_job_pass_the_check(tmp_path, monkeypatch) -> None:
+    """Under torchrun rank 0 may take the lock before another rank checks the output: the
+    check passes for the same job (rendezvous id) and refuses any other."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
+    acquire(tmp_path)
+    check_not_in_use(tmp_path)  # another rank of job-a
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")
+    with pytest.raises(UsageError, match="in use by another run"):
+        check_not_in_use(tmp_path)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    with pytest.raises(UsageError, match="in use by another run"):
+        check_not_in_use(tmp_path)

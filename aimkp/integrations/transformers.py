@@ -26,6 +26,15 @@ What is overridden, and why (everything else is Trainer's own):
 - The PMM stride table lives in :class:`AimKPCallback`: reconciled across ranks at each epoch end,
   saved as ``aimkp_strides.pt`` in each checkpoint folder, restored by
   ``train(resume_from_checkpoint=...)``; kept-copy rates are added to Trainer's log lines.
+- Under accelerate's FSDP2 plugin (``fsdp=True, fsdp_config={"version": 2}``) the model is
+  sharded at construction in ``aimkp train --fsdp``'s units
+  (:func:`aimkp.train.fsdp.shard_for_rows`, the model itself the root unit), so accelerate's
+  ``prepare`` finds it sharded and keeps it: its own units (embeddings, the LM head, the root
+  around the model's forward) would never be gathered, since the step calls the model's parts.
+  The copies are weighted by the correction pass, the ranks run their passes in lockstep, FSDP2
+  reduce-scatters the summed gradients, and Trainer's own FSDP2 checkpoints save and resume.
+  accelerate 1.16 enables its FSDP plugin only on accelerator devices; on the CPU (gloo) the
+  Trainer enables it itself.
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
@@ -50,7 +61,13 @@ from aimkp.method.step import aimkp_step
 from aimkp.models.adapter import EncodedSample
 from aimkp.models.forward import use_masked_embedding_module
 from aimkp.train.config import TrainConfig
-from aimkp.train.distributed import DistContext, all_reduce_grads, all_reduce_sum
+from aimkp.train.distributed import (
+    DistContext,
+    all_reduce_grads,
+    all_reduce_sum,
+    broadcast_trainable,
+)
+from aimkp.train.fsdp import ModelRoot, catch_up, compute_dtype, shard_for_rows, zero_pass
 from aimkp.train.run import build_optimizer
 from aimkp.train.stats import EpochStats
 
@@ -63,6 +80,11 @@ else:
     _TrainerBase = object
 
 STRIDES_FILE = "aimkp_strides.pt"
+
+
+def strides_file(rank: int, world: int) -> str:
+    """``aimkp_strides.pt`` in one process; ``aimkp_strides-rank-R.pt`` for rank R of several."""
+    return STRIDES_FILE if world == 1 else f"aimkp_strides-rank-{rank}.pt"
 
 __all__ = [
     "AimKPArguments",
@@ -94,10 +116,22 @@ class AimKPArguments:
     def __post_init__(self) -> None:
         check_choices(self, UsageError)
 
-    def step_options(self, device: torch.device | str, bf16: bool) -> StepOptions:
-        """The AimKP step's options on ``device`` (bf16 autocast with Trainer's ``bf16``)."""
+    def step_options(
+        self, device: torch.device | str, bf16: bool, fsdp: bool = False
+    ) -> StepOptions:
+        """The AimKP step's options on ``device`` (bf16 autocast with Trainer's ``bf16``; under
+        FSDP2 the copies are weighted by the correction pass, as ``aimkp train --fsdp`` does)."""
         amp_dtype = torch.bfloat16 if bf16 else None
-        return StepOptions.from_fields(self, device=device, amp_dtype=amp_dtype)
+        if not fsdp:
+            return StepOptions.from_fields(self, device=device, amp_dtype=amp_dtype)
+        if self.reweight == "stash":
+            raise UsageError(
+                "AimKPArguments(reweight='stash') under FSDP: after an FSDP2 backward .grad is "
+                "the sharded, reduce-scattered gradient; use reweight='correction' (or 'auto')"
+            )
+        return StepOptions.from_fields(
+            self, device=device, amp_dtype=amp_dtype, reweight="correction"
+        )
 
 
 def as_records(dataset: Any) -> list:
@@ -147,13 +181,24 @@ class AimKPBatchSampler(torch.utils.data.Sampler):
     A short last global batch gives some ranks fewer micro-batches, which Trainer handles (the
     gradients are summed once per optimizer step); with fewer than ``world`` samples in it some
     rank would have no micro-batch and one optimizer step less than the others, so keep
-    ``n % (batch * grad_accum * world)`` 0 or at least ``world`` under DDP."""
+    ``n % (batch * grad_accum * world)`` 0 or at least ``world`` under DDP. ``lockstep`` (FSDP2,
+    where every rank must run every pass): each rank gets as many micro-batches as rank 0 (the
+    largest share), the missing ones empty."""
 
     def __init__(
-        self, n: int, batch: int, grad_accum: int, *, seed: int, rank: int = 0, world: int = 1
+        self,
+        n: int,
+        batch: int,
+        grad_accum: int,
+        *,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        lockstep: bool = False,
     ) -> None:
         self.n, self.batch, self.grad_accum = n, batch, grad_accum
         self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
+        self.lockstep = lockstep
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -165,7 +210,8 @@ class AimKPBatchSampler(torch.utils.data.Sampler):
         out = []
         for s in range(0, self.n, gb):
             share = order[s : s + gb][self.rank :: self.world]
-            out += [share[m : m + self.batch] for m in range(0, len(share), self.batch)]
+            most = len(order[s : s + gb][0 :: self.world]) if self.lockstep else len(share)
+            out += [share[m : m + self.batch] for m in range(0, most, self.batch)]
         return out
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -197,14 +243,20 @@ class AimKPCallback(TrainerCallback):
         self.strides.reconcile()  # every rank visited its own share of the samples
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        # every rank its own table: a checkpoint inside an epoch (or at its last step, before
+        # on_epoch_end reconciles) holds each rank's visits to its own share of the samples
+        rank, world = _world()
+        if abs(state.epoch - round(state.epoch)) < 1e-9:  # the epoch's last step: before
+            self.strides.reconcile()  # on_epoch_end, so a resumed run starts reconciled too
+        if world > 1 or state.is_world_process_zero:
             folder = pathlib.Path(args.output_dir) / f"checkpoint-{state.global_step}"
             folder.mkdir(parents=True, exist_ok=True)
-            torch.save(self.strides.state_dict(), folder / STRIDES_FILE)
+            torch.save(self.strides.state_dict(), folder / strides_file(rank, world))
 
     def load(self, checkpoint: str | os.PathLike[str]) -> None:
-        """Restore the strides saved in a checkpoint folder (CheckpointError when unreadable)."""
-        path = pathlib.Path(checkpoint) / STRIDES_FILE
+        """Restore this rank's strides saved in a checkpoint folder (CheckpointError when
+        missing or unreadable)."""
+        path = pathlib.Path(checkpoint) / strides_file(*_world())
         try:
             state = torch.load(path, weights_only=True)
             self.strides.load_state_dict(state)
@@ -234,18 +286,40 @@ def _dist_context():
     return DistContext(rank=rank, world_size=world, backend=backend)
 
 
-def refuse_fsdp(trainer: Any) -> None:
-    """UsageError when accelerate runs the Trainer under FSDP (``fsdp_config`` / an accelerate
-    FSDP plugin). The AimKP step calls the model's parts (embedding op, tower, projector, decoder
-    stack, head) rather than the model's forward, so the root FSDP unit would never be gathered,
-    and its ranks must run their passes in lockstep (a correction pass on one rank needs a
-    matching pass on the others); ``aimkp train --fsdp`` does both (:mod:`aimkp.train.fsdp`)."""
-    if getattr(trainer, "is_fsdp_enabled", False):
+def enable_fsdp_on_cpu(trainer: Any) -> None:
+    """Turn accelerate's FSDP plugin on where accelerate 1.16 leaves it off: on the CPU (gloo),
+    where it runs plain data parallelism instead. aimkp's sharding is device-agnostic
+    (``aimkp train --fsdp`` runs on gloo), so the Trainer does what accelerate does on a GPU:
+    the FSDP distributed type with the plugin TrainingArguments built."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise UsageError(
-            "AimKPTrainer does not run under accelerate's FSDP (fsdp_config / FSDP plugin): the "
-            "AimKP step bypasses the model's forward, where FSDP gathers the root's weights; "
-            "train sharded with: torchrun --nproc_per_node N -m aimkp train ... --fsdp"
+            "AimKPTrainer with fsdp: launch with torchrun (FSDP2 needs a process group)"
         )
+    state = trainer.accelerator.state
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = state.distributed_type  # as accelerate does
+    trainer.is_fsdp_enabled = True
+
+
+def shard_trainer_model(trainer: Any) -> ModelRoot:
+    """Shard ``trainer.loaded.model`` in ``aimkp train --fsdp``'s units, the model itself the
+    root (UsageError for accelerate's FSDP1: the step needs FSDP2's module hooks)."""
+    plugin = trainer.accelerator.state.fsdp_plugin
+    if int(getattr(plugin, "fsdp_version", 1)) != 2:
+        raise UsageError(
+            "AimKPTrainer runs under FSDP2 only: set fsdp_config={'version': 2} "
+            "(FSDP1 wraps parameters into flat buffers the per-sample engine cannot read)"
+        )
+    loaded, device = trainer.loaded, torch.device(trainer.args.device)
+    broadcast_trainable(loaded.model, _dist_context())  # every rank starts from rank 0's weights
+    # gathered in the frozen base's half dtype or bf16 on CUDA, reduced in fp32: aimkp's policy
+    # rather than the plugin's, whose reduce dtype follows bf16 (the ranks' gradients are summed)
+    half = compute_dtype(loaded.model, trainer.args.bf16, device)
+    rows = shard_for_rows(loaded, loaded.model, device, half, plugin.reshard_after_forward)
+    root = ModelRoot(loaded.model, rows)
+    loaded.row_runner = root  # the step's row forward runs as the root's forward
+    return root
 
 
 class AimKPTrainerMixin(_TrainerBase):
@@ -280,7 +354,12 @@ class AimKPTrainerMixin(_TrainerBase):
             callbacks=callbacks,
             **kwargs,
         )
-        refuse_fsdp(self)
+        self.aimkp_fsdp = shard_trainer_model(self) if self.is_fsdp_enabled else None
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
+            enable_fsdp_on_cpu(self)
 
     @property
     def strides(self) -> StrideTable:
@@ -297,6 +376,7 @@ class AimKPTrainerMixin(_TrainerBase):
             seed=a.seed,
             rank=rank,
             world=world,
+            lockstep=self.aimkp_fsdp is not None,
         )
         return _EpochLoader(self.aimkp_rows, sampler, self.data_collator)
 
@@ -327,20 +407,27 @@ class AimKPTrainerMixin(_TrainerBase):
     # -- the step --------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """The AimKP micro-step: ``.grad`` gains its share of the global batch's gradient; the
-        ranks' gradients are summed after the last micro-step. Returns the detached loss (the
-        micro-step's share of the global batch's mean answer CE, times the world size, so
-        that Trainer's mean over ranks logs the global mean)."""
+        ranks' gradients are summed after the last micro-step (by FSDP2's reduce-scatter under
+        FSDP). Returns the detached loss (the micro-step's share of the global batch's mean
+        answer CE, times the world size, so that Trainer's mean over ranks logs the global
+        mean)."""
         model.train()
         n_total = float(num_items_in_batch)
-        opts = self.aimkp_args.step_options(self.args.device, self.args.bf16)
-        res = aimkp_step(
-            self.loaded, inputs["samples"], inputs["indices"], self.strides, n_total, opts
-        )
-        self.aimkp_callback.stats.add(res)
+        fsdp = self.aimkp_fsdp
+        opts = self.aimkp_args.step_options(self.args.device, self.args.bf16, fsdp is not None)
         ctx = _dist_context()
-        if self.accelerator.sync_gradients:
+        before = 0 if fsdp is None else fsdp.passes
+        samples, indices = inputs["samples"], inputs["indices"]
+        share = 0.0
+        if samples:  # under FSDP a short share's micro-batch can be empty
+            res = aimkp_step(self.loaded, samples, indices, self.strides, n_total, opts)
+            self.aimkp_callback.stats.add(res)
+            share = res.loss * res.n_answer_tokens / n_total * ctx.world_size
+        if fsdp is not None:  # every rank as many passes as the busiest (lockstep)
+            pad = self.aimkp_rows[0][1]
+            catch_up(fsdp.passes - before, ctx, False, lambda: zero_pass(self.loaded, pad, opts))
+        elif self.accelerator.sync_gradients:
             all_reduce_grads(self.loaded.model.parameters(), ctx)
-        share = res.loss * res.n_answer_tokens / n_total * ctx.world_size
         return torch.tensor(share, device=self.args.device)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

@@ -57,7 +57,7 @@ import logging
 import math
 import pathlib
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -85,47 +85,90 @@ from aimkp.runs.checkpoints import save_step_copy, write_model_files, write_trai
 from aimkp.train.distributed import DataParallel, DistContext, broadcast_trainable
 
 if TYPE_CHECKING:
-    from aimkp.models import LoadedModel, RowBatch, RowLosses
+    from aimkp.method.options import StepOptions
+    from aimkp.models import EncodedSample, LoadedModel, RowBatch, RowLosses
     from aimkp.train.config import TrainConfig
     from aimkp.train.run import TrainRun
 
 log = logging.getLogger("aimkp.train")
 
-__all__ = ["FSDPParallel", "RowRunner", "sharded_frozen_checksum"]
+__all__ = [
+    "FSDPParallel",
+    "ModelRoot",
+    "RowPasses",
+    "RowRunner",
+    "shard_for_rows",
+    "sharded_frozen_checksum",
+]
 
 DCP_DIR = "dcp"
 RANK_FILE = "rank-{}.pt"
 TMP_LAST = ".last.tmp-fsdp"  # matches aimkp.atomic.recover's pattern: a killed writer's is removed
 
 
-class RowRunner(nn.Module):
-    """FSDP2's root module: ``forward(batch)`` runs the rows through the model.
+class RowPasses:
+    """Runs rows through a sharded model (:func:`aimkp.models.forward.forward_rows`) and counts
+    the passes with grad (each is followed by its backward: the lockstep's unit).
 
-    The row forward (:func:`aimkp.models.forward.forward_rows`) calls the model's parts directly
-    (embedding op, vision tower, projector, decoder stack, LM head), never the model's own
-    forward; FSDP2 unshards a unit in its module's pre-forward hook, so the parameters outside the
-    decoder layers and the tower need a root module whose forward wraps the row forward."""
+    The frozen vision tower runs only for rows with an image and the ranks' rows differ, so its
+    units are all-gathered explicitly around every pass, on every rank alike."""
 
-    loaded: LoadedModel  # kept outside nn.Module's registry: the model is a submodule once
-    tower: list[FSDPModule]  # the vision tower's FSDP units (set by FSDPParallel.wrap)
-    passes: int
+    def __init__(self, loaded: LoadedModel, tower: Sequence[FSDPModule]) -> None:
+        self.loaded, self.tower, self.passes = loaded, list(tower), 0
 
-    def __init__(self, loaded: LoadedModel) -> None:
-        super().__init__()
-        self.model = loaded.model
-        object.__setattr__(self, "loaded", loaded)  # not a submodule: the model is, once
-        object.__setattr__(self, "tower", [])  # the vision tower's FSDP units
-        self.passes = 0  # forwards with grad (each is followed by its backward)
-
-    def forward(self, batch: RowBatch) -> RowLosses:
+    def __call__(self, batch: RowBatch) -> RowLosses:
         if torch.is_grad_enabled():
             self.passes += 1
-        for block in self.tower:  # every rank all-gathers them, whether its rows have images or not
+        for block in self.tower:
             block.unshard()
         out = forward_rows(self.loaded, batch)
         for block in self.tower:
             block.reshard()
         return out
+
+
+class RowRunner(nn.Module):
+    """FSDP2's root module of ``aimkp train --fsdp``: ``forward(batch)`` runs the rows.
+
+    The row forward calls the model's parts directly (embedding op, vision tower, projector,
+    decoder stack, LM head), never the model's own forward; FSDP2 gathers a unit in its module's
+    pre-forward hook, so the parameters outside the decoder layers and the tower need a root
+    module whose forward is the row forward."""
+
+    rows: RowPasses  # set by FSDPParallel.wrap once the tower's units exist
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        super().__init__()
+        self.model = loaded.model
+
+    @property
+    def passes(self) -> int:
+        return self.rows.passes
+
+    def forward(self, batch: RowBatch) -> RowLosses:
+        return self.rows(batch)
+
+
+class ModelRoot:
+    """The row runner when the model itself is FSDP2's root unit (:class:`AimKPTrainer
+    <aimkp.integrations.transformers.AimKPTrainer>`, whose Trainer saves and loads the model
+    as it is). The rows run AS the root's forward (an instance attribute for the length of the
+    call), so FSDP2's hooks around it gather the root's weights and reduce-scatter their
+    gradients, exactly as :class:`RowRunner` does."""
+
+    def __init__(self, root: nn.Module, rows: RowPasses) -> None:
+        self.root, self.rows = root, rows
+
+    @property
+    def passes(self) -> int:
+        return self.rows.passes
+
+    def __call__(self, batch: RowBatch) -> RowLosses:
+        object.__setattr__(self.root, "forward", self.rows)  # nn.Module.__call__ runs .forward
+        try:
+            return self.root(batch)
+        finally:
+            object.__delattr__(self.root, "forward")
 
 
 def _decoder_layers(loaded: LoadedModel) -> list[nn.Module]:
@@ -207,6 +250,77 @@ def _all_reduce(t: torch.Tensor, ctx: DistContext, op: Any = None) -> torch.Tens
     return t.to(dev)
 
 
+def compute_dtype(model: nn.Module, bf16: bool, device: torch.device) -> torch.dtype | None:
+    """The dtype units are gathered in: the frozen base's half dtype when it has one, bf16
+    with ``bf16`` on CUDA, else None (the weights' own dtype, fp32)."""
+    halves = {p.dtype for p in model.parameters()} & {torch.bfloat16, torch.float16}
+    if halves:
+        return torch.bfloat16 if torch.bfloat16 in halves else torch.float16
+    if bf16 and device.type == "cuda":
+        return torch.bfloat16
+    return None
+
+
+def shard_for_rows(
+    loaded: LoadedModel,
+    root: nn.Module,
+    device: torch.device,
+    half: torch.dtype | None = None,
+    reshard_after_forward: bool | None = None,
+) -> RowPasses:
+    """``fully_shard`` every decoder layer and every vision-tower block, then ``root`` (which
+    holds the rest: embeddings, projector, final norm, LM head) over all ranks; returns the
+    :class:`RowPasses` that runs the rows through them. ``half``: gather in that dtype (a half
+    frozen base, or bf16 autocast), gradients are reduced in fp32 either way;
+    ``reshard_after_forward``: of the layers and blocks (the root keeps torch's default)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    kw: dict[str, Any] = {"mesh": init_device_mesh(device.type, (world,))}
+    if half is not None:
+        # a half frozen base (--dtype) and fp32 trainable weights share units: gathered in
+        # the half dtype (autocast's compute dtype), gradients reduced in fp32
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
+    layers = _decoder_layers(loaded)
+    blocks = _vision_blocks(loaded)
+    for module in [*layers, *blocks]:  # None: torch's default (True below the root)
+        fully_shard(module, reshard_after_forward=reshard_after_forward, **kw)
+    fully_shard(root, **kw)
+    for unit in [*layers, *blocks, root]:
+        assert isinstance(unit, FSDPModule)
+        # summed over the ranks: every loss weight divides by the global batch's tokens
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+        # every rank reduce-scatters every trainable weight, used by its rows or not
+        unit.set_reduce_scatter_unused_params(True, recurse=False)
+    log.info(
+        "fsdp: %d decoder layers and %d vision blocks sharded over %d ranks (%s)",
+        len(layers),
+        len(blocks),
+        world,
+        f"gathered in {half or 'the weights dtype'}, reduced in fp32",
+    )
+    return RowPasses(loaded, [b for b in blocks if isinstance(b, FSDPModule)])
+
+
+def zero_pass(loaded: LoadedModel, sample: EncodedSample, opts: StepOptions) -> None:
+    """A forward + backward whose gradient is exactly zero (``0 * loss``): what a rank runs to
+    keep in step with a busier one."""
+    plan = plan_rows(loaded, [sample], [Copy(0, None, 1)], 1.0, opts)
+    out = forward_losses(loaded, plan.batch, opts)
+    (out.loss_sum * 0.0).sum().backward()
+
+
+def catch_up(ran: int, ctx: DistContext, fixed: bool, pad: Callable[[], None]) -> None:
+    """After a micro-step that ran ``ran`` passes: ``pad()`` until this rank ran as many as the
+    busiest rank. ``fixed``: every rank runs the same count (SFT: one pass), nothing to ask."""
+    if fixed:
+        most = 1
+    else:  # AimKP: a correction pass runs only where a copy was rejected
+        t = torch.tensor([ran], dtype=torch.float64)
+        most = int(_all_reduce(t, ctx, dist.ReduceOp.MAX)) if ctx.enabled else ran
+    for _ in range(most - ran):
+        pad()
+
+
 class FSDPParallel(DataParallel):
     """The ``--fsdp`` strategy: the hooks the loop calls (see :class:`DataParallel`)."""
 
@@ -225,51 +339,11 @@ class FSDPParallel(DataParallel):
         broadcast_trainable(loaded.model, self.ctx)
         if self.ctx.is_main:
             self.mirror = meta_copy(loaded.model)
-        kw: dict[str, Any] = {"mesh": init_device_mesh(self.device.type, (self.ctx.world_size,))}
-        half = self._compute_dtype(loaded.model)
-        if half is not None:
-            # a half frozen base (--dtype) and fp32 trainable weights share units: gathered in
-            # the half dtype (autocast's compute dtype), gradients reduced in fp32
-            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
-        units: list[nn.Module] = []
-        for layer in _decoder_layers(loaded):
-            fully_shard(layer, **kw)
-            units.append(layer)
-        n_layers = len(units)
-        blocks = _vision_blocks(loaded)
-        for block in blocks:
-            fully_shard(block, **kw)
-        units += blocks
         runner = RowRunner(loaded)
-        fully_shard(runner, **kw)
-        units.append(runner)
-        object.__setattr__(runner, "tower", blocks)
-        for unit in units:
-            assert isinstance(unit, FSDPModule)
-            # summed over the ranks: every loss weight divides by the global batch's tokens
-            unit.set_gradient_divide_factor(1.0)
-            unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
-            # every rank reduce-scatters every trainable weight, used by its rows or not
-            unit.set_reduce_scatter_unused_params(True, recurse=False)
+        half = compute_dtype(loaded.model, self.cfg.bf16, self.device)
+        runner.rows = shard_for_rows(loaded, runner, self.device, half)
         self.runner = runner
         loaded.row_runner = runner  # the step's row forward runs here (aimkp.method.rows)
-        log.info(
-            "fsdp: %d decoder layers and %d vision blocks sharded over %d ranks (%s)",
-            n_layers,
-            len(blocks),
-            self.ctx.world_size,
-            f"gathered in {half or 'the weights dtype'}, reduced in fp32",
-        )
-
-    def _compute_dtype(self, model: nn.Module) -> torch.dtype | None:
-        """The dtype units are gathered in: the frozen base's half dtype when it has one, bf16
-        with ``--bf16`` on CUDA, else None (the weights' own dtype, fp32)."""
-        halves = {p.dtype for p in model.parameters()} & {torch.bfloat16, torch.float16}
-        if halves:
-            return torch.bfloat16 if torch.bfloat16 in halves else torch.float16
-        if self.cfg.bf16 and self.device.type == "cuda":
-            return torch.bfloat16
-        return None
 
     # ----------------------------------------------------------------------- accumulation
     def micro_batches(
@@ -292,21 +366,13 @@ class FSDPParallel(DataParallel):
         runner.set_requires_gradient_sync(last)
         before = runner.passes
         yield
-        ran = runner.passes - before
-        if run.strides is None:  # SFT: one pass per micro-step, known without asking
-            most = 1
-        else:  # AimKP: a correction pass runs only where a copy was rejected
-            t = torch.tensor([ran], dtype=torch.float64)
-            most = int(_all_reduce(t, self.ctx, dist.ReduceOp.MAX)) if self.ctx.enabled else ran
-        for _ in range(most - ran):
-            self._zero_pass(run, pad_sample)
-
-    def _zero_pass(self, run: TrainRun, sample: int) -> None:
-        """A forward + backward whose gradient is exactly zero (``0 * loss``)."""
-        opts = run.step_options
-        plan = plan_rows(run.loaded, [run.samples[sample]], [Copy(0, None, 1)], 1.0, opts)
-        out = forward_losses(run.loaded, plan.batch, opts)
-        (out.loss_sum * 0.0).sum().backward()
+        sample = run.samples[pad_sample]
+        catch_up(
+            runner.passes - before,
+            self.ctx,
+            fixed=run.strides is None,
+            pad=lambda: zero_pass(run.loaded, sample, run.step_options),
+        )
 
     # ------------------------------------------------------------------- optimizer step
     def reduce_grads(self, params: Sequence[nn.Parameter], used_rows: int) -> tuple[bool, float]:

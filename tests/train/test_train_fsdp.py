@@ -267,38 +267,14 @@ def test_fsdp_refuses_stash_and_baselines() -> None:
     assert TrainConfig().resolved_reweight == "auto"
 
 
-def test_trainer_refuses_accelerate_fsdp() -> None:
-    """accelerate 1.16 enables its FSDP plugin only on accelerator devices (on the CPU it wraps
-    DDP and ignores the plugin), so the refusal is checked on the Trainer's flag."""
-    from types import SimpleNamespace
-
-    from aimkp.errors import UsageError
-    from aimkp.integrations.transformers import refuse_fsdp
-
-    refuse_fsdp(SimpleNamespace(is_fsdp_enabled=False))
-    with pytest.raises(UsageError, match="aimkp train ... --fsdp"):
-        refuse_fsdp(SimpleNamespace(is_fsdp_enabled=True))
-
-
 def test_units_gather_in_the_frozen_base_dtype() -> None:
     """The mixed-precision policy's param_dtype: the frozen base's half dtype (--dtype), bf16
     with --bf16 on CUDA, else none (fp32 weights gathered as they are)."""
-    from aimkp.train.config import TrainConfig
-    from aimkp.train.distributed import DistContext
-    from aimkp.train.fsdp import FSDPParallel
+    from aimkp.train.fsdp import compute_dtype
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert (
-        FSDPParallel(TrainConfig(fsdp=True, bf16=True), DistContext(), cpu)._compute_dtype(model)
-        is None
-    )
-    assert (
-        FSDPParallel(TrainConfig(fsdp=True, bf16=True), DistContext(), cuda)._compute_dtype(model)
-        is torch.bfloat16
-    )
+    assert compute_dtype(model, True, cpu) is None
+    assert compute_dtype(model, True, cuda) is torch.bfloat16
     model[0].to(torch.float16)
-    assert (
-        FSDPParallel(TrainConfig(fsdp=True), DistContext(), cpu)._compute_dtype(model)
-        is torch.float16
-    )
+    assert compute_dtype(model, False, cpu) is torch.float16

@@ -3,12 +3,16 @@
 
 Against ``torchrun -m aimkp train ... --fsdp`` on the same data, seed and global batches (full
 fine-tuning, AimKP for 2 epochs with thresholds that make the filter reject copies, so the
-correction pass and the lockstep's zero-weight passes run): the same weights and stride tables,
-to the bit. Both run the same FSDP2 units (:func:`aimkp.train.fsdp.shard_for_rows`), the same
-passes in the same order on each rank, and one thread each, so nothing is left to rounding.
+correction pass and the lockstep's zero-weight passes run): the same stride tables and the same
+weights to atol 1e-6. Both run the same FSDP2 units (:func:`aimkp.train.fsdp.shard_for_rows`)
+and the same passes in the same order on each rank; what differs is clipping: Trainer clips with
+``clip_grad_norm_`` (a norm of per-parameter fp32 norms over DTensors), aimkp's loop with the
+fp64 sum of the shards' squares, so the clip factors differ in the last bits (measured: max
+weight difference 3.7e-9 after 8 AdamW steps; 0.0 with clipping off).
 
 Then Trainer's own FSDP2 checkpoints: resumed from the checkpoint inside the first epoch and from
-the one at its end, the run ends with the same weights and strides as without the interruption.
+the one at its end, the run ends with the same weights (to the bit) and strides as without the
+interruption.
 """
 
 from __future__ import annotations
@@ -109,10 +113,10 @@ def _weights(model_dir: pathlib.Path) -> dict[str, torch.Tensor]:
     return AutoModelForImageTextToText.from_pretrained(model_dir).state_dict()
 
 
-def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0) -> None:
     assert a.keys() == b.keys() and len(a) > 10
     for k in a:
-        assert torch.equal(a[k], b[k]), f"{k}: max diff {float((a[k] - b[k]).abs().max())}"
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
 
 
 def _strides(path: pathlib.Path) -> dict[str, torch.Tensor]:
@@ -130,7 +134,7 @@ def trainer_run(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 def test_trainer_fsdp2_matches_aimkp_train_fsdp(trainer_run: pathlib.Path, tmp_path) -> None:
     out = tmp_path / "cli"
     _run([*TORCHRUN, *CLI, "--output", str(out)], tmp_path)
-    _assert_same(_weights(trainer_run / "final"), _weights(out / "last"))
+    _assert_same(_weights(trainer_run / "final"), _weights(out / "last"), atol=1e-6)
     mine, cli = _strides(trainer_run / "strides.pt"), _strides(out / "last" / "rank-0.pt")
     for kind in ("text", "image"):
         assert torch.equal(mine[kind], cli[kind]), kind

@@ -158,7 +158,7 @@ def _check_before_training(cfg: TrainConfig, given: set[str] | None = None) -> N
     check_run_output(cfg.output, cfg.resume)  # nothing of the user's is overwritten
     check_device(cfg.device)
     _check_device_options(cfg, given)
-    from aimkp.train.reporting import check_report_to
+    from aimkp.runs.reporting import check_report_to
 
     check_report_to(cfg.report_to)
     check_model_spec(cfg.model)

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from aimkp.runs.checkpoints import check_free_space, save_model
 from aimkp.runs.lock import run_lock
+from aimkp.runs.metrics_log import MetricsLog
+from aimkp.runs.reporting import Reporter, make_reporter
 from aimkp.runs.state import load_trainable_state, read_train_state, trainable_state
 from aimkp.train.config import TrainConfig
 from aimkp.train.data import load_split
@@ -37,8 +39,6 @@ from aimkp.train.evaluation import (
     print_comparison,
     score_predictions,
 )
-from aimkp.train.metrics_log import MetricsLog
-from aimkp.train.reporting import Reporter, make_reporter
 from aimkp.train.resume_check import check_resume_options
 from aimkp.train.run import (
     TrainRun,

@@ -17,12 +17,12 @@ import math
 import time
 from typing import TYPE_CHECKING
 
-from aimkp.train.reporting import numeric
+from aimkp.runs.reporting import numeric
 from aimkp.train.stats import EpochStats
 
 if TYPE_CHECKING:
     from aimkp.method.step import StepResult
-    from aimkp.train.reporting import Reporter
+    from aimkp.runs.reporting import Reporter
     from aimkp.train.run import TrainRun
 
 COLUMNS = ("step", "epoch", "loss", "lr", "tokens_per_s", "text_kept_rate", "image_kept_rate",

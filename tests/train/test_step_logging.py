@@ -14,7 +14,7 @@ import torch
 
 from aimkp.cli import main
 from aimkp.errors import UsageError
-from aimkp.train import reporting
+from aimkp.runs import reporting
 from aimkp.train.config import TrainConfig
 
 

@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 
 from aimkp.method.step import StepResult, aimkp_step, sft_step
 from aimkp.models.attention import kernel_name
+from aimkp.runs.signals import StopRequest, exit_status
 from aimkp.spans import tap
 from aimkp.train import distributed as D
 from aimkp.train.run import Progress, TrainRun
-from aimkp.train.signals import StopRequest, exit_status
 from aimkp.train.stats import EpochStats
 from aimkp.train.step_log import StepLog
 
@@ -178,7 +178,7 @@ def after_step(run: TrainRun, stats: EpochStats, seconds: float, stop: StopReque
     (130 / 143); every ``--save-every`` steps a mid-epoch ``OUTPUT/last`` (the epoch's last
     step is saved by the end of the epoch)."""
     p, cfg = run.progress, run.cfg
-    signum = None if stop is None else stop.agreed(run.ctx)
+    signum = None if stop is None else stop.agreed(run.ctx.any_rank)
     periodic = cfg.save_every is not None and p.step % cfg.save_every == 0
     if signum is None and not (periodic and p.epoch_step < run.steps_per_epoch):
         return

@@ -27,6 +27,7 @@ from aimkp.runs.checkpoints import check_free_space, save_model
 from aimkp.runs.lock import run_lock
 from aimkp.runs.metrics_log import MetricsLog
 from aimkp.runs.reporting import Reporter, make_reporter
+from aimkp.runs.signals import StopRequest
 from aimkp.runs.state import load_trainable_state, read_train_state, trainable_state
 from aimkp.train.config import TrainConfig
 from aimkp.train.data import load_split
@@ -48,7 +49,6 @@ from aimkp.train.run import (
     resume,
     set_up,
 )
-from aimkp.train.signals import StopRequest
 from aimkp.train.stats import EpochStats
 from aimkp.train.step_log import StepLog
 

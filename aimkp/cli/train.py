@@ -89,8 +89,8 @@ def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     import json
     import pathlib
 
+    from aimkp.runs.resume_check import resumed_fields
     from aimkp.runs.state import find_train_state, read_train_state
-    from aimkp.train.resume_check import resumed_fields
 
     resume = str(cfg.resume)  # set: this runs for --resume only
     state_file = find_train_state(resume)

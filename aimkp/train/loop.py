@@ -27,6 +27,7 @@ from aimkp.runs.checkpoints import check_free_space, save_model
 from aimkp.runs.lock import run_lock
 from aimkp.runs.metrics_log import MetricsLog
 from aimkp.runs.reporting import Reporter, make_reporter
+from aimkp.runs.resume_check import check_resume_options
 from aimkp.runs.signals import StopRequest
 from aimkp.runs.state import load_trainable_state, read_train_state, trainable_state
 from aimkp.train.config import TrainConfig
@@ -40,7 +41,6 @@ from aimkp.train.evaluation import (
     print_comparison,
     score_predictions,
 )
-from aimkp.train.resume_check import check_resume_options
 from aimkp.train.run import (
     TrainRun,
     build_optimizer,
@@ -97,7 +97,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
 
 def read_resume_state(cfg: TrainConfig) -> tuple[dict[str, Any] | None, list[str]]:
     """With ``--resume``: the saved training state and the accepted option changes (UsageError
-    naming every refused one, see :mod:`aimkp.train.resume_check`)."""
+    naming every refused one, see :mod:`aimkp.runs.resume_check`)."""
     if not cfg.resume:
         return None, []
 

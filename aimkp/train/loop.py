@@ -13,7 +13,7 @@ each epoch: totals over the ranks, greedy decoding on the validation split score
 protocol (:mod:`aimkp.train.evaluation`), best checkpoint by F1@1 + F1@3 + MAP@5
 (``OUTPUT/best``), latest with the full training state (``OUTPUT/last``), one row per epoch in
 ``OUTPUT/metrics.csv`` (and the ``--report-to`` reporter), every ``--logging-steps`` optimizer
-steps a row of ``OUTPUT/steps.csv`` (:mod:`aimkp.train.step_log`); after the last epoch the optional
+steps a row of ``OUTPUT/steps.csv`` (:mod:`aimkp.runs.step_log`); after the last epoch the optional
 test-split comparison with the majority and untrained baselines.
 """
 
@@ -30,10 +30,11 @@ from aimkp.runs.reporting import Reporter, make_reporter
 from aimkp.runs.resume_check import check_resume_options
 from aimkp.runs.signals import StopRequest
 from aimkp.runs.state import load_trainable_state, read_train_state, trainable_state
+from aimkp.runs.step_log import StepLog
 from aimkp.train.config import TrainConfig
 from aimkp.train.data import load_split
 from aimkp.train.distributed import peer_loss_exits
-from aimkp.train.epoch import BackendLog, run_epoch
+from aimkp.train.epoch import BackendLog, StepLogging, run_epoch
 from aimkp.train.evaluation import (
     baseline_scores,
     evaluate,
@@ -50,7 +51,6 @@ from aimkp.train.run import (
     set_up,
 )
 from aimkp.train.stats import EpochStats
-from aimkp.train.step_log import StepLog
 
 if TYPE_CHECKING:
     from aimkp.models import LoadedModel
@@ -83,7 +83,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     baselines = start(run, state)
     metrics = MetricsLog(run.out, enabled=run.is_main, reporter=reporter_of(run))
     backends = BackendLog()
-    step_log = StepLog(run, metrics.reporter)
+    step_log = StepLogging(run, StepLog(run.out, metrics.reporter, enabled=run.is_main))
     with StopRequest() as stop:
         for epoch in range(run.progress.epoch, run.last_epoch):
             stats, seconds = run_epoch(run, epoch, backends, stop, step_log)

@@ -89,8 +89,8 @@ def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     import json
     import pathlib
 
+    from aimkp.runs.resume_check import resumed_fields
     from aimkp.runs.state import find_train_state, read_train_state
-    from aimkp.train.resume_check import resumed_fields
 
     resume = str(cfg.resume)  # set: this runs for --resume only
     state_file = find_train_state(resume)
@@ -158,7 +158,7 @@ def _check_before_training(cfg: TrainConfig, given: set[str] | None = None) -> N
     check_run_output(cfg.output, cfg.resume)  # nothing of the user's is overwritten
     check_device(cfg.device)
     _check_device_options(cfg, given)
-    from aimkp.train.reporting import check_report_to
+    from aimkp.runs.reporting import check_report_to
 
     check_report_to(cfg.report_to)
     check_model_spec(cfg.model)

@@ -15,14 +15,13 @@ import pathlib
 from dataclasses import dataclass
 from typing import Any
 
-from aimkp.choices import GF_REDUCE, MASK_MODES, REWEIGHT_WAYS
+from aimkp.choices import GF_REDUCE, MASK_MODES, REPORT_TO, REWEIGHT_WAYS
 from aimkp.data.options import ON_BAD_RECORD, ON_MISSING_IMAGE
 from aimkp.errors import UsageError
 
 METHODS = ("aimkp", "sft")
 ATTN = ("auto", "sdpa", "varlen", "flash", "eager")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-REPORT_TO = ("auto", "tensorboard", "wandb", "none")
 
 
 def _f(default: Any, help: str, **cli: Any) -> Any:

@@ -83,6 +83,13 @@ class DistContext:
         if self.enabled:
             torch.distributed.barrier()
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (all-reduced: the same answer on every rank)."""
+        if not self.enabled:
+            return flag
+        (ranks,) = all_reduce_sum([1.0 if flag else 0.0], self)
+        return bool(ranks)
+
 
 def _env_int(name: str, default: int) -> int:
     v = os.environ.get(name)

@@ -5,32 +5,35 @@ optimizer step the same global batch on every rank, ``grad_accum`` micro-batches
 ``batch_size`` samples of this rank's share, every loss weight divided by the answer tokens of
 the whole global batch (:func:`accumulate`); then gradient all-reduce, the non-finite guard (a
 non-finite or empty step is skipped), clipping, AdamW and the schedule (:func:`optimizer_step`);
-then :func:`after_step` (a mid-epoch ``last`` every ``--save-every`` steps, SIGINT / SIGTERM:
-save and exit; per-step logging belongs here too). A run resumed mid-epoch starts at
-``progress.epoch_step`` with the epoch's partial totals (:func:`resume_point`).
+then every ``--logging-steps`` a row of ``steps.csv`` (:class:`StepLogging`) and
+:func:`after_step` (a mid-epoch ``last`` every ``--save-every`` steps, SIGINT / SIGTERM: save and
+exit). A run resumed mid-epoch starts at ``progress.epoch_step`` with the epoch's partial totals
+(:func:`resume_point`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import signal
 import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from aimkp.method.step import StepResult, aimkp_step, sft_step
 from aimkp.models.attention import kernel_name
+from aimkp.runs.signals import StopRequest, exit_status
+from aimkp.runs.step_log import StepLog
 from aimkp.spans import tap
 from aimkp.train import distributed as D
 from aimkp.train.run import Progress, TrainRun
-from aimkp.train.signals import StopRequest, exit_status
 from aimkp.train.stats import EpochStats
-from aimkp.train.step_log import StepLog
 
 log = logging.getLogger("aimkp.train")
 
@@ -123,12 +126,63 @@ def backend_names(res: StepResult) -> dict[str, str]:
     }
 
 
+class StepLogging:
+    """``--logging-steps N``: totals of the micro-steps since the last row; every N optimizer
+    steps :meth:`after_step` makes the row of ``steps.csv`` and ``step_log`` writes it
+    (``every`` None or 0: never)."""
+
+    def __init__(self, run: TrainRun, step_log: StepLog) -> None:
+        self.every = run.cfg.logging_steps
+        self.step_log = step_log
+        self._reset()
+
+    def _reset(self) -> None:
+        self.stats = EpochStats()
+        self.t0 = time.perf_counter()
+
+    def add(self, res: StepResult) -> None:
+        if self.every:
+            self.stats.add(res)
+
+    def after_step(self, run: TrainRun, epoch: int) -> None:
+        """After ``optimizer_step``: the row of the last N steps when ``run.progress.step`` is a
+        multiple of N (every rank calls it: the counts are all-reduced)."""
+        if not self.every or run.progress.step % self.every:
+            return
+        stats = self.stats.all_reduce(run.ctx)
+        row = step_row(run, epoch, stats, time.perf_counter() - self.t0)
+        self._reset()
+        self.step_log.write(row)
+
+
+def step_row(run: TrainRun, epoch: int, stats: EpochStats, seconds: float) -> dict[str, Any]:
+    """The ``steps.csv`` row (:data:`aimkp.runs.step_log.COLUMNS`) of the steps that ``stats``
+    totals over ``seconds``, after ``optimizer_step``."""
+    epoch_row = stats.as_row(epoch=0, step=0, lr=0.0, seconds=max(seconds, 1e-9), n_samples=0)
+    norm = getattr(run, "grad_norm", None)
+    return {
+        "step": run.progress.step,
+        "epoch": epoch + 1,
+        "loss": stats.train_loss,
+        "lr": run.scheduler.get_last_lr()[0],
+        "tokens_per_s": epoch_row["tokens_per_s"],
+        "text_kept_rate": _blank_nan(epoch_row["text_kept_rate"]),
+        "image_kept_rate": _blank_nan(epoch_row["image_kept_rate"]),
+        "grad_norm": "" if norm is None else float(norm),
+        "skipped_steps": int(getattr(run.progress, "skipped_steps", 0)),
+    }
+
+
+def _blank_nan(v: float) -> float | str:
+    return "" if math.isnan(v) else v
+
+
 def run_epoch(
     run: TrainRun,
     epoch: int,
     backends: BackendLog,
     stop: StopRequest | None = None,
-    step_log: StepLog | None = None,
+    step_log: StepLogging | None = None,
 ) -> tuple[EpochStats, float]:
     """Train one epoch (from ``run.progress.epoch_step`` when resumed mid-epoch); returns this
     rank's totals and the epoch's wall time (seconds, including the strides' reconcile across
@@ -178,7 +232,7 @@ def after_step(run: TrainRun, stats: EpochStats, seconds: float, stop: StopReque
     (130 / 143); every ``--save-every`` steps a mid-epoch ``OUTPUT/last`` (the epoch's last
     step is saved by the end of the epoch)."""
     p, cfg = run.progress, run.cfg
-    signum = None if stop is None else stop.agreed(run.ctx)
+    signum = None if stop is None else stop.agreed(run.ctx.any_rank)
     periodic = cfg.save_every is not None and p.step % cfg.save_every == 0
     if signum is None and not (periodic and p.epoch_step < run.steps_per_epoch):
         return

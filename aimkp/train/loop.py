@@ -13,7 +13,7 @@ each epoch: totals over the ranks, greedy decoding on the validation split score
 protocol (:mod:`aimkp.train.evaluation`), best checkpoint by F1@1 + F1@3 + MAP@5
 (``OUTPUT/best``), latest with the full training state (``OUTPUT/last``), one row per epoch in
 ``OUTPUT/metrics.csv`` (and the ``--report-to`` reporter), every ``--logging-steps`` optimizer
-steps a row of ``OUTPUT/steps.csv`` (:mod:`aimkp.train.step_log`); after the last epoch the optional
+steps a row of ``OUTPUT/steps.csv`` (:mod:`aimkp.runs.step_log`); after the last epoch the optional
 test-split comparison with the majority and untrained baselines.
 """
 
@@ -25,11 +25,16 @@ from typing import TYPE_CHECKING, Any
 
 from aimkp.runs.checkpoints import check_free_space, save_model
 from aimkp.runs.lock import run_lock
+from aimkp.runs.metrics_log import MetricsLog
+from aimkp.runs.reporting import Reporter, make_reporter
+from aimkp.runs.resume_check import check_resume_options
+from aimkp.runs.signals import StopRequest
 from aimkp.runs.state import load_trainable_state, read_train_state, trainable_state
+from aimkp.runs.step_log import StepLog
 from aimkp.train.config import TrainConfig
 from aimkp.train.data import load_split
 from aimkp.train.distributed import peer_loss_exits
-from aimkp.train.epoch import BackendLog, run_epoch
+from aimkp.train.epoch import BackendLog, StepLogging, run_epoch
 from aimkp.train.evaluation import (
     baseline_scores,
     evaluate,
@@ -37,9 +42,6 @@ from aimkp.train.evaluation import (
     print_comparison,
     score_predictions,
 )
-from aimkp.train.metrics_log import MetricsLog
-from aimkp.train.reporting import Reporter, make_reporter
-from aimkp.train.resume_check import check_resume_options
 from aimkp.train.run import (
     TrainRun,
     build_optimizer,
@@ -48,9 +50,7 @@ from aimkp.train.run import (
     resume,
     set_up,
 )
-from aimkp.train.signals import StopRequest
 from aimkp.train.stats import EpochStats
-from aimkp.train.step_log import StepLog
 
 if TYPE_CHECKING:
     from aimkp.models import LoadedModel
@@ -83,7 +83,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     baselines = start(run, state)
     metrics = MetricsLog(run.out, enabled=run.is_main, reporter=reporter_of(run))
     backends = BackendLog()
-    step_log = StepLog(run, metrics.reporter)
+    step_log = StepLogging(run, StepLog(run.out, metrics.reporter, enabled=run.is_main))
     with StopRequest() as stop:
         for epoch in range(run.progress.epoch, run.last_epoch):
             stats, seconds = run_epoch(run, epoch, backends, stop, step_log)
@@ -97,7 +97,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
 
 def read_resume_state(cfg: TrainConfig) -> tuple[dict[str, Any] | None, list[str]]:
     """With ``--resume``: the saved training state and the accepted option changes (UsageError
-    naming every refused one, see :mod:`aimkp.train.resume_check`)."""
+    naming every refused one, see :mod:`aimkp.runs.resume_check`)."""
     if not cfg.resume:
         return None, []
 

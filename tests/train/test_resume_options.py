@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from aimkp.errors import UsageError
+from aimkp.runs.resume_check import check_resume_options, resumed_fields
 from aimkp.train.config import TrainConfig
-from aimkp.train.resume_check import check_resume_options, resumed_fields
 
 SAVED = TrainConfig(max_train_samples=4, lr=1e-3, epochs=2).to_dict()
 

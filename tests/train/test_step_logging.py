@@ -14,7 +14,8 @@ import torch
 
 from aimkp.cli import main
 from aimkp.errors import UsageError
-from aimkp.train import reporting
+from aimkp.runs import reporting
+from aimkp.runs.step_log import COLUMNS, StepLog
 from aimkp.train.config import TrainConfig
 
 
@@ -71,6 +72,33 @@ def test_steps_csv_and_wandb(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyP
     assert step_logs[1][0]["step/grad_norm"] == pytest.approx(float(rows[1]["grad_norm"]))
     assert any("train_loss" in s for s, _ in fake.logged)  # the epoch rows too
     assert fake.init_kwargs["config"]["logging_steps"] == 1 and fake.finished
+
+
+class Recorder(reporting.Reporter):
+    def __init__(self) -> None:
+        self.logged: list[tuple[dict[str, float], int]] = []
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self.logged.append((scalars, step))
+
+
+def test_step_log_appends_one_header_and_reports_the_numbers(tmp_path: pathlib.Path) -> None:
+    rec = Recorder()
+    row = dict(zip(COLUMNS, (2, 1, 0.5, 1e-3, 10.0, "", 0.5, "", 0), strict=True))
+    StepLog(tmp_path, rec).write(row)
+    StepLog(tmp_path, rec).write({**row, "step": 4})  # a resumed run continues the file
+    StepLog(tmp_path, rec, enabled=False).write({**row, "step": 6})  # ranks other than 0
+    lines = (tmp_path / "steps.csv").read_text().splitlines()
+    assert lines == [",".join(COLUMNS), "2,1,0.5,0.001,10.0,,0.5,,0", "4,1,0.5,0.001,10.0,,0.5,,0"]
+    numbers = {
+        "step/epoch": 1.0,
+        "step/loss": 0.5,
+        "step/lr": 1e-3,
+        "step/tokens_per_s": 10.0,
+        "step/image_kept_rate": 0.5,
+        "step/skipped_steps": 0.0,
+    }
+    assert rec.logged == [(numbers, 2), (numbers, 4)]
 
 
 def test_report_to_a_missing_package_is_one_line(

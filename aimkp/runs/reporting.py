@@ -1,4 +1,5 @@
-"""Where scalars go besides the CSV files: ``--report-to tensorboard|wandb|none|auto``.
+"""Where scalars go besides the CSV files: ``--report-to tensorboard|wandb|none|auto`` (the
+choices: :data:`aimkp.choices.REPORT_TO`).
 
 ``auto`` (the default, what ``aimkp train`` always did): TensorBoard under ``OUTPUT/tb`` when
 it is installed, nothing otherwise. ``tensorboard`` / ``wandb`` asked for but not installed are
@@ -13,7 +14,6 @@ import pathlib
 from typing import Any
 
 from aimkp.deps import require
-from aimkp.train.config import REPORT_TO  # noqa: F401  (the choices, with the field)
 
 _NEEDS = {"tensorboard": "tensorboard", "wandb": "wandb"}
 

@@ -2,17 +2,17 @@
 say how to resume and exit 130 / 143 (128 + the signal's number, the shell's convention).
 
 The handler only records the signal; the loop looks at it after each optimizer step
-(:meth:`StopRequest.agreed`, the same answer on every rank under torchrun). A second SIGINT
-raises ``KeyboardInterrupt`` at once (``last`` then keeps its previous, whole, state).
+(:meth:`StopRequest.agreed`, the same answer on every rank under torchrun: the loop passes
+``DistContext.any_rank``, the all-reduce of the training package). A second SIGINT raises
+``KeyboardInterrupt`` at once (``last`` then keeps its previous, whole, state).
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
-
-from aimkp.train import distributed as D
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -40,12 +40,14 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signum = signum
 
-    def agreed(self, ctx: D.DistContext) -> int | None:
-        """The signal to stop for if any rank got one (this rank's, else SIGTERM), else None."""
-        if not ctx.enabled:
-            return self.signum
-        (ranks,) = D.all_reduce_sum([1.0 if self.signum else 0.0], ctx)
-        return (self.signum or int(signal.SIGTERM)) if ranks else None
+    def agreed(self, any_rank: Callable[[bool], bool]) -> int | None:
+        """The signal to stop for if any rank got one (this rank's, else SIGTERM), else None.
+
+        ``any_rank(flag)``: whether ``flag`` is true on any rank, the same answer on every rank
+        (``flag`` itself in a single process)."""
+        if not any_rank(self.signum is not None):
+            return None
+        return self.signum or int(signal.SIGTERM)
 
 
 def exit_status(signum: int) -> int:

@@ -1,5 +1,5 @@
 """Where the epochs' metrics rows go: ``OUTPUT/metrics.csv``, the ``--report-to`` reporter
-(:mod:`aimkp.train.reporting`; by default TensorBoard under ``OUTPUT/tb`` when installed), the
+(:mod:`aimkp.runs.reporting`; by default TensorBoard under ``OUTPUT/tb`` when installed), the
 log and one ``[aimkp train]`` line on stdout. Rank 0 only."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import logging
 import pathlib
 from typing import Any
 
-from aimkp.train.reporting import Reporter, numeric
+from aimkp.runs.reporting import Reporter, numeric
 
 log = logging.getLogger("aimkp.train")
 

@@ -11,10 +11,10 @@ refused. Per-invocation options (:data:`NOT_COMPARED`) are never compared.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar, Protocol
 
 from aimkp.errors import UsageError
-from aimkp.train.config import TrainConfig
 
 NOT_COMPARED = frozenset({"resume", "allow_changed", "stop_after_epochs", "output"})
 SAFE_TO_CHANGE = frozenset(
@@ -36,11 +36,24 @@ SAFE_TO_CHANGE = frozenset(
 )
 
 
-def changed_options(saved: dict[str, Any], cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
+class RunConfig(Protocol):
+    """A run's config dataclass (``aimkp train``'s :class:`aimkp.train.TrainConfig`): its fields
+    are the options compared."""
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
+    @property
+    def resume(self) -> str | None: ...
+
+    @property
+    def allow_changed(self) -> Sequence[str]: ...
+
+
+def changed_options(saved: dict[str, Any], cfg: RunConfig) -> list[tuple[str, Any, Any]]:
     """``(name, saved value, given value)`` of every compared option that differs (an option
     the saved config lacks compares with its default)."""
     out = []
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(cfg):
         if f.name in NOT_COMPARED:
             continue
         default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
@@ -54,12 +67,12 @@ def _norm(v: Any) -> Any:
     return list(v) if isinstance(v, tuple) else v
 
 
-def check_resume_options(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+def check_resume_options(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
     """UsageError naming every refused change; returns the accepted ones as
     ``"name: saved -> given"``."""
     changes = changed_options(saved, cfg)
     allowed = set(cfg.allow_changed)
-    unknown = sorted(allowed - {f.name for f in dataclasses.fields(TrainConfig)})
+    unknown = sorted(allowed - {f.name for f in dataclasses.fields(cfg)})
     if unknown:
         raise UsageError(f"--allow-changed: unknown option(s) {', '.join(unknown)}")
     refused = [c for c in changes if c[0] not in allowed or c[0] not in SAFE_TO_CHANGE]
@@ -79,13 +92,13 @@ def check_resume_options(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
 def resumed_fields(
     given: dict[str, Any], flags: set[str], saved: dict[str, Any], resume: str
 ) -> dict[str, Any]:
-    """The TrainConfig fields of ``aimkp train --resume DIR ...``: the saved config's value for
-    every field whose flag is not in ``flags`` (the ones given on the command line), and the
-    output defaulting to ``DIR``."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    """The config fields of ``aimkp train --resume DIR ...``: ``given`` (every field, as
+    ``TrainConfig.to_dict()`` gives them) with the saved config's value for every field whose
+    flag is not in ``flags`` (the ones given on the command line), and the output defaulting to
+    ``DIR``."""
     out = dict(given)
     for k, v in saved.items():
-        if k in names and k not in flags and k not in NOT_COMPARED:
+        if k in given and k not in flags and k not in NOT_COMPARED:
             out[k] = v
     if "output" not in flags:
         out["output"] = resume

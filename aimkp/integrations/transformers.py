@@ -86,6 +86,7 @@ def strides_file(rank: int, world: int) -> str:
     """``aimkp_strides.pt`` in one process; ``aimkp_strides-rank-R.pt`` for rank R of several."""
     return STRIDES_FILE if world == 1 else f"aimkp_strides-rank-{rank}.pt"
 
+
 __all__ = [
     "AimKPArguments",
     "AimKPBatchSampler",

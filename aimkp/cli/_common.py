@@ -10,9 +10,12 @@ import contextlib
 import os
 import pathlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aimkp.errors import UsageError
+
+if TYPE_CHECKING:  # the data package is imported by the subcommand that reads data, when it runs
+    from aimkp.data.options import ReadKwargs
 
 VERBOSE_HELP = "debug logging; tracebacks for user errors too"
 
@@ -95,7 +98,7 @@ def add_read_arguments(parser: Any) -> None:
         )
 
 
-def read_options(args: Any, spec: str, *, with_images: bool = True) -> dict[str, Any]:
+def read_options(args: Any, spec: str, *, with_images: bool = True) -> ReadKwargs:
     """The reader keyword arguments of a subcommand's parsed ``add_read_arguments`` flags."""
     from aimkp.data.options import reader_options
 

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from aimkp.data import Record, load_dataset
-    from aimkp.eval.predict import Predictor
+    from aimkp.eval.predict import GenerationOptions, Predictor
     from aimkp.eval.robustness import markdown_table, resolve_settings, run_robustness
     from aimkp.models import check_model_spec, load_model
 
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     check_model_spec(args.checkpoint)
     settings = resolve_settings(args.settings)
-    Predictor.check_options(decoding=args.decoding)
+    generation = GenerationOptions(decoding=args.decoding)  # checked before any work
     dataset = load_dataset(args.data, args.split, **read_options(args, args.data))
     print(dataset.stats.summary(), file=sys.stderr)
     records: list[Record] = dataset  # a slice of a RecordList is a plain list
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from aimkp.eval.hidden import predict_fn_for
 
     loaded = load_model(args.checkpoint, device=args.device)
-    predictor = Predictor(loaded, decoding=args.decoding, device=args.device)
+    predictor = Predictor(loaded, generation, device=args.device)
     res = run_robustness(
         predict_fn_for(predictor),
         records,

@@ -22,9 +22,9 @@ have no line, so such a ``;`` file no longer aligns with the source file for ``a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import sys
-from typing import Any
 
 import torch
 
@@ -32,7 +32,7 @@ from aimkp.cli._common import add_read_arguments, check_device, check_output_fil
 from aimkp.data.lazy import iter_posts
 from aimkp.data.record import ReadStats
 from aimkp.errors import UsageError
-from aimkp.eval.predict import DECODINGS, MODALITIES, Predictor
+from aimkp.eval.predict import DECODINGS, MODALITIES, GenerationOptions, Predictor
 from aimkp.eval.streaming import claim_output, open_writer, predict_stream, summary
 from aimkp.runs.outdir import check_output_outside
 
@@ -55,38 +55,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="continue a .jsonl output: skip the ids in it"
     )
     policy.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    parser.add_argument("--decoding", choices=DECODINGS, default="greedy")
-    parser.add_argument("--num-beams", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8)
+    gen = GenerationOptions()  # the flags' defaults are the options' own
+    parser.add_argument("--decoding", choices=DECODINGS, default=gen.decoding)
+    parser.add_argument("--num-beams", type=int, default=gen.num_beams)
+    parser.add_argument("--max-new-tokens", type=int, default=gen.max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=gen.temperature)
+    parser.add_argument("--top-p", type=float, default=gen.top_p)
+    parser.add_argument("--seed", type=int, default=gen.seed)
+    parser.add_argument("--batch-size", type=int, default=gen.batch_size)
     parser.add_argument(
         "--sort-window",
         type=int,
         default=None,
         help="posts read and sorted by length together (default: 8 x --batch-size)",
     )
-    parser.add_argument("--modality", choices=MODALITIES, default="multimodal")
+    parser.add_argument("--modality", choices=MODALITIES, default=gen.modality)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N records")
     add_read_arguments(parser)
 
 
-def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
-    """:class:`Predictor`'s keyword arguments from the flags, checked."""
-    options = {
-        "decoding": args.decoding,
-        "num_beams": args.num_beams,
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "seed": args.seed,
-        "batch_size": args.batch_size,
-        "modality": args.modality,
-    }
-    Predictor.check_options(**options)
+def _generation_options(args: argparse.Namespace) -> GenerationOptions:
+    """:class:`Predictor`'s options from the flags (each named as its field), checked."""
+    options = GenerationOptions(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationOptions)}
+    )
     if args.limit is not None and args.limit < 0:
         raise UsageError(f"--limit must be >= 0, got {args.limit}")
     if args.sort_window is not None and args.sort_window < 1:
@@ -111,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None:
         posts = itertools.islice(posts, args.limit)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pred = Predictor(load_model(args.checkpoint, device=device), device=device, **options)
+    pred = Predictor(load_model(args.checkpoint, device=device), options, device=device)
     try:
         with (
             open_writer(plan) as writer,

@@ -132,8 +132,10 @@ def load_dataset(spec: str, split: str = "train", **kwargs: Any) -> RecordList:
         spec: ``"default"``, ``"synthetic[:seed]"``, a data file, a directory or ``"hf:DIR"``
             (module docstring).
         split: ``"train"``, ``"valid"`` or ``"test"`` (ignored for a single file).
-        **kwargs: passed to :func:`iter_records` (``image_dir``, ``on_missing_image``,
-            ``with_images``, ``check_images``) or, for synthetic, ``n`` and ``image_size``.
+        **kwargs: the reader options of :func:`iter_records` and :func:`from_hf`
+            (:class:`~aimkp.data.options.ReadOptions`: ``image_dir``, ``on_missing_image``,
+            ``on_bad_record``, ``with_images``, ``check_images``) or, for synthetic, ``n`` and
+            ``image_size``.
     """
     if not isinstance(spec, str) or not spec:
         raise DataError(f"dataset spec must be a non-empty string, got {spec!r}")

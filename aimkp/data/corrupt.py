@@ -27,7 +27,7 @@ from __future__ import annotations
 import random
 import string
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 from aimkp.errors import DataError, UsageError
 
@@ -184,34 +184,35 @@ def misaligned(records: list[Record], seed: int = 0) -> list[Record]:
     return out
 
 
-def _settings() -> dict[str, Callable[[list[Record], int], list[Record]]]:
-    s: dict[str, Callable[[list[Record], int], list[Record]]] = {
+Corruption = Callable[[list[Record], int], list[Record]]
+"""A setting: ``(records, seed) -> corrupted records``."""
+
+
+def _leveled(
+    name: str,
+    corrupt: Callable[[list[Record], str, float, int], list[Record]],
+    levels: Mapping[str, Sequence[float]],
+) -> dict[str, Corruption]:
+    """One setting ``{name}_{kind}_{level}`` per kind and level of ``corrupt(records, kind,
+    level, seed)``."""
+
+    def at(kind: str, level: float) -> Corruption:
+        return lambda recs, seed: corrupt(recs, kind, level, seed)
+
+    return {f"{name}_{k}_{lv:g}": at(k, lv) for k, lvs in levels.items() for lv in lvs}
+
+
+def _settings() -> dict[str, Corruption]:
+    return {
         "clean": clean,
         "text_only": text_only,
         "image_only": image_only,
         "text_hidden": text_hidden,
         "image_hidden": image_hidden,
+        **_leveled("noisy_image", noisy_image, NOISE_LEVELS),
+        **_leveled("noisy_text", noisy_text, TEXT_LEVELS),
+        "misaligned": misaligned,
     }
-    for kind, levels in NOISE_LEVELS.items():
-        for lv in levels:
-
-            def _noisy_image(
-                recs: list[Record], seed: int, k: str = kind, v: float = lv
-            ) -> list[Record]:
-                return noisy_image(recs, k, v, seed)
-
-            s[f"noisy_image_{kind}_{lv:g}"] = _noisy_image
-    for kind, levels in TEXT_LEVELS.items():
-        for lv in levels:
-
-            def _noisy_text(
-                recs: list[Record], seed: int, k: str = kind, v: float = lv
-            ) -> list[Record]:
-                return noisy_text(recs, k, v, seed)
-
-            s[f"noisy_text_{kind}_{lv:g}"] = _noisy_text
-    s["misaligned"] = misaligned
-    return s
 
 
 SETTINGS = _settings()

@@ -24,12 +24,16 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import Unpack
+
 from aimkp.data.images import path_problem, unreadable_reason
 from aimkp.errors import DataError
 
+from .options import ReadKwargs, ReadOptions
 from .readers import (
     ImageError,
     _BadRecords,
+    _parsed,
     normalize_keyphrase,
     split_keyphrases,
 )
@@ -71,8 +75,10 @@ def _pick_split(ds: Any, split: str, where: str) -> tuple[Any, str]:
     raise DataError(f"{where}: no split {split!r} (the dataset has {', '.join(sorted(ds))})")
 
 
-def _check_columns(ds: Any, where: str) -> None:
-    missing = [c for c in ("text", "keyphrases") if c not in ds.column_names]
+def _check_columns(ds: Any, where: str, labelled: bool) -> None:
+    """The columns a split needs: ``text`` and, for labelled records, ``keyphrases``."""
+    needed = ("text", "keyphrases") if labelled else ("text",)
+    missing = [c for c in needed if c not in ds.column_names]
     if missing:
         raise DataError(
             f"{where}: missing column(s) {', '.join(missing)} (has {', '.join(ds.column_names)})"
@@ -92,17 +98,12 @@ def _keyphrases(value: Any, where: str) -> list[str]:
 
 
 class _Images:
-    """Turns an ``image`` cell into ``(keep, image, image_path)``."""
+    """Turns an ``image`` cell into ``(keep, image, image_path)``; a path string is relative to
+    ``base``."""
 
-    def __init__(self, base: Path, on_missing_image: str, with_images: bool, check: bool) -> None:
-        if on_missing_image not in ("error", "skip"):
-            raise DataError(f"on_missing_image must be 'error' or 'skip', got {on_missing_image!r}")
-        self.base, self.on_missing, self.with_images, self.check = (
-            base,
-            on_missing_image,
-            with_images,
-            check,
-        )
+    def __init__(self, base: Path, opts: ReadOptions) -> None:
+        self.base, self.on_missing = base, opts.on_missing_image
+        self.with_images, self.check = opts.with_images, opts.check_images
 
     def __call__(self, value: Any, where: str, stats: ReadStats) -> tuple[bool, Any, str | None]:
         if not self.with_images or value is None or value == "":
@@ -183,14 +184,7 @@ def _record(
 
 
 def from_hf(
-    dataset_or_path: Any,
-    split: str = "train",
-    *,
-    image_dir: str | os.PathLike[str] | None = None,
-    on_missing_image: str = "error",
-    on_bad_record: str = "error",
-    with_images: bool = True,
-    check_images: bool = True,
+    dataset_or_path: Any, split: str = "train", **options: Unpack[ReadKwargs]
 ) -> RecordList:
     """Records of one split of a ``datasets.Dataset`` / ``DatasetDict`` or of a directory saved
     with ``save_to_disk``; see the module docstring for columns and splits.
@@ -198,13 +192,24 @@ def from_hf(
     Args:
         dataset_or_path: a Dataset, a DatasetDict or the directory.
         split: ``train``, ``valid`` (``validation`` in the DatasetDict) or ``test``.
-        image_dir: base of relative image path strings (default: the dataset directory, or the
-            working directory for an in-memory dataset).
-        on_missing_image: ``"error"`` or ``"skip"`` (skipped rows are counted in ``.stats``).
-        on_bad_record: ``"error"`` or ``"skip"``: a malformed row is skipped, logged with its
-            index and counted as ``"bad record"`` (image problems follow ``on_missing_image``).
-        with_images: False ignores the image column. check_images: check path images' headers.
+        **options: the reader options (:class:`~aimkp.data.options.ReadOptions`). Here
+            ``image_dir`` is the base of relative image path strings (default: the dataset
+            directory, or the working directory for an in-memory dataset), a malformed row skipped
+            by ``on_bad_record="skip"`` is logged with its index, and ``check_images`` checks the
+            headers of path images.
     """
+    stats = ReadStats()
+    recs = [rec for _, rec in _located_rows(dataset_or_path, split, ReadOptions(**options), stats)]
+    logger.info(stats.summary())
+    return RecordList(recs, stats)
+
+
+def _located_rows(
+    dataset_or_path: Any, split: str, opts: ReadOptions, stats: ReadStats, labelled: bool = True
+) -> Iterator[tuple[str, Record]]:
+    """``(where, record)`` of one split (``where``: ``DIR: split 'test', row N``), rows read in
+    batches as the iterator advances; the dataset, the split and its columns are checked when
+    this is called. ``labelled=False`` (posts to tag): the keyphrases may be absent."""
     root: Path | None
     if isinstance(dataset_or_path, (str, os.PathLike)):
         root = Path(os.path.expanduser(os.fspath(dataset_or_path)))
@@ -213,25 +218,27 @@ def from_hf(
         root, ds = None, dataset_or_path
     name = os.fspath(root) if root is not None else "<dataset>"
     ds, split_name = _pick_split(ds, split, name)
-    source = f"{name}[{split_name}]"
-    _check_columns(ds, source)
-    base = Path(image_dir) if image_dir is not None else (root or Path.cwd())
-    images = _Images(base, on_missing_image, with_images, check_images)
-    stats = ReadStats(source=source)
-    bad = _BadRecords(on_bad_record, stats)
-    out = []
+    stats.source = f"{name}[{split_name}]"
+    _check_columns(ds, stats.source, labelled)
+    base = Path(opts.image_dir) if opts.image_dir is not None else (root or Path.cwd())
+    images = _Images(base, opts)
+    return _parsed_rows(ds, name, split_name, images, _BadRecords(opts, stats), stats, labelled)
+
+
+def _parsed_rows(
+    ds: Any,
+    name: str,
+    split_name: str,
+    images: _Images,
+    bad: _BadRecords,
+    stats: ReadStats,
+    labelled: bool,
+) -> Iterator[tuple[str, Record]]:
     for i, row in enumerate(_rows(ds)):
         where = f"{name}: split {split_name!r}, row {i}"
-        try:
-            rec = _record(row, i, where, images, stats)
-        except DataError as exc:
-            bad.handle(exc, where)
-            continue
+        rec = _parsed(bad, stats, where, _record, row, i, where, images, stats, labelled)
         if rec is not None:
-            out.append(rec)
-    stats.read = len(out)
-    logger.info(stats.summary())
-    return RecordList(out, stats)
+            yield where, rec
 
 
 def _image_cell(rec: Record) -> dict[str, Any] | None:

@@ -18,31 +18,22 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
+
+from typing_extensions import Unpack
 
 from aimkp.data import SPLITS, _split_file, default_dataset_dir, load_dataset
 from aimkp.errors import DataError
 
 from . import hf
-from .options import is_synthetic
+from .options import ReadKwargs, ReadOptions, is_synthetic
 from .readers import (
     _BadRecords,
     _ImageResolver,
     _located_records,
-    _parsed,
     detect_format,
 )
 from .record import ReadStats, Record
-
-
-class _ReadOptions(NamedTuple):
-    """The reader options of :func:`iter_posts`, passed on to the file and ``hf:`` readers."""
-
-    image_dir: str | os.PathLike[str] | None
-    on_missing_image: str
-    on_bad_record: str
-    with_images: bool
-    labelled: bool
 
 
 class Post(NamedTuple):
@@ -56,12 +47,9 @@ def iter_posts(
     spec: str,
     split: str = "test",
     *,
-    image_dir: str | os.PathLike[str] | None = None,
-    on_missing_image: str = "error",
-    on_bad_record: str = "error",
-    with_images: bool = True,
     labelled: bool = False,
     stats: ReadStats | None = None,
+    **options: Unpack[ReadKwargs],
 ) -> Iterator[Post]:
     """Stream the posts of ``spec`` (as :func:`aimkp.data.load_dataset` takes it) one at a time.
 
@@ -73,10 +61,10 @@ def iter_posts(
         raise DataError(f"dataset spec must be a non-empty string, got {spec!r}")
     if is_synthetic(spec):
         return _generated(spec, split, st)
-    opts = _ReadOptions(image_dir, on_missing_image, on_bad_record, with_images, labelled)
+    opts = ReadOptions(**options)
     if spec.startswith("hf:"):
-        return _hf_posts(spec[3:], split, st, opts)
-    return _file_posts(_data_file(spec, split), st, opts)
+        return _hf_posts(spec[3:], split, st, opts, labelled)
+    return _file_posts(_data_file(spec, split), st, opts, labelled)
 
 
 def _data_file(spec: str, split: str) -> Path:
@@ -101,43 +89,19 @@ def _generated(spec: str, split: str, st: ReadStats) -> Iterator[Post]:
     return (Post(f"{spec}[{split}] #{i}", r) for i, r in enumerate(recs))
 
 
-def _file_posts(path: Path, st: ReadStats, opts: _ReadOptions) -> Iterator[Post]:
+def _file_posts(path: Path, st: ReadStats, opts: ReadOptions, labelled: bool) -> Iterator[Post]:
     fmt = detect_format(path)  # "cmkp", "aimkp_json" or "jsonl"; a DataError otherwise
     st.source = os.fspath(path)
-    res = _ImageResolver(path, opts.image_dir, opts.on_missing_image, opts.with_images, True)
-    bad = _BadRecords(opts.on_bad_record, st)
-    located = _located_records(path, fmt, res, bad, st, opts.labelled)
+    res, bad = _ImageResolver(path, opts), _BadRecords(opts, st)
+    located = _located_records(path, fmt, res, bad, st, labelled)
     return (Post(where, rec) for where, rec in located)
 
 
-def _hf_posts(directory: str, split: str, st: ReadStats, opts: _ReadOptions) -> Iterator[Post]:
+def _hf_posts(
+    directory: str, split: str, st: ReadStats, opts: ReadOptions, labelled: bool
+) -> Iterator[Post]:
     """Rows of a ``save_to_disk`` dataset, read in batches by ``datasets`` (memory-mapped)."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
-    root = Path(os.path.expanduser(directory))
-    ds, split_name = hf._pick_split(hf._load_from_disk(root), split, os.fspath(root))
-    st.source = f"{root}[{split_name}]"
-    if "text" not in ds.column_names:
-        raise DataError(f"{st.source}: missing column text (has {', '.join(ds.column_names)})")
-    if opts.labelled:
-        hf._check_columns(ds, st.source)
-    base = Path(opts.image_dir) if opts.image_dir is not None else root
-    images = hf._Images(base, opts.on_missing_image, opts.with_images, True)
-    bad = _BadRecords(opts.on_bad_record, st)
-    return _hf_rows(ds, root, split_name, images, bad, st, opts.labelled)
-
-
-def _hf_rows(
-    ds: Any,
-    root: Path,
-    split_name: str,
-    images: Any,
-    bad: _BadRecords,
-    st: ReadStats,
-    labelled: bool,
-) -> Iterator[Post]:
-    for i, row in enumerate(hf._rows(ds)):
-        where = f"{root}: split {split_name!r}, row {i}"
-        rec = _parsed(bad, st, where, hf._record, row, i, where, images, st, labelled)
-        if rec is not None:
-            yield Post(where, rec)
+    located = hf._located_rows(directory, split, opts, st, labelled)
+    return (Post(where, rec) for where, rec in located)

@@ -32,12 +32,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import Unpack
+
 from aimkp.data.images import path_problem, unreadable_reason
 from aimkp.errors import DataError
 
 from .json_array import iter_json_array as _iter_json_array
 from .json_array import json_loads as _json_loads
-from .options import ON_BAD_RECORD, ON_MISSING_IMAGE
+from .options import ReadKwargs, ReadOptions
 from .record import ReadStats, Record, RecordList
 from .text_io import open_text, utf8_checked
 
@@ -87,21 +89,12 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 class _ImageResolver:
     """Turns an image field (path, file name or URL) into a checked local path."""
 
-    def __init__(
-        self,
-        data_path: Path,
-        image_dir: str | os.PathLike[str] | None,
-        on_missing_image: str,
-        with_images: bool,
-        check_images: bool,
-    ) -> None:
-        if on_missing_image not in ON_MISSING_IMAGE:
-            raise DataError(f"on_missing_image must be 'error' or 'skip', got {on_missing_image!r}")
-        self.base = Path(image_dir) if image_dir is not None else data_path.parent
-        self.by_name = image_dir is not None
-        self.on_missing = on_missing_image
-        self.with_images = with_images
-        self.check = check_images
+    def __init__(self, data_path: Path, opts: ReadOptions) -> None:
+        self.base = Path(opts.image_dir) if opts.image_dir is not None else data_path.parent
+        self.by_name = opts.image_dir is not None
+        self.on_missing = opts.on_missing_image
+        self.with_images = opts.with_images
+        self.check = opts.check_images
 
     def resolve(self, value: Any, where: str, stats: ReadStats) -> tuple[bool, str | None]:
         """Return ``(keep, path)``; ``keep`` is False when the record must be skipped."""
@@ -157,12 +150,11 @@ def _phrases_from_value(value: Any, where: str, field_name: str) -> list[str]:
 
 
 class _BadRecords:
-    """What to do with a malformed record: raise (``"error"``) or skip, log and count it."""
+    """What to do with a malformed record: raise (``"error"``) or skip, log and count it, as
+    ``opts.on_bad_record`` says."""
 
-    def __init__(self, policy: str, stats: ReadStats) -> None:
-        if policy not in ON_BAD_RECORD:
-            raise DataError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {policy!r}")
-        self.skip = policy == "skip"
+    def __init__(self, opts: ReadOptions, stats: ReadStats) -> None:
+        self.skip = opts.on_bad_record == "skip"
         self.stats = stats
 
     def handle(self, exc: DataError, where: str) -> None:
@@ -322,29 +314,18 @@ def _located_json_array(
 def iter_records(
     path: str | os.PathLike[str],
     *,
-    image_dir: str | os.PathLike[str] | None = None,
-    on_missing_image: str = "error",
-    on_bad_record: str = "error",
-    with_images: bool = True,
-    check_images: bool = True,
     fmt: str | None = None,
     stats: ReadStats | None = None,
+    **options: Unpack[ReadKwargs],
 ) -> Iterator[Record]:
     """Stream the records of one file (CMKP ``.txt``, AimKP ``.json`` or ``.jsonl``).
 
     Args:
         path: the file.
-        image_dir: where images live; a URL or bare file name is looked up there by its file name.
-            Default: paths are relative to the data file's directory.
-        on_missing_image: ``"error"`` (default) raises on a missing/unreadable image; ``"skip"``
-            skips the record and counts it in ``stats``.
-        on_bad_record: ``"error"`` (default) raises :class:`~aimkp.errors.DataError` on a
-            malformed record; ``"skip"`` logs it (file:line and reason), counts it under
-            ``"bad record"`` and reads on.
-        with_images: False ignores the image field entirely (``image_path=None``), e.g. scoring.
-        check_images: decode each image in full to catch unreadable or truncated files early.
         fmt: force a format (``"cmkp"``, ``"aimkp_json"``, ``"jsonl"``) instead of the extension.
         stats: filled in as the iterator advances; a summary is logged at INFO when it ends.
+        **options: the reader options (:class:`~aimkp.data.options.ReadOptions`): ``image_dir``,
+            ``on_missing_image``, ``on_bad_record``, ``with_images``, ``check_images``.
 
     The file, format and options are checked when this is called (not at the first ``next``).
     """
@@ -354,11 +335,11 @@ def iter_records(
     fmt = fmt or detect_format(p)
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    opts = ReadOptions(**options)
     st = stats if stats is not None else ReadStats()
     st.source = os.fspath(p)
-    res = _ImageResolver(p, image_dir, on_missing_image, with_images, check_images)
-    bad = _BadRecords(on_bad_record, st)
-    return _logged((rec for _, rec in _located_records(p, fmt, res, bad, st)), st)
+    located = _located_records(p, fmt, _ImageResolver(p, opts), _BadRecords(opts, st), st)
+    return _logged((rec for _, rec in located), st)
 
 
 def _logged(it: Iterator[Record], st: ReadStats) -> Iterator[Record]:
@@ -366,10 +347,13 @@ def _logged(it: Iterator[Record], st: ReadStats) -> Iterator[Record]:
     logger.info(st.summary())
 
 
-def read_records(path: str | os.PathLike[str], **kwargs: Any) -> RecordList:
-    """All records of one file as a :class:`RecordList` (``.stats``: the :class:`ReadStats`)."""
+def read_records(
+    path: str | os.PathLike[str], *, fmt: str | None = None, **options: Unpack[ReadKwargs]
+) -> RecordList:
+    """All records of one file as a :class:`RecordList` (``.stats``: the :class:`ReadStats`);
+    the arguments of :func:`iter_records`."""
     stats = ReadStats()
-    recs = list(iter_records(path, stats=stats, **kwargs))
+    recs = list(iter_records(path, fmt=fmt, stats=stats, **options))
     return RecordList(recs, stats)
 
 

@@ -188,7 +188,7 @@ def predict_fn_for(predictor: Any) -> Callable[[list[Any]], list[list[str]]]:
             raise UsageError("the hidden-modality settings decode greedily only (--decoding)")
         if hidden is None:
             hidden = KeepMaskPredictor(
-                predictor.loaded, predictor.max_new_tokens, predictor.batch_size
+                predictor.loaded, predictor.options.max_new_tokens, predictor.options.batch_size
             )
         out: list[list[str] | None] = [None] * len(records)
         for kind in dict.fromkeys(kinds):

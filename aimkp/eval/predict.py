@@ -17,13 +17,14 @@ does not fit the context), :meth:`Predictor.session` and :meth:`Predictor.genera
 from __future__ import annotations
 
 import contextlib
-import inspect
+import dataclasses
 import re
 from collections.abc import Iterator, Sequence
-from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
+from typing_extensions import Unpack
 
 from aimkp.errors import UsageError
 
@@ -51,88 +52,108 @@ def parse_keyphrases(text: str) -> list[str]:
     return out
 
 
-def _check_options(o: Any) -> None:
-    """UsageError naming the first of ``o``'s generation options (attributes named as
-    :class:`Predictor`'s arguments) that is out of range."""
-    if o.decoding not in DECODINGS:
-        raise UsageError(f"decoding must be one of {DECODINGS}, got {o.decoding!r}")
-    if o.modality not in MODALITIES:
-        raise UsageError(f"modality must be one of {MODALITIES}, got {o.modality!r}")
-    if o.batch_size < 1 or o.max_new_tokens < 1:
-        raise UsageError(
-            f"batch_size and max_new_tokens must be >= 1, got {o.batch_size}, {o.max_new_tokens}"
-        )
-    if o.decoding == "beam" and o.num_beams < 1:
-        raise UsageError(f"num_beams must be >= 1, got {o.num_beams}")
-    if o.decoding == "sample" and (o.temperature <= 0 or not 0 < o.top_p <= 1):
-        raise UsageError(
-            f"sampling needs temperature > 0 and 0 < top_p <= 1, got {o.temperature}, {o.top_p}"
-        )
+class GenerationKwargs(TypedDict, total=False):
+    """The fields of :class:`GenerationOptions` as keyword arguments (``**options:
+    Unpack[GenerationKwargs]``, so that mypy checks each caller's keywords)."""
+
+    decoding: str
+    num_beams: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    batch_size: int
+    modality: str
 
 
-class Predictor:
-    """Batched keyphrase generation for one loaded model.
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How a :class:`Predictor` generates; a value out of range is a UsageError naming it.
 
-    Args:
-        loaded: :class:`aimkp.models.LoadedModel`.
+    Attributes:
         decoding: ``"greedy"``, ``"beam"`` (``num_beams``) or ``"sample"`` (``temperature``,
             ``top_p``, reproducible with ``seed``).
         max_new_tokens: generation budget per record.
         batch_size: prompts per ``generate`` call (left-padded).
         modality: ``"multimodal"`` (use what a record has), ``"text"`` (never the image) or
             ``"image"`` (never the text): the paper's input settings.
+    """
+
+    decoding: str = "greedy"
+    num_beams: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 8
+    modality: str = "multimodal"
+
+    def __post_init__(self) -> None:
+        if self.decoding not in DECODINGS:
+            raise UsageError(f"decoding must be one of {DECODINGS}, got {self.decoding!r}")
+        if self.modality not in MODALITIES:
+            raise UsageError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise UsageError(
+                "batch_size and max_new_tokens must be >= 1, "
+                f"got {self.batch_size}, {self.max_new_tokens}"
+            )
+        if self.decoding == "beam" and self.num_beams < 1:
+            raise UsageError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.decoding == "sample" and (self.temperature <= 0 or not 0 < self.top_p <= 1):
+            raise UsageError(
+                "sampling needs temperature > 0 and 0 < top_p <= 1, "
+                f"got {self.temperature}, {self.top_p}"
+            )
+
+
+class Predictor:
+    """Batched keyphrase generation for one loaded model.
+
+    >>> Predictor(loaded, decoding="beam", num_beams=3)       # the GenerationOptions fields
+    >>> Predictor(loaded, options, batch_size=1)              # options, one field changed
+
+    Args:
+        loaded: :class:`aimkp.models.LoadedModel`.
+        options: how it generates (default: :class:`GenerationOptions`' defaults).
         device: where generation runs (default: the model's device).
+        **overrides: fields of :class:`GenerationOptions` that replace those of ``options``.
     """
 
     def __init__(
         self,
         loaded: LoadedModel,
-        decoding: str = "greedy",
-        num_beams: int = 4,
-        max_new_tokens: int = 32,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        batch_size: int = 8,
-        modality: str = "multimodal",
+        options: GenerationOptions | None = None,
+        *,
         device: torch.device | str | None = None,
+        **overrides: Unpack[GenerationKwargs],
     ) -> None:
         self.loaded = loaded
-        self.decoding = decoding
-        self.num_beams = num_beams
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
-        self.seed = seed
-        self.batch_size = batch_size
-        self.modality = modality
-        _check_options(self)
+        self.options = dataclasses.replace(options or GenerationOptions(), **overrides)
         self.device = torch.device(device) if device is not None else loaded.device
 
     @classmethod
     def check_options(cls, **options: Any) -> None:
         """UsageError naming the first option out of range (no model needed). ``options`` are
-        ``__init__``'s keyword arguments; missing ones take its defaults, unknown ones are
+        :class:`GenerationOptions` fields; missing ones take its defaults, unknown ones are
         ignored."""
-        params = inspect.signature(cls.__init__).parameters.values()
-        probe = SimpleNamespace(**{p.name: p.default for p in params if p.default is not p.empty})
-        vars(probe).update(options)
-        _check_options(probe)
+        names = {f.name for f in dataclasses.fields(GenerationOptions)}
+        GenerationOptions(**{k: v for k, v in options.items() if k in names})
 
     def _gen_config(self) -> dict[str, Any]:
-        tok = self.loaded.tokenizer
+        tok, o = self.loaded.tokenizer, self.options
         kw: dict[str, Any] = {
-            "max_new_tokens": self.max_new_tokens,
+            "max_new_tokens": o.max_new_tokens,
             "eos_token_id": tok.eos_token_id,
             "pad_token_id": self.loaded.adapter.pad_token_id,
             "use_cache": True,
         }
-        if self.decoding == "greedy":
+        if o.decoding == "greedy":
             kw.update(do_sample=False, num_beams=1)
-        elif self.decoding == "beam":
-            kw.update(do_sample=False, num_beams=self.num_beams, early_stopping=True)
+        elif o.decoding == "beam":
+            kw.update(do_sample=False, num_beams=o.num_beams, early_stopping=True)
         else:
-            kw.update(do_sample=True, num_beams=1, temperature=self.temperature, top_p=self.top_p)
+            kw.update(do_sample=True, num_beams=1, temperature=o.temperature, top_p=o.top_p)
             kw["top_k"] = 0
         return kw
 
@@ -153,18 +174,18 @@ class Predictor:
             sample = self.loaded.adapter.encode(
                 record,
                 with_answer=False,
-                use_image=self.modality != "text",
-                use_text=self.modality != "image",
+                use_image=self.options.modality != "text",
+                use_text=self.options.modality != "image",
             )
         except ValueError as exc:
             # the adapter's own length check, the only ValueError it raises for a long prompt
             if limit is not None and "max_position_embeddings" in str(exc):
                 raise PostTooLong(f"{exc}; nothing left for the answer") from None
             raise
-        if limit is not None and sample.length + self.max_new_tokens > limit:
+        if limit is not None and sample.length + self.options.max_new_tokens > limit:
             raise PostTooLong(
                 f"record {sample.id!r}: {sample.length} prompt tokens + max_new_tokens "
-                f"{self.max_new_tokens} exceed the model's context ({limit} positions)"
+                f"{self.options.max_new_tokens} exceed the model's context ({limit} positions)"
             )
         return sample
 
@@ -183,7 +204,7 @@ class Predictor:
         model.eval()
         try:
             with torch.random.fork_rng(devices=self._rng_devices()), torch.no_grad():
-                torch.manual_seed(self.seed)
+                torch.manual_seed(self.options.seed)
                 yield
         finally:
             model.train(was_training)
@@ -197,8 +218,8 @@ class Predictor:
         samples = [self.encode(r) for r in records]
         texts: list[str] = []
         with self.session():
-            for i in range(0, len(samples), self.batch_size):
-                texts += self.generate_batch(samples[i : i + self.batch_size])
+            for i in range(0, len(samples), self.options.batch_size):
+                texts += self.generate_batch(samples[i : i + self.options.batch_size])
         return texts
 
     def _rng_devices(self) -> list[int]:
@@ -232,11 +253,11 @@ class Predictor:
 def load_predictor(
     checkpoint_dir: str,
     device: torch.device | str | None = None,
-    decoding: str = "greedy",
-    **kw: Any,
+    **options: Unpack[GenerationKwargs],
 ) -> Predictor:
-    """Load a checkpoint (``save_checkpoint`` output or a local HF directory) as a Predictor."""
+    """Load a checkpoint (``save_checkpoint`` output or a local HF directory) as a Predictor
+    generating with ``options`` (:class:`GenerationOptions` fields)."""
     from aimkp.models import load_model
 
     loaded = load_model(checkpoint_dir, device=device)
-    return Predictor(loaded, decoding=decoding, device=device, **kw)
+    return Predictor(loaded, device=device, **options)

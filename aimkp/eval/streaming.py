@@ -241,7 +241,7 @@ def predict_stream(
     counts = StreamCounts()
     done = done_ids or set()
     seen: set[str] = set()
-    size = window or 8 * predictor.batch_size
+    size = window or 8 * predictor.options.batch_size
     t0 = time.perf_counter()
     with predictor.session():
         for chunk in _windows(enumerate(posts), size):
@@ -315,7 +315,7 @@ def _predict_window(
     progress: Any,
 ) -> None:
     ready.sort(key=lambda item: item[2].length)  # stable: equal lengths keep input order
-    bs = predictor.batch_size
+    bs = predictor.options.batch_size
     for i in range(0, len(ready), bs):
         batch = ready[i : i + bs]
         texts = predictor.generate_batch([sample for _, _, sample in batch])

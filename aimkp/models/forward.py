@@ -32,9 +32,10 @@ with a frozen head (every LoRA run) they are computed in chunks of answer tokens
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -137,6 +138,16 @@ class RowBatch:
     layout: str = "padded"
     scatter_index: Tensor | None = None
     module_rows: dict[str, Tensor] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> RowBatch:
+        """This batch with every tensor field on ``device`` (as ``BatchEncoding.to``), copied
+        without blocking the host; ``samples`` and ``module_rows`` stay where they are."""
+        moved: dict[str, Any] = {
+            f.name: value.to(device, non_blocking=True)
+            for f in dataclasses.fields(self)
+            if isinstance(value := getattr(self, f.name), Tensor)
+        }
+        return dataclasses.replace(self, **moved)
 
 
 def use_masked_embedding_module(loaded: LoadedModel) -> MaskedEmbedding:
@@ -334,36 +345,27 @@ def collate_rows(
         scatter_index = None
         layout = "padded"
 
-    @overload
-    def dev(t: Tensor) -> Tensor: ...
-    @overload
-    def dev(t: None) -> None: ...
-    @overload
-    def dev(t: Tensor | None) -> Tensor | None: ...
-    def dev(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.to(device, non_blocking=True)
-
     return RowBatch(
         mode=mode,
         num_rows=R,
         row_sample=list(row_sample),
         samples=list(samples),
-        input_ids=dev(ids),
-        keep=dev(keep),
-        valid=dev(valid),
-        position_ids=dev(position_ids),
-        cu_seqlens=dev(cu_seqlens),
+        input_ids=ids,
+        keep=keep,
+        valid=valid,
+        position_ids=position_ids,
+        cu_seqlens=cu_seqlens,
         max_seqlen=max_seqlen,
-        attn_mask=dev(attn_mask),
-        pred_index=dev(pred_index),
-        pred_row=dev(ans_r),
-        targets=dev(targets),
-        n_tokens=dev(n_tokens),
+        attn_mask=attn_mask,
+        pred_index=pred_index,
+        pred_row=ans_r,
+        targets=targets,
+        n_tokens=n_tokens,
         n_kept=n_kept,
         layout=layout,
-        scatter_index=dev(scatter_index),
+        scatter_index=scatter_index,
         module_rows=module_rows,
-    )
+    ).to(device)
 
 
 def _offsets(counts: Sequence[int]) -> Tensor:

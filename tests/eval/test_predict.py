@@ -3,13 +3,22 @@ batching, checkpoint round trip and the ``aimkp predict`` CLI."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 
 import pytest
 import torch
 from PIL import Image
 
-from aimkp.eval.predict import Predictor, load_predictor, parse_keyphrases
+from aimkp.cli import predict as predict_cli
+from aimkp.eval.predict import (
+    GenerationKwargs,
+    GenerationOptions,
+    Predictor,
+    load_predictor,
+    parse_keyphrases,
+)
 from aimkp.models import collate_rows, forward_rows, load_model, save_checkpoint
 from tests.helpers.models import (
     Record,
@@ -106,6 +115,24 @@ def test_bad_arguments(memorised):
         Predictor(memorised, modality="audio")
     with pytest.raises(ValueError, match="temperature"):
         Predictor(memorised, decoding="sample", temperature=0.0)
+
+
+def test_generation_options_and_overrides(memorised):
+    fields = [f.name for f in dataclasses.fields(GenerationOptions)]
+    assert list(GenerationKwargs.__annotations__) == fields  # the keywords are the fields
+    beam = GenerationOptions(decoding="beam", num_beams=3)
+    pred = Predictor(memorised, beam, batch_size=2)  # one field changed, the rest kept
+    assert pred.options == GenerationOptions(decoding="beam", num_beams=3, batch_size=2)
+    assert Predictor(memorised).options == GenerationOptions()
+    with pytest.raises(ValueError, match="batch_size and max_new_tokens must be >= 1"):
+        Predictor(memorised, beam, batch_size=0)
+    Predictor.check_options(decoding="beam", device="cpu")  # unknown keywords are ignored
+    with pytest.raises(ValueError, match="num_beams must be >= 1"):
+        Predictor.check_options(decoding="beam", num_beams=0)
+    parser = argparse.ArgumentParser()
+    predict_cli.add_arguments(parser)
+    args = parser.parse_args(["--checkpoint", "c", "--out", "o"])
+    assert predict_cli._generation_options(args) == GenerationOptions()  # the flags' defaults
 
 
 def test_checkpoint_and_cli_round_trip(memorised, tmp_path):

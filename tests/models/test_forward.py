@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import Tensor
 
 from aimkp.models import collate_rows, flash_varlen_kwargs, forward_rows
 from tests.helpers.models import (
@@ -167,6 +170,23 @@ def test_cu_seqlens_known_before_forward():
     assert batch.cu_seqlens.tolist() == [0, *torch.cumsum(counts, 0).tolist()]
     assert batch.num_rows == len(rows) and batch.n_kept == int(counts.sum())
     assert batch.max_seqlen == int(counts.max())
+
+
+def test_row_batch_to_moves_every_tensor_field():
+    loaded = tiny("tiny-llava", lora=False)
+    samples = [loaded.adapter.encode(r) for r in records()]
+    keeps, rows = random_keeps(samples, copies=2)
+    batch = collate_rows(loaded, samples, keeps, rows, layout="padded")
+    moved = batch.to("meta")
+    tensors = [
+        f.name for f in dataclasses.fields(batch) if isinstance(getattr(batch, f.name), Tensor)
+    ]
+    assert {"input_ids", "attn_mask", "scatter_index", "pred_row"} <= set(tensors)
+    for name in tensors:
+        assert getattr(moved, name).device.type == "meta", name
+        assert getattr(batch, name).device.type == "cpu", name  # the batch itself is unchanged
+    assert moved.samples is batch.samples and moved.module_rows is batch.module_rows
+    assert (moved.num_rows, moved.n_kept, moved.layout) == (batch.num_rows, batch.n_kept, "padded")
 
 
 def test_flash_varlen_kwargs():

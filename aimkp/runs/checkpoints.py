@@ -12,26 +12,55 @@ from __future__ import annotations
 import logging
 import pathlib
 import shutil
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aimkp.atomic import atomic_dir, tree_bytes
 from aimkp.errors import UsageError
 from aimkp.method.nonfinite import check_finite_weights
 from aimkp.models.checkpoint import save_checkpoint
-from aimkp.runs.state import save_train_state
+from aimkp.runs.state import Progress, save_train_state
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from aimkp.models import LoadedModel
-    from aimkp.train.run import TrainRun
 
 log = logging.getLogger("aimkp.train")
+
+
+class RunSettings(Protocol):
+    """The options a checkpoint reads (the training loop's ``TrainConfig``)."""
+
+    @property
+    def full_finetune(self) -> bool: ...
+    @property
+    def keep_last(self) -> int | None: ...
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class CheckpointedRun(Protocol):
+    """What the checkpoints read of a run (the training loop's ``TrainRun``): the run package
+    stays below the training package, which it never imports."""
+
+    @property
+    def cfg(self) -> RunSettings: ...
+    @property
+    def out(self) -> pathlib.Path: ...
+    @property
+    def loaded(self) -> LoadedModel: ...
+    @property
+    def model(self) -> nn.Module: ...
+    @property
+    def progress(self) -> Progress: ...
+    def stateful(self) -> dict[str, Any]: ...
+
 
 STEP_PREFIX = "step-"
 SPACE_MARGIN = 1.1  # free space wanted: the estimated checkpoint bytes times this
 
 
 def save_model(
-    run: TrainRun, name: str, extra: dict[str, Any], loaded: LoadedModel | None = None
+    run: CheckpointedRun, name: str, extra: dict[str, Any], loaded: LoadedModel | None = None
 ) -> None:
     """``OUTPUT/<name>``: the model (LoRA: a peft adapter naming one copy of a preset's initial
     base per run, ``OUTPUT/base``). Refused when a trainable weight is non-finite. ``loaded``:
@@ -43,13 +72,13 @@ def save_model(
 
 
 def write_model_files(
-    run: TrainRun, directory: pathlib.Path, extra: dict[str, Any], loaded: LoadedModel
+    run: CheckpointedRun, directory: pathlib.Path, extra: dict[str, Any], loaded: LoadedModel
 ) -> None:
     """The model files of ``loaded`` into ``directory`` (its weights checked finite before)."""
     save_checkpoint(directory, loaded, extra_json=extra, base_dir=run.out / "base")
 
 
-def save_last(run: TrainRun, partial: dict[str, Any] | None = None) -> None:
+def save_last(run: CheckpointedRun, partial: dict[str, Any] | None = None) -> None:
     """``OUTPUT/last``: the model and the full training state at ``run.progress`` (mid-epoch
     when ``progress.epoch_step`` > 0; ``partial``: the epoch's totals so far). With
     ``--keep-last`` also a copy as ``OUTPUT/step-NNNNNN``."""
@@ -64,7 +93,7 @@ def save_last(run: TrainRun, partial: dict[str, Any] | None = None) -> None:
 
 
 def write_train_state(
-    run: TrainRun,
+    run: CheckpointedRun,
     directory: pathlib.Path,
     partial: dict[str, Any] | None,
     sharded: dict[str, Any] | None = None,
@@ -99,34 +128,34 @@ def step_checkpoints(out: pathlib.Path) -> list[pathlib.Path]:
     return sorted(d for d in out.glob(f"{STEP_PREFIX}[0-9]*") if d.is_dir())
 
 
-def _param_bytes(run: TrainRun, trainable: bool) -> int:
+def _param_bytes(run: CheckpointedRun, trainable: bool) -> int:
     return sum(
         p.numel() * p.element_size() for p in run.model.parameters() if p.requires_grad == trainable
     )
 
 
-def model_bytes(run: TrainRun) -> int:
+def model_bytes(run: CheckpointedRun) -> int:
     """Bytes of one model checkpoint (``best``): every weight with full fine-tuning (the
     frozen vision tower is in ``model.safetensors`` too), the trainable ones with LoRA."""
     full = _param_bytes(run, False) if run.cfg.full_finetune else 0
     return _param_bytes(run, True) + full
 
 
-def _base_bytes(run: TrainRun) -> int:
+def _base_bytes(run: CheckpointedRun) -> int:
     """The LoRA base copy ``OUTPUT/base`` when it is not written yet (a preset's LoRA run)."""
     if run.cfg.full_finetune or (run.out / "base").is_dir():
         return 0
     return _param_bytes(run, False)
 
 
-def checkpoint_bytes(run: TrainRun) -> int:
+def checkpoint_bytes(run: CheckpointedRun) -> int:
     """Estimated bytes of one ``last`` checkpoint: the model checkpoint, the trainable weights
     again in the training state with AdamW's two moments, and the frozen base when
     ``OUTPUT/base`` is not written yet (LoRA on a preset)."""
     return model_bytes(run) + 3 * _param_bytes(run, True) + _base_bytes(run)
 
 
-def peak_bytes(run: TrainRun) -> int:
+def peak_bytes(run: CheckpointedRun) -> int:
     """Bytes the run's checkpoints occupy at their peak: ``best``, two ``last`` (the new one is
     written whole before the old one goes), the ``--keep-last`` step copies plus the one being
     written, and the base copy once."""
@@ -141,7 +170,7 @@ def _present_bytes(out: pathlib.Path) -> int:
     return sum(tree_bytes(d) for d in dirs)
 
 
-def check_free_space(run: TrainRun) -> None:
+def check_free_space(run: CheckpointedRun) -> None:
     """UsageError (before the first step) when the disk under OUTPUT cannot hold the run's
     checkpoints at their peak (:func:`peak_bytes`, less what a resumed run already has there,
     times :data:`SPACE_MARGIN`)."""

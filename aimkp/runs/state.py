@@ -14,6 +14,7 @@ import pickle
 import random
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,20 @@ from aimkp.errors import CheckpointError, UsageError
 from aimkp.method.pmm import StrideTable
 
 STATE_FILE = "train_state.pt"
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved with every ``last`` checkpoint and restored on resume."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken (skipped non-finite ones included)
+    skipped_steps: int = 0  # non-finite optimizer steps skipped by this process (per-step logs)
+    epoch_step: int = 0  # optimizer steps done in epoch ``epoch`` (a mid-epoch checkpoint)
+    partial: dict[str, Any] | None = None  # that epoch's totals so far (resumed mid-epoch)
+    best_score: float | None = None
+    best_epoch: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

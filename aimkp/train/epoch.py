@@ -29,10 +29,11 @@ from tqdm.auto import tqdm
 from aimkp.method.step import StepResult, aimkp_step, sft_step
 from aimkp.models.attention import kernel_name
 from aimkp.runs.signals import StopRequest, exit_status
+from aimkp.runs.state import Progress
 from aimkp.runs.step_log import StepLog
 from aimkp.spans import tap
 from aimkp.train import distributed as D
-from aimkp.train.run import Progress, TrainRun
+from aimkp.train.run import TrainRun
 from aimkp.train.stats import EpochStats
 
 log = logging.getLogger("aimkp.train")

@@ -23,6 +23,7 @@ from aimkp.models import load_model
 from aimkp.models import precision as P
 from aimkp.models.forward import use_masked_embedding_module
 from aimkp.models.lora import apply_lora
+from aimkp.runs.state import Progress
 from aimkp.train import distributed as D
 from aimkp.train.config import TrainConfig
 from aimkp.train.data import load_split
@@ -33,20 +34,6 @@ if TYPE_CHECKING:
     from aimkp.train.distributed import DataParallel, DistContext
 
 log = logging.getLogger("aimkp.train")
-
-
-@dataclass
-class Progress:
-    """Where the run stands; saved with every ``last`` checkpoint and restored on resume."""
-
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps taken (skipped non-finite ones included)
-    skipped_steps: int = 0  # non-finite optimizer steps skipped by this process (per-step logs)
-    epoch_step: int = 0  # optimizer steps done in epoch ``epoch`` (a mid-epoch checkpoint)
-    partial: dict[str, Any] | None = None  # that epoch's totals so far (resumed mid-epoch)
-    best_score: float | None = None
-    best_epoch: int | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

@@ -17,6 +17,8 @@ import sys
 import pytest
 import torch
 
+from tests.helpers.trainer_script import trainer_script
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CFG = dict(
     model="tiny-llava", data="default", max_train_samples=16, epochs=2, full_finetune=True,
@@ -24,28 +26,11 @@ CFG = dict(
     method="aimkp", batch_size=4, grad_accum=2, lora_dropout=0.0,
 )  # fmt: skip
 
-SCRIPT = """
-import sys, torch
-from transformers import TrainingArguments
-from aimkp.integrations.transformers import AimKPArguments, AimKPTrainer
-from aimkp.models import save_checkpoint
-from aimkp.train.config import TrainConfig
-from aimkp.train.data import load_split
-from transformers import set_seed
-from aimkp.train.run import _load_trainable_model
-
+BODY = """
 out, batch, accum = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-cfg = TrainConfig(**CFG)
-torch.set_num_threads(1)
-set_seed(cfg.seed)
-recs = load_split(cfg, "train")[: cfg.max_train_samples]
-loaded = _load_trainable_model(cfg, recs, torch.device("cpu"))
-args = TrainingArguments(
-    output_dir=out, per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
-    num_train_epochs=cfg.epochs, learning_rate=cfg.lr, lr_scheduler_type="cosine",
-    warmup_steps=cfg.warmup_ratio,
-    weight_decay=0.0, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, use_cpu=True,
-    report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
+args = training_args(
+    out, per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
+    save_strategy="no",
 )
 trainer = AimKPTrainer(
     loaded, args, AimKPArguments(projector_lr=cfg.projector_lr), train_dataset=recs
@@ -93,7 +78,7 @@ def own_loop(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 def _trainer(tmp: pathlib.Path, batch: int, accum: int, ranks: int) -> tuple[pathlib.Path, str]:
     script = tmp / "trainer_run.py"
-    script.write_text(f"CFG = {CFG!r}\n" + SCRIPT)
+    script.write_text(trainer_script(CFG, BODY))
     out = tmp / f"trainer{ranks}"
     launch = [sys.executable]
     if ranks > 1:

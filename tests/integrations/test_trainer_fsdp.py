@@ -35,6 +35,7 @@ from aimkp.integrations.transformers import (
     enable_fsdp_on_cpu,
     shard_trainer_model,
 )
+from tests.helpers.trainer_script import trainer_script
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -51,27 +52,11 @@ CLI = [
     "--lora-dropout", "0", "--tau-text", "0.9999", "--tau-image", "0.99", "--fsdp",
 ]  # fmt: skip
 
-SCRIPT = """
-import sys, torch
-from transformers import TrainingArguments, set_seed
-from aimkp.integrations.transformers import AimKPArguments, AimKPTrainer
-from aimkp.train.config import TrainConfig
-from aimkp.train.data import load_split
-from aimkp.train.run import _load_trainable_model
-
+BODY = """
 out, resume = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else None)
-cfg = TrainConfig(**CFG)
-torch.set_num_threads(1)
-set_seed(cfg.seed)
-recs = load_split(cfg, "train")[: cfg.max_train_samples]
-loaded = _load_trainable_model(cfg, recs, torch.device("cpu"))
-args = TrainingArguments(
-    output_dir=out, per_device_train_batch_size=cfg.batch_size,
-    gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs,
-    learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,
-    weight_decay=0.0, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, use_cpu=True,
-    report_to="none", save_strategy="steps", save_steps=1, logging_steps=1, disable_tqdm=True,
-    fsdp=True, fsdp_config={"version": 2},
+args = training_args(
+    out, per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+    save_strategy="steps", save_steps=1, fsdp=True, fsdp_config={"version": 2},
 )
 aimkp_args = AimKPArguments(
     tau_text=cfg.tau_text, tau_image=cfg.tau_image, projector_lr=cfg.projector_lr
@@ -105,7 +90,7 @@ def _trainer(
 ) -> None:
     script = tmp / "trainer_fsdp.py"
     cfg = {k: v for k, v in CFG.items() if not (lora and k == "full_finetune")}
-    script.write_text(f"CFG = {cfg!r}\n" + SCRIPT)
+    script.write_text(trainer_script(cfg, BODY))
     _run([*TORCHRUN, str(script), str(out), *([str(resume)] if resume else [])], tmp)
 
 

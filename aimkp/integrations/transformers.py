@@ -287,11 +287,12 @@ def _dist_context():
     return DistContext(rank=rank, world_size=world, backend=backend)
 
 
-def enable_fsdp_on_cpu(trainer: Any) -> None:
+def enable_fsdp_plugin(trainer: Any) -> None:
     """Turn accelerate's FSDP plugin on where accelerate 1.16 leaves it off: on the CPU (gloo),
-    where it runs plain data parallelism instead. aimkp's sharding is device-agnostic
-    (``aimkp train --fsdp`` runs on gloo), so the Trainer does what accelerate does on a GPU:
-    the FSDP distributed type with the plugin TrainingArguments built."""
+    where it would run plain data parallelism instead, and in a single process (refused: FSDP2
+    needs torchrun's process group). aimkp's sharding is device-agnostic (``aimkp train --fsdp``
+    runs on gloo), so the Trainer does what accelerate does on a GPU: the FSDP distributed type
+    with the plugin TrainingArguments built."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise UsageError(
             "AimKPTrainer with fsdp: launch with torchrun (FSDP2 needs a process group)"
@@ -360,7 +361,7 @@ class AimKPTrainerMixin(_TrainerBase):
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
         if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
-            enable_fsdp_on_cpu(self)
+            enable_fsdp_plugin(self)
 
     @property
     def strides(self) -> StrideTable:

@@ -32,7 +32,7 @@ from aimkp.errors import UsageError
 from aimkp.integrations.transformers import (
     AimKPArguments,
     AimKPBatchSampler,
-    enable_fsdp_on_cpu,
+    enable_fsdp_plugin,
     shard_trainer_model,
 )
 from tests.helpers.trainer_script import trainer_script
@@ -177,4 +177,4 @@ def test_trainer_fsdp_refusals() -> None:
     assert AimKPArguments().step_options("cpu", False, fsdp=True).reweight == "correction"
     if not torch.distributed.is_initialized():
         with pytest.raises(UsageError, match="launch with torchrun"):
-            enable_fsdp_on_cpu(SimpleNamespace())
+            enable_fsdp_plugin(SimpleNamespace())

@@ -304,6 +304,15 @@ def enable_fsdp_plugin(trainer: Any) -> None:
     trainer.is_fsdp_enabled = True
 
 
+def lora_dropout(model: torch.nn.Module) -> float:
+    """The largest LoRA dropout probability of ``model`` (peft's ``lora_dropout`` modules)."""
+    return max(
+        (m.p for n, m in model.named_modules()
+         if ".lora_dropout." in n and isinstance(m, torch.nn.Dropout)),
+        default=0.0,
+    )  # fmt: skip
+
+
 def shard_trainer_model(trainer: Any) -> ModelRoot:
     """Shard ``trainer.loaded.model`` in ``aimkp train --fsdp``'s units, the model itself the
     root (UsageError for accelerate's FSDP1: the step needs FSDP2's module hooks)."""
@@ -314,6 +323,13 @@ def shard_trainer_model(trainer: Any) -> ModelRoot:
             "(FSDP1 wraps parameters into flat buffers the per-sample engine cannot read)"
         )
     loaded, device = trainer.loaded, torch.device(trainer.args.device)
+    dropout = lora_dropout(loaded.model)
+    if dropout:
+        raise UsageError(
+            f"AimKPTrainer under FSDP2 with LoRA dropout {dropout:g}: the copies are weighted by "
+            "the correction pass, whose second forward draws other dropout masks, so the kept "
+            "copies' weights would not be exact; apply LoRA with dropout 0"
+        )
     broadcast_trainable(loaded.model, _dist_context())  # every rank starts from rank 0's weights
     # gathered in the frozen base's half dtype or bf16 on CUDA, reduced in fp32: aimkp's policy
     # rather than the plugin's, whose reduce dtype follows bf16 (the ranks' gradients are summed)

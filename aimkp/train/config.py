@@ -176,7 +176,8 @@ class TrainConfig:
         False,
         "shard weights, gradients and optimizer state over the ranks with FSDP2 (fully_shard: "
         "each decoder layer and vision block, the rest at the root); implies --reweight "
-        "correction; see docs/distributed.md",
+        "correction (and LoRA dropout 0 under AimKP unless --lora-dropout is given); see "
+        "docs/distributed.md",
     )
     dist_timeout: float = _f(
         1800.0,
@@ -293,6 +294,9 @@ class TrainConfig:
         (the correction's second forward draws new dropout masks: not the stash's result,
         measured 2.6e-4 off, so ``auto`` never picks it then).
 
+        Changed (warned): under ``--fsdp`` with AimKP and LoRA, the default LoRA dropout becomes 0
+        (:attr:`resolved_lora_dropout`; a dropout the user gave is refused).
+
         Ignored (warned): the AimKP-only options with ``--method sft``, the LoRA options with
         ``--full-finetune``, ``--freeze-embeddings`` without it. ``given``: the fields the user
         set (flags, ``--config``); None compares with the defaults instead.
@@ -309,6 +313,19 @@ class TrainConfig:
                 "correction's second forward draws other dropout masks, so the kept copies' "
                 "weights would not be exact; pass --lora-dropout 0 or --reweight stash"
             )
+        notes = []
+        if self._fsdp_drops_dropout():
+            if self._set_by_user("lora_dropout", given):
+                raise UsageError(
+                    f"--fsdp with --lora-dropout {self.lora_dropout:g}: --fsdp weights the "
+                    "copies by the correction pass, whose second forward draws other dropout "
+                    "masks, so the kept copies' weights would not be exact; pass "
+                    "--lora-dropout 0"
+                )
+            notes.append(
+                f"--fsdp: LoRA dropout 0 instead of the default {self.lora_dropout:g} (the "
+                "correction pass that weights the copies is exact only without dropout)"
+            )
         unused = []
         if self.method == "sft":
             unused += [(n, "--method sft (AimKP-only)") for n in AIMKP_ONLY]
@@ -316,11 +333,19 @@ class TrainConfig:
             unused += [(n, "--full-finetune (LoRA-only)") for n in LORA_ONLY]
         else:
             unused += [(n, "LoRA (needs --full-finetune)") for n in FULL_ONLY]
-        return [
+        return notes + [
             f"--{n.replace('_', '-')} {getattr(self, n)!r} has no effect with {why}"
             for n, why in unused
             if self._set_by_user(n, given)
         ]
+
+    def _fsdp_drops_dropout(self) -> bool:
+        return (
+            self.fsdp
+            and self.method == "aimkp"
+            and not self.full_finetune
+            and bool(self.lora_dropout)
+        )
 
     def _set_by_user(self, name: str, given: set[str] | None) -> bool:
         if given is not None:
@@ -345,6 +370,13 @@ class TrainConfig:
         correction is one more forward + backward with weights ``w - w0`` that FSDP2 reduces
         like any other (exact without dropout, :mod:`aimkp.method.correction`)."""
         return "correction" if self.fsdp else self.reweight
+
+    @property
+    def resolved_lora_dropout(self) -> float:
+        """``--lora-dropout``, except 0 under ``--fsdp`` with AimKP: the correction pass that
+        weights the copies there is exact only when a second forward draws no other dropout
+        masks (:meth:`check_consistency` refuses a dropout the user asked for)."""
+        return 0.0 if self._fsdp_drops_dropout() else self.lora_dropout
 
     @property
     def effective_batch(self) -> int:

@@ -144,7 +144,7 @@ def _load_trainable_model(
         loaded,
         r=cfg.lora_r,
         alpha=cfg.lora_alpha,
-        dropout=cfg.lora_dropout,
+        dropout=cfg.resolved_lora_dropout,
         train_projector=True,
         full=cfg.full_finetune,
     )

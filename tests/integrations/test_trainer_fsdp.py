@@ -167,7 +167,8 @@ def test_lockstep_sampler_gives_every_rank_rank0s_micro_batches() -> None:
 
 
 def test_trainer_fsdp_refusals() -> None:
-    """FSDP1, the stash reweight, and FSDP without a process group: one line each."""
+    """FSDP1, the stash reweight, LoRA dropout (the correction pass would not be exact), and
+    FSDP without a process group: one line each."""
     v1 = SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(
         fsdp_plugin=SimpleNamespace(fsdp_version=1))))  # fmt: skip
     with pytest.raises(UsageError, match="FSDP2 only"):
@@ -175,6 +176,16 @@ def test_trainer_fsdp_refusals() -> None:
     with pytest.raises(UsageError, match="reweight='correction'"):
         AimKPArguments(reweight="stash").step_options("cpu", False, fsdp=True)
     assert AimKPArguments().step_options("cpu", False, fsdp=True).reweight == "correction"
+    lora = torch.nn.Module()
+    lora.q_proj = torch.nn.Module()
+    lora.q_proj.lora_dropout = torch.nn.ModuleDict({"default": torch.nn.Dropout(0.05)})
+    dropped = SimpleNamespace(
+        accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(
+            fsdp_version=2))), loaded=SimpleNamespace(model=lora), args=SimpleNamespace(
+            device="cpu"),
+    )  # fmt: skip
+    with pytest.raises(UsageError, match="LoRA dropout 0.05"):
+        shard_trainer_model(dropped)
     if not torch.distributed.is_initialized():
         with pytest.raises(UsageError, match="launch with torchrun"):
             enable_fsdp_plugin(SimpleNamespace())

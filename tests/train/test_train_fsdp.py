@@ -267,6 +267,24 @@ def test_fsdp_refuses_stash_and_baselines() -> None:
     assert TrainConfig().resolved_reweight == "auto"
 
 
+def test_fsdp_lora_dropout_zero_by_default_refused_when_asked() -> None:
+    """--fsdp weights the copies by the correction pass, exact only without dropout: the default
+    LoRA dropout becomes 0 (said once), a dropout the user gave is refused."""
+    from aimkp.errors import UsageError
+    from aimkp.train.config import TrainConfig
+
+    cfg = TrainConfig(fsdp=True)
+    assert cfg.lora_dropout > 0 and cfg.resolved_lora_dropout == 0.0
+    assert any("LoRA dropout 0" in w for w in cfg.check_consistency("cpu", given=set()))
+    with pytest.raises(UsageError, match="--fsdp with --lora-dropout 0.1"):
+        TrainConfig(fsdp=True, lora_dropout=0.1).check_consistency("cpu", given={"lora_dropout"})
+    for unchanged in (TrainConfig(), TrainConfig(fsdp=True, method="sft"),
+                      TrainConfig(fsdp=True, full_finetune=True)):  # fmt: skip
+        assert unchanged.resolved_lora_dropout == unchanged.lora_dropout
+    quiet = TrainConfig(fsdp=True, lora_dropout=0.0).check_consistency("cpu", given=set())
+    assert not any("dropout" in w for w in quiet)
+
+
 def test_units_gather_in_the_frozen_base_dtype() -> None:
     """The mixed-precision policy's param_dtype: the frozen base's half dtype (--dtype), bf16
     with --bf16 on CUDA, else none (fp32 weights gathered as they are)."""

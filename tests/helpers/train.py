@@ -106,3 +106,19 @@ def mixed_strides() -> StrideTable:
     t.text[:] = torch.tensor([2, 4, 2, -2])
     t.image[:] = torch.tensor([2, 4, 2, 8])
     return t
+
+
+def assert_step_matches_reference(res, info, g_step, g_ref, cos_atol: float) -> None:
+    """An ``aimkp_step`` result and its gradients (``g_step``) against ``reference_step``'s
+    per-sample ``info`` and gradients (``g_ref``): the same kept copies, cosines to ``cos_atol``,
+    gradients to ``2e-6`` of the largest entry (rtol 1e-4)."""
+    assert res.decision.kept.tolist() == [k for i in info for k in i["kept"]]
+    torch.testing.assert_close(
+        res.decision.cosines,
+        torch.tensor([c for i in info for c in i["cosines"]], dtype=torch.float32),
+        atol=cos_atol,
+        rtol=0,
+    )
+    scale = max(float(g.abs().max()) for g in g_ref)
+    for a, r in zip(g_step, g_ref):
+        torch.testing.assert_close(a, r, atol=2e-6 * scale, rtol=1e-4)

@@ -122,3 +122,16 @@ def assert_step_matches_reference(res, info, g_step, g_ref, cos_atol: float) -> 
     scale = max(float(g.abs().max()) for g in g_ref)
     for a, r in zip(g_step, g_ref):
         torch.testing.assert_close(a, r, atol=2e-6 * scale, rtol=1e-4)
+
+
+def encoded_with_twin_strides(loaded, recs, text: int, image: int) -> tuple:
+    """``(samples, n_total, t_step, t_ref)``: ``recs`` encoded, their answer tokens, and two equal
+    stride tables (every text stride ``text``, image stride ``image``) for a step and the
+    reference step to update side by side."""
+    samples = [loaded.adapter.encode(r) for r in recs]
+    n_total = float(sum(s.n_answer_tokens for s in samples))
+    tables = StrideTable(len(recs)), StrideTable(len(recs))
+    for t in tables:
+        t.text[:] = text
+        t.image[:] = image
+    return samples, n_total, *tables

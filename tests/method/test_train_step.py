@@ -23,7 +23,7 @@ from aimkp.method.options import StepOptions
 from aimkp.method.pmm import StrideTable
 from aimkp.method.reference import reference_step
 from aimkp.method.step import aimkp_step, build_rows, sft_step
-from tests.helpers.train import assert_step_matches_reference
+from tests.helpers.train import assert_step_matches_reference, encoded_with_twin_strides
 from tests.helpers.train import (
     trainable_grads as _grads,
 )
@@ -227,12 +227,7 @@ def test_full_finetune_matches_reference(embedding: str, mode: str) -> None:
             aimkp_step(loaded, [], [], StrideTable(0), 1.0)
         use_masked_embedding_module(loaded)
         assert loaded.adapter.embed_tokens.weight is plain.weight
-    samples = [loaded.adapter.encode(r) for r in recs]
-    n_total = float(sum(s.n_answer_tokens for s in samples))
-    t_a, t_r = StrideTable(3), StrideTable(3)
-    for t in (t_a, t_r):
-        t.text[:] = 2
-        t.image[:] = 4
+    samples, n_total, t_a, t_r = encoded_with_twin_strides(loaded, recs, text=2, image=4)
     opts = StepOptions(tau_text=0.1, tau_image=0.9)
     res = aimkp_step(loaded, samples, [0, 1, 2], t_a, n_total, replace(opts, mask_mode=mode))
     g_a = _grads(loaded)
@@ -255,12 +250,7 @@ def test_qwen2vl_step_matches_reference() -> None:
     recs = _records(3, seed=2)
     loaded = load_model("tiny-qwen2vl", train_texts=[r.text for r in recs], seed=2)
     apply_lora(loaded, r=8, alpha=16, dropout=0.0)
-    samples = [loaded.adapter.encode(r) for r in recs]
-    n_total = float(sum(s.n_answer_tokens for s in samples))
-    t_a, t_r = StrideTable(3), StrideTable(3)
-    for t in (t_a, t_r):
-        t.text[:] = 2
-        t.image[:] = 2
+    samples, n_total, t_a, t_r = encoded_with_twin_strides(loaded, recs, text=2, image=2)
     opts = StepOptions(tau_text=0.1, tau_image=0.9)
     res = aimkp_step(loaded, samples, [0, 1, 2], t_a, n_total, opts)
     g_a = _grads(loaded)

@@ -19,7 +19,7 @@ from tests.helpers.models import (
 )
 from tests.helpers.rows import GRAD_RTOL, LOSS_RTOL
 from tests.helpers.rows import run_rows as _run
-from tests.helpers.train import assert_step_matches_reference
+from tests.helpers.train import assert_step_matches_reference, encoded_with_twin_strides
 from tests.helpers.train import trainable_grads as _grads
 from tests.helpers.train import varied_records as _records
 from tests.helpers.train import zero_trainable_grads as _zero
@@ -124,7 +124,6 @@ def test_compact_equals_attention_losses_and_grads():
 def test_aimkp_step_matches_reference():
     """Per-row connector gradients (engine module_rows on the post-shuffle linear) are exact."""
     from aimkp.method.options import StepOptions
-    from aimkp.method.pmm import StrideTable
     from aimkp.method.reference import reference_step
     from aimkp.method.step import aimkp_step, plan_rows
     from aimkp.models.lora import apply_lora
@@ -132,12 +131,7 @@ def test_aimkp_step_matches_reference():
     recs = _records(3, seed=2)
     loaded = load_model(NAME, train_texts=[r.text for r in recs], seed=2)
     apply_lora(loaded, r=8, alpha=16, dropout=0.0)
-    samples = [loaded.adapter.encode(r) for r in recs]
-    n_total = float(sum(s.n_answer_tokens for s in samples))
-    t_a, t_r = StrideTable(3), StrideTable(3)
-    for t in (t_a, t_r):
-        t.text[:] = 2
-        t.image[:] = 2
+    samples, n_total, t_a, t_r = encoded_with_twin_strides(loaded, recs, text=2, image=2)
     opts = StepOptions(tau_text=0.1, tau_image=0.9)
     res = aimkp_step(loaded, samples, [0, 1, 2], t_a, n_total, opts)
     mr = plan_rows(loaded, samples, res.rows, n_total, opts).batch.module_rows
